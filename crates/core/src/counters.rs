@@ -1,0 +1,110 @@
+//! The counters, with the kernel's names and meanings
+//! (`/sys/kernel/mm/ksm/*` and `/proc/PID/ksm_stat`).
+
+use crate::page::PAGE_SIZE;
+
+/// Engine-wide counters. Field names and meanings are the kernel's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Stable pages (pool pages) that have at least one mapping.
+    pub pages_shared: u64,
+    /// Mappings of stable pages beyond the first of each: the pages saved.
+    pub pages_sharing: u64,
+    /// Pages in the unstable tree: unique so far, checked again every scan.
+    pub pages_unshared: u64,
+    /// Pages whose content changed since the previous visit (rmap items in
+    /// no tree): `rmap_items - shared - sharing - unshared`, as the kernel computes it.
+    pub pages_volatile: u64,
+    /// Pages visited since the engine started.
+    pub pages_scanned: u64,
+    /// Full passes over every registered region.
+    pub full_scans: u64,
+    /// Chains: stable contents that needed more than one copy because of `max_page_sharing`.
+    pub stable_node_chains: u64,
+    /// Dups: the copies hanging off chains.
+    pub stable_node_dups: u64,
+    /// Empty pages merged with the kernel's zero page (`use_zero_pages`);
+    /// they carry no rmap item.
+    pub ksm_zero_pages: u64,
+    /// `(pages_sharing + ksm_zero_pages) * page_size - metadata_bytes`, in bytes
+    /// (negative when the metadata costs more than merging saves).
+    pub general_profit: i64,
+    /// rmap items in use (pages with a checksum or a stable mapping).
+    pub rmap_items: u64,
+    /// Bytes of engine metadata (rmap item chunks, stable nodes, indexes):
+    /// what `general_profit` charges, honestly counted from allocations.
+    pub metadata_bytes: u64,
+    /// Merges the page space refused for the VMA budget (`vm.max_map_count` headroom).
+    pub vma_budget_skips: u64,
+    /// Merges attempted whose full compare failed (the page changed in between).
+    pub merge_races: u64,
+    /// Merges or unmerges that failed with an error from the OS (ENOMEM, EPERM, ...).
+    pub merge_errors: u64,
+    /// Pool slots freed (hole punched) because nothing maps them any more.
+    pub pool_slots_freed: u64,
+    /// Pool slots waiting to be freed because something outside the engine's
+    /// knowledge (a forked child) still maps them.
+    pub pool_slots_pending: u64,
+}
+
+impl Counters {
+    /// Pages saved: `pages_sharing + ksm_zero_pages`.
+    pub fn pages_saved(&self) -> u64 {
+        self.pages_sharing + self.ksm_zero_pages
+    }
+
+    /// Metadata bytes per page that has an rmap item (the kernel's is 64).
+    pub fn metadata_bytes_per_scanned_page(&self) -> f64 {
+        if self.rmap_items == 0 {
+            0.0
+        } else {
+            self.metadata_bytes as f64 / self.rmap_items as f64
+        }
+    }
+
+    /// The counters as `(kernel name, value)` pairs, in sysfs order.
+    pub fn named(&self) -> Vec<(&'static str, i64)> {
+        vec![
+            ("pages_shared", self.pages_shared as i64),
+            ("pages_sharing", self.pages_sharing as i64),
+            ("pages_unshared", self.pages_unshared as i64),
+            ("pages_volatile", self.pages_volatile as i64),
+            ("pages_scanned", self.pages_scanned as i64),
+            ("full_scans", self.full_scans as i64),
+            ("stable_node_chains", self.stable_node_chains as i64),
+            ("stable_node_dups", self.stable_node_dups as i64),
+            ("ksm_zero_pages", self.ksm_zero_pages as i64),
+            ("general_profit", self.general_profit),
+            ("rmap_items", self.rmap_items as i64),
+            ("metadata_bytes", self.metadata_bytes as i64),
+            ("vma_budget_skips", self.vma_budget_skips as i64),
+            ("merge_races", self.merge_races as i64),
+            ("merge_errors", self.merge_errors as i64),
+            ("pool_slots_freed", self.pool_slots_freed as i64),
+            ("pool_slots_pending", self.pool_slots_pending as i64),
+        ]
+    }
+}
+
+/// Per-region counters, named as in `/proc/PID/ksm_stat`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionCounters {
+    /// rmap items of the region's pages.
+    pub ksm_rmap_items: u64,
+    /// The region's pages merged with the kernel's zero page.
+    pub ksm_zero_pages: u64,
+    /// The region's pages that map a stable page.
+    pub ksm_merging_pages: u64,
+    /// `(ksm_merging_pages + ksm_zero_pages) * page_size - metadata bytes`
+    /// of the region's rmap items (the kernel's formula with our real item size).
+    pub ksm_process_profit: i64,
+}
+
+impl RegionCounters {
+    pub(crate) fn with_profit(mut self, metadata_bytes: u64) -> Self {
+        self.ksm_process_profit = ((self.ksm_merging_pages + self.ksm_zero_pages) * PAGE_SIZE as u64)
+            as i64
+            - metadata_bytes as i64;
+        self
+    }
+}

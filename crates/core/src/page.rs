@@ -1,0 +1,42 @@
+//! Pages, regions, pool slots and the content hash.
+
+use std::sync::OnceLock;
+
+/// The page size samepage works in (x86_64 base pages).
+pub const PAGE_SIZE: usize = 4096;
+
+/// Identifies a registered region (the engine's `mm_slot`/VMA analogue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionId(pub u32);
+
+/// One page: a region and the page's index inside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageRef {
+    /// The region.
+    pub region: RegionId,
+    /// Page index from the region's start.
+    pub index: u64,
+}
+
+/// A page-sized slot of the stable pool (the file offset divided by the page size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot(pub u64);
+
+/// The content hash of one page: 64-bit xxh3 (SIMD on x86_64).
+///
+/// It keys the stable and unstable indexes; its low 32 bits serve as the
+/// page's checksum for volatility (the kernel's `calc_checksum`).
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// The hash of a page of zeros.
+pub fn zero_page_hash() -> u64 {
+    static H: OnceLock<u64> = OnceLock::new();
+    *H.get_or_init(|| page_hash(&[0u8; PAGE_SIZE]))
+}
+
+/// The checksum stored in an rmap item (the kernel keeps 32 bits too).
+pub(crate) fn checksum_of(hash: u64) -> u32 {
+    hash as u32
+}

@@ -1,0 +1,644 @@
+//! The scanner: the kernel's `ksm_do_scan` and `cmp_and_merge_page`.
+//!
+//! Each call of [`Ksm::scan_batch`] visits up to `pages_to_scan` present pages
+//! from the cursor on (the kernel's `ksm_scan`), region after region. For each
+//! page, in this order:
+//!
+//! 1. a page still mapping its stable page (or its engine-placed zero page)
+//!    costs nothing: the page space says so without reading it;
+//! 2. with `use_zero_pages`, an empty page whose checksum held still since the
+//!    previous visit is merged with the kernel's zero page, with no rmap item;
+//! 3. the stable tree is searched: a match merges the page into the busiest
+//!    stable page that has fewer than `max_page_sharing` mappings;
+//! 4. a page whose checksum changed since the previous visit is *volatile*:
+//!    its new checksum is kept and it goes no further;
+//! 5. the unstable tree is searched: a match makes both pages one new stable
+//!    page (a fresh pool slot, filled from one of them), and no match files the
+//!    page there until the end of the full scan.
+//!
+//! Merges are collected as [`Intent`]s and carried out once per batch by
+//! [`PageSpace::merge`], so runs of pages become one mapping; the decisions
+//! are recorded first and undone for any merge the page space reports failed.
+
+use crate::counters::{Counters, RegionCounters};
+use crate::page::{checksum_of, zero_page_hash, PageRef, RegionId, Slot};
+use crate::pool::{LocalPool, StablePool};
+use crate::rmap::{Link, RmapItem, RmapTable};
+use crate::space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
+use crate::stable::{LocalStableIndex, NodeId, StableIndex, StableNode};
+use crate::tunables::{Run, TunableError, Tunables};
+use crate::unstable::UnstableIndex;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// Slots a [`LocalPool`] made by [`Ksm::new`] holds: 2^28 pages (1 TiB).
+pub const DEFAULT_POOL_SLOTS: u64 = 1 << 28;
+
+#[derive(Debug)]
+struct RegionState {
+    rmap: RmapTable,
+    counts: RegionCounters,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    node: Option<NodeId>,
+}
+
+/// What one batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Present pages visited.
+    pub pages_scanned: u64,
+    /// Whether a full scan ended in this batch.
+    pub full_scan_ended: bool,
+    /// Merges carried out.
+    pub merged: u64,
+}
+
+/// The scanner and its trees. Generic over the stable tree and the pool so a
+/// shared (multi-process) implementation can be dropped in.
+#[derive(Debug)]
+pub struct Ksm<I: StableIndex = LocalStableIndex, P: StablePool = LocalPool> {
+    tunables: Tunables,
+    regions: BTreeMap<RegionId, RegionState>,
+    cursor: Option<(RegionId, u64)>,
+    stable: I,
+    unstable: UnstableIndex,
+    pool: P,
+    c: Counters,
+    /// Sum of `rmap_hlist_len` over stable nodes.
+    mappings: u64,
+    /// Nodes with at least one mapping.
+    live_nodes: u64,
+    /// Slots whose node died; freed at the end of the batch or, if something
+    /// still maps them, at a later prune.
+    dead_slots: Vec<Slot>,
+    deferred_slots: Vec<Slot>,
+    last_prune_ms: u64,
+    samples: Vec<Sample>,
+    intents: Vec<Intent>,
+    pending: Vec<Pending>,
+    results: Vec<IntentResult>,
+    last_new_slot: Option<(PageRef, Slot)>,
+}
+
+impl Ksm<LocalStableIndex, LocalPool> {
+    /// A scanner with the in-process stable tree and pool.
+    pub fn new(tunables: Tunables) -> Result<Self, TunableError> {
+        Self::with_parts(tunables, LocalStableIndex::new(), LocalPool::new(DEFAULT_POOL_SLOTS))
+    }
+}
+
+impl<I: StableIndex, P: StablePool> Ksm<I, P> {
+    /// A scanner over a given stable tree and pool.
+    pub fn with_parts(tunables: Tunables, stable: I, pool: P) -> Result<Self, TunableError> {
+        tunables.validate()?;
+        Ok(Ksm {
+            tunables,
+            regions: BTreeMap::new(),
+            cursor: None,
+            stable,
+            unstable: UnstableIndex::new(),
+            pool,
+            c: Counters::default(),
+            mappings: 0,
+            live_nodes: 0,
+            dead_slots: Vec::new(),
+            deferred_slots: Vec::new(),
+            last_prune_ms: 0,
+            samples: Vec::new(),
+            intents: Vec::new(),
+            pending: Vec::new(),
+            results: Vec::new(),
+            last_new_slot: None,
+        })
+    }
+
+    /// The tunables in force.
+    pub fn tunables(&self) -> &Tunables {
+        &self.tunables
+    }
+
+    /// Replaces the tunables. Validated as the kernel does; changing
+    /// `max_page_sharing` while stable pages exist is refused with
+    /// [`TunableError::Busy`], as the kernel's EBUSY. Switching `run` to
+    /// [`Run::Unmerge`] here only records it: the caller unmerges with
+    /// [`Ksm::unmerge_all`].
+    pub fn set_tunables(&mut self, t: Tunables) -> Result<(), TunableError> {
+        t.validate()?;
+        if t.max_page_sharing != self.tunables.max_page_sharing && self.live_nodes > 0 {
+            return Err(TunableError::Busy { pages_shared: self.live_nodes });
+        }
+        self.tunables = t;
+        Ok(())
+    }
+
+    /// Registers a region of `npages` pages (the `MADV_MERGEABLE` step).
+    /// The caller registers it with the page space first.
+    pub fn add_region(&mut self, id: RegionId, npages: u64) {
+        self.regions.insert(
+            id,
+            RegionState { rmap: RmapTable::new(npages), counts: RegionCounters::default() },
+        );
+    }
+
+    /// Whether `id` is registered.
+    pub fn has_region(&self, id: RegionId) -> bool {
+        self.regions.contains_key(&id)
+    }
+
+    /// The regions registered, in scan order.
+    pub fn region_ids(&self) -> Vec<RegionId> {
+        self.regions.keys().copied().collect()
+    }
+
+    /// Unregisters a region (`MADV_UNMERGEABLE` then forget): every merged
+    /// page, zero pages included, is made private again with its content
+    /// intact. On an error (for example too little free memory to unshare)
+    /// the region stays registered and nothing is lost.
+    pub fn remove_region(&mut self, space: &mut impl PageSpace, id: RegionId) -> Result<(), SpaceError> {
+        self.unmerge_region(space, id)?;
+        let state = self.regions.remove(&id).expect("unmerged above");
+        for (index, _) in state.rmap.linked_in(0, state.rmap.npages()) {
+            // Only Seen/Unstable remain after the unmerge.
+            let item = state.rmap.get(index);
+            self.count_link(item.link(), -1);
+        }
+        if matches!(self.cursor, Some((r, _)) if r == id) {
+            self.cursor = self.next_region_after(id).map(|r| (r, 0));
+        }
+        self.free_dead_slots(space);
+        Ok(())
+    }
+
+    /// `run = 2`: unmerges every region, keeping them registered, and drops
+    /// the unstable tree. Stops at the first error, with nothing lost.
+    pub fn unmerge_all(&mut self, space: &mut impl PageSpace) -> Result<(), SpaceError> {
+        for id in self.region_ids() {
+            self.unmerge_region(space, id)?;
+        }
+        self.unstable.clear();
+        self.free_dead_slots(space);
+        Ok(())
+    }
+
+    fn unmerge_region(&mut self, space: &mut impl PageSpace, id: RegionId) -> Result<(), SpaceError> {
+        let state = self.regions.get(&id).ok_or(SpaceError::UnknownRegion(id))?;
+        let merged: Vec<u64> = state
+            .rmap
+            .linked_in(0, state.rmap.npages())
+            .filter(|(_, it)| matches!(it.link(), Link::Stable(_) | Link::Zero))
+            .map(|(i, _)| i)
+            .collect();
+        if !merged.is_empty() {
+            space.unmerge(id, &merged)?;
+        }
+        for index in merged {
+            let page = PageRef { region: id, index };
+            let item = self.item(page);
+            if let Link::Stable(n) = item.link() {
+                self.node_dec(n);
+            }
+            self.relink(page, RmapItem::new(item.oldchecksum, Link::Seen));
+        }
+        Ok(())
+    }
+
+    /// Counters, with the kernel's names and meanings.
+    pub fn counters(&self) -> Counters {
+        let mut c = self.c.clone();
+        c.pages_shared = self.live_nodes;
+        c.pages_sharing = self.mappings - self.live_nodes;
+        c.pages_volatile = c.rmap_items.saturating_sub(self.mappings + c.pages_unshared);
+        let (chains, dups) = self.stable.chain_counts();
+        c.stable_node_chains = chains;
+        c.stable_node_dups = dups;
+        c.metadata_bytes = self.metadata_bytes();
+        c.general_profit = (c.pages_saved() * crate::PAGE_SIZE as u64) as i64 - c.metadata_bytes as i64;
+        c.pool_slots_pending = self.deferred_slots.len() as u64;
+        c
+    }
+
+    /// Per-region counters, as `/proc/PID/ksm_stat` names them.
+    pub fn region_counters(&self, id: RegionId) -> Option<RegionCounters> {
+        let r = self.regions.get(&id)?;
+        Some(r.counts.clone().with_profit(r.rmap.metadata_bytes()))
+    }
+
+    /// Bytes of metadata: rmap tables, stable and unstable trees, pool bookkeeping.
+    pub fn metadata_bytes(&self) -> u64 {
+        self.regions.values().map(|r| r.rmap.metadata_bytes()).sum::<u64>()
+            + self.stable.metadata_bytes()
+            + self.unstable.metadata_bytes()
+            + self.pool.metadata_bytes()
+            + ((self.samples.capacity() * std::mem::size_of::<Sample>())
+                + self.intents.capacity() * std::mem::size_of::<Intent>()
+                + self.pending.capacity() * std::mem::size_of::<Pending>()
+                + self.results.capacity()) as u64
+    }
+
+    /// The rmap item of a page (empty where none exists).
+    pub fn item(&self, page: PageRef) -> RmapItem {
+        self.regions.get(&page.region).map_or_else(RmapItem::default, |r| r.rmap.get(page.index))
+    }
+
+    /// The stable tree.
+    pub fn stable(&self) -> &I {
+        &self.stable
+    }
+
+    /// Recomputes every counter from the rmap items and the stable tree (a
+    /// self-check: it must equal [`Ksm::counters`]).
+    pub fn recount(&self) -> Counters {
+        let mut c = self.counters();
+        let (mut items, mut unshared, mut zero) = (0, 0, 0);
+        let mut per_node: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for r in self.regions.values() {
+            for (_, it) in r.rmap.linked_in(0, r.rmap.npages()) {
+                match it.link() {
+                    Link::Seen => items += 1,
+                    Link::Unstable => {
+                        items += 1;
+                        unshared += 1
+                    }
+                    Link::Stable(n) => {
+                        items += 1;
+                        *per_node.entry(n).or_default() += 1
+                    }
+                    Link::Zero => zero += 1,
+                    Link::None => {}
+                }
+            }
+        }
+        let mappings: u64 = per_node.values().sum();
+        c.rmap_items = items;
+        c.pages_unshared = unshared;
+        c.ksm_zero_pages = zero;
+        c.pages_shared = per_node.len() as u64;
+        c.pages_sharing = mappings - per_node.len() as u64;
+        c.pages_volatile = items - mappings - unshared;
+        c
+    }
+
+    /// Checks the stable tree against the rmap items: every node's
+    /// `rmap_hlist_len` equals the pages linked to it, none exceeds
+    /// `max_page_sharing`, none is empty. Returns a description of the first
+    /// violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut per_node: BTreeMap<NodeId, u32> = BTreeMap::new();
+        for r in self.regions.values() {
+            for (_, it) in r.rmap.linked_in(0, r.rmap.npages()) {
+                if let Link::Stable(n) = it.link() {
+                    *per_node.entry(n).or_default() += 1;
+                }
+            }
+        }
+        for id in self.stable.ids() {
+            let n = self.stable.node(id);
+            let linked = per_node.remove(&id).unwrap_or(0);
+            if n.rmap_hlist_len != linked {
+                return Err(format!("node {id:?}: rmap_hlist_len {} but {linked} pages link it", n.rmap_hlist_len));
+            }
+            if linked == 0 {
+                return Err(format!("node {id:?} has no mapping but is alive"));
+            }
+            if linked > self.tunables.max_page_sharing {
+                return Err(format!("node {id:?} has {linked} mappings > max_page_sharing"));
+            }
+        }
+        if let Some((id, _)) = per_node.into_iter().next() {
+            return Err(format!("pages link dead node {id:?}"));
+        }
+        if self.recount() != self.counters() {
+            return Err(format!("counters {:?} != recount {:?}", self.counters(), self.recount()));
+        }
+        Ok(())
+    }
+
+    /// One batch of scanning (`ksm_do_scan(pages_to_scan)`). `now_ms` is a
+    /// monotonic clock used to pace pruning.
+    pub fn scan_batch(&mut self, space: &mut impl PageSpace, now_ms: u64) -> BatchReport {
+        let mut report = BatchReport::default();
+        if self.tunables.run != Run::Merge || self.regions.is_empty() {
+            return report;
+        }
+        let mut budget = self.tunables.pages_to_scan.max(1) as usize;
+        self.last_new_slot = None;
+        // Bound the empty-region walking of one batch: a full pass at most.
+        let mut region_steps = self.regions.len() + 1;
+        while budget > 0 && region_steps > 0 {
+            let (region, start) = match self.cursor {
+                Some(c) if self.regions.contains_key(&c.0) => c,
+                _ => {
+                    let first = *self.regions.keys().next().expect("regions not empty");
+                    (first, 0)
+                }
+            };
+            let npages = self.regions[&region].rmap.npages();
+            let mut samples = std::mem::take(&mut self.samples);
+            samples.clear();
+            let walk_end = match space.sample(region, start, npages, budget, &mut samples) {
+                Ok(e) => e.clamp(start, npages),
+                Err(_) => {
+                    self.c.merge_errors += 1;
+                    npages
+                }
+            };
+            self.forget_absent(region, start, walk_end, &samples);
+            for s in &samples {
+                budget = budget.saturating_sub(1);
+                report.pages_scanned += 1;
+                self.c.pages_scanned += 1;
+                self.visit(space, PageRef { region, index: s.index }, s.state);
+            }
+            self.samples = samples;
+            if walk_end >= npages {
+                region_steps -= 1;
+                match self.next_region_after(region) {
+                    Some(next) => self.cursor = Some((next, 0)),
+                    None => {
+                        // End of a full scan: the unstable tree is thrown away.
+                        self.flush(space, &mut report);
+                        self.unstable.clear();
+                        self.c.full_scans += 1;
+                        report.full_scan_ended = true;
+                        self.cursor = None;
+                        break;
+                    }
+                }
+            } else {
+                self.cursor = Some((region, walk_end));
+            }
+        }
+        self.flush(space, &mut report);
+        let prune_ms = self.tunables.stable_node_chains_prune_millisecs as u64;
+        if now_ms.saturating_sub(self.last_prune_ms) >= prune_ms {
+            self.prune(space, now_ms);
+        }
+        report
+    }
+
+    /// The pruning pass (`stable_node_chains_prune_millisecs`): chains left
+    /// with one dup collapse into plain nodes; pool slots that something
+    /// else still mapped are tried again.
+    pub fn prune(&mut self, space: &mut impl PageSpace, now_ms: u64) {
+        self.last_prune_ms = now_ms;
+        self.stable.prune();
+        let deferred = std::mem::take(&mut self.deferred_slots);
+        self.dead_slots.extend(deferred);
+        self.free_dead_slots(space);
+    }
+
+    fn next_region_after(&self, id: RegionId) -> Option<RegionId> {
+        self.regions.range((Bound::Excluded(id), Bound::Unbounded)).next().map(|(k, _)| *k)
+    }
+
+    /// Pages in `[start, end)` that the page space did not report are absent.
+    /// A page that maps its stable page but was never touched since is absent
+    /// too and still merged, and so is a zero page the engine placed; any
+    /// other rmap item for an absent page is dropped (the kernel frees rmap
+    /// items of addresses that lost their page as its cursor passes them).
+    fn forget_absent(&mut self, region: RegionId, start: u64, end: u64, samples: &[Sample]) {
+        let state = &self.regions[&region];
+        let mut present = samples.iter().map(|s| s.index).peekable();
+        let mut gone = Vec::new();
+        for (index, item) in state.rmap.linked_in(start, end) {
+            while present.peek().is_some_and(|&p| p < index) {
+                present.next();
+            }
+            if present.peek() == Some(&index) {
+                continue;
+            }
+            if matches!(item.link(), Link::Seen | Link::Unstable) {
+                gone.push(index);
+            }
+        }
+        for index in gone {
+            self.relink(PageRef { region, index }, RmapItem::default());
+        }
+    }
+
+    fn visit(&mut self, space: &mut impl PageSpace, page: PageRef, state: PageState) {
+        let item = self.item(page);
+        match (item.link(), state) {
+            (Link::Stable(_), PageState::Pool) | (Link::Zero, PageState::ZeroPfn) => {}
+            (Link::Stable(n), _) => {
+                // Written since the merge (copy-on-write): the mapping is gone.
+                self.node_dec(n);
+                self.relink(page, RmapItem::new(item.oldchecksum, Link::Seen));
+                if let PageState::Private { hash } = state {
+                    self.cmp_and_merge_page(space, page, hash);
+                } else {
+                    self.relink(page, RmapItem::default());
+                }
+            }
+            (Link::Zero, PageState::Private { hash }) => {
+                self.relink(page, RmapItem::default());
+                self.cmp_and_merge_page(space, page, hash);
+            }
+            (_, PageState::Private { hash }) => self.cmp_and_merge_page(space, page, hash),
+            // Zero pfn the engine did not place (read but never written
+            // memory) is skipped, as the kernel skips it; a pool mapping the
+            // engine does not know of is left alone.
+            (_, PageState::ZeroPfn) | (_, PageState::Pool) => self.relink(page, RmapItem::default()),
+        }
+    }
+
+    fn cmp_and_merge_page(&mut self, space: &mut impl PageSpace, page: PageRef, hash: u64) {
+        let item = self.item(page);
+        let checksum = checksum_of(hash);
+        let unchanged = item.link() != Link::None && item.oldchecksum == checksum;
+        // A page filed in the previous scan's unstable tree leaves it on its visit.
+        if item.link() == Link::Unstable || item.link() == Link::None {
+            self.relink(page, RmapItem::new(item.oldchecksum, Link::Seen));
+        }
+
+        if self.tunables.use_zero_pages && unchanged && hash == zero_page_hash() {
+            self.relink(page, RmapItem::new(checksum, Link::Zero));
+            self.push_intent(page, Target::Zero, None);
+            return;
+        }
+
+        match self.stable.lookup(hash, self.tunables.max_page_sharing) {
+            Ok(n) => {
+                self.node_inc(n);
+                self.relink(page, RmapItem::new(checksum, Link::Stable(n)));
+                let slot = self.stable.node(n).slot;
+                self.push_intent(page, Target::Slot(slot), Some(n));
+                return;
+            }
+            Err(_) => {}
+        }
+
+        if !unchanged {
+            // Volatile: remember the checksum, go no further this scan.
+            self.relink(page, RmapItem::new(checksum, Link::Seen));
+            return;
+        }
+
+        let Some(tree_page) = self.unstable.search_insert(hash, page) else {
+            self.relink(page, RmapItem::new(checksum, Link::Unstable));
+            return;
+        };
+        let tree_item = self.item(tree_page);
+        if tree_page == page || tree_item.link() != Link::Unstable || tree_item.oldchecksum != checksum {
+            // A stale entry (the page moved on, or its region left).
+            self.unstable.insert(hash, page);
+            self.relink(page, RmapItem::new(checksum, Link::Unstable));
+            return;
+        }
+        if let Err(()) = self.new_stable_page(space, page, tree_page, hash) {
+            // No slot, or the page changed under the copy: try next scan.
+            self.unstable.insert(hash, tree_page);
+            self.relink(page, RmapItem::new(checksum, Link::Seen));
+        }
+    }
+
+    /// Two pages met in the unstable tree: one pool slot, filled from `page`,
+    /// becomes their stable page.
+    fn new_stable_page(&mut self, space: &mut impl PageSpace, page: PageRef, tree_page: PageRef, hash: u64) -> Result<(), ()> {
+        let hint = match self.last_new_slot {
+            Some((prev, s)) if prev.region == page.region && prev.index + 1 == page.index => Some(Slot(s.0 + 1)),
+            _ => None,
+        };
+        let slot = self.pool.alloc(hint).ok_or(())?;
+        let filled = space.fill_slot(page, slot);
+        if filled != Ok(hash) {
+            if filled.is_err() {
+                self.c.merge_errors += 1;
+            } else {
+                self.c.merge_races += 1;
+            }
+            self.dead_slots.push(slot);
+            return Err(());
+        }
+        // Dups of a chain must hold the same bytes: a different content with
+        // the same 64-bit hash stays out of the index.
+        let indexed = match self.stable.any_with_hash(hash) {
+            Some(other) => {
+                let other_slot = self.stable.node(other).slot;
+                space.slots_equal(slot, other_slot).unwrap_or(false)
+            }
+            None => true,
+        };
+        let n = self.stable.insert(StableNode { slot, hash, rmap_hlist_len: 0, indexed });
+        self.last_new_slot = Some((page, slot));
+        let checksum = checksum_of(hash);
+        for p in [page, tree_page] {
+            self.node_inc(n);
+            self.relink(p, RmapItem::new(checksum, Link::Stable(n)));
+            self.push_intent(p, Target::Slot(slot), Some(n));
+        }
+        Ok(())
+    }
+
+    fn push_intent(&mut self, page: PageRef, target: Target, node: Option<NodeId>) {
+        self.intents.push(Intent { page, target });
+        self.pending.push(Pending { node });
+    }
+
+    /// Carries out the batch's merges and undoes the decisions of those that failed.
+    fn flush(&mut self, space: &mut impl PageSpace, report: &mut BatchReport) {
+        if !self.intents.is_empty() {
+            let mut results = std::mem::take(&mut self.results);
+            results.clear();
+            space.merge(&self.intents, &mut results);
+            results.resize(self.intents.len(), IntentResult::Failed);
+            let intents = std::mem::take(&mut self.intents);
+            let pending = std::mem::take(&mut self.pending);
+            for ((intent, p), r) in intents.iter().zip(&pending).zip(&results) {
+                if *r == IntentResult::Merged {
+                    report.merged += 1;
+                    continue;
+                }
+                match r {
+                    IntentResult::Mismatch => self.c.merge_races += 1,
+                    IntentResult::OverBudget => self.c.vma_budget_skips += 1,
+                    _ => self.c.merge_errors += 1,
+                }
+                if let Some(n) = p.node {
+                    self.node_dec(n);
+                }
+                let item = self.item(intent.page);
+                self.relink(intent.page, RmapItem::new(item.oldchecksum, Link::Seen));
+            }
+            self.intents = intents;
+            self.intents.clear();
+            self.pending = pending;
+            self.pending.clear();
+            self.results = results;
+        }
+        self.free_dead_slots(space);
+    }
+
+    fn free_dead_slots(&mut self, space: &mut impl PageSpace) {
+        for slot in std::mem::take(&mut self.dead_slots) {
+            match space.release_slot(slot) {
+                Ok(true) => {
+                    self.pool.free(slot);
+                    self.c.pool_slots_freed += 1;
+                }
+                Ok(false) | Err(_) => self.deferred_slots.push(slot),
+            }
+        }
+    }
+
+    fn node_inc(&mut self, n: NodeId) {
+        let node = self.stable.node_mut(n);
+        node.rmap_hlist_len += 1;
+        if node.rmap_hlist_len == 1 {
+            self.live_nodes += 1;
+        }
+        self.mappings += 1;
+    }
+
+    fn node_dec(&mut self, n: NodeId) {
+        let node = self.stable.node_mut(n);
+        node.rmap_hlist_len -= 1;
+        self.mappings -= 1;
+        if node.rmap_hlist_len == 0 {
+            self.live_nodes -= 1;
+            let node = self.stable.remove(n);
+            self.dead_slots.push(node.slot);
+        }
+    }
+
+    /// Stores a page's item, keeping the counters in step with its link.
+    fn relink(&mut self, page: PageRef, item: RmapItem) {
+        let Some(r) = self.regions.get_mut(&page.region) else { return };
+        let old = r.rmap.get(page.index).link();
+        r.rmap.set(page.index, item);
+        let new = item.link();
+        apply_link(&mut r.counts, old, -1);
+        apply_link(&mut r.counts, new, 1);
+        self.count_link(old, -1);
+        self.count_link(new, 1);
+    }
+
+    fn count_link(&mut self, link: Link, d: i64) {
+        let add = |x: &mut u64| *x = (*x as i64 + d) as u64;
+        match link {
+            Link::Seen | Link::Stable(_) => add(&mut self.c.rmap_items),
+            Link::Unstable => {
+                add(&mut self.c.rmap_items);
+                add(&mut self.c.pages_unshared);
+            }
+            Link::Zero => add(&mut self.c.ksm_zero_pages),
+            Link::None => {}
+        }
+    }
+}
+
+fn apply_link(c: &mut RegionCounters, link: Link, d: i64) {
+    let add = |x: &mut u64| *x = (*x as i64 + d) as u64;
+    match link {
+        Link::Seen | Link::Unstable => add(&mut c.ksm_rmap_items),
+        Link::Stable(_) => {
+            add(&mut c.ksm_rmap_items);
+            add(&mut c.ksm_merging_pages);
+        }
+        Link::Zero => add(&mut c.ksm_zero_pages),
+        Link::None => {}
+    }
+}

@@ -1,0 +1,241 @@
+//! A simulated page space: deterministic memory for tests and fuzzing.
+//!
+//! Pages follow the kernel's rules as samepage relies on them: a write to a
+//! page that maps a pool slot or a zero page gets a private copy
+//! (copy-on-write), a pool slot never changes once filled, and freeing a slot
+//! that something maps is refused. Each simulated page also knows its
+//! *logical* content, so a test can check that merging never changed what
+//! the program sees.
+
+use crate::page::{page_hash, PageRef, RegionId, Slot, PAGE_SIZE};
+use crate::space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
+use std::collections::{BTreeMap, HashMap};
+
+type Bytes = Box<[u8; PAGE_SIZE]>;
+
+/// One simulated page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimPage {
+    /// Never touched (reads as zeros).
+    Absent,
+    /// The zero page, mapped by a read of untouched memory.
+    ZeroPfn,
+    /// The zero page, placed by the engine.
+    KsmZero,
+    /// A private page.
+    Private(Bytes),
+    /// Maps a pool slot.
+    Pool(Slot),
+}
+
+/// A simulated page space.
+#[derive(Debug, Default)]
+pub struct SimPageSpace {
+    regions: BTreeMap<RegionId, Vec<SimPage>>,
+    pool: HashMap<Slot, (Bytes, u64)>,
+    /// Mappings of pool slots held outside the engine's view (a forked child).
+    pub foreign_maps: HashMap<Slot, u32>,
+    /// Every n-th merge fails with [`IntentResult::Failed`] (0: never).
+    pub fail_every: u64,
+    merges_seen: u64,
+    /// Calls of [`PageSpace::merge`].
+    pub merge_calls: u64,
+    /// Runs (consecutive pages to consecutive slots) merged: what would be mappings.
+    pub merge_runs: u64,
+}
+
+impl SimPageSpace {
+    /// An empty space.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a region of `npages` untouched pages.
+    pub fn add_region(&mut self, id: RegionId, npages: u64) {
+        self.regions.insert(id, vec![SimPage::Absent; npages as usize]);
+    }
+
+    /// Removes a region (after the engine unregistered it).
+    pub fn remove_region(&mut self, id: RegionId) -> Option<Vec<SimPage>> {
+        self.regions.remove(&id)
+    }
+
+    /// The page itself.
+    pub fn page(&self, p: PageRef) -> &SimPage {
+        &self.regions[&p.region][p.index as usize]
+    }
+
+    /// What the program reads from page `p`.
+    pub fn read(&self, p: PageRef) -> [u8; PAGE_SIZE] {
+        match self.page(p) {
+            SimPage::Private(b) => **b,
+            SimPage::Pool(s) => *self.pool[s].0,
+            _ => [0; PAGE_SIZE],
+        }
+    }
+
+    /// A write by the program: copy-on-write where the page is shared.
+    pub fn write(&mut self, p: PageRef, offset: usize, bytes: &[u8]) {
+        let mut content = self.read(p);
+        content[offset..offset + bytes.len()].copy_from_slice(bytes);
+        self.regions.get_mut(&p.region).expect("region")[p.index as usize] =
+            SimPage::Private(Box::new(content));
+    }
+
+    /// A read of untouched memory maps the zero page.
+    pub fn touch_read(&mut self, p: PageRef) {
+        let page = &mut self.regions.get_mut(&p.region).expect("region")[p.index as usize];
+        if *page == SimPage::Absent {
+            *page = SimPage::ZeroPfn;
+        }
+    }
+
+    /// Pages mapping each pool slot (the truth the engine's counters must match).
+    pub fn slot_mappings(&self) -> BTreeMap<Slot, u64> {
+        let mut m = BTreeMap::new();
+        for pages in self.regions.values() {
+            for p in pages {
+                if let SimPage::Pool(s) = p {
+                    *m.entry(*s).or_default() += 1;
+                }
+            }
+        }
+        m
+    }
+
+    /// Pages holding an engine-placed zero page.
+    pub fn ksm_zero_pages(&self) -> u64 {
+        self.regions.values().flatten().filter(|p| **p == SimPage::KsmZero).count() as u64
+    }
+
+    /// Pool slots holding a page.
+    pub fn pool_pages(&self) -> usize {
+        self.pool.len()
+    }
+
+    /// Checks that every pool page still has the content it was filled with.
+    pub fn pool_unchanged(&self) -> bool {
+        self.pool.values().all(|(b, h)| page_hash(&b[..]) == *h)
+    }
+
+    fn content(&self, page: &SimPage) -> [u8; PAGE_SIZE] {
+        match page {
+            SimPage::Private(b) => **b,
+            SimPage::Pool(s) => *self.pool[s].0,
+            _ => [0; PAGE_SIZE],
+        }
+    }
+
+    fn pages_mut(&mut self, id: RegionId) -> Result<&mut Vec<SimPage>, SpaceError> {
+        self.regions.get_mut(&id).ok_or(SpaceError::UnknownRegion(id))
+    }
+}
+
+impl PageSpace for SimPageSpace {
+    fn sample(
+        &mut self,
+        region: RegionId,
+        start: u64,
+        end: u64,
+        max_present: usize,
+        out: &mut Vec<Sample>,
+    ) -> Result<u64, SpaceError> {
+        let pages = self.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
+        let mut found = 0;
+        for i in start..end.min(pages.len() as u64) {
+            let state = match &pages[i as usize] {
+                SimPage::Absent => continue,
+                SimPage::ZeroPfn | SimPage::KsmZero => PageState::ZeroPfn,
+                SimPage::Pool(_) => PageState::Pool,
+                SimPage::Private(b) => PageState::Private { hash: page_hash(&b[..]) },
+            };
+            if found == max_present {
+                return Ok(i);
+            }
+            out.push(Sample { index: i, state });
+            found += 1;
+        }
+        Ok(end)
+    }
+
+    fn fill_slot(&mut self, page: PageRef, slot: Slot) -> Result<u64, SpaceError> {
+        if self.pool.contains_key(&slot) {
+            return Err(SpaceError::Os { op: "fill_slot", errno: format!("slot {} is in use", slot.0) });
+        }
+        let pages = self.regions.get(&page.region).ok_or(SpaceError::UnknownRegion(page.region))?;
+        let content = self.content(&pages[page.index as usize]);
+        let h = page_hash(&content);
+        self.pool.insert(slot, (Box::new(content), h));
+        Ok(h)
+    }
+
+    fn merge(&mut self, intents: &[Intent], results: &mut Vec<IntentResult>) {
+        self.merge_calls += 1;
+        let mut merged_slots = Vec::new();
+        for it in intents {
+            self.merges_seen += 1;
+            if self.fail_every != 0 && self.merges_seen % self.fail_every == 0 {
+                results.push(IntentResult::Failed);
+                continue;
+            }
+            let Some(pages) = self.regions.get(&it.page.region) else {
+                results.push(IntentResult::Failed);
+                continue;
+            };
+            let page = &pages[it.page.index as usize];
+            let r = match (it.target, page) {
+                (Target::Slot(s), SimPage::Private(b)) if self.pool.get(&s).is_some_and(|(c, _)| c == b) => {
+                    merged_slots.push((it.page, s));
+                    self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::Pool(s);
+                    IntentResult::Merged
+                }
+                (Target::Zero, SimPage::Private(b)) if b.iter().all(|&x| x == 0) => {
+                    self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::KsmZero;
+                    IntentResult::Merged
+                }
+                _ => IntentResult::Mismatch,
+            };
+            results.push(r);
+        }
+        // Count runs as a real page space would map them: sorted by address,
+        // consecutive pages to consecutive slots share one mapping.
+        merged_slots.sort();
+        let mut prev: Option<(PageRef, Slot)> = None;
+        for (p, s) in merged_slots {
+            let continues = matches!(prev, Some((pp, ps))
+                if pp.region == p.region && pp.index + 1 == p.index && ps.0 + 1 == s.0);
+            if !continues {
+                self.merge_runs += 1;
+            }
+            prev = Some((p, s));
+        }
+    }
+
+    fn unmerge(&mut self, region: RegionId, pages: &[u64]) -> Result<(), SpaceError> {
+        let contents: Vec<(u64, [u8; PAGE_SIZE])> = {
+            let ps = self.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
+            pages.iter().map(|&i| (i, self.content(&ps[i as usize]))).collect()
+        };
+        let ps = self.pages_mut(region)?;
+        for (i, c) in contents {
+            if matches!(ps[i as usize], SimPage::Pool(_) | SimPage::KsmZero) {
+                ps[i as usize] = SimPage::Private(Box::new(c));
+            }
+        }
+        Ok(())
+    }
+
+    fn release_slot(&mut self, slot: Slot) -> Result<bool, SpaceError> {
+        let mapped = self.slot_mappings().contains_key(&slot)
+            || self.foreign_maps.get(&slot).is_some_and(|&n| n > 0);
+        if mapped {
+            return Ok(false);
+        }
+        self.pool.remove(&slot);
+        Ok(true)
+    }
+
+    fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {
+        Ok(self.pool.get(&a).map(|x| &x.0) == self.pool.get(&b).map(|x| &x.0))
+    }
+}

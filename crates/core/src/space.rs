@@ -1,0 +1,131 @@
+//! The page space: what the scanner needs from memory, as a trait.
+//!
+//! The Linux implementation (crate `samepage`, module `sys`) reads pages with
+//! volatile copies, learns page states from `PAGEMAP_SCAN`, and merges inside
+//! a userfaultfd write-protect window. [`crate::sim::SimPageSpace`] is a
+//! deterministic simulation used by the tests and the fuzz target.
+//!
+//! Every operation that changes what a page maps is *atomic with respect to
+//! writers* by contract: a page is replaced by a stable page only if its
+//! content equals the stable page's at the moment of replacement, so no write
+//! is ever lost.
+
+use crate::page::{PageRef, RegionId, Slot};
+use thiserror::Error;
+
+/// What one page is, as far as the page space can tell cheaply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageState {
+    /// The kernel's shared zero page is mapped (untouched memory that was read,
+    /// or a zero page the engine placed).
+    ZeroPfn,
+    /// A stable pool page is mapped and has not been written since.
+    Pool,
+    /// A private page, with the hash of the content read.
+    Private {
+        /// [`crate::page_hash`] of the page's content.
+        hash: u64,
+    },
+}
+
+/// One sampled page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Page index inside the sampled region.
+    pub index: u64,
+    /// Its state.
+    pub state: PageState,
+}
+
+/// Where a page should go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Map this stable pool slot in its place, if the contents are equal.
+    Slot(Slot),
+    /// Map the kernel's zero page in its place, if the page is all zeros.
+    Zero,
+}
+
+/// A merge the scanner asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Intent {
+    /// The page to replace.
+    pub page: PageRef,
+    /// What replaces it.
+    pub target: Target,
+}
+
+/// What became of one [`Intent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntentResult {
+    /// The page now maps the target.
+    Merged,
+    /// The full compare failed: the page changed (or a hash collided). Nothing changed.
+    Mismatch,
+    /// Refused to stay inside the VMA budget. Nothing changed.
+    OverBudget,
+    /// The OS refused (ENOMEM, EPERM, EFAULT...). Nothing changed.
+    Failed,
+}
+
+/// A page-space failure the scanner cannot work around.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SpaceError {
+    /// The region is not known to the page space.
+    #[error("region {0:?} is not registered with the page space")]
+    UnknownRegion(RegionId),
+    /// The stable pool is full.
+    #[error("the stable pool has no free slot")]
+    PoolFull,
+    /// The OS refused an operation.
+    #[error("{op} failed: {errno}")]
+    Os {
+        /// The operation.
+        op: &'static str,
+        /// The error text (`errno` name and message).
+        errno: String,
+    },
+}
+
+/// The memory the scanner works on: registered regions and the stable pool.
+///
+/// Implementations: `samepage::sys::LinuxPageSpace` (real memory) and
+/// [`crate::sim::SimPageSpace`] (tests).
+pub trait PageSpace {
+    /// Samples pages `[start, end)` of `region`, appending to `out` the present
+    /// pages (absent pages are left out) in index order, at most `max_present`
+    /// of them. Returns the index where the walk stopped (`end` when complete).
+    fn sample(
+        &mut self,
+        region: RegionId,
+        start: u64,
+        end: u64,
+        max_present: usize,
+        out: &mut Vec<Sample>,
+    ) -> Result<u64, SpaceError>;
+
+    /// Copies the current content of `page` into the empty pool `slot`, and
+    /// returns the hash of what was copied (a racing writer can make it differ
+    /// from the hash sampled earlier: the scanner then gives the slot back).
+    fn fill_slot(&mut self, page: PageRef, slot: Slot) -> Result<u64, SpaceError>;
+
+    /// Carries out `intents` (in any order; consecutive pages going to
+    /// consecutive slots should be merged with one operation), writing one
+    /// result per intent into `results`. Each merge compares the full contents
+    /// while writers are held off, so no write is lost.
+    fn merge(&mut self, intents: &[Intent], results: &mut Vec<IntentResult>);
+
+    /// Makes pages private again with their content intact (`MADV_UNMERGEABLE`).
+    /// `pages` are indices of `region` that map a stable page or a zero page
+    /// the engine placed, in increasing order.
+    fn unmerge(&mut self, region: RegionId, pages: &[u64]) -> Result<(), SpaceError>;
+
+    /// Frees a pool slot whose last known mapping is gone. Returns `false`
+    /// (and keeps the slot) when something the engine does not track, such as
+    /// a forked child, still maps it: freeing it then would lose data.
+    fn release_slot(&mut self, slot: Slot) -> Result<bool, SpaceError>;
+
+    /// Whether two pool slots hold the same bytes (stable pages never change,
+    /// so this needs no window).
+    fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError>;
+}

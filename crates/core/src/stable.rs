@@ -1,0 +1,254 @@
+//! The stable tree: pool pages that never change, and never discarded.
+//!
+//! Keyed by content hash instead of the kernel's memcmp-ordered rbtree: a
+//! lookup is O(1) plus the dups of a chain. A hash match is only a candidate:
+//! the page space compares full contents before any merge.
+//!
+//! Chains and dups (seed 003): once a stable node has `max_page_sharing`
+//! mappings, the next pages with its content form a new copy, a *dup*, and
+//! the entry becomes a *chain*. Lookups pick the busiest dup that still has
+//! room (seed 001's heuristic), so dups fill before new ones appear. A chain
+//! left with one dup collapses back into a plain node at the next prune,
+//! as the kernel's `stable_node_chains_prune_millisecs` pass does.
+//!
+//! [`StableIndex`] is the interface a pool shared by several processes will
+//! implement; [`LocalStableIndex`] is the in-process one.
+
+use crate::page::Slot;
+use crate::rmap::MAX_NODE_ID;
+use std::collections::HashMap;
+
+/// A stable node's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u32);
+
+/// One stable page (a dup, when it hangs off a chain).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StableNode {
+    /// Its pool slot.
+    pub slot: Slot,
+    /// Its content hash.
+    pub hash: u64,
+    /// Mappings of the page (the kernel's `rmap_hlist_len`), never above `max_page_sharing`.
+    pub rmap_hlist_len: u32,
+    /// Whether the node is findable by hash (false for an orphan whose hash
+    /// collided with a different content: it keeps its mappings, takes no more).
+    pub indexed: bool,
+}
+
+/// The stable tree's interface.
+pub trait StableIndex {
+    /// The node `id`.
+    fn node(&self, id: NodeId) -> &StableNode;
+    /// The node `id`, mutable.
+    fn node_mut(&mut self, id: NodeId) -> &mut StableNode;
+    /// The busiest node with `hash` that has fewer than `max_page_sharing`
+    /// mappings; `Err(true)` when nodes with `hash` exist but are all full,
+    /// `Err(false)` when there are none.
+    fn lookup(&mut self, hash: u64, max_page_sharing: u32) -> Result<NodeId, bool>;
+    /// Any indexed node with `hash` (to check a new dup's content against).
+    fn any_with_hash(&self, hash: u64) -> Option<NodeId>;
+    /// Adds a node; indexed nodes with an existing hash become dups of its chain.
+    fn insert(&mut self, node: StableNode) -> NodeId;
+    /// Removes a node (its mappings must be gone) and returns it.
+    fn remove(&mut self, id: NodeId) -> StableNode;
+    /// Collapses chains left with a single dup; returns how many collapsed.
+    fn prune(&mut self) -> u64;
+    /// `(stable_node_chains, stable_node_dups)`.
+    fn chain_counts(&self) -> (u64, u64);
+    /// Ids of every node.
+    fn ids(&self) -> Vec<NodeId>;
+    /// Bytes of memory the index uses.
+    fn metadata_bytes(&self) -> u64;
+}
+
+#[derive(Debug)]
+enum Entry {
+    Node(NodeId),
+    Chain(Vec<NodeId>),
+}
+
+/// The in-process stable tree.
+#[derive(Debug, Default)]
+pub struct LocalStableIndex {
+    nodes: Vec<Option<StableNode>>,
+    free_ids: Vec<u32>,
+    by_hash: HashMap<u64, Entry>,
+    chains: u64,
+    dups: u64,
+}
+
+impl LocalStableIndex {
+    /// An empty tree.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl StableIndex for LocalStableIndex {
+    fn node(&self, id: NodeId) -> &StableNode {
+        self.nodes[id.0 as usize].as_ref().expect("live stable node")
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut StableNode {
+        self.nodes[id.0 as usize].as_mut().expect("live stable node")
+    }
+
+    fn lookup(&mut self, hash: u64, max_page_sharing: u32) -> Result<NodeId, bool> {
+        let nodes = &self.nodes;
+        let len = |id: &NodeId| nodes[id.0 as usize].as_ref().map_or(u32::MAX, |n| n.rmap_hlist_len);
+        match self.by_hash.get(&hash) {
+            None => Err(false),
+            Some(Entry::Node(id)) => {
+                if len(id) < max_page_sharing {
+                    Ok(*id)
+                } else {
+                    Err(true)
+                }
+            }
+            Some(Entry::Chain(dups)) => dups
+                .iter()
+                .filter(|d| len(d) < max_page_sharing)
+                .max_by_key(|d| (len(d), std::cmp::Reverse(**d)))
+                .copied()
+                .ok_or(true),
+        }
+    }
+
+    fn any_with_hash(&self, hash: u64) -> Option<NodeId> {
+        match self.by_hash.get(&hash)? {
+            Entry::Node(id) => Some(*id),
+            Entry::Chain(d) => d.first().copied(),
+        }
+    }
+
+    fn insert(&mut self, node: StableNode) -> NodeId {
+        let id = match self.free_ids.pop() {
+            Some(i) => {
+                self.nodes[i as usize] = Some(node);
+                NodeId(i)
+            }
+            None => {
+                let i = self.nodes.len() as u32;
+                assert!(i <= MAX_NODE_ID, "stable node ids exhausted");
+                self.nodes.push(Some(node));
+                NodeId(i)
+            }
+        };
+        if node.indexed {
+            match self.by_hash.remove(&node.hash) {
+                None => {
+                    self.by_hash.insert(node.hash, Entry::Node(id));
+                }
+                Some(Entry::Node(first)) => {
+                    self.chains += 1;
+                    self.dups += 2;
+                    self.by_hash.insert(node.hash, Entry::Chain(vec![first, id]));
+                }
+                Some(Entry::Chain(mut dups)) => {
+                    self.dups += 1;
+                    dups.push(id);
+                    self.by_hash.insert(node.hash, Entry::Chain(dups));
+                }
+            }
+        }
+        id
+    }
+
+    fn remove(&mut self, id: NodeId) -> StableNode {
+        let node = self.nodes[id.0 as usize].take().expect("live stable node");
+        self.free_ids.push(id.0);
+        if node.indexed {
+            match self.by_hash.get_mut(&node.hash) {
+                Some(Entry::Node(n)) if *n == id => {
+                    self.by_hash.remove(&node.hash);
+                }
+                Some(Entry::Chain(dups)) => {
+                    if let Some(p) = dups.iter().position(|d| *d == id) {
+                        dups.swap_remove(p);
+                        self.dups -= 1;
+                        if dups.is_empty() {
+                            self.chains -= 1;
+                            self.by_hash.remove(&node.hash);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        node
+    }
+
+    fn prune(&mut self) -> u64 {
+        let mut collapsed = 0;
+        for entry in self.by_hash.values_mut() {
+            if let Entry::Chain(dups) = entry {
+                if dups.len() == 1 {
+                    *entry = Entry::Node(dups[0]);
+                    self.chains -= 1;
+                    self.dups -= 1;
+                    collapsed += 1;
+                }
+            }
+        }
+        collapsed
+    }
+
+    fn chain_counts(&self) -> (u64, u64) {
+        (self.chains, self.dups)
+    }
+
+    fn ids(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.is_some())
+            .map(|(i, _)| NodeId(i as u32))
+            .collect()
+    }
+
+    fn metadata_bytes(&self) -> u64 {
+        let nodes = self.nodes.capacity() * std::mem::size_of::<Option<StableNode>>();
+        let map = self.by_hash.capacity() * (8 + std::mem::size_of::<Entry>() + 1);
+        let chains: usize = self
+            .by_hash
+            .values()
+            .map(|e| match e {
+                Entry::Chain(d) => d.capacity() * 4,
+                Entry::Node(_) => 0,
+            })
+            .sum();
+        (nodes + map + chains + self.free_ids.capacity() * 4) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(slot: u64, hash: u64, len: u32) -> StableNode {
+        StableNode { slot: Slot(slot), hash, rmap_hlist_len: len, indexed: true }
+    }
+
+    #[test]
+    fn chains_form_prune_and_pick_the_busiest_dup() {
+        let mut t = LocalStableIndex::new();
+        let a = t.insert(node(0, 7, 4));
+        assert_eq!(t.lookup(7, 4), Err(true));
+        assert_eq!(t.lookup(8, 4), Err(false));
+        let b = t.insert(node(1, 7, 2));
+        let c = t.insert(node(2, 7, 3));
+        assert_eq!(t.chain_counts(), (1, 3));
+        assert_eq!(t.lookup(7, 4), Ok(c), "busiest dup with room first");
+        t.node_mut(c).rmap_hlist_len = 4;
+        assert_eq!(t.lookup(7, 4), Ok(b));
+        t.remove(b);
+        t.remove(c);
+        assert_eq!(t.chain_counts(), (1, 1), "a chain keeps its last dup until pruned");
+        assert_eq!(t.prune(), 1);
+        assert_eq!(t.chain_counts(), (0, 0));
+        assert_eq!(t.any_with_hash(7), Some(a));
+        t.remove(a);
+        assert_eq!(t.lookup(7, 4), Err(false));
+    }
+}

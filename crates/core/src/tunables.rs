@@ -1,0 +1,217 @@
+//! The tunables, with the kernel's sysfs names, defaults and validation
+//! (`/sys/kernel/mm/ksm/*`, `mm/ksm.c`).
+
+use thiserror::Error;
+
+/// `run`: what the scanner does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Run {
+    /// 0: stop scanning, keep merged pages merged.
+    #[default]
+    Stop,
+    /// 1: scan and merge.
+    Merge,
+    /// 2: stop scanning and unmerge every merged page (zero pages included).
+    Unmerge,
+}
+
+impl Run {
+    /// The sysfs value (0, 1 or 2).
+    pub fn as_u32(self) -> u32 {
+        match self {
+            Run::Stop => 0,
+            Run::Merge => 1,
+            Run::Unmerge => 2,
+        }
+    }
+
+    /// Parses a sysfs value; anything but 0, 1 or 2 is refused as the kernel does.
+    pub fn from_u32(v: u32) -> Result<Run, TunableError> {
+        match v {
+            0 => Ok(Run::Stop),
+            1 => Ok(Run::Merge),
+            2 => Ok(Run::Unmerge),
+            _ => Err(TunableError::OutOfRange {
+                name: "run",
+                value: v.to_string(),
+                allowed: "0 (stop), 1 (merge) or 2 (unmerge)",
+            }),
+        }
+    }
+}
+
+/// A tunable value the kernel would refuse.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TunableError {
+    /// The value is outside the range the kernel accepts.
+    #[error("{name} = {value} is out of range: allowed {allowed}")]
+    OutOfRange {
+        /// Tunable name (sysfs spelling).
+        name: &'static str,
+        /// The refused value.
+        value: String,
+        /// The accepted range.
+        allowed: &'static str,
+    },
+    /// The value is not a number (or boolean) of the tunable's type.
+    #[error("{name} = {value:?} is not valid: expected {allowed}")]
+    Parse {
+        /// Tunable name.
+        name: &'static str,
+        /// The refused text.
+        value: String,
+        /// What is expected.
+        allowed: &'static str,
+    },
+    /// No tunable of that name.
+    #[error("no tunable named {0:?}")]
+    Unknown(String),
+    /// The kernel's EBUSY: `max_page_sharing` cannot change while pages are shared.
+    #[error("max_page_sharing cannot change while {pages_shared} stable pages are shared (the kernel answers EBUSY); set run=2 first")]
+    Busy {
+        /// Stable pages that still have mappings.
+        pages_shared: u64,
+    },
+}
+
+/// The tunables of one engine. Field names are the kernel's sysfs names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tunables {
+    /// `run`: 0 stop, 1 merge, 2 unmerge (default 0, as the kernel's).
+    pub run: Run,
+    /// `pages_to_scan`: pages scanned per batch (default 100; any u32).
+    pub pages_to_scan: u32,
+    /// `sleep_millisecs`: sleep between batches (default 20; any u32).
+    pub sleep_millisecs: u32,
+    /// `max_page_sharing`: most mappings one stable page may have (default 256, at least 2).
+    pub max_page_sharing: u32,
+    /// `use_zero_pages`: merge empty pages with the kernel's zero page (default false).
+    pub use_zero_pages: bool,
+    /// `stable_node_chains_prune_millisecs`: how often stale dups are pruned (default 2000).
+    pub stable_node_chains_prune_millisecs: u32,
+}
+
+impl Default for Tunables {
+    fn default() -> Self {
+        Tunables {
+            run: Run::Stop,
+            pages_to_scan: 100,
+            sleep_millisecs: 20,
+            max_page_sharing: 256,
+            use_zero_pages: false,
+            stable_node_chains_prune_millisecs: 2000,
+        }
+    }
+}
+
+/// `max_page_sharing`'s lower bound (the kernel's: a stable page needs two sharers).
+pub const MIN_MAX_PAGE_SHARING: u32 = 2;
+/// `max_page_sharing`'s upper bound (the kernel parses it as an `int`).
+pub const MAX_MAX_PAGE_SHARING: u32 = i32::MAX as u32;
+
+impl Tunables {
+    /// Checks every value as the kernel's sysfs stores do.
+    pub fn validate(&self) -> Result<(), TunableError> {
+        if !(MIN_MAX_PAGE_SHARING..=MAX_MAX_PAGE_SHARING).contains(&self.max_page_sharing) {
+            return Err(TunableError::OutOfRange {
+                name: "max_page_sharing",
+                value: self.max_page_sharing.to_string(),
+                allowed: "2 to 2147483647",
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets one tunable from its sysfs text, validated as the kernel does.
+    /// `max_page_sharing` changes are subject to [`TunableError::Busy`] at the engine.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), TunableError> {
+        let v = value.trim();
+        let mut next = self.clone();
+        match name {
+            "run" => next.run = Run::from_u32(parse_u32("run", v)?)?,
+            "pages_to_scan" => next.pages_to_scan = parse_u32("pages_to_scan", v)?,
+            "sleep_millisecs" => next.sleep_millisecs = parse_u32("sleep_millisecs", v)?,
+            "max_page_sharing" => {
+                let n: i64 = v.parse().map_err(|_| TunableError::Parse {
+                    name: "max_page_sharing",
+                    value: v.to_string(),
+                    allowed: "an integer from 2 to 2147483647",
+                })?;
+                if !(MIN_MAX_PAGE_SHARING as i64..=MAX_MAX_PAGE_SHARING as i64).contains(&n) {
+                    return Err(TunableError::OutOfRange {
+                        name: "max_page_sharing",
+                        value: v.to_string(),
+                        allowed: "2 to 2147483647",
+                    });
+                }
+                next.max_page_sharing = n as u32;
+            }
+            "use_zero_pages" => next.use_zero_pages = parse_bool("use_zero_pages", v)?,
+            "stable_node_chains_prune_millisecs" => {
+                next.stable_node_chains_prune_millisecs =
+                    parse_u32("stable_node_chains_prune_millisecs", v)?
+            }
+            other => return Err(TunableError::Unknown(other.to_string())),
+        }
+        next.validate()?;
+        *self = next;
+        Ok(())
+    }
+}
+
+fn parse_u32(name: &'static str, v: &str) -> Result<u32, TunableError> {
+    v.parse::<u32>().map_err(|_| TunableError::Parse {
+        name,
+        value: v.to_string(),
+        allowed: "an unsigned integer from 0 to 4294967295",
+    })
+}
+
+/// The kernel's `kstrtobool`: 1/0, y/n, yes/no (first letter), on/off.
+fn parse_bool(name: &'static str, v: &str) -> Result<bool, TunableError> {
+    let lower = v.to_ascii_lowercase();
+    match lower.as_str() {
+        "1" | "y" | "yes" | "on" | "true" => Ok(true),
+        "0" | "n" | "no" | "off" | "false" => Ok(false),
+        _ => Err(TunableError::Parse {
+            name,
+            value: v.to_string(),
+            allowed: "a boolean (0/1, y/n, on/off)",
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_kernels() {
+        let t = Tunables::default();
+        assert_eq!(t.run, Run::Stop);
+        assert_eq!(t.pages_to_scan, 100);
+        assert_eq!(t.sleep_millisecs, 20);
+        assert_eq!(t.max_page_sharing, 256);
+        assert!(!t.use_zero_pages);
+        assert_eq!(t.stable_node_chains_prune_millisecs, 2000);
+        t.validate().unwrap();
+    }
+
+    #[test]
+    fn refuses_what_the_kernel_refuses() {
+        let mut t = Tunables::default();
+        let e = t.set("max_page_sharing", "1").unwrap_err();
+        assert!(e.to_string().contains("max_page_sharing = 1"), "{e}");
+        assert!(e.to_string().contains("2 to 2147483647"), "{e}");
+        assert!(t.set("run", "3").unwrap_err().to_string().contains("run = 3"));
+        assert!(t.set("pages_to_scan", "-1").is_err());
+        assert!(t.set("sleep_millisecs", "x").is_err());
+        assert!(t.set("use_zero_pages", "maybe").is_err());
+        assert!(matches!(t.set("nope", "1"), Err(TunableError::Unknown(_))));
+        assert_eq!(t, Tunables::default(), "a refused value changes nothing");
+        t.set("max_page_sharing", "2").unwrap();
+        t.set("use_zero_pages", "y").unwrap();
+        t.set("run", "2").unwrap();
+        assert_eq!((t.max_page_sharing, t.use_zero_pages, t.run), (2, true, Run::Unmerge));
+    }
+}
