@@ -1,0 +1,379 @@
+//! The engine: the scanner on its own thread, driven through a small API.
+
+use crate::error::Error;
+use crate::region::Region;
+use crate::sys::mapping::AnonMapping;
+use crate::sys::mem;
+use crate::sys::space::{LinuxPageSpace, SpaceStats};
+use crate::sys::uffd::UffdMode;
+use samepage_core::scan::DEFAULT_POOL_SLOTS;
+use samepage_core::{Counters, Ksm, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What the engine runs with, fixed at start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineInfo {
+    /// The userfaultfd's kind: [`UffdMode::UserModeOnly`] means a syscall
+    /// writing into a page during its merge window can fail with EFAULT.
+    pub uffd_mode: UffdMode,
+    /// Whether `PAGEMAP_SCAN` is used (else `/proc/self/pagemap` reads).
+    pub pagemap_scan: bool,
+    /// The number of mappings the engine stays under (its share of
+    /// `vm.max_map_count` headroom), as computed at start.
+    pub vma_limit: u64,
+}
+
+pub(crate) struct State {
+    ksm: Ksm,
+    space: LinuxPageSpace,
+    regions: BTreeMap<RegionId, (usize, usize)>,
+    next_id: u32,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct Snapshot {
+    counters: Counters,
+    regions: HashMap<RegionId, RegionCounters>,
+    stats: SpaceStats,
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    cond: Condvar,
+    /// API callers waiting for the state lock: the engine thread yields to them.
+    waiters: AtomicUsize,
+    snapshot: Mutex<Snapshot>,
+    failed: Mutex<Option<String>>,
+    cpu_ns: AtomicU64,
+    batches: AtomicU64,
+    started: Instant,
+}
+
+/// A running samepage engine.
+///
+/// Dropping it stops the scanner thread. Merged pages stay merged and
+/// correct: they are ordinary copy-on-write mappings of the pool.
+pub struct Engine {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    info: EngineInfo,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("info", &self.info).finish()
+    }
+}
+
+impl Engine {
+    /// Starts an engine with `tunables` (validated as the kernel does), a
+    /// VMA budget of half the `vm.max_map_count` headroom.
+    pub fn new(tunables: Tunables) -> Result<Engine, Error> {
+        Self::with_vma_budget(tunables, 0.5)
+    }
+
+    /// Starts an engine that may use `share` (0 to 1) of the mappings the
+    /// process has left under `vm.max_map_count` when it starts.
+    pub fn with_vma_budget(tunables: Tunables, share: f64) -> Result<Engine, Error> {
+        tunables.validate()?;
+        if !(0.0..=1.0).contains(&share) {
+            return Err(Error::Tunable(samepage_core::TunableError::OutOfRange {
+                name: "vma_budget_share",
+                value: share.to_string(),
+                allowed: "0.0 to 1.0",
+            }));
+        }
+        let space = LinuxPageSpace::new(DEFAULT_POOL_SLOTS, share)?;
+        let info = EngineInfo {
+            uffd_mode: space.uffd_mode(),
+            pagemap_scan: space.has_pagemap_scan(),
+            vma_limit: space.vma_limit(),
+        };
+        let mut ksm = Ksm::new(tunables.clone())?;
+        if tunables.run == Run::Unmerge {
+            ksm.set_tunables(tunables)?;
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State { ksm, space, regions: BTreeMap::new(), next_id: 0, stop: false }),
+            cond: Condvar::new(),
+            waiters: AtomicUsize::new(0),
+            snapshot: Mutex::new(Snapshot::default()),
+            failed: Mutex::new(None),
+            cpu_ns: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("samepage-ksmd".into())
+            .spawn(move || scanner(s))
+            .map_err(|e| Error::EngineFailed(format!("cannot spawn the scanner thread: {e}")))?;
+        Ok(Engine { shared, thread: Some(thread), info })
+    }
+
+    /// How the engine runs (userfaultfd kind, pagemap access, VMA limit).
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    /// The tunables in force.
+    pub fn tunables(&self) -> Result<Tunables, Error> {
+        Ok(self.shared.lock()?.ksm.tunables().clone())
+    }
+
+    /// Changes the tunables. Validated as the kernel does: `max_page_sharing`
+    /// cannot change while stable pages exist (EBUSY; set `run = 2` first).
+    /// `run = 2` unmerges every page before returning.
+    pub fn set_tunables(&self, t: Tunables) -> Result<(), Error> {
+        let mut st = self.shared.lock()?;
+        let was = st.ksm.tunables().run;
+        st.ksm.set_tunables(t.clone())?;
+        if t.run == Run::Unmerge && was != Run::Unmerge {
+            let State { ksm, space, .. } = &mut *st;
+            ksm.unmerge_all(space).map_err(Error::Unmerge)?;
+        }
+        self.shared.publish(&st);
+        drop(st);
+        self.shared.cond.notify_all();
+        Ok(())
+    }
+
+    /// Sets `run` alone (0 stop, 1 merge, 2 unmerge everything).
+    pub fn set_run(&self, run: Run) -> Result<(), Error> {
+        let mut t = self.tunables()?;
+        t.run = run;
+        self.set_tunables(t)
+    }
+
+    /// Allocates `len` bytes (rounded up to pages) of zeroed anonymous
+    /// memory, registered as mergeable. Unregistered and unmapped on drop.
+    pub fn alloc_region(&self, len: usize) -> Result<Region, Error> {
+        let mapping = AnonMapping::new(len)?;
+        let id = self.add_region(mapping.as_ptr() as usize, mapping.len())?;
+        Ok(Region::new(mapping, id, self.shared.clone()))
+    }
+
+    /// Registers existing memory as mergeable (the `MADV_MERGEABLE` equivalent).
+    ///
+    /// Refused with a typed error: an empty or unaligned range, one that is
+    /// not entirely private anonymous read-write memory, or one that overlaps
+    /// a registered region.
+    ///
+    /// # Safety
+    /// The range must stay mapped, and the program must not `munmap`,
+    /// `mremap` or `mprotect` any part of it, until [`Engine::unregister`]
+    /// returns. The engine replaces pages of the range by mappings of its
+    /// pool, so `MADV_DONTNEED` on a merged page brings back its merged
+    /// content instead of zeros.
+    #[allow(unsafe_code)] // declares the contract; the unsafe operations live in `sys`
+    pub unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<RegionId, Error> {
+        self.add_region(addr as usize, len)
+    }
+
+    fn add_region(&self, addr: usize, len: usize) -> Result<RegionId, Error> {
+        if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Unaligned { addr, len });
+        }
+        let end = addr.checked_add(len).ok_or(Error::Unaligned { addr, len })?;
+        check_anonymous(addr, end)?;
+        let mut st = self.shared.lock()?;
+        if let Some((id, (s, e))) = st.regions.iter().find(|(_, (s, e))| *s < end && addr < *e) {
+            return Err(Error::Overlap { addr, end, region: id.0, rstart: *s, rend: *e });
+        }
+        let id = RegionId(st.next_id);
+        st.next_id += 1;
+        st.space.add_region(id, addr, (len / PAGE_SIZE) as u64)?;
+        st.ksm.add_region(id, (len / PAGE_SIZE) as u64);
+        st.regions.insert(id, (addr, end));
+        self.shared.publish(&st);
+        drop(st);
+        self.shared.cond.notify_all();
+        Ok(id)
+    }
+
+    /// Unregisters a region (`MADV_UNMERGEABLE`): every merged page, zero
+    /// pages included, becomes private again with its content intact. Fails
+    /// (nothing lost, still registered) when unsharing needs memory that is
+    /// not there, like the kernel's EAGAIN/ENOMEM.
+    pub fn unregister(&self, id: RegionId) -> Result<(), Error> {
+        self.shared.unregister(id)
+    }
+
+    /// Engine-wide counters, kernel names (as of the last batch).
+    pub fn counters(&self) -> Result<Counters, Error> {
+        self.shared.check()?;
+        Ok(self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()).counters.clone())
+    }
+
+    /// Per-region counters, `/proc/PID/ksm_stat` names.
+    pub fn region_counters(&self, id: RegionId) -> Result<RegionCounters, Error> {
+        self.shared.check()?;
+        let snap = self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        snap.regions.get(&id).cloned().ok_or(Error::UnknownRegion(id.0))
+    }
+
+    /// System calls the page space made.
+    pub fn space_stats(&self) -> SpaceStats {
+        self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()).stats.clone()
+    }
+
+    /// CPU time the scanner thread has used.
+    pub fn cpu_time(&self) -> Duration {
+        Duration::from_nanos(self.shared.cpu_ns.load(Ordering::Relaxed))
+    }
+
+    /// Batches run so far.
+    pub fn batches(&self) -> u64 {
+        self.shared.batches.load(Ordering::Relaxed)
+    }
+
+    /// `Some(reason)` if the scanner thread failed.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads `vm.max_map_count` (after raising it) for the VMA budget.
+    pub fn recount_vmas(&self) -> Result<u64, Error> {
+        let mut st = self.shared.lock()?;
+        st.space.recount_vmas();
+        Ok(st.space.vma_limit())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.stop = true;
+        }
+        self.shared.cond.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn check(&self) -> Result<(), Error> {
+        match &*self.failed.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(Error::EngineFailed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the state lock ahead of the scanner thread.
+    fn lock(&self) -> Result<MutexGuard<'_, State>, Error> {
+        self.check()?;
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let g = self.state.lock();
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        self.cond.notify_all();
+        g.map_err(|_| Error::EngineFailed("the engine's state was poisoned by a panic".into()))
+    }
+
+    fn publish(&self, st: &State) {
+        let mut snap = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        snap.counters = st.ksm.counters();
+        snap.regions.clear();
+        for id in st.regions.keys() {
+            if let Some(c) = st.ksm.region_counters(*id) {
+                snap.regions.insert(*id, c);
+            }
+        }
+        snap.stats = st.space.stats().clone();
+    }
+
+    pub(crate) fn unregister(&self, id: RegionId) -> Result<(), Error> {
+        let mut st = self.lock()?;
+        if !st.regions.contains_key(&id) {
+            return Err(Error::UnknownRegion(id.0));
+        }
+        let State { ksm, space, .. } = &mut *st;
+        ksm.remove_region(space, id).map_err(Error::Unmerge)?;
+        st.space.remove_region(id);
+        st.regions.remove(&id);
+        self.publish(&st);
+        Ok(())
+    }
+}
+
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The scanner thread (the kernel's `ksm_scan_thread`).
+fn scanner(shared: Arc<Shared>) {
+    let Ok(mut st) = shared.state.lock() else { return };
+    loop {
+        if st.stop {
+            break;
+        }
+        // Let API callers in between batches.
+        if shared.waiters.load(Ordering::SeqCst) > 0 {
+            st = match shared.cond.wait_while(st, |_| shared.waiters.load(Ordering::SeqCst) > 0) {
+                Ok(g) => g,
+                Err(_) => return,
+            };
+            continue;
+        }
+        if st.ksm.tunables().run != Run::Merge || st.regions.is_empty() {
+            st = match shared.cond.wait(st) {
+                Ok(g) => g,
+                Err(_) => return,
+            };
+            continue;
+        }
+        let now_ms = shared.started.elapsed().as_millis() as u64;
+        let State { ksm, space, .. } = &mut *st;
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| ksm.scan_batch(space, now_ms))) {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            *shared.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            return;
+        }
+        shared.publish(&st);
+        shared.batches.fetch_add(1, Ordering::Relaxed);
+        shared.cpu_ns.store(thread_cpu_ns(), Ordering::Relaxed);
+        let sleep = st.ksm.tunables().sleep_millisecs;
+        if sleep > 0 {
+            st = match shared.cond.wait_timeout(st, Duration::from_millis(sleep as u64)) {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+        }
+    }
+}
+
+/// Refuses ranges that are not entirely private anonymous read-write memory.
+fn check_anonymous(addr: usize, end: usize) -> Result<(), Error> {
+    let maps = mem::maps_in(addr, end)?;
+    let mut pos = addr;
+    for m in &maps {
+        if m.start > pos {
+            return Err(Error::NotAnonymous { addr, end, why: format!("{pos:#x}..{:#x} is not mapped", m.start) });
+        }
+        let anon_name = m.path.is_empty() || m.path == "[heap]" || m.path.starts_with("[anon:");
+        if m.perms != "rw-p" || m.inode != 0 || !anon_name {
+            let kind = if m.perms.ends_with('s') { "shared" } else if m.inode != 0 { "file-backed" } else { "not private read-write anonymous" };
+            return Err(Error::NotAnonymous {
+                addr,
+                end,
+                why: format!("{:#x}..{:#x} {} {} is {kind}", m.start, m.end, m.perms, m.path),
+            });
+        }
+        pos = m.end;
+    }
+    if pos < end {
+        return Err(Error::NotAnonymous { addr, end, why: format!("{pos:#x}..{end:#x} is not mapped") });
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! The library's errors.
+
+use crate::sys::SysError;
+use samepage_core::{SpaceError, TunableError};
+use thiserror::Error;
+
+/// Everything the engine's API can refuse or fail at.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A tunable value the kernel would refuse.
+    #[error(transparent)]
+    Tunable(#[from] TunableError),
+    /// The range is empty or not page aligned.
+    #[error("range {addr:#x}+{len:#x} is not page aligned or is empty: address and length must be non-zero multiples of 4096")]
+    Unaligned {
+        /// Start address.
+        addr: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// The range is not (entirely) private anonymous read-write memory.
+    #[error("range {addr:#x}..{end:#x} cannot be registered: {why}")]
+    NotAnonymous {
+        /// Start address.
+        addr: usize,
+        /// End address.
+        end: usize,
+        /// What is in the way (the offending mapping from /proc/self/maps).
+        why: String,
+    },
+    /// The range overlaps a registered region.
+    #[error("range {addr:#x}..{end:#x} overlaps registered region {region} ({rstart:#x}..{rend:#x})")]
+    Overlap {
+        /// Start address.
+        addr: usize,
+        /// End address.
+        end: usize,
+        /// The region it overlaps.
+        region: u32,
+        /// That region's start.
+        rstart: usize,
+        /// That region's end.
+        rend: usize,
+    },
+    /// No region with that id.
+    #[error("no registered region {0}")]
+    UnknownRegion(u32),
+    /// A system call failed.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// Unmerging failed (usually too little free memory, as the kernel's
+    /// EAGAIN/ENOMEM); nothing was lost and the region is still registered.
+    #[error("unmerge failed, nothing lost, region still registered: {0}")]
+    Unmerge(SpaceError),
+    /// The engine thread panicked. Merged pages stay correct (they are
+    /// ordinary copy-on-write mappings) but nothing merges any more.
+    #[error("the engine thread failed ({0}); merged memory stays correct but no merging happens")]
+    EngineFailed(String),
+}

@@ -1,0 +1,36 @@
+//! samepage: Kernel Samepage Merging in userspace.
+//!
+//! An [`Engine`] scans memory that the program marks mergeable, finds pages
+//! with identical content, and maps one read-only copy (a page of its stable
+//! pool) in their place; a write gets a private copy again through the
+//! kernel's own copy-on-write. Tunables and counters carry the kernel's
+//! names and meanings (`/sys/kernel/mm/ksm`).
+//!
+//! ```no_run
+//! use samepage::{Engine, Run, Tunables};
+//! let engine = Engine::new(Tunables { run: Run::Merge, ..Tunables::default() })?;
+//! let region = engine.alloc_region(64 << 20)?; // 64 MiB of mergeable memory
+//! region.write(0, b"hello");
+//! let c = engine.counters()?;
+//! println!("pages_sharing = {}", c.pages_sharing);
+//! # Ok::<(), samepage::Error>(())
+//! ```
+//!
+//! Layout: the pure algorithm is the `samepage-core` crate (re-exported as
+//! [`core`]); [`sys`] holds every `unsafe` block (userfaultfd, pagemap, the
+//! memfd pool, mappings); [`Engine`] and [`Region`] are the API.
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+mod engine;
+mod error;
+mod region;
+#[allow(unsafe_code)]
+pub mod sys;
+
+pub use engine::{Engine, EngineInfo};
+pub use error::Error;
+pub use region::Region;
+pub use samepage_core as core;
+pub use samepage_core::{Counters, RegionCounters, RegionId, Run, Tunables};
+pub use sys::uffd::UffdMode;

@@ -1,0 +1,112 @@
+//! Owned anonymous memory with volatile access, for regions the engine allocates.
+
+use super::mem;
+use super::SysError;
+use samepage_core::PAGE_SIZE;
+
+/// A private anonymous mapping owned by the caller, unmapped on drop.
+///
+/// Its bytes may be written by several threads and remapped by the engine at
+/// any time, so it hands out no references: [`AnonMapping::read`] and
+/// [`AnonMapping::write`] copy with volatile accesses, and
+/// [`AnonMapping::as_ptr`] is for callers who take the raw-pointer contract.
+#[derive(Debug)]
+pub struct AnonMapping {
+    addr: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; all access is by volatile copies or
+// raw pointers, which are sound to use from any thread.
+unsafe impl Send for AnonMapping {}
+// SAFETY: as above: `&AnonMapping` only allows volatile copies.
+unsafe impl Sync for AnonMapping {}
+
+/// An access outside the mapping.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("access at offset {offset} of {len} bytes is outside the region of {size} bytes")]
+pub struct OutOfBounds {
+    /// Offset asked for.
+    pub offset: usize,
+    /// Bytes asked for.
+    pub len: usize,
+    /// Size of the region.
+    pub size: usize,
+}
+
+impl AnonMapping {
+    /// Maps `len` bytes (rounded up to whole pages) of fresh zeroed memory.
+    pub fn new(len: usize) -> Result<AnonMapping, SysError> {
+        let len = len.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+        // SAFETY: not MAP_FIXED: the kernel picks an unused range.
+        let addr = unsafe { mem::map_anon(0, len, false) }?;
+        Ok(AnonMapping { addr, len })
+    }
+
+    /// Start address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the length is zero (never: at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), OutOfBounds> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(OutOfBounds { offset, len, size: self.len }),
+        }
+    }
+
+    /// Copies `data` in at `offset` with volatile stores.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), OutOfBounds> {
+        self.check(offset, data.len())?;
+        let dst = self.addr + offset;
+        if dst % 8 == 0 && data.len() % 8 == 0 {
+            for (i, chunk) in data.chunks_exact(8).enumerate() {
+                let v = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+                // SAFETY: inside the mapping (checked), 8-aligned.
+                unsafe { (dst as *mut u64).add(i).write_volatile(v) };
+            }
+        } else {
+            for (i, b) in data.iter().enumerate() {
+                // SAFETY: inside the mapping (checked).
+                unsafe { (dst as *mut u8).add(i).write_volatile(*b) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies bytes out from `offset` into `buf` with volatile loads.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), OutOfBounds> {
+        self.check(offset, buf.len())?;
+        let src = self.addr + offset;
+        if src % 8 == 0 && buf.len() % 8 == 0 {
+            for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+                // SAFETY: inside the mapping (checked), 8-aligned.
+                let v = unsafe { (src as *const u64).add(i).read_volatile() };
+                chunk.copy_from_slice(&v.to_ne_bytes());
+            }
+        } else {
+            for (i, b) in buf.iter_mut().enumerate() {
+                // SAFETY: inside the mapping (checked).
+                *b = unsafe { (src as *const u8).add(i).read_volatile() };
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AnonMapping {
+    fn drop(&mut self) {
+        // SAFETY: we own the range; nothing refers to it after drop.
+        let _ = unsafe { mem::unmap(self.addr, self.len) };
+    }
+}

@@ -1,0 +1,208 @@
+//! Mappings and volatile access to memory other threads may write.
+//!
+//! Registered memory belongs to the program: any of its threads may write a
+//! page while the engine reads it. Such memory is never turned into a `&[u8]`
+//! (that would be a data race in Rust's model); it is read with volatile
+//! 8-byte loads into an engine-owned buffer, as rust-vmm's vm-memory does.
+
+use super::{Op, SysError};
+use samepage_core::PAGE_SIZE;
+use std::ffi::c_void;
+
+/// A page-sized, page-aligned buffer owned by the engine.
+#[repr(C, align(4096))]
+pub struct PageBuf(pub [u8; PAGE_SIZE]);
+
+impl std::fmt::Debug for PageBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageBuf")
+    }
+}
+
+impl PageBuf {
+    /// A zeroed buffer on the heap.
+    pub fn new() -> Box<PageBuf> {
+        Box::new(PageBuf([0; PAGE_SIZE]))
+    }
+}
+
+/// Copies the page at `src` into `dst` with volatile loads.
+///
+/// # Safety
+/// `src` must be page-aligned and point to a readable mapped page for the
+/// whole call. Concurrent writes are allowed: the copy may then mix old and
+/// new bytes, which the callers detect by hashing or comparing again.
+pub unsafe fn read_page(src: *const u8, dst: &mut PageBuf) {
+    let s = src.cast::<u64>();
+    let d = dst.0.as_mut_ptr().cast::<u64>();
+    for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: `src` is readable for PAGE_SIZE bytes and 8-aligned (page
+        // aligned), `d` is our own buffer of PAGE_SIZE bytes, page aligned.
+        unsafe { d.add(i).write(s.add(i).read_volatile()) };
+    }
+}
+
+/// Whether the page at `p` equals `content`, read with volatile loads.
+///
+/// # Safety
+/// As [`read_page`].
+pub unsafe fn page_equals(p: *const u8, content: &PageBuf) -> bool {
+    let s = p.cast::<u64>();
+    let c = content.0.as_ptr().cast::<u64>();
+    let mut diff = 0u64;
+    for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: as in `read_page`.
+        diff |= unsafe { s.add(i).read_volatile() ^ c.add(i).read() };
+        if i % 64 == 63 && diff != 0 {
+            return false;
+        }
+    }
+    diff == 0
+}
+
+/// Whether the page at `p` is all zeros, read with volatile loads.
+///
+/// # Safety
+/// As [`read_page`].
+pub unsafe fn page_is_zero(p: *const u8) -> bool {
+    let s = p.cast::<u64>();
+    let mut acc = 0u64;
+    for i in 0..PAGE_SIZE / 8 {
+        // SAFETY: as in `read_page`.
+        acc |= unsafe { s.add(i).read_volatile() };
+        if i % 64 == 63 && acc != 0 {
+            return false;
+        }
+    }
+    acc == 0
+}
+
+/// Copies `len` bytes from `src` to `dst` with volatile 8-byte loads and stores.
+///
+/// # Safety
+/// Both ranges must be mapped, 8-aligned, `len` a multiple of 8, and not overlap.
+pub unsafe fn copy_volatile(src: *const u8, dst: *mut u8, len: usize) {
+    let s = src.cast::<u64>();
+    let d = dst.cast::<u64>();
+    for i in 0..len / 8 {
+        // SAFETY: guaranteed by the caller.
+        unsafe { d.add(i).write_volatile(s.add(i).read_volatile()) };
+    }
+}
+
+/// Maps `len` bytes of `fd` at `offset` over `[addr, addr+len)`, private and
+/// writable: reads share the file's pages, a write gets a private copy.
+///
+/// # Safety
+/// `[addr, addr+len)` must be memory the engine may replace: a registered
+/// range whose content equals the file's range (checked under write protection).
+pub unsafe fn map_file_private_fixed(addr: usize, len: usize, fd: impl rustix::fd::AsFd, offset: u64) -> Result<(), SysError> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    // SAFETY: MAP_FIXED replaces exactly the caller's range, which the caller
+    // guarantees may be replaced.
+    unsafe {
+        rustix::mm::mmap(
+            addr as *mut c_void,
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+            fd,
+            offset,
+        )
+    }
+    .op("mmap(pool, MAP_PRIVATE|MAP_FIXED)")?;
+    Ok(())
+}
+
+/// Maps fresh anonymous memory: over `[addr, addr+len)` when `fixed`, anywhere otherwise.
+///
+/// # Safety
+/// With `fixed`, the range must be memory the engine may replace.
+pub unsafe fn map_anon(addr: usize, len: usize, fixed: bool) -> Result<usize, SysError> {
+    use rustix::mm::{MapFlags, ProtFlags};
+    let flags = if fixed { MapFlags::PRIVATE | MapFlags::FIXED } else { MapFlags::PRIVATE };
+    // SAFETY: without MAP_FIXED the kernel picks an unused range; with it the
+    // caller guarantees the range may be replaced.
+    let p = unsafe { rustix::mm::mmap_anonymous(addr as *mut c_void, len, ProtFlags::READ | ProtFlags::WRITE, flags) }
+        .op("mmap(MAP_ANONYMOUS)")?;
+    Ok(p as usize)
+}
+
+/// Moves the mapping at `[from, from+len)` over `[to, to+len)` (`mremap`
+/// with `MREMAP_FIXED`): the pages move, nothing is copied.
+///
+/// # Safety
+/// `from` must be one mapping the engine owns; `to` a range it may replace.
+pub unsafe fn move_mapping(from: usize, len: usize, to: usize) -> Result<(), SysError> {
+    // SAFETY: the caller owns `from` and may replace `to`.
+    unsafe {
+        rustix::mm::mremap_fixed(from as *mut c_void, len, len, rustix::mm::MremapFlags::MAYMOVE, to as *mut c_void)
+    }
+    .op("mremap(MREMAP_FIXED)")?;
+    Ok(())
+}
+
+/// `madvise(MADV_DONTNEED)`: drops the pages of an anonymous range; they
+/// read as zeros afterwards.
+///
+/// # Safety
+/// The range must be anonymous memory whose content is zeros (or may be discarded).
+pub unsafe fn discard(addr: usize, len: usize) -> Result<(), SysError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { rustix::mm::madvise(addr as *mut c_void, len, rustix::mm::Advice::LinuxDontNeed) }.op("madvise(MADV_DONTNEED)")
+}
+
+/// `madvise(MADV_POPULATE_WRITE)`: breaks copy-on-write (of zero pages and
+/// shared pages) without changing content.
+pub fn populate_write(addr: usize, len: usize) -> Result<(), SysError> {
+    // SAFETY: POPULATE_WRITE never changes the content of a mapping; it only
+    // makes each page private and writable, like a write of the same bytes.
+    unsafe { rustix::mm::madvise(addr as *mut c_void, len, rustix::mm::Advice::LinuxPopulateWrite) }
+        .op("madvise(MADV_POPULATE_WRITE)")
+}
+
+/// Unmaps a range the engine owns.
+///
+/// # Safety
+/// Nothing may use the range afterwards.
+pub unsafe fn unmap(addr: usize, len: usize) -> Result<(), SysError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { rustix::mm::munmap(addr as *mut c_void, len) }.op("munmap")
+}
+
+/// One line of `/proc/self/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapsLine {
+    /// Start address.
+    pub start: usize,
+    /// End address.
+    pub end: usize,
+    /// Permissions, e.g. `rw-p`.
+    pub perms: String,
+    /// Inode number (0 for anonymous memory).
+    pub inode: u64,
+    /// Path or pseudo-path (`[heap]`), empty for anonymous memory.
+    pub path: String,
+}
+
+/// The mappings overlapping `[start, end)`, from `/proc/self/maps`.
+pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
+    let text = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
+        SysError::new("read(/proc/self/maps)", rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+    })?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let path = f.collect::<Vec<_>>().join(" ");
+        let Some((a, b)) = range.split_once('-') else { continue };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
+        if b <= start || a >= end {
+            continue;
+        }
+        out.push(MapsLine { start: a, end: b, perms: perms.to_string(), inode: inode.parse().unwrap_or(0), path });
+    }
+    Ok(out)
+}

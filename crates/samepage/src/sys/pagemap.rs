@@ -1,0 +1,165 @@
+//! Which pages are present, and what they map: `PAGEMAP_SCAN`.
+//!
+//! `PAGEMAP_SCAN` (an ioctl on `/proc/self/pagemap`, Linux 6.7) walks a range
+//! and returns runs of pages with the same categories, stopping after
+//! `max_pages` matching pages. samepage asks for present pages only and for
+//! the categories it needs: `PAGE_IS_FILE` (still maps the pool: unchanged
+//! since the merge), `PAGE_IS_PFNZERO` (the kernel's zero page),
+//! `PAGE_IS_HUGE`. Unprivileged, one system call per batch.
+//!
+//! Where the ioctl is missing (before 6.7), `/proc/self/pagemap` is read
+//! instead, 8 bytes per page: bit 63 present, bit 61 file-backed. It cannot
+//! tell the zero page (the PFN is hidden from unprivileged readers), so zero
+//! pages then read as private pages of zeros.
+//!
+//! The same file answers [`PageMap::entry`], whose bit 56 ("exclusively
+//! mapped") tells the pool whether anything besides its own view still maps a
+//! pool page, before it frees it.
+
+use super::uffd::call;
+use super::{Op, SysError};
+use linux_raw_sys::general as g;
+use rustix::fd::OwnedFd;
+use rustix::ioctl::Opcode;
+
+/// `PAGEMAP_SCAN`, `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: Opcode = rustix::ioctl::opcode::read_write::<g::pm_scan_arg>(b'f', 16);
+
+/// pagemap entry bits.
+pub const PM_PRESENT: u64 = 1 << 63;
+/// Page is file-backed or shared anonymous.
+pub const PM_FILE: u64 = 1 << 61;
+/// Page is mapped exactly once.
+pub const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
+
+/// A run of pages with the same categories.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// First byte.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+    /// `PAGE_IS_*` bits.
+    pub categories: u64,
+}
+
+/// `PAGE_IS_PRESENT`.
+pub const PAGE_IS_PRESENT: u64 = g::PAGE_IS_PRESENT as u64;
+/// `PAGE_IS_FILE`.
+pub const PAGE_IS_FILE: u64 = g::PAGE_IS_FILE as u64;
+/// `PAGE_IS_PFNZERO`.
+pub const PAGE_IS_PFNZERO: u64 = g::PAGE_IS_PFNZERO as u64;
+/// `PAGE_IS_HUGE`.
+pub const PAGE_IS_HUGE: u64 = g::PAGE_IS_HUGE as u64;
+
+/// `/proc/self/pagemap`.
+#[derive(Debug)]
+pub struct PageMap {
+    fd: OwnedFd,
+    has_scan: bool,
+    regions: Vec<g::page_region>,
+}
+
+impl PageMap {
+    /// Opens `/proc/self/pagemap` and probes for `PAGEMAP_SCAN`.
+    pub fn open() -> Result<PageMap, SysError> {
+        let fd = rustix::fs::open(
+            "/proc/self/pagemap",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .op("open(/proc/self/pagemap)")?;
+        let mut pm = PageMap { fd, has_scan: true, regions: vec![g::page_region { start: 0, end: 0, categories: 0 }; 512] };
+        let probe = Box::new([0u8; 4096]);
+        let addr = probe.as_ptr() as usize & !4095;
+        let mut out = Vec::new();
+        if pm.scan(addr, addr + 4096, 1, &mut out).is_err() {
+            pm.has_scan = false;
+        }
+        Ok(pm)
+    }
+
+    /// Whether `PAGEMAP_SCAN` is available.
+    pub fn has_scan(&self) -> bool {
+        self.has_scan
+    }
+
+    /// Appends the runs of present pages in `[start, end)` to `out`, at most
+    /// `max_pages` pages; returns where the walk stopped.
+    pub fn scan(&mut self, start: usize, end: usize, max_pages: usize, out: &mut Vec<Run>) -> Result<usize, SysError> {
+        if !self.has_scan {
+            return self.scan_fallback(start, end, max_pages, out);
+        }
+        let mut pos = start;
+        let mut left = max_pages as u64;
+        while pos < end && left > 0 {
+            let mut arg = g::pm_scan_arg {
+                size: std::mem::size_of::<g::pm_scan_arg>() as u64,
+                flags: 0,
+                start: pos as u64,
+                end: end as u64,
+                walk_end: 0,
+                vec: self.regions.as_mut_ptr() as u64,
+                vec_len: self.regions.len() as u64,
+                max_pages: left,
+                category_inverted: 0,
+                category_mask: 0,
+                category_anyof_mask: PAGE_IS_PRESENT,
+                return_mask: PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_PFNZERO | PAGE_IS_HUGE,
+            };
+            // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg`; `vec` points to
+            // `vec_len` writable `page_region`s owned by `self.regions`, which
+            // outlives the call.
+            let n = unsafe { call::<PAGEMAP_SCAN, _>(&self.fd, &mut arg) }.op("ioctl(PAGEMAP_SCAN)")? as usize;
+            for r in &self.regions[..n] {
+                left -= (r.end - r.start) / 4096;
+                out.push(Run { start: r.start as usize, end: r.end as usize, categories: r.categories });
+            }
+            if arg.walk_end as usize <= pos {
+                break;
+            }
+            pos = arg.walk_end as usize;
+        }
+        Ok(pos.min(end))
+    }
+
+    fn scan_fallback(&mut self, start: usize, end: usize, max_pages: usize, out: &mut Vec<Run>) -> Result<usize, SysError> {
+        let mut buf = [0u64; 512];
+        let mut pos = start;
+        let mut found = 0;
+        while pos < end {
+            let n = ((end - pos) / 4096).min(buf.len());
+            // SAFETY: u64 has no invalid bit patterns; viewing the array as
+            // bytes for pread is sound (same allocation, exact length).
+            let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), n * 8) };
+            let got = rustix::io::pread(&self.fd, bytes, (pos / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
+            if got < 8 {
+                break;
+            }
+            for (i, e) in buf[..got / 8].iter().enumerate() {
+                let addr = pos + i * 4096;
+                if e & PM_PRESENT == 0 {
+                    continue;
+                }
+                if found == max_pages {
+                    return Ok(addr);
+                }
+                found += 1;
+                let cat = PAGE_IS_PRESENT | if e & PM_FILE != 0 { PAGE_IS_FILE } else { 0 };
+                match out.last_mut() {
+                    Some(r) if r.end == addr && r.categories == cat => r.end += 4096,
+                    _ => out.push(Run { start: addr, end: addr + 4096, categories: cat }),
+                }
+            }
+            pos += got / 8 * 4096;
+        }
+        Ok(end)
+    }
+
+    /// The pagemap entry of the page at `addr` (bits: [`PM_PRESENT`], [`PM_FILE`], [`PM_MMAP_EXCLUSIVE`]).
+    pub fn entry(&self, addr: usize) -> Result<u64, SysError> {
+        let mut b = [0u8; 8];
+        rustix::io::pread(&self.fd, &mut b, (addr / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
+        Ok(u64::from_ne_bytes(b))
+    }
+}

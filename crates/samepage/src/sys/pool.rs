@@ -1,0 +1,127 @@
+//! The stable pool: a memfd holding every stable page.
+//!
+//! A merged page is the pool page mapped `MAP_PRIVATE` at the program's
+//! address ([`super::mem::map_file_private_fixed`]). Reads share the pool
+//! page; any write, by any thread, by the kernel for the program, or by a
+//! forked child, gets a private copy from the kernel's copy-on-write, and the
+//! pool page never changes. So the stable tree stays stable by construction,
+//! and if the engine stops or crashes every page stays correct.
+//!
+//! The engine keeps one `MAP_SHARED` view of the whole pool to fill and
+//! compare slots. The view is `MADV_DONTFORK`, so a forked child does not
+//! inherit it: then a pool page that is "exclusively mapped" (pagemap bit 56)
+//! in the view is mapped by nothing else, and only such a page is freed
+//! (`fallocate(PUNCH_HOLE)`): punching a page that something still maps would
+//! zap that mapping, and it would read zeros.
+
+use super::mem::{self, PageBuf};
+use super::pagemap::{PageMap, PM_MMAP_EXCLUSIVE, PM_PRESENT};
+use super::{Op, SysError};
+use rustix::fd::{AsFd, OwnedFd};
+use samepage_core::{page_hash, Slot, PAGE_SIZE};
+use std::ffi::c_void;
+
+/// The memfd pool and the engine's view of it.
+#[derive(Debug)]
+pub struct MemfdPool {
+    fd: OwnedFd,
+    view: usize,
+    slots: u64,
+}
+
+impl MemfdPool {
+    /// A pool of `slots` pages. The memfd is sparse and the view
+    /// `MAP_NORESERVE`: only filled slots take memory.
+    pub fn new(slots: u64) -> Result<MemfdPool, SysError> {
+        let fd = rustix::fs::memfd_create("samepage-pool", rustix::fs::MemfdFlags::CLOEXEC).op("memfd_create")?;
+        let len = slots * PAGE_SIZE as u64;
+        rustix::fs::ftruncate(&fd, len).op("ftruncate(pool)")?;
+        use rustix::mm::{MapFlags, ProtFlags};
+        // SAFETY: a fresh shared mapping of our own memfd at an address the
+        // kernel picks; nothing else refers to it.
+        let view = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                &fd,
+                0,
+            )
+        }
+        .op("mmap(pool view)")? as usize;
+        // SAFETY: advice on our own mapping; DONTFORK keeps children from inheriting the view.
+        unsafe { rustix::mm::madvise(view as *mut c_void, len as usize, rustix::mm::Advice::LinuxDontFork) }
+            .op("madvise(pool view, MADV_DONTFORK)")?;
+        Ok(MemfdPool { fd, view, slots })
+    }
+
+    /// The memfd, to map slots from.
+    pub fn fd(&self) -> impl AsFd + '_ {
+        &self.fd
+    }
+
+    /// Slots the pool holds.
+    pub fn slots(&self) -> u64 {
+        self.slots
+    }
+
+    /// Address of a slot in the engine's view.
+    pub fn slot_addr(&self, slot: Slot) -> usize {
+        assert!(slot.0 < self.slots, "slot {} outside the pool", slot.0);
+        self.view + slot.0 as usize * PAGE_SIZE
+    }
+
+    /// Copies the page at `src` into the empty `slot`; returns the hash of
+    /// what was copied (a racing writer can make it differ from the page's).
+    ///
+    /// # Safety
+    /// `src` must be a readable mapped page for the duration of the call.
+    pub unsafe fn fill(&mut self, slot: Slot, src: *const u8, buf: &mut PageBuf) -> u64 {
+        // SAFETY: guaranteed by the caller.
+        unsafe { mem::read_page(src, buf) };
+        let h = page_hash(&buf.0);
+        let dst = self.slot_addr(slot) as *mut u8;
+        // SAFETY: the slot is empty (no mapping shares it yet) and lies inside
+        // our view; the buffer is our own.
+        unsafe { std::ptr::copy_nonoverlapping(buf.0.as_ptr(), dst, PAGE_SIZE) };
+        h
+    }
+
+    /// Reads a slot into `buf`.
+    pub fn read(&self, slot: Slot, buf: &mut PageBuf) {
+        // SAFETY: the slot lies inside our view and pool pages are never
+        // written once filled (only `fill` writes, into empty slots).
+        unsafe { mem::read_page(self.slot_addr(slot) as *const u8, buf) }
+    }
+
+    /// Frees a slot's page if nothing but the view maps it; returns whether it did.
+    pub fn release(&mut self, slot: Slot, pagemap: &PageMap) -> Result<bool, SysError> {
+        let addr = self.slot_addr(slot);
+        let mut e = pagemap.entry(addr)?;
+        if e & PM_PRESENT == 0 {
+            // Fault the view's mapping in, so that bit 56 speaks for the page.
+            // SAFETY: inside our view; a read never changes the page.
+            let _ = unsafe { (addr as *const u8).read_volatile() };
+            e = pagemap.entry(addr)?;
+        }
+        if e & PM_PRESENT != 0 && e & PM_MMAP_EXCLUSIVE == 0 {
+            return Ok(false);
+        }
+        rustix::fs::fallocate(
+            &self.fd,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            slot.0 * PAGE_SIZE as u64,
+            PAGE_SIZE as u64,
+        )
+        .op("fallocate(PUNCH_HOLE)")?;
+        Ok(true)
+    }
+}
+
+impl Drop for MemfdPool {
+    fn drop(&mut self) {
+        // SAFETY: the view is ours and nothing uses it after drop.
+        let _ = unsafe { mem::unmap(self.view, self.slots as usize * PAGE_SIZE) };
+    }
+}

@@ -1,0 +1,97 @@
+//! Helpers shared by the Linux tests.
+#![allow(dead_code)]
+
+use samepage::{Counters, Engine, Run, Tunables};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Memory figures are per process: tests that measure them run one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    M.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub const PAGE: usize = 4096;
+
+/// Full speed, as the tests want it.
+pub fn fast(max_page_sharing: u32, use_zero_pages: bool) -> Tunables {
+    Tunables {
+        run: Run::Merge,
+        pages_to_scan: 4096,
+        sleep_millisecs: 0,
+        max_page_sharing,
+        use_zero_pages,
+        ..Tunables::default()
+    }
+}
+
+/// Waits until the counters have not changed for `quiet` full scans (at least 3 scans).
+pub fn converge(engine: &Engine, quiet: u64) -> Counters {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let key = |c: &Counters| (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared);
+    let mut last = engine.counters().unwrap();
+    let mut since = last.full_scans;
+    loop {
+        std::thread::sleep(Duration::from_millis(5));
+        let c = engine.counters().unwrap();
+        if key(&c) != key(&last) {
+            since = c.full_scans;
+        } else if c.full_scans >= since + quiet && c.full_scans >= 3 {
+            return c;
+        }
+        last = c;
+        assert!(Instant::now() < deadline, "no convergence: {last:?}");
+    }
+}
+
+/// A field of /proc/self/smaps_rollup, in bytes.
+pub fn rollup(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(field) {
+            if let Some(v) = rest.strip_prefix(':') {
+                let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap();
+                return kb * 1024;
+            }
+        }
+    }
+    panic!("no {field} in smaps_rollup")
+}
+
+/// A field of /proc/meminfo, in bytes.
+pub fn meminfo(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap();
+            return kb * 1024;
+        }
+    }
+    panic!("no {field} in /proc/meminfo")
+}
+
+/// Deterministic page content for `(kind, id)`.
+pub fn content(id: u64) -> [u8; PAGE] {
+    let mut p = [0u8; PAGE];
+    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for c in p.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_ne_bytes());
+    }
+    p
+}
+
+/// Mappings of the pool inside `[start, end)`.
+pub fn pool_mappings_in(start: usize, end: usize) -> usize {
+    let text = std::fs::read_to_string("/proc/self/maps").unwrap();
+    text.lines()
+        .filter(|l| l.contains("samepage-pool"))
+        .filter(|l| {
+            let (a, b) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+            a < end && start < b
+        })
+        .count()
+}
