@@ -24,6 +24,8 @@
 
 mod engine;
 mod error;
+pub mod kernel;
+pub mod procfs;
 mod region;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -110,3 +110,20 @@ impl Drop for AnonMapping {
         let _ = unsafe { mem::unmap(self.addr, self.len) };
     }
 }
+
+impl AnonMapping {
+    /// `madvise(MADV_MERGEABLE)`: hands the mapping to the kernel's own KSM
+    /// (for side-by-side comparisons with ksmd).
+    pub fn advise_kernel_mergeable(&self) -> Result<(), SysError> {
+        // SAFETY: advice on our own mapping; MERGEABLE never changes content.
+        unsafe { rustix::mm::madvise(self.addr as *mut std::ffi::c_void, self.len, rustix::mm::Advice::LinuxMergeable) }
+            .map_err(|e| SysError::new("madvise(MADV_MERGEABLE)", e))
+    }
+
+    /// `madvise(MADV_HUGEPAGE)`.
+    pub fn advise_hugepage(&self) -> Result<(), SysError> {
+        // SAFETY: advice on our own mapping; HUGEPAGE never changes content.
+        unsafe { rustix::mm::madvise(self.addr as *mut std::ffi::c_void, self.len, rustix::mm::Advice::LinuxHugepage) }
+            .map_err(|e| SysError::new("madvise(MADV_HUGEPAGE)", e))
+    }
+}

@@ -1,0 +1,396 @@
+//! `samepage demo`.
+
+use crate::workload::{Workload, PAGE};
+use crate::{sysctl, UsageError};
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use samepage::kernel::KernelKsm;
+use samepage::sys::mapping::AnonMapping;
+use samepage::{procfs, Counters, Engine, Run, Tunables, UffdMode};
+use serde_json::json;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Size of the synthetic workload (bytes, or with K, M, G suffix).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Merge empty pages with the kernel's zero page.
+    #[arg(long)]
+    use_zero_pages: bool,
+    /// Most mappings of one stable page (2 to 2147483647).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..=i32::MAX as i64))]
+    max_page_sharing: u32,
+    /// Pages scanned per batch (full speed by default).
+    #[arg(long, default_value_t = 20_000)]
+    pages_to_scan: u32,
+    /// Sleep between batches, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    sleep_ms: u32,
+    /// Load these files instead of the synthetic mix (each page aligned, last page zero padded).
+    #[arg(long, num_args = 1..)]
+    files: Vec<PathBuf>,
+    /// How many times to load --files.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    copies: u32,
+    /// Distinct contents the synthetic mix copies.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    distinct: u64,
+    /// Seed of the synthetic layout.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Share of the vm.max_map_count headroom the engine may use (0 to 1).
+    #[arg(long, default_value_t = 0.5)]
+    vma_share: f64,
+    /// Do not raise vm.max_map_count even as root.
+    #[arg(long)]
+    no_raise_map_count: bool,
+    /// Merge with the kernel's ksmd instead (root; for comparison on the same content).
+    #[arg(long)]
+    kernel: bool,
+    /// Give up waiting for convergence after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// One JSON object on stdout instead of the report.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1u64),
+        Some((i, _)) => {
+            let m = match t[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                other => return Err(format!("unknown size suffix {other:?} in {s:?}: use K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size: expected e.g. 4096, 64M, 1G"))?;
+    let bytes = n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too large"))?;
+    if bytes < PAGE as u64 || bytes > 1 << 40 {
+        return Err(format!("size {s} is out of range: 4096 bytes to 1T"));
+    }
+    Ok(bytes)
+}
+
+/// What a side (samepage or the kernel) reached.
+struct Outcome {
+    counters: Vec<(&'static str, i64)>,
+    shared: u64,
+    sharing: u64,
+    zero: u64,
+    converge: Duration,
+    cpu: Duration,
+    anon_before: u64,
+    anon_after: u64,
+    shmem_before: u64,
+    shmem_after: u64,
+    integrity_bad_pages: u64,
+}
+
+/// Polls until the counters hold still for two full scans; returns the time
+/// and CPU at the last change.
+fn converge(
+    timeout: Duration,
+    json: bool,
+    mut poll: impl FnMut() -> Result<((u64, u64, u64, u64), u64, Duration)>,
+) -> Result<(Duration, Duration)> {
+    let bar = if json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let start = Instant::now();
+    let (mut last, mut scans_at_change, _) = poll()?;
+    let (mut t_change, mut cpu_change) = (Duration::ZERO, Duration::ZERO);
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let (key, scans, cpu) = poll()?;
+        if key != last {
+            last = key;
+            scans_at_change = scans;
+            t_change = start.elapsed();
+            cpu_change = cpu;
+        }
+        bar.set_message(format!(
+            "full_scans {scans}  pages_shared {}  pages_sharing {}  ksm_zero_pages {}  pages_unshared {}",
+            key.0, key.1, key.2, key.3
+        ));
+        if scans >= scans_at_change + 2 && scans >= 3 {
+            break;
+        }
+        if start.elapsed() > timeout {
+            bar.finish_and_clear();
+            anyhow::bail!("no convergence after {timeout:?}: counters still changing");
+        }
+    }
+    bar.finish_and_clear();
+    Ok((t_change, cpu_change))
+}
+
+fn key(c: &Counters) -> (u64, u64, u64, u64) {
+    (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared)
+}
+
+fn fill(w: &Workload, m: &AnonMapping) {
+    let mut buf = [0u8; PAGE];
+    for i in 0..w.pages.len() {
+        w.page(i, &mut buf);
+        m.write(i * PAGE, &buf).expect("inside the mapping");
+    }
+}
+
+fn check(w: &Workload, read: impl Fn(usize, &mut [u8; PAGE])) -> u64 {
+    let (mut want, mut got) = ([0u8; PAGE], [0u8; PAGE]);
+    let mut bad = 0;
+    for i in 0..w.pages.len() {
+        w.page(i, &mut want);
+        read(i * PAGE, &mut got);
+        bad += u64::from(want != got);
+    }
+    bad
+}
+
+fn anon_shmem() -> (u64, u64) {
+    (procfs::meminfo("AnonPages").unwrap_or(0), procfs::meminfo("Shmem").unwrap_or(0))
+}
+
+pub fn run(a: DemoArgs) -> Result<ExitCode> {
+    if !(0.0..=1.0).contains(&a.vma_share) {
+        return Err(UsageError(format!("--vma-share {} is out of range: 0 to 1", a.vma_share)).into());
+    }
+    let w = if a.files.is_empty() {
+        Workload::mix(a.size, a.distinct, a.seed)
+    } else {
+        for p in &a.files {
+            if let Err(e) = std::fs::metadata(p) {
+                return Err(UsageError(format!("--files {}: {e}", p.display())).into());
+            }
+        }
+        Workload::files(&a.files, a.copies).map_err(|e| UsageError(format!("{e:#}")))?
+    };
+    let tunables = Tunables {
+        run: Run::Stop,
+        pages_to_scan: a.pages_to_scan,
+        sleep_millisecs: a.sleep_ms,
+        max_page_sharing: a.max_page_sharing,
+        use_zero_pages: a.use_zero_pages,
+        ..Tunables::default()
+    };
+    tunables.validate().map_err(|e| UsageError(e.to_string()))?;
+    let (exp_shared, exp_sharing, exp_zero) = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
+    let say = |s: String| {
+        if !a.json {
+            eprintln!("{s}");
+        }
+    };
+    say(format!(
+        "samepage demo: {} ({} MiB, {} pages){}",
+        w.name,
+        w.bytes() >> 20,
+        w.pages.len(),
+        if a.files.is_empty() { ": 25% zero pages, 50% copies of a small set, 25% unique, scattered" } else { "" }
+    ));
+    let mut notes = Vec::new();
+    let mut uffd_mode = None;
+    let mut vma_limit = None;
+    let mut space = None;
+    let o = if a.kernel {
+        run_kernel(&a, &w, &say)?
+    } else {
+        // Isolated merges take up to two mappings each: make room as root.
+        let mut _guard = None;
+        if !a.no_raise_map_count {
+            let need = (exp_shared + exp_sharing + if a.use_zero_pages { 0 } else { exp_zero }) * 2;
+            let want = procfs::mappings() + ((need + 10_000) as f64 / a.vma_share.max(0.01)) as u64;
+            if let Some((g, old)) = sysctl::raise(want) {
+                let msg = format!("vm.max_map_count raised {old} -> {want} for this run (restored at exit)");
+                say(msg.clone());
+                notes.push(msg);
+                _guard = Some(g);
+            }
+        }
+        let engine = Engine::with_vma_budget(tunables.clone(), a.vma_share)?;
+        let info = engine.info().clone();
+        uffd_mode = Some(info.uffd_mode);
+        vma_limit = Some(info.vma_limit);
+        if info.uffd_mode == UffdMode::UserModeOnly {
+            let msg = "userfaultfd: user-mode-only (no privilege for full mode): a system call writing into a page during its merge window fails with EFAULT".to_string();
+            say(format!("warning: {msg}"));
+            notes.push(msg);
+        }
+        let region = engine.alloc_region(w.bytes() as usize)?;
+        {
+            let m = &region;
+            let mut buf = [0u8; PAGE];
+            for i in 0..w.pages.len() {
+                w.page(i, &mut buf);
+                m.write(i * PAGE, &buf).expect("inside the region");
+            }
+        }
+        let (anon_before, shmem_before) = anon_shmem();
+        engine.set_run(Run::Merge)?;
+        let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
+            let c = engine.counters()?;
+            Ok((key(&c), c.full_scans, engine.cpu_time()))
+        })?;
+        engine.set_run(Run::Stop)?;
+        let (anon_after, shmem_after) = anon_shmem();
+        let c = engine.counters()?;
+        let bad = check(&w, |off, buf| region.read(off, buf).expect("inside the region"));
+        space = Some((engine.space_stats(), procfs::mappings()));
+        let o = Outcome {
+            counters: c.named(),
+            shared: c.pages_shared,
+            sharing: c.pages_sharing,
+            zero: c.ksm_zero_pages,
+            converge: converge_t,
+            cpu,
+            anon_before,
+            anon_after,
+            shmem_before,
+            shmem_after,
+            integrity_bad_pages: bad,
+        };
+        drop(region);
+        o
+    };
+
+    let dup_bytes = (exp_sharing + exp_zero) * PAGE as u64;
+    let anon_freed = o.anon_before.saturating_sub(o.anon_after);
+    let net_freed = anon_freed as i64 - o.shmem_after as i64 + o.shmem_before as i64;
+    let matches = (o.shared, o.sharing, o.zero) == (exp_shared, exp_sharing, exp_zero);
+    let integrity = o.integrity_bad_pages == 0;
+    if a.json {
+        let counters: serde_json::Map<String, serde_json::Value> =
+            o.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        let out = json!({
+            "workload": w.name,
+            "engine": if a.kernel { "kernel" } else { "samepage" },
+            "bytes": w.bytes(),
+            "uffd_mode": uffd_mode.map(|m| format!("{m:?}")),
+            "vma_limit": vma_limit,
+            "counters": counters,
+            "expected": { "pages_shared": exp_shared, "pages_sharing": exp_sharing, "ksm_zero_pages": exp_zero },
+            "counters_match_expected": matches,
+            "memory": {
+                "anon_before_bytes": o.anon_before,
+                "anon_after_bytes": o.anon_after,
+                "shmem_before_bytes": o.shmem_before,
+                "shmem_after_bytes": o.shmem_after,
+            },
+            "freed_bytes": net_freed,
+            "duplicate_bytes": dup_bytes,
+            "integrity": integrity,
+            "converge_seconds": o.converge.as_secs_f64(),
+            "engine_cpu_seconds": o.cpu.as_secs_f64(),
+            "syscalls": space.as_ref().map(|(s, _)| json!({
+                "pool_maps": s.pool_maps, "write_protects": s.write_protects,
+                "discards": s.discards, "pagemap_scans": s.pagemap_scans, "pages_hashed": s.pages_hashed })),
+            "mappings_after": space.as_ref().map(|(_, m)| m),
+            "notes": notes,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let who = if a.kernel { "kernel ksmd" } else { "samepage" };
+        println!("{who}: converged in {:.2} s, {:.2} s of CPU", o.converge.as_secs_f64(), o.cpu.as_secs_f64());
+        println!("counters:");
+        for (k, v) in &o.counters {
+            println!("  {k:<20} {v}");
+        }
+        println!(
+            "expected from the content: pages_shared {exp_shared}, pages_sharing {exp_sharing}, ksm_zero_pages {exp_zero}: {}",
+            if matches { "reached" } else { "NOT reached" }
+        );
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!(
+            "memory (/proc/meminfo): AnonPages {:.1} -> {:.1} MiB, Shmem (the pool) {:.1} -> {:.1} MiB",
+            mib(o.anon_before),
+            mib(o.anon_after),
+            mib(o.shmem_before),
+            mib(o.shmem_after)
+        );
+        println!(
+            "freed {:.1} MiB net of the pool = {:.1}% of the {:.1} MiB of duplicate pages",
+            net_freed as f64 / (1 << 20) as f64,
+            100.0 * net_freed as f64 / dup_bytes.max(1) as f64,
+            mib(dup_bytes)
+        );
+        if let Some((s, maps)) = &space {
+            println!(
+                "system calls: {} pool mmaps, {} write-protect ioctls, {} MADV_DONTNEED, {} PAGEMAP_SCAN; {} mappings in the process",
+                s.pool_maps, s.write_protects, s.discards, s.pagemap_scans, maps
+            );
+        }
+        println!(
+            "integrity: {} pages checked byte for byte: {}",
+            w.pages.len(),
+            if integrity { "OK".to_string() } else { format!("{} pages DIFFER", o.integrity_bad_pages) }
+        );
+    }
+    if !integrity {
+        anyhow::bail!("integrity check failed: {} pages differ from what was written", o.integrity_bad_pages);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcome> {
+    let m = AnonMapping::new(w.bytes() as usize)?;
+    fill(w, &m);
+    let k = KernelKsm::take().context("--kernel")?;
+    for (name, v) in [
+        ("pages_to_scan", a.pages_to_scan.to_string()),
+        ("sleep_millisecs", a.sleep_ms.to_string()),
+        ("max_page_sharing", a.max_page_sharing.to_string()),
+        ("use_zero_pages", u8::from(a.use_zero_pages).to_string()),
+    ] {
+        k.set(name, &v)?;
+    }
+    let (anon_before, shmem_before) = anon_shmem();
+    let cpu0 = k.ksmd_cpu();
+    let scans0 = k.get("full_scans")? as u64;
+    m.advise_kernel_mergeable()?;
+    k.set("run", "1")?;
+    say("kernel ksmd: merging".into());
+    let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
+        let g = |n| k.get(n).map(|v| v as u64);
+        Ok((
+            (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?, g("pages_unshared")?),
+            g("full_scans")? - scans0,
+            k.ksmd_cpu() - cpu0,
+        ))
+    })?;
+    k.set("run", "0")?;
+    let (anon_after, shmem_after) = anon_shmem();
+    let names = [
+        "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned", "full_scans",
+        "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit", "pages_skipped",
+    ];
+    let mut counters = Vec::new();
+    for n in names {
+        counters.push((n, k.get(n)?));
+    }
+    let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v as u64).unwrap_or(0);
+    let bad = check(w, |off, buf| m.read(off, buf).expect("inside the mapping"));
+    Ok(Outcome {
+        shared: get("pages_shared"),
+        sharing: get("pages_sharing"),
+        zero: get("ksm_zero_pages"),
+        counters,
+        converge: converge_t,
+        cpu,
+        anon_before,
+        anon_after,
+        shmem_before,
+        shmem_after,
+        integrity_bad_pages: bad,
+    })
+}

@@ -1,0 +1,126 @@
+//! The demo's workloads: the synthetic mix, or files loaded N times.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+
+pub const PAGE: usize = 4096;
+
+/// What one page holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Content {
+    Zero,
+    /// Generated from a seed: equal ids give equal pages.
+    Gen(u64),
+    /// Page `page` of file `file` (zero-padded at the end).
+    File { file: u32, page: u32 },
+}
+
+/// A layout of page contents.
+pub struct Workload {
+    pub name: String,
+    pub pages: Vec<Content>,
+    pub files: Vec<Vec<u8>>,
+}
+
+/// Deterministic pseudo-random page content for an id.
+pub fn gen_page(id: u64, out: &mut [u8; PAGE]) {
+    let mut x = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    for c in out.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_ne_bytes());
+    }
+}
+
+impl Workload {
+    /// The synthetic mix: a quarter zero pages, half copies of `distinct`
+    /// pages, a quarter unique pages, scattered.
+    pub fn mix(bytes: u64, distinct: u64, seed: u64) -> Workload {
+        let n = (bytes as usize).div_ceil(PAGE);
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut pages: Vec<Content> = (0..n)
+            .map(|i| match i * 4 / n {
+                0 => Content::Zero,
+                1 | 2 => Content::Gen(rng.u64(..distinct.max(1))),
+                _ => Content::Gen(distinct + i as u64),
+            })
+            .collect();
+        rng.shuffle(&mut pages);
+        Workload { name: format!("mix-{}MiB", bytes >> 20), pages, files: Vec::new() }
+    }
+
+    /// Each file loaded page-aligned, its last page zero-padded, `copies` times.
+    pub fn files(paths: &[PathBuf], copies: u32) -> Result<Workload> {
+        if copies == 0 {
+            bail!("--copies 0: must be at least 1");
+        }
+        let mut files = Vec::new();
+        for p in paths {
+            let data = std::fs::read(p).with_context(|| format!("cannot read --files {}", p.display()))?;
+            files.push(data);
+        }
+        let mut pages = Vec::new();
+        for _ in 0..copies {
+            for (f, data) in files.iter().enumerate() {
+                for pg in 0..data.len().div_ceil(PAGE) {
+                    pages.push(Content::File { file: f as u32, page: pg as u32 });
+                }
+            }
+        }
+        if pages.is_empty() {
+            bail!("--files: the files are empty, nothing to load");
+        }
+        Ok(Workload { name: format!("files x{copies}"), pages, files })
+    }
+
+    /// Bytes of memory the workload fills.
+    pub fn bytes(&self) -> u64 {
+        (self.pages.len() * PAGE) as u64
+    }
+
+    /// The content of page `i`.
+    pub fn page(&self, i: usize, out: &mut [u8; PAGE]) {
+        match self.pages[i] {
+            Content::Zero => out.fill(0),
+            Content::Gen(id) => gen_page(id, out),
+            Content::File { file, page } => {
+                let data = &self.files[file as usize];
+                let start = page as usize * PAGE;
+                let end = (start + PAGE).min(data.len());
+                out[..end - start].copy_from_slice(&data[start..end]);
+                out[end - start..].fill(0);
+            }
+        }
+    }
+
+    /// What the content implies with `max_page_sharing` and `use_zero_pages`:
+    /// `(pages_shared, pages_sharing, ksm_zero_pages)` once fully merged, as
+    /// the kernel's chains reach it (a remainder of one copy stays unshared).
+    pub fn expected(&self, max_page_sharing: u64, use_zero_pages: bool) -> (u64, u64, u64) {
+        // Keyed by the 64-bit content hash (a collision would need 2^32 pages).
+        let mut counts: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        let mut buf = [0u8; PAGE];
+        let mut zero = 0;
+        let zero_hash = samepage::core::zero_page_hash();
+        for i in 0..self.pages.len() {
+            self.page(i, &mut buf);
+            let h = samepage::core::page_hash(&buf);
+            if use_zero_pages && h == zero_hash {
+                zero += 1;
+                continue;
+            }
+            *counts.entry(h).or_default() += 1;
+        }
+        let m = max_page_sharing;
+        let (mut shared, mut sharing) = (0, 0);
+        for &k in counts.values() {
+            if k < 2 {
+                continue;
+            }
+            shared += k / m + u64::from(k % m >= 2);
+            sharing += (k / m) * (m - 1) + (k % m).saturating_sub(1);
+        }
+        (shared, sharing, zero)
+    }
+}
