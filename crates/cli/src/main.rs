@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "samepage", version, about = "Kernel Samepage Merging in userspace: merge identical pages, really free memory")]
+#[command(
+    name = "samepage",
+    version,
+    about = "Kernel Samepage Merging in userspace: merge identical pages, really free memory"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -12,7 +12,10 @@ pub enum Content {
     /// Generated from a seed: equal ids give equal pages.
     Gen(u64),
     /// Page `page` of file `file` (zero-padded at the end).
-    File { file: u32, page: u32 },
+    File {
+        file: u32,
+        page: u32,
+    },
 }
 
 /// A layout of page contents.
@@ -47,7 +50,11 @@ impl Workload {
             })
             .collect();
         rng.shuffle(&mut pages);
-        Workload { name: format!("mix-{}MiB", bytes >> 20), pages, files: Vec::new() }
+        Workload {
+            name: format!("mix-{}MiB", bytes >> 20),
+            pages,
+            files: Vec::new(),
+        }
     }
 
     /// Each file loaded page-aligned, its last page zero-padded, `copies` times.
@@ -57,21 +64,29 @@ impl Workload {
         }
         let mut files = Vec::new();
         for p in paths {
-            let data = std::fs::read(p).with_context(|| format!("cannot read --files {}", p.display()))?;
+            let data =
+                std::fs::read(p).with_context(|| format!("cannot read --files {}", p.display()))?;
             files.push(data);
         }
         let mut pages = Vec::new();
         for _ in 0..copies {
             for (f, data) in files.iter().enumerate() {
                 for pg in 0..data.len().div_ceil(PAGE) {
-                    pages.push(Content::File { file: f as u32, page: pg as u32 });
+                    pages.push(Content::File {
+                        file: f as u32,
+                        page: pg as u32,
+                    });
                 }
             }
         }
         if pages.is_empty() {
             bail!("--files: the files are empty, nothing to load");
         }
-        Ok(Workload { name: format!("files x{copies}"), pages, files })
+        Ok(Workload {
+            name: format!("files x{copies}"),
+            pages,
+            files,
+        })
     }
 
     /// Bytes of memory the workload fills.

@@ -203,7 +203,10 @@ mod tests {
         let base = t.metadata_bytes();
         t.set(1500, RmapItem::new(1, Link::Seen));
         assert!(t.metadata_bytes() >= base + 4096);
-        assert_eq!(t.linked_in(0, 2000).map(|(i, _)| i).collect::<Vec<_>>(), vec![1500]);
+        assert_eq!(
+            t.linked_in(0, 2000).map(|(i, _)| i).collect::<Vec<_>>(),
+            vec![1500]
+        );
         t.set(1500, RmapItem::default());
         assert_eq!(t.metadata_bytes(), base);
         assert_eq!(t.linked_in(0, 2000).count(), 0);

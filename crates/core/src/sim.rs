@@ -52,7 +52,8 @@ impl SimPageSpace {
 
     /// Adds a region of `npages` untouched pages.
     pub fn add_region(&mut self, id: RegionId, npages: u64) {
-        self.regions.insert(id, vec![SimPage::Absent; npages as usize]);
+        self.regions
+            .insert(id, vec![SimPage::Absent; npages as usize]);
     }
 
     /// Removes a region (after the engine unregistered it).
@@ -105,7 +106,11 @@ impl SimPageSpace {
 
     /// Pages holding an engine-placed zero page.
     pub fn ksm_zero_pages(&self) -> u64 {
-        self.regions.values().flatten().filter(|p| **p == SimPage::KsmZero).count() as u64
+        self.regions
+            .values()
+            .flatten()
+            .filter(|p| **p == SimPage::KsmZero)
+            .count() as u64
     }
 
     /// Pool slots holding a page.
@@ -127,7 +132,9 @@ impl SimPageSpace {
     }
 
     fn pages_mut(&mut self, id: RegionId) -> Result<&mut Vec<SimPage>, SpaceError> {
-        self.regions.get_mut(&id).ok_or(SpaceError::UnknownRegion(id))
+        self.regions
+            .get_mut(&id)
+            .ok_or(SpaceError::UnknownRegion(id))
     }
 }
 
@@ -140,14 +147,19 @@ impl PageSpace for SimPageSpace {
         max_present: usize,
         out: &mut Vec<Sample>,
     ) -> Result<u64, SpaceError> {
-        let pages = self.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
+        let pages = self
+            .regions
+            .get(&region)
+            .ok_or(SpaceError::UnknownRegion(region))?;
         let mut found = 0;
         for i in start..end.min(pages.len() as u64) {
             let state = match &pages[i as usize] {
                 SimPage::Absent => continue,
                 SimPage::ZeroPfn | SimPage::KsmZero => PageState::ZeroPfn,
                 SimPage::Pool(_) => PageState::Pool,
-                SimPage::Private(b) => PageState::Private { hash: page_hash(&b[..]) },
+                SimPage::Private(b) => PageState::Private {
+                    hash: page_hash(&b[..]),
+                },
             };
             if found == max_present {
                 return Ok(i);
@@ -160,9 +172,15 @@ impl PageSpace for SimPageSpace {
 
     fn fill_slot(&mut self, page: PageRef, slot: Slot) -> Result<u64, SpaceError> {
         if self.pool.contains_key(&slot) {
-            return Err(SpaceError::Os { op: "fill_slot", errno: format!("slot {} is in use", slot.0) });
+            return Err(SpaceError::Os {
+                op: "fill_slot",
+                errno: format!("slot {} is in use", slot.0),
+            });
         }
-        let pages = self.regions.get(&page.region).ok_or(SpaceError::UnknownRegion(page.region))?;
+        let pages = self
+            .regions
+            .get(&page.region)
+            .ok_or(SpaceError::UnknownRegion(page.region))?;
         let content = self.content(&pages[page.index as usize]);
         let h = page_hash(&content);
         self.pool.insert(slot, (Box::new(content), h));
@@ -184,13 +202,17 @@ impl PageSpace for SimPageSpace {
             };
             let page = &pages[it.page.index as usize];
             let r = match (it.target, page) {
-                (Target::Slot(s), SimPage::Private(b)) if self.pool.get(&s).is_some_and(|(c, _)| c == b) => {
+                (Target::Slot(s), SimPage::Private(b))
+                    if self.pool.get(&s).is_some_and(|(c, _)| c == b) =>
+                {
                     merged_slots.push((it.page, s));
-                    self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::Pool(s);
+                    self.regions.get_mut(&it.page.region).expect("region")
+                        [it.page.index as usize] = SimPage::Pool(s);
                     IntentResult::Merged
                 }
                 (Target::Zero, SimPage::Private(b)) if b.iter().all(|&x| x == 0) => {
-                    self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::KsmZero;
+                    self.regions.get_mut(&it.page.region).expect("region")
+                        [it.page.index as usize] = SimPage::KsmZero;
                     IntentResult::Merged
                 }
                 _ => IntentResult::Mismatch,
@@ -213,8 +235,14 @@ impl PageSpace for SimPageSpace {
 
     fn unmerge(&mut self, region: RegionId, pages: &[u64]) -> Result<(), SpaceError> {
         let contents: Vec<(u64, [u8; PAGE_SIZE])> = {
-            let ps = self.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
-            pages.iter().map(|&i| (i, self.content(&ps[i as usize]))).collect()
+            let ps = self
+                .regions
+                .get(&region)
+                .ok_or(SpaceError::UnknownRegion(region))?;
+            pages
+                .iter()
+                .map(|&i| (i, self.content(&ps[i as usize])))
+                .collect()
         };
         let ps = self.pages_mut(region)?;
         for (i, c) in contents {

@@ -203,7 +203,11 @@ mod tests {
         let e = t.set("max_page_sharing", "1").unwrap_err();
         assert!(e.to_string().contains("max_page_sharing = 1"), "{e}");
         assert!(e.to_string().contains("2 to 2147483647"), "{e}");
-        assert!(t.set("run", "3").unwrap_err().to_string().contains("run = 3"));
+        assert!(t
+            .set("run", "3")
+            .unwrap_err()
+            .to_string()
+            .contains("run = 3"));
         assert!(t.set("pages_to_scan", "-1").is_err());
         assert!(t.set("sleep_millisecs", "x").is_err());
         assert!(t.set("use_zero_pages", "maybe").is_err());
@@ -212,6 +216,9 @@ mod tests {
         t.set("max_page_sharing", "2").unwrap();
         t.set("use_zero_pages", "y").unwrap();
         t.set("run", "2").unwrap();
-        assert_eq!((t.max_page_sharing, t.use_zero_pages, t.run), (2, true, Run::Unmerge));
+        assert_eq!(
+            (t.max_page_sharing, t.use_zero_pages, t.run),
+            (2, true, Run::Unmerge)
+        );
     }
 }

@@ -10,7 +10,13 @@ use std::path::Path;
 use std::time::Duration;
 
 const DIR: &str = "/sys/kernel/mm/ksm";
-const SAVED: [&str; 5] = ["pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "run"];
+const SAVED: [&str; 5] = [
+    "pages_to_scan",
+    "sleep_millisecs",
+    "max_page_sharing",
+    "use_zero_pages",
+    "run",
+];
 
 /// Errors driving the kernel's KSM.
 #[derive(Debug, thiserror::Error)]
@@ -49,15 +55,22 @@ impl KernelKsm {
         for name in SAVED {
             saved.push((name, read(name)?));
         }
-        let k = KernelKsm { saved, ksmd: find_ksmd() };
-        k.set("run", "2").map_err(|e| KernelKsmError::Unavailable(e.to_string()))?;
+        let k = KernelKsm {
+            saved,
+            ksmd: find_ksmd(),
+        };
+        k.set("run", "2")
+            .map_err(|e| KernelKsmError::Unavailable(e.to_string()))?;
         k.set("run", "0")?;
         Ok(k)
     }
 
     /// Writes a tunable.
     pub fn set(&self, name: &str, value: &str) -> Result<(), KernelKsmError> {
-        fs::write(path(name), value).map_err(|err| KernelKsmError::Io { file: path(name), err })
+        fs::write(path(name), value).map_err(|err| KernelKsmError::Io {
+            file: path(name),
+            err,
+        })
     }
 
     /// Reads a counter or tunable as a number.
@@ -71,12 +84,17 @@ impl KernelKsm {
 
     /// ksmd's CPU time (utime + stime from `/proc/PID/stat`).
     pub fn ksmd_cpu(&self) -> Duration {
-        let Some(pid) = self.ksmd else { return Duration::ZERO };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return Duration::ZERO };
+        let Some(pid) = self.ksmd else {
+            return Duration::ZERO;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return Duration::ZERO;
+        };
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let f: Vec<&str> = after.split_whitespace().collect();
         // Fields 14 and 15 of stat, counted after the comm field (field 2): indexes 11 and 12.
-        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
         let hz = rustix::param::clock_ticks_per_second();
         Duration::from_nanos(ticks * 1_000_000_000 / hz.max(1))
     }
@@ -98,12 +116,17 @@ impl Drop for KernelKsm {
 }
 
 fn read(name: &str) -> Result<String, KernelKsmError> {
-    fs::read_to_string(path(name)).map_err(|err| KernelKsmError::Io { file: path(name), err })
+    fs::read_to_string(path(name)).map_err(|err| KernelKsmError::Io {
+        file: path(name),
+        err,
+    })
 }
 
 fn find_ksmd() -> Option<u32> {
     for e in fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ksmd") {
             return Some(pid);
         }
