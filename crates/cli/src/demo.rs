@@ -64,31 +64,19 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mul) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         None => (t, 1u64),
         Some((i, _)) => {
-            let m = match t[i..]
-                .to_ascii_uppercase()
-                .trim_end_matches("IB")
-                .trim_end_matches('B')
-            {
+            let m = match t[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
                 "" => 1,
                 "K" => 1 << 10,
                 "M" => 1 << 20,
                 "G" => 1 << 30,
                 "T" => 1 << 40,
-                other => {
-                    return Err(format!(
-                        "unknown size suffix {other:?} in {s:?}: use K, M, G or T"
-                    ))
-                }
+                other => return Err(format!("unknown size suffix {other:?} in {s:?}: use K, M, G or T")),
             };
             (&t[..i], m)
         }
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size: expected e.g. 4096, 64M, 1G"))?;
-    let bytes = n
-        .checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size: expected e.g. 4096, 64M, 1G"))?;
+    let bytes = n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too large"))?;
     if bytes < PAGE as u64 || bytes > 1 << 40 {
         return Err(format!("size {s} is out of range: 4096 bytes to 1T"));
     }
@@ -117,11 +105,7 @@ fn converge(
     json: bool,
     mut poll: impl FnMut() -> Result<((u64, u64, u64, u64), u64, Duration)>,
 ) -> Result<(Duration, Duration)> {
-    let bar = if json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new_spinner()
-    };
+    let bar = if json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
     bar.enable_steady_tick(Duration::from_millis(100));
     let start = Instant::now();
@@ -153,12 +137,7 @@ fn converge(
 }
 
 fn key(c: &Counters) -> (u64, u64, u64, u64) {
-    (
-        c.pages_shared,
-        c.pages_sharing,
-        c.ksm_zero_pages,
-        c.pages_unshared,
-    )
+    (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared)
 }
 
 fn fill(w: &Workload, m: &AnonMapping) {
@@ -181,19 +160,12 @@ fn check(w: &Workload, read: impl Fn(usize, &mut [u8; PAGE])) -> u64 {
 }
 
 fn anon_shmem() -> (u64, u64) {
-    (
-        procfs::meminfo("AnonPages").unwrap_or(0),
-        procfs::meminfo("Shmem").unwrap_or(0),
-    )
+    (procfs::meminfo("AnonPages").unwrap_or(0), procfs::meminfo("Shmem").unwrap_or(0))
 }
 
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&a.vma_share) {
-        return Err(UsageError(format!(
-            "--vma-share {} is out of range: 0 to 1",
-            a.vma_share
-        ))
-        .into());
+        return Err(UsageError(format!("--vma-share {} is out of range: 0 to 1", a.vma_share)).into());
     }
     let w = if a.files.is_empty() {
         Workload::mix(a.size, a.distinct, a.seed)
@@ -214,8 +186,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         ..Tunables::default()
     };
     tunables.validate().map_err(|e| UsageError(e.to_string()))?;
-    let (exp_shared, exp_sharing, exp_zero) =
-        w.expected(a.max_page_sharing as u64, a.use_zero_pages);
+    let (exp_shared, exp_sharing, exp_zero) = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
     let say = |s: String| {
         if !a.json {
             eprintln!("{s}");
@@ -226,11 +197,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         w.name,
         w.bytes() >> 20,
         w.pages.len(),
-        if a.files.is_empty() {
-            ": 25% zero pages, 50% copies of a small set, 25% unique, scattered"
-        } else {
-            ""
-        }
+        if a.files.is_empty() { ": 25% zero pages, 50% copies of a small set, 25% unique, scattered" } else { "" }
     ));
     let mut notes = Vec::new();
     let mut uffd_mode = None;
@@ -245,9 +212,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             let need = (exp_shared + exp_sharing + if a.use_zero_pages { 0 } else { exp_zero }) * 2;
             let want = procfs::mappings() + ((need + 10_000) as f64 / a.vma_share.max(0.01)) as u64;
             if let Some((g, old)) = sysctl::raise(want) {
-                let msg = format!(
-                    "vm.max_map_count raised {old} -> {want} for this run (restored at exit)"
-                );
+                let msg = format!("vm.max_map_count raised {old} -> {want} for this run (restored at exit)");
                 say(msg.clone());
                 notes.push(msg);
                 _guard = Some(g);
@@ -280,9 +245,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         engine.set_run(Run::Stop)?;
         let (anon_after, shmem_after) = anon_shmem();
         let c = engine.counters()?;
-        let bad = check(&w, |off, buf| {
-            region.read(off, buf).expect("inside the region")
-        });
+        let bad = check(&w, |off, buf| region.read(off, buf).expect("inside the region"));
         space = Some((engine.space_stats(), procfs::mappings()));
         let o = Outcome {
             counters: c.named(),
@@ -316,11 +279,8 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     }
     let integrity = o.integrity_bad_pages == 0;
     if a.json {
-        let counters: serde_json::Map<String, serde_json::Value> = o
-            .counters
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
+        let counters: serde_json::Map<String, serde_json::Value> =
+            o.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
         let out = json!({
             "workload": w.name,
             "engine": if a.kernel { "kernel" } else { "samepage" },
@@ -351,11 +311,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         let who = if a.kernel { "kernel ksmd" } else { "samepage" };
-        println!(
-            "{who}: converged in {:.2} s, {:.2} s of CPU",
-            o.converge.as_secs_f64(),
-            o.cpu.as_secs_f64()
-        );
+        println!("{who}: converged in {:.2} s, {:.2} s of CPU", o.converge.as_secs_f64(), o.cpu.as_secs_f64());
         println!("counters:");
         for (k, v) in &o.counters {
             println!("  {k:<20} {v}");
@@ -390,18 +346,11 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         println!(
             "integrity: {} pages checked byte for byte: {}",
             w.pages.len(),
-            if integrity {
-                "OK".to_string()
-            } else {
-                format!("{} pages DIFFER", o.integrity_bad_pages)
-            }
+            if integrity { "OK".to_string() } else { format!("{} pages DIFFER", o.integrity_bad_pages) }
         );
     }
     if !integrity {
-        anyhow::bail!(
-            "integrity check failed: {} pages differ from what was written",
-            o.integrity_bad_pages
-        );
+        anyhow::bail!("integrity check failed: {} pages differ from what was written", o.integrity_bad_pages);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -427,12 +376,7 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
         let g = |n| k.get(n).map(|v| v as u64);
         Ok((
-            (
-                g("pages_shared")?,
-                g("pages_sharing")?,
-                g("ksm_zero_pages")?,
-                g("pages_unshared")?,
-            ),
+            (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?, g("pages_unshared")?),
             g("full_scans")? - scans0,
             k.ksmd_cpu() - cpu0,
         ))
@@ -456,13 +400,7 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     for n in names {
         counters.push((n, k.get(n)?));
     }
-    let get = |n: &str| {
-        counters
-            .iter()
-            .find(|(k, _)| *k == n)
-            .map(|(_, v)| *v as u64)
-            .unwrap_or(0)
-    };
+    let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v as u64).unwrap_or(0);
     let bad = check(w, |off, buf| m.read(off, buf).expect("inside the mapping"));
     Ok(Outcome {
         shared: get("pages_shared"),

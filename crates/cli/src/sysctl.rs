@@ -11,10 +11,7 @@ pub struct MapCountGuard {
 
 /// The current limit.
 pub fn max_map_count() -> u64 {
-    fs::read_to_string(PATH)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(65530)
+    fs::read_to_string(PATH).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
 }
 
 /// Raises the limit to `want` if it is lower and we may (root). Returns the

@@ -50,11 +50,7 @@ impl Workload {
             })
             .collect();
         rng.shuffle(&mut pages);
-        Workload {
-            name: format!("mix-{}MiB", bytes >> 20),
-            pages,
-            files: Vec::new(),
-        }
+        Workload { name: format!("mix-{}MiB", bytes >> 20), pages, files: Vec::new() }
     }
 
     /// Each file loaded page-aligned, its last page zero-padded, `copies` times.
@@ -64,29 +60,21 @@ impl Workload {
         }
         let mut files = Vec::new();
         for p in paths {
-            let data =
-                std::fs::read(p).with_context(|| format!("cannot read --files {}", p.display()))?;
+            let data = std::fs::read(p).with_context(|| format!("cannot read --files {}", p.display()))?;
             files.push(data);
         }
         let mut pages = Vec::new();
         for _ in 0..copies {
             for (f, data) in files.iter().enumerate() {
                 for pg in 0..data.len().div_ceil(PAGE) {
-                    pages.push(Content::File {
-                        file: f as u32,
-                        page: pg as u32,
-                    });
+                    pages.push(Content::File { file: f as u32, page: pg as u32 });
                 }
             }
         }
         if pages.is_empty() {
             bail!("--files: the files are empty, nothing to load");
         }
-        Ok(Workload {
-            name: format!("files x{copies}"),
-            pages,
-            files,
-        })
+        Ok(Workload { name: format!("files x{copies}"), pages, files })
     }
 
     /// Bytes of memory the workload fills.

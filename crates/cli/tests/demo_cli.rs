@@ -14,7 +14,16 @@ fn demo_json_reaches_the_content_and_keeps_every_byte() {
     assert_eq!(v["integrity"], true);
     assert_eq!(v["counters_match_expected"], true, "{v}");
     let c = &v["counters"];
-    for k in ["pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned", "full_scans", "ksm_zero_pages", "general_profit"] {
+    for k in [
+        "pages_shared",
+        "pages_sharing",
+        "pages_unshared",
+        "pages_volatile",
+        "pages_scanned",
+        "full_scans",
+        "ksm_zero_pages",
+        "general_profit",
+    ] {
         assert!(c[k].is_i64(), "counter {k} missing: {c}");
     }
     assert_eq!(c["ksm_zero_pages"], 2048);

@@ -102,9 +102,8 @@ pub struct RegionCounters {
 
 impl RegionCounters {
     pub(crate) fn with_profit(mut self, metadata_bytes: u64) -> Self {
-        self.ksm_process_profit = ((self.ksm_merging_pages + self.ksm_zero_pages)
-            * PAGE_SIZE as u64) as i64
-            - metadata_bytes as i64;
+        self.ksm_process_profit =
+            ((self.ksm_merging_pages + self.ksm_zero_pages) * PAGE_SIZE as u64) as i64 - metadata_bytes as i64;
         self
     }
 }

@@ -31,11 +31,7 @@ pub struct LocalPool {
 impl LocalPool {
     /// A pool of `capacity` slots.
     pub fn new(capacity: u64) -> Self {
-        LocalPool {
-            capacity,
-            bump: 0,
-            freed: BTreeSet::new(),
-        }
+        LocalPool { capacity, bump: 0, freed: BTreeSet::new() }
     }
 }
 

@@ -98,12 +98,7 @@ impl RmapTable {
     /// A table for a region of `npages` pages; allocates nothing per page yet.
     pub fn new(npages: u64) -> Self {
         let nchunks = npages.div_ceil(CHUNK_PAGES as u64) as usize;
-        RmapTable {
-            chunks: (0..nchunks).map(|_| None).collect(),
-            live: vec![0; nchunks],
-            npages,
-            allocated: 0,
-        }
+        RmapTable { chunks: (0..nchunks).map(|_| None).collect(), live: vec![0; nchunks], npages, allocated: 0 }
     }
 
     /// Pages covered.
@@ -152,15 +147,15 @@ impl RmapTable {
         let end = end.min(self.npages);
         let first_chunk = (start / CHUNK_PAGES as u64) as usize;
         let last_chunk = end.div_ceil(CHUNK_PAGES as u64) as usize;
-        (first_chunk..last_chunk)
-            .filter_map(move |c| self.chunks[c].as_ref().map(|ch| (c, ch)))
-            .flat_map(move |(c, ch)| {
+        (first_chunk..last_chunk).filter_map(move |c| self.chunks[c].as_ref().map(|ch| (c, ch))).flat_map(
+            move |(c, ch)| {
                 let base = (c * CHUNK_PAGES) as u64;
                 ch.iter()
                     .enumerate()
                     .map(move |(o, it)| (base + o as u64, *it))
                     .filter(move |(i, it)| *i >= start && *i < end && it.link() != Link::None)
-            })
+            },
+        )
     }
 
     /// Bytes allocated for items.
@@ -172,10 +167,7 @@ impl RmapTable {
 }
 
 fn split(index: u64) -> (usize, usize) {
-    (
-        (index / CHUNK_PAGES as u64) as usize,
-        (index % CHUNK_PAGES as u64) as usize,
-    )
+    ((index / CHUNK_PAGES as u64) as usize, (index % CHUNK_PAGES as u64) as usize)
 }
 
 #[cfg(test)]
@@ -203,10 +195,7 @@ mod tests {
         let base = t.metadata_bytes();
         t.set(1500, RmapItem::new(1, Link::Seen));
         assert!(t.metadata_bytes() >= base + 4096);
-        assert_eq!(
-            t.linked_in(0, 2000).map(|(i, _)| i).collect::<Vec<_>>(),
-            vec![1500]
-        );
+        assert_eq!(t.linked_in(0, 2000).map(|(i, _)| i).collect::<Vec<_>>(), vec![1500]);
         t.set(1500, RmapItem::default());
         assert_eq!(t.metadata_bytes(), base);
         assert_eq!(t.linked_in(0, 2000).count(), 0);

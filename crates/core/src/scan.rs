@@ -86,11 +86,7 @@ pub struct Ksm<I: StableIndex = LocalStableIndex, P: StablePool = LocalPool> {
 impl Ksm<LocalStableIndex, LocalPool> {
     /// A scanner with the in-process stable tree and pool.
     pub fn new(tunables: Tunables) -> Result<Self, TunableError> {
-        Self::with_parts(
-            tunables,
-            LocalStableIndex::new(),
-            LocalPool::new(DEFAULT_POOL_SLOTS),
-        )
+        Self::with_parts(tunables, LocalStableIndex::new(), LocalPool::new(DEFAULT_POOL_SLOTS))
     }
 }
 
@@ -132,9 +128,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     pub fn set_tunables(&mut self, t: Tunables) -> Result<(), TunableError> {
         t.validate()?;
         if t.max_page_sharing != self.tunables.max_page_sharing && self.live_nodes > 0 {
-            return Err(TunableError::Busy {
-                pages_shared: self.live_nodes,
-            });
+            return Err(TunableError::Busy { pages_shared: self.live_nodes });
         }
         self.tunables = t;
         Ok(())
@@ -143,13 +137,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// Registers a region of `npages` pages (the `MADV_MERGEABLE` step).
     /// The caller registers it with the page space first.
     pub fn add_region(&mut self, id: RegionId, npages: u64) {
-        self.regions.insert(
-            id,
-            RegionState {
-                rmap: RmapTable::new(npages),
-                counts: RegionCounters::default(),
-            },
-        );
+        self.regions.insert(id, RegionState { rmap: RmapTable::new(npages), counts: RegionCounters::default() });
     }
 
     /// Whether `id` is registered.
@@ -166,11 +154,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// page, zero pages included, is made private again with its content
     /// intact. On an error (for example too little free memory to unshare)
     /// the region stays registered and nothing is lost.
-    pub fn remove_region(
-        &mut self,
-        space: &mut impl PageSpace,
-        id: RegionId,
-    ) -> Result<(), SpaceError> {
+    pub fn remove_region(&mut self, space: &mut impl PageSpace, id: RegionId) -> Result<(), SpaceError> {
         self.unmerge_region(space, id)?;
         let state = self.regions.remove(&id).expect("unmerged above");
         for (index, _) in state.rmap.linked_in(0, state.rmap.npages()) {
@@ -196,11 +180,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         Ok(())
     }
 
-    fn unmerge_region(
-        &mut self,
-        space: &mut impl PageSpace,
-        id: RegionId,
-    ) -> Result<(), SpaceError> {
+    fn unmerge_region(&mut self, space: &mut impl PageSpace, id: RegionId) -> Result<(), SpaceError> {
         let state = self.regions.get(&id).ok_or(SpaceError::UnknownRegion(id))?;
         let merged: Vec<u64> = state
             .rmap
@@ -227,15 +207,12 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         let mut c = self.c.clone();
         c.pages_shared = self.live_nodes;
         c.pages_sharing = self.mappings - self.live_nodes;
-        c.pages_volatile = c
-            .rmap_items
-            .saturating_sub(self.mappings + c.pages_unshared);
+        c.pages_volatile = c.rmap_items.saturating_sub(self.mappings + c.pages_unshared);
         let (chains, dups) = self.stable.chain_counts();
         c.stable_node_chains = chains;
         c.stable_node_dups = dups;
         c.metadata_bytes = self.metadata_bytes();
-        c.general_profit =
-            (c.pages_saved() * crate::PAGE_SIZE as u64) as i64 - c.metadata_bytes as i64;
+        c.general_profit = (c.pages_saved() * crate::PAGE_SIZE as u64) as i64 - c.metadata_bytes as i64;
         c.pool_slots_pending = self.deferred_slots.len() as u64;
         c
     }
@@ -248,10 +225,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
 
     /// Bytes of metadata: rmap tables, stable and unstable trees, pool bookkeeping.
     pub fn metadata_bytes(&self) -> u64 {
-        self.regions
-            .values()
-            .map(|r| r.rmap.metadata_bytes())
-            .sum::<u64>()
+        self.regions.values().map(|r| r.rmap.metadata_bytes()).sum::<u64>()
             + self.stable.metadata_bytes()
             + self.unstable.metadata_bytes()
             + self.pool.metadata_bytes()
@@ -263,9 +237,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
 
     /// The rmap item of a page (empty where none exists).
     pub fn item(&self, page: PageRef) -> RmapItem {
-        self.regions
-            .get(&page.region)
-            .map_or_else(RmapItem::default, |r| r.rmap.get(page.index))
+        self.regions.get(&page.region).map_or_else(RmapItem::default, |r| r.rmap.get(page.index))
     }
 
     /// The stable tree.
@@ -323,29 +295,20 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             let n = self.stable.node(id);
             let linked = per_node.remove(&id).unwrap_or(0);
             if n.rmap_hlist_len != linked {
-                return Err(format!(
-                    "node {id:?}: rmap_hlist_len {} but {linked} pages link it",
-                    n.rmap_hlist_len
-                ));
+                return Err(format!("node {id:?}: rmap_hlist_len {} but {linked} pages link it", n.rmap_hlist_len));
             }
             if linked == 0 {
                 return Err(format!("node {id:?} has no mapping but is alive"));
             }
             if linked > self.tunables.max_page_sharing {
-                return Err(format!(
-                    "node {id:?} has {linked} mappings > max_page_sharing"
-                ));
+                return Err(format!("node {id:?} has {linked} mappings > max_page_sharing"));
             }
         }
         if let Some((id, _)) = per_node.into_iter().next() {
             return Err(format!("pages link dead node {id:?}"));
         }
         if self.recount() != self.counters() {
-            return Err(format!(
-                "counters {:?} != recount {:?}",
-                self.counters(),
-                self.recount()
-            ));
+            return Err(format!("counters {:?} != recount {:?}", self.counters(), self.recount()));
         }
         Ok(())
     }
@@ -384,14 +347,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                 budget = budget.saturating_sub(1);
                 report.pages_scanned += 1;
                 self.c.pages_scanned += 1;
-                self.visit(
-                    space,
-                    PageRef {
-                        region,
-                        index: s.index,
-                    },
-                    s.state,
-                );
+                self.visit(space, PageRef { region, index: s.index }, s.state);
             }
             self.samples = samples;
             if walk_end >= npages {
@@ -432,10 +388,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     }
 
     fn next_region_after(&self, id: RegionId) -> Option<RegionId> {
-        self.regions
-            .range((Bound::Excluded(id), Bound::Unbounded))
-            .next()
-            .map(|(k, _)| *k)
+        self.regions.range((Bound::Excluded(id), Bound::Unbounded)).next().map(|(k, _)| *k)
     }
 
     /// Pages in `[start, end)` that the page space did not report are absent.
@@ -485,9 +438,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             // Zero pfn the engine did not place (read but never written
             // memory) is skipped, as the kernel skips it; a pool mapping the
             // engine does not know of is left alone.
-            (_, PageState::ZeroPfn) | (_, PageState::Pool) => {
-                self.relink(page, RmapItem::default())
-            }
+            (_, PageState::ZeroPfn) | (_, PageState::Pool) => self.relink(page, RmapItem::default()),
         }
     }
 
@@ -525,10 +476,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             return;
         };
         let tree_item = self.item(tree_page);
-        if tree_page == page
-            || tree_item.link() != Link::Unstable
-            || tree_item.oldchecksum != checksum
-        {
+        if tree_page == page || tree_item.link() != Link::Unstable || tree_item.oldchecksum != checksum {
             // A stale entry (the page moved on, or its region left).
             self.unstable.insert(hash, page);
             self.relink(page, RmapItem::new(checksum, Link::Unstable));
@@ -551,9 +499,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         hash: u64,
     ) -> Result<(), ()> {
         let hint = match self.last_new_slot {
-            Some((prev, s)) if prev.region == page.region && prev.index + 1 == page.index => {
-                Some(Slot(s.0 + 1))
-            }
+            Some((prev, s)) if prev.region == page.region && prev.index + 1 == page.index => Some(Slot(s.0 + 1)),
             _ => None,
         };
         let slot = self.pool.alloc(hint).ok_or(())?;
@@ -576,12 +522,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             }
             None => true,
         };
-        let n = self.stable.insert(StableNode {
-            slot,
-            hash,
-            rmap_hlist_len: 0,
-            indexed,
-        });
+        let n = self.stable.insert(StableNode { slot, hash, rmap_hlist_len: 0, indexed });
         self.last_new_slot = Some((page, slot));
         let checksum = checksum_of(hash);
         for p in [page, tree_page] {

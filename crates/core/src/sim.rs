@@ -52,8 +52,7 @@ impl SimPageSpace {
 
     /// Adds a region of `npages` untouched pages.
     pub fn add_region(&mut self, id: RegionId, npages: u64) {
-        self.regions
-            .insert(id, vec![SimPage::Absent; npages as usize]);
+        self.regions.insert(id, vec![SimPage::Absent; npages as usize]);
     }
 
     /// Removes a region (after the engine unregistered it).
@@ -79,8 +78,7 @@ impl SimPageSpace {
     pub fn write(&mut self, p: PageRef, offset: usize, bytes: &[u8]) {
         let mut content = self.read(p);
         content[offset..offset + bytes.len()].copy_from_slice(bytes);
-        self.regions.get_mut(&p.region).expect("region")[p.index as usize] =
-            SimPage::Private(Box::new(content));
+        self.regions.get_mut(&p.region).expect("region")[p.index as usize] = SimPage::Private(Box::new(content));
     }
 
     /// A read of untouched memory maps the zero page.
@@ -106,11 +104,7 @@ impl SimPageSpace {
 
     /// Pages holding an engine-placed zero page.
     pub fn ksm_zero_pages(&self) -> u64 {
-        self.regions
-            .values()
-            .flatten()
-            .filter(|p| **p == SimPage::KsmZero)
-            .count() as u64
+        self.regions.values().flatten().filter(|p| **p == SimPage::KsmZero).count() as u64
     }
 
     /// Pool slots holding a page.
@@ -132,9 +126,7 @@ impl SimPageSpace {
     }
 
     fn pages_mut(&mut self, id: RegionId) -> Result<&mut Vec<SimPage>, SpaceError> {
-        self.regions
-            .get_mut(&id)
-            .ok_or(SpaceError::UnknownRegion(id))
+        self.regions.get_mut(&id).ok_or(SpaceError::UnknownRegion(id))
     }
 }
 
@@ -147,19 +139,14 @@ impl PageSpace for SimPageSpace {
         max_present: usize,
         out: &mut Vec<Sample>,
     ) -> Result<u64, SpaceError> {
-        let pages = self
-            .regions
-            .get(&region)
-            .ok_or(SpaceError::UnknownRegion(region))?;
+        let pages = self.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
         let mut found = 0;
         for i in start..end.min(pages.len() as u64) {
             let state = match &pages[i as usize] {
                 SimPage::Absent => continue,
                 SimPage::ZeroPfn | SimPage::KsmZero => PageState::ZeroPfn,
                 SimPage::Pool(_) => PageState::Pool,
-                SimPage::Private(b) => PageState::Private {
-                    hash: page_hash(&b[..]),
-                },
+                SimPage::Private(b) => PageState::Private { hash: page_hash(&b[..]) },
             };
             if found == max_present {
                 return Ok(i);
@@ -172,15 +159,9 @@ impl PageSpace for SimPageSpace {
 
     fn fill_slot(&mut self, page: PageRef, slot: Slot) -> Result<u64, SpaceError> {
         if self.pool.contains_key(&slot) {
-            return Err(SpaceError::Os {
-                op: "fill_slot",
-                errno: format!("slot {} is in use", slot.0),
-            });
+            return Err(SpaceError::Os { op: "fill_slot", errno: format!("slot {} is in use", slot.0) });
         }
-        let pages = self
-            .regions
-            .get(&page.region)
-            .ok_or(SpaceError::UnknownRegion(page.region))?;
+        let pages = self.regions.get(&page.region).ok_or(SpaceError::UnknownRegion(page.region))?;
         let content = self.content(&pages[page.index as usize]);
         let h = page_hash(&content);
         self.pool.insert(slot, (Box::new(content), h));
@@ -202,17 +183,13 @@ impl PageSpace for SimPageSpace {
             };
             let page = &pages[it.page.index as usize];
             let r = match (it.target, page) {
-                (Target::Slot(s), SimPage::Private(b))
-                    if self.pool.get(&s).is_some_and(|(c, _)| c == b) =>
-                {
+                (Target::Slot(s), SimPage::Private(b)) if self.pool.get(&s).is_some_and(|(c, _)| c == b) => {
                     merged_slots.push((it.page, s));
-                    self.regions.get_mut(&it.page.region).expect("region")
-                        [it.page.index as usize] = SimPage::Pool(s);
+                    self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::Pool(s);
                     IntentResult::Merged
                 }
                 (Target::Zero, SimPage::Private(b)) if b.iter().all(|&x| x == 0) => {
-                    self.regions.get_mut(&it.page.region).expect("region")
-                        [it.page.index as usize] = SimPage::KsmZero;
+                    self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::KsmZero;
                     IntentResult::Merged
                 }
                 _ => IntentResult::Mismatch,
@@ -235,14 +212,8 @@ impl PageSpace for SimPageSpace {
 
     fn unmerge(&mut self, region: RegionId, pages: &[u64]) -> Result<(), SpaceError> {
         let contents: Vec<(u64, [u8; PAGE_SIZE])> = {
-            let ps = self
-                .regions
-                .get(&region)
-                .ok_or(SpaceError::UnknownRegion(region))?;
-            pages
-                .iter()
-                .map(|&i| (i, self.content(&ps[i as usize])))
-                .collect()
+            let ps = self.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
+            pages.iter().map(|&i| (i, self.content(&ps[i as usize]))).collect()
         };
         let ps = self.pages_mut(region)?;
         for (i, c) in contents {
@@ -254,8 +225,7 @@ impl PageSpace for SimPageSpace {
     }
 
     fn release_slot(&mut self, slot: Slot) -> Result<bool, SpaceError> {
-        let mapped = self.slot_mappings().contains_key(&slot)
-            || self.foreign_maps.get(&slot).is_some_and(|&n| n > 0);
+        let mapped = self.slot_mappings().contains_key(&slot) || self.foreign_maps.get(&slot).is_some_and(|&n| n > 0);
         if mapped {
             return Ok(false);
         }

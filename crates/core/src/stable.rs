@@ -87,24 +87,16 @@ impl LocalStableIndex {
 
 impl StableIndex for LocalStableIndex {
     fn node(&self, id: NodeId) -> &StableNode {
-        self.nodes[id.0 as usize]
-            .as_ref()
-            .expect("live stable node")
+        self.nodes[id.0 as usize].as_ref().expect("live stable node")
     }
 
     fn node_mut(&mut self, id: NodeId) -> &mut StableNode {
-        self.nodes[id.0 as usize]
-            .as_mut()
-            .expect("live stable node")
+        self.nodes[id.0 as usize].as_mut().expect("live stable node")
     }
 
     fn lookup(&mut self, hash: u64, max_page_sharing: u32) -> Result<NodeId, bool> {
         let nodes = &self.nodes;
-        let len = |id: &NodeId| {
-            nodes[id.0 as usize]
-                .as_ref()
-                .map_or(u32::MAX, |n| n.rmap_hlist_len)
-        };
+        let len = |id: &NodeId| nodes[id.0 as usize].as_ref().map_or(u32::MAX, |n| n.rmap_hlist_len);
         match self.by_hash.get(&hash) {
             None => Err(false),
             Some(Entry::Node(id)) => {
@@ -151,8 +143,7 @@ impl StableIndex for LocalStableIndex {
                 Some(Entry::Node(first)) => {
                     self.chains += 1;
                     self.dups += 2;
-                    self.by_hash
-                        .insert(node.hash, Entry::Chain(vec![first, id]));
+                    self.by_hash.insert(node.hash, Entry::Chain(vec![first, id]));
                 }
                 Some(Entry::Chain(mut dups)) => {
                     self.dups += 1;
@@ -208,12 +199,7 @@ impl StableIndex for LocalStableIndex {
     }
 
     fn ids(&self) -> Vec<NodeId> {
-        self.nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.is_some())
-            .map(|(i, _)| NodeId(i as u32))
-            .collect()
+        self.nodes.iter().enumerate().filter(|(_, n)| n.is_some()).map(|(i, _)| NodeId(i as u32)).collect()
     }
 
     fn metadata_bytes(&self) -> u64 {
@@ -230,12 +216,7 @@ mod tests {
     use super::*;
 
     fn node(slot: u64, hash: u64, len: u32) -> StableNode {
-        StableNode {
-            slot: Slot(slot),
-            hash,
-            rmap_hlist_len: len,
-            indexed: true,
-        }
+        StableNode { slot: Slot(slot), hash, rmap_hlist_len: len, indexed: true }
     }
 
     #[test]
@@ -252,11 +233,7 @@ mod tests {
         assert_eq!(t.lookup(7, 4), Ok(b));
         t.remove(b);
         t.remove(c);
-        assert_eq!(
-            t.chain_counts(),
-            (1, 1),
-            "a chain keeps its last dup until pruned"
-        );
+        assert_eq!(t.chain_counts(), (1, 1), "a chain keeps its last dup until pruned");
         assert_eq!(t.prune(), 1);
         assert_eq!(t.chain_counts(), (0, 0));
         assert_eq!(t.any_with_hash(7), Some(a));

@@ -148,8 +148,7 @@ impl Tunables {
             }
             "use_zero_pages" => next.use_zero_pages = parse_bool("use_zero_pages", v)?,
             "stable_node_chains_prune_millisecs" => {
-                next.stable_node_chains_prune_millisecs =
-                    parse_u32("stable_node_chains_prune_millisecs", v)?
+                next.stable_node_chains_prune_millisecs = parse_u32("stable_node_chains_prune_millisecs", v)?
             }
             other => return Err(TunableError::Unknown(other.to_string())),
         }
@@ -173,11 +172,7 @@ fn parse_bool(name: &'static str, v: &str) -> Result<bool, TunableError> {
     match lower.as_str() {
         "1" | "y" | "yes" | "on" | "true" => Ok(true),
         "0" | "n" | "no" | "off" | "false" => Ok(false),
-        _ => Err(TunableError::Parse {
-            name,
-            value: v.to_string(),
-            allowed: "a boolean (0/1, y/n, on/off)",
-        }),
+        _ => Err(TunableError::Parse { name, value: v.to_string(), allowed: "a boolean (0/1, y/n, on/off)" }),
     }
 }
 
@@ -203,11 +198,7 @@ mod tests {
         let e = t.set("max_page_sharing", "1").unwrap_err();
         assert!(e.to_string().contains("max_page_sharing = 1"), "{e}");
         assert!(e.to_string().contains("2 to 2147483647"), "{e}");
-        assert!(t
-            .set("run", "3")
-            .unwrap_err()
-            .to_string()
-            .contains("run = 3"));
+        assert!(t.set("run", "3").unwrap_err().to_string().contains("run = 3"));
         assert!(t.set("pages_to_scan", "-1").is_err());
         assert!(t.set("sleep_millisecs", "x").is_err());
         assert!(t.set("use_zero_pages", "maybe").is_err());
@@ -216,9 +207,6 @@ mod tests {
         t.set("max_page_sharing", "2").unwrap();
         t.set("use_zero_pages", "y").unwrap();
         t.set("run", "2").unwrap();
-        assert_eq!(
-            (t.max_page_sharing, t.use_zero_pages, t.run),
-            (2, true, Run::Unmerge)
-        );
+        assert_eq!((t.max_page_sharing, t.use_zero_pages, t.run), (2, true, Run::Unmerge));
     }
 }

@@ -11,12 +11,7 @@ use std::collections::HashMap;
 #[derive(Clone, Debug)]
 enum Op {
     /// Write one byte somewhere in a page.
-    Poke {
-        region: u8,
-        page: u16,
-        offset: u16,
-        byte: u8,
-    },
+    Poke { region: u8, page: u16, offset: u16, byte: u8 },
     /// Make a page one of a few common contents (0 = all zeros).
     Common { region: u8, page: u16, which: u8 },
     /// Read untouched memory (maps the zero page).
@@ -92,10 +87,7 @@ impl World {
     }
 
     fn page(&self, region: u8, page: u16) -> PageRef {
-        PageRef {
-            region: self.ids[region as usize],
-            index: page as u64,
-        }
+        PageRef { region: self.ids[region as usize], index: page as u64 }
     }
 
     fn scan(&mut self, batches: u32) {
@@ -107,21 +99,12 @@ impl World {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Poke {
-                region,
-                page,
-                offset,
-                byte,
-            } => {
+            Op::Poke { region, page, offset, byte } => {
                 let p = self.page(region, page);
                 self.space.write(p, offset as usize, &[byte]);
                 self.shadow.entry(p).or_insert([0; PAGE_SIZE])[offset as usize] = byte;
             }
-            Op::Common {
-                region,
-                page,
-                which,
-            } => {
+            Op::Common { region, page, which } => {
                 let p = self.page(region, page);
                 let c = common(which);
                 self.space.write(p, 0, &c);
@@ -137,23 +120,15 @@ impl World {
                 self.ksm.remove_region(&mut self.space, old).unwrap();
                 let pages = self.space.remove_region(old).unwrap();
                 assert!(
-                    pages
-                        .iter()
-                        .all(|p| !matches!(p, SimPage::Pool(_) | SimPage::KsmZero)),
+                    pages.iter().all(|p| !matches!(p, SimPage::Pool(_) | SimPage::KsmZero)),
                     "unregister left a merged page"
                 );
                 let new = self.fresh_region();
                 self.ids[region as usize] = new;
                 // The program's memory moved to a fresh region: carry its content over.
                 for (i, p) in pages.into_iter().enumerate() {
-                    let old_ref = PageRef {
-                        region: old,
-                        index: i as u64,
-                    };
-                    let new_ref = PageRef {
-                        region: new,
-                        index: i as u64,
-                    };
+                    let old_ref = PageRef { region: old, index: i as u64 };
+                    let new_ref = PageRef { region: new, index: i as u64 };
                     if let Some(c) = self.shadow.remove(&old_ref) {
                         self.shadow.insert(new_ref, c);
                     }
@@ -187,10 +162,7 @@ impl World {
     fn check(&self) {
         for &id in &self.ids {
             for i in 0..PAGES as u64 {
-                let p = PageRef {
-                    region: id,
-                    index: i,
-                };
+                let p = PageRef { region: id, index: i };
                 let want = self.shadow.get(&p).copied().unwrap_or([0; PAGE_SIZE]);
                 assert!(self.space.read(p) == want, "content of {p:?} changed");
             }
@@ -198,10 +170,7 @@ impl World {
         assert!(self.space.pool_unchanged(), "a stable page changed");
         let max = self.ksm.tunables().max_page_sharing as u64;
         for (slot, n) in self.space.slot_mappings() {
-            assert!(
-                n <= max,
-                "{slot:?} has {n} mappings > max_page_sharing {max}"
-            );
+            assert!(n <= max, "{slot:?} has {n} mappings > max_page_sharing {max}");
         }
         self.ksm.check_invariants().unwrap();
     }
@@ -222,21 +191,9 @@ impl World {
         let maps = self.space.slot_mappings();
         let mappings: u64 = maps.values().sum();
         assert_eq!(c.pages_shared, maps.len() as u64, "pages_shared vs recount");
-        assert_eq!(
-            c.pages_sharing,
-            mappings - maps.len() as u64,
-            "pages_sharing vs recount"
-        );
-        assert_eq!(
-            c.ksm_zero_pages,
-            self.space.ksm_zero_pages(),
-            "ksm_zero_pages vs recount"
-        );
-        assert_eq!(
-            self.space.pool_pages() as u64,
-            c.pages_shared,
-            "pool holds exactly the stable pages"
-        );
+        assert_eq!(c.pages_sharing, mappings - maps.len() as u64, "pages_sharing vs recount");
+        assert_eq!(c.ksm_zero_pages, self.space.ksm_zero_pages(), "ksm_zero_pages vs recount");
+        assert_eq!(self.space.pool_pages() as u64, c.pages_shared, "pool holds exactly the stable pages");
         assert_eq!(c.pool_slots_pending, 0);
         self.check();
     }
@@ -287,25 +244,11 @@ fn converges_to_what_the_content_implies() {
             for p in 0..PAGES {
                 let which = ((p as u32 * 7 + r as u32 * 3) % 5) as u8; // 0..4, 0 = zeros
                 if which == 4 {
-                    w.apply(&Op::Poke {
-                        region: r,
-                        page: p,
-                        offset: 9,
-                        byte: (p as u8) ^ (r << 6) ^ 0x5a,
-                    });
-                    w.apply(&Op::Poke {
-                        region: r,
-                        page: p,
-                        offset: 10,
-                        byte: r,
-                    });
+                    w.apply(&Op::Poke { region: r, page: p, offset: 9, byte: (p as u8) ^ (r << 6) ^ 0x5a });
+                    w.apply(&Op::Poke { region: r, page: p, offset: 10, byte: r });
                     continue;
                 }
-                w.apply(&Op::Common {
-                    region: r,
-                    page: p,
-                    which,
-                });
+                w.apply(&Op::Common { region: r, page: p, which });
                 *copies.entry(which).or_default() += 1;
             }
         }
@@ -321,11 +264,7 @@ fn converges_to_what_the_content_implies() {
             shared += k / m + u64::from(k % m >= 2);
             sharing += (k / m) * (m - 1) + (k % m).saturating_sub(1);
         }
-        assert_eq!(
-            (c.pages_shared, c.pages_sharing, c.ksm_zero_pages),
-            (shared, sharing, zero_pages),
-            "m={m}"
-        );
+        assert_eq!((c.pages_shared, c.pages_sharing, c.ksm_zero_pages), (shared, sharing, zero_pages), "m={m}");
         if m < 256 {
             assert!(c.stable_node_chains > 0 && c.stable_node_dups >= c.stable_node_chains);
         }
@@ -338,20 +277,12 @@ fn runs_merge_with_one_mapping() {
     let mut w = World::new(tunables(256, false, 1000));
     for r in 0..REGIONS {
         for p in 0..PAGES {
-            w.apply(&Op::Poke {
-                region: r,
-                page: p,
-                offset: 0,
-                byte: p as u8 + 1,
-            });
+            w.apply(&Op::Poke { region: r, page: p, offset: 0, byte: p as u8 + 1 });
         }
     }
     w.check_quiesced();
     let c = w.ksm.counters();
     assert_eq!(c.pages_shared, PAGES as u64);
     assert_eq!(c.pages_sharing, PAGES as u64 * (REGIONS as u64 - 1));
-    assert_eq!(
-        w.space.merge_runs, REGIONS as u64,
-        "each region's pages merged as one run"
-    );
+    assert_eq!(w.space.merge_runs, REGIONS as u64, "each region's pages merged as one run");
 }

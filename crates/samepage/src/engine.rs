@@ -100,13 +100,7 @@ impl Engine {
             ksm.set_tunables(tunables)?;
         }
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                ksm,
-                space,
-                regions: BTreeMap::new(),
-                next_id: 0,
-                stop: false,
-            }),
+            state: Mutex::new(State { ksm, space, regions: BTreeMap::new(), next_id: 0, stop: false }),
             cond: Condvar::new(),
             waiters: AtomicUsize::new(0),
             snapshot: Mutex::new(Snapshot::default()),
@@ -120,11 +114,7 @@ impl Engine {
             .name("samepage-ksmd".into())
             .spawn(move || scanner(s))
             .map_err(|e| Error::EngineFailed(format!("cannot spawn the scanner thread: {e}")))?;
-        Ok(Engine {
-            shared,
-            thread: Some(thread),
-            info,
-        })
+        Ok(Engine { shared, thread: Some(thread), info })
     }
 
     /// How the engine runs (userfaultfd kind, pagemap access, VMA limit).
@@ -190,19 +180,11 @@ impl Engine {
         if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Unaligned { addr, len });
         }
-        let end = addr
-            .checked_add(len)
-            .ok_or(Error::Unaligned { addr, len })?;
+        let end = addr.checked_add(len).ok_or(Error::Unaligned { addr, len })?;
         check_anonymous(addr, end)?;
         let mut st = self.shared.lock()?;
         if let Some((id, (s, e))) = st.regions.iter().find(|(_, (s, e))| *s < end && addr < *e) {
-            return Err(Error::Overlap {
-                addr,
-                end,
-                region: id.0,
-                rstart: *s,
-                rend: *e,
-            });
+            return Err(Error::Overlap { addr, end, region: id.0, rstart: *s, rend: *e });
         }
         let id = RegionId(st.next_id);
         st.next_id += 1;
@@ -226,37 +208,19 @@ impl Engine {
     /// Engine-wide counters, kernel names (as of the last batch).
     pub fn counters(&self) -> Result<Counters, Error> {
         self.shared.check()?;
-        Ok(self
-            .shared
-            .snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .counters
-            .clone())
+        Ok(self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()).counters.clone())
     }
 
     /// Per-region counters, `/proc/PID/ksm_stat` names.
     pub fn region_counters(&self, id: RegionId) -> Result<RegionCounters, Error> {
         self.shared.check()?;
-        let snap = self
-            .shared
-            .snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        snap.regions
-            .get(&id)
-            .cloned()
-            .ok_or(Error::UnknownRegion(id.0))
+        let snap = self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        snap.regions.get(&id).cloned().ok_or(Error::UnknownRegion(id.0))
     }
 
     /// System calls the page space made.
     pub fn space_stats(&self) -> SpaceStats {
-        self.shared
-            .snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stats
-            .clone()
+        self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()).stats.clone()
     }
 
     /// CPU time the scanner thread has used.
@@ -271,11 +235,7 @@ impl Engine {
 
     /// `Some(reason)` if the scanner thread failed.
     pub fn failure(&self) -> Option<String> {
-        self.shared
-            .failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.shared.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Re-reads `vm.max_map_count` (after raising it) for the VMA budget.
@@ -358,10 +318,7 @@ fn scanner(shared: Arc<Shared>) {
         }
         // Let API callers in between batches.
         if shared.waiters.load(Ordering::SeqCst) > 0 {
-            st = match shared
-                .cond
-                .wait_while(st, |_| shared.waiters.load(Ordering::SeqCst) > 0)
-            {
+            st = match shared.cond.wait_while(st, |_| shared.waiters.load(Ordering::SeqCst) > 0) {
                 Ok(g) => g,
                 Err(_) => return,
             };
@@ -390,10 +347,7 @@ fn scanner(shared: Arc<Shared>) {
         shared.cpu_ns.store(thread_cpu_ns(), Ordering::Relaxed);
         let sleep = st.ksm.tunables().sleep_millisecs;
         if sleep > 0 {
-            st = match shared
-                .cond
-                .wait_timeout(st, Duration::from_millis(sleep as u64))
-            {
+            st = match shared.cond.wait_timeout(st, Duration::from_millis(sleep as u64)) {
                 Ok((g, _)) => g,
                 Err(_) => return,
             };
@@ -407,11 +361,7 @@ fn check_anonymous(addr: usize, end: usize) -> Result<(), Error> {
     let mut pos = addr;
     for m in &maps {
         if m.start > pos {
-            return Err(Error::NotAnonymous {
-                addr,
-                end,
-                why: format!("{pos:#x}..{:#x} is not mapped", m.start),
-            });
+            return Err(Error::NotAnonymous { addr, end, why: format!("{pos:#x}..{:#x} is not mapped", m.start) });
         }
         let anon_name = m.path.is_empty() || m.path == "[heap]" || m.path.starts_with("[anon:");
         if m.perms != "rw-p" || m.inode != 0 || !anon_name {
@@ -425,20 +375,13 @@ fn check_anonymous(addr: usize, end: usize) -> Result<(), Error> {
             return Err(Error::NotAnonymous {
                 addr,
                 end,
-                why: format!(
-                    "{:#x}..{:#x} {} {} is {kind}",
-                    m.start, m.end, m.perms, m.path
-                ),
+                why: format!("{:#x}..{:#x} {} {} is {kind}", m.start, m.end, m.perms, m.path),
             });
         }
         pos = m.end;
     }
     if pos < end {
-        return Err(Error::NotAnonymous {
-            addr,
-            end,
-            why: format!("{pos:#x}..{end:#x} is not mapped"),
-        });
+        return Err(Error::NotAnonymous { addr, end, why: format!("{pos:#x}..{end:#x} is not mapped") });
     }
     Ok(())
 }

@@ -29,9 +29,7 @@ pub enum Error {
         why: String,
     },
     /// The range overlaps a registered region.
-    #[error(
-        "range {addr:#x}..{end:#x} overlaps registered region {region} ({rstart:#x}..{rend:#x})"
-    )]
+    #[error("range {addr:#x}..{end:#x} overlaps registered region {region} ({rstart:#x}..{rend:#x})")]
     Overlap {
         /// Start address.
         addr: usize,

@@ -10,13 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 const DIR: &str = "/sys/kernel/mm/ksm";
-const SAVED: [&str; 5] = [
-    "pages_to_scan",
-    "sleep_millisecs",
-    "max_page_sharing",
-    "use_zero_pages",
-    "run",
-];
+const SAVED: [&str; 5] = ["pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "run"];
 
 /// Errors driving the kernel's KSM.
 #[derive(Debug, thiserror::Error)]
@@ -55,22 +49,15 @@ impl KernelKsm {
         for name in SAVED {
             saved.push((name, read(name)?));
         }
-        let k = KernelKsm {
-            saved,
-            ksmd: find_ksmd(),
-        };
-        k.set("run", "2")
-            .map_err(|e| KernelKsmError::Unavailable(e.to_string()))?;
+        let k = KernelKsm { saved, ksmd: find_ksmd() };
+        k.set("run", "2").map_err(|e| KernelKsmError::Unavailable(e.to_string()))?;
         k.set("run", "0")?;
         Ok(k)
     }
 
     /// Writes a tunable.
     pub fn set(&self, name: &str, value: &str) -> Result<(), KernelKsmError> {
-        fs::write(path(name), value).map_err(|err| KernelKsmError::Io {
-            file: path(name),
-            err,
-        })
+        fs::write(path(name), value).map_err(|err| KernelKsmError::Io { file: path(name), err })
     }
 
     /// Reads a counter or tunable as a number.
@@ -93,8 +80,8 @@ impl KernelKsm {
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let f: Vec<&str> = after.split_whitespace().collect();
         // Fields 14 and 15 of stat, counted after the comm field (field 2): indexes 11 and 12.
-        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let ticks: u64 =
+            f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
         let hz = rustix::param::clock_ticks_per_second();
         Duration::from_nanos(ticks * 1_000_000_000 / hz.max(1))
     }
@@ -116,10 +103,7 @@ impl Drop for KernelKsm {
 }
 
 fn read(name: &str) -> Result<String, KernelKsmError> {
-    fs::read_to_string(path(name)).map_err(|err| KernelKsmError::Io {
-        file: path(name),
-        err,
-    })
+    fs::read_to_string(path(name)).map_err(|err| KernelKsmError::Io { file: path(name), err })
 }
 
 fn find_ksmd() -> Option<u32> {

@@ -19,20 +19,13 @@ pub struct Region {
 
 impl std::fmt::Debug for Region {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Region")
-            .field("id", &self.id)
-            .field("len", &self.mapping.len())
-            .finish()
+        f.debug_struct("Region").field("id", &self.id).field("len", &self.mapping.len()).finish()
     }
 }
 
 impl Region {
     pub(crate) fn new(mapping: AnonMapping, id: RegionId, shared: Arc<Shared>) -> Self {
-        Region {
-            mapping,
-            id,
-            shared,
-        }
+        Region { mapping, id, shared }
     }
 
     /// The region's id (for counters).

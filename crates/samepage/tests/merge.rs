@@ -10,11 +10,7 @@ fn fill(region: &samepage::Region) -> Vec<[u8; PAGE]> {
     let pages = region.len() / PAGE;
     let mut want = Vec::with_capacity(pages);
     for i in 0..pages {
-        let c = if i % 8 == 7 {
-            content(1_000_000 + i as u64)
-        } else {
-            content((i % 64) as u64)
-        };
+        let c = if i % 8 == 7 { content(1_000_000 + i as u64) } else { content((i % 64) as u64) };
         region.write(i * PAGE, &c).unwrap();
         want.push(c);
     }
@@ -42,44 +38,25 @@ fn merging_frees_memory_as_proc_reports_it() {
     let c = converge(&engine, 2);
     // 7168 pages in 56 contents of 128 copies: 56 stable pages, 7112 sharing.
     assert_eq!((c.pages_shared, c.pages_sharing), (56, 7168 - 56), "{c:?}");
-    assert_eq!(
-        c.pages_unshared, 1024,
-        "the unique pages sit in the unstable tree"
-    );
+    assert_eq!(c.pages_unshared, 1024, "the unique pages sit in the unstable tree");
     let rc = engine.region_counters(region.id()).unwrap();
     assert_eq!(rc.ksm_merging_pages, 7168);
     let freed = anon_before.saturating_sub(rollup("Anonymous"));
-    eprintln!(
-        "{c:?}\nanon before {anon_before} freed {freed} stats {:?}",
-        engine.space_stats()
-    );
+    eprintln!("{c:?}\nanon before {anon_before} freed {freed} stats {:?}", engine.space_stats());
     let dup_bytes = (c.pages_sharing * PAGE as u64) as f64;
-    assert!(
-        freed as f64 >= 0.95 * dup_bytes,
-        "freed {freed} of {dup_bytes} duplicate bytes"
-    );
+    assert!(freed as f64 >= 0.95 * dup_bytes, "freed {freed} of {dup_bytes} duplicate bytes");
     let shmem_grew = meminfo("Shmem").saturating_sub(shmem_before);
-    assert!(
-        shmem_grew <= 56 * PAGE as u64 + (4 << 20),
-        "the pool holds the stable pages only: +{shmem_grew}"
-    );
+    assert!(shmem_grew <= 56 * PAGE as u64 + (4 << 20), "the pool holds the stable pages only: +{shmem_grew}");
     check(&region, &want);
     // Runs of consecutive copies merge as runs: far fewer mappings than pages.
     let start = region.as_ptr() as usize;
     let maps = pool_mappings_in(start, start + region.len());
-    assert!(
-        maps < 7168 / 4,
-        "{maps} pool mappings for 7168 merged pages"
-    );
+    assert!(maps < 7168 / 4, "{maps} pool mappings for 7168 merged pages");
 
     // run = 2: everything private again, content intact, pool emptied.
     engine.set_run(Run::Unmerge).unwrap();
     let c = engine.counters().unwrap();
-    assert_eq!(
-        (c.pages_shared, c.pages_sharing, c.ksm_zero_pages),
-        (0, 0, 0),
-        "{c:?}"
-    );
+    assert_eq!((c.pages_shared, c.pages_sharing, c.ksm_zero_pages), (0, 0, 0), "{c:?}");
     check(&region, &want);
     assert_eq!(pool_mappings_in(start, start + region.len()), 0);
     assert!(rollup("Anonymous") >= anon_before - (1 << 20));

@@ -17,11 +17,7 @@ fn racing_writers_lose_no_write() {
     let pages = 4096;
     let region = Arc::new(engine.alloc_region(pages * PAGE).unwrap());
     for i in 0..pages {
-        let c = if i % 3 == 0 {
-            [0u8; PAGE]
-        } else {
-            content(i as u64 % COMMON)
-        };
+        let c = if i % 3 == 0 { [0u8; PAGE] } else { content(i as u64 % COMMON) };
         region.write(i * PAGE, &c).unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -83,10 +79,7 @@ fn racing_writers_lose_no_write() {
         }
     }
     let c = engine.counters().unwrap();
-    eprintln!(
-        "writes {} merged-at-peak {merged_during} {c:?}",
-        writes.load(Ordering::Relaxed)
-    );
+    eprintln!("writes {} merged-at-peak {merged_during} {c:?}", writes.load(Ordering::Relaxed));
     assert!(merged_during > 100, "the engine merged while threads wrote");
     assert!(writes.load(Ordering::Relaxed) > 10_000);
 }
@@ -120,8 +113,7 @@ fn kernel_writes_into_merged_pages_land() {
         let (r, w) = rustix::pipe::pipe().unwrap();
         rustix::io::write(&w, &data).unwrap();
         // SAFETY: the destination lies inside the region, which outlives the call.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(region.as_ptr().add(p * PAGE + off), len) };
+        let dst = unsafe { std::slice::from_raw_parts_mut(region.as_ptr().add(p * PAGE + off), len) };
         let n = rustix::io::read(&r, dst).unwrap();
         assert_eq!(n, len);
         expected[p][off..off + len].copy_from_slice(&data);
@@ -149,11 +141,7 @@ fn fork_after_merge_gives_independent_memory() {
     let pages = 256;
     let region = engine.alloc_region(pages * PAGE).unwrap();
     for i in 0..pages {
-        let c = if i % 4 == 0 {
-            [0u8; PAGE]
-        } else {
-            content(i as u64 % 3)
-        };
+        let c = if i % 4 == 0 { [0u8; PAGE] } else { content(i as u64 % 3) };
         region.write(i * PAGE, &c).unwrap();
     }
     let c = converge(&engine, 1);
@@ -166,11 +154,7 @@ fn fork_after_merge_gives_independent_memory() {
     if pid == 0 {
         let mut ok = true;
         for i in 0..pages {
-            let want = if i % 4 == 0 {
-                [0u8; PAGE]
-            } else {
-                content(i as u64 % 3)
-            };
+            let want = if i % 4 == 0 { [0u8; PAGE] } else { content(i as u64 % 3) };
             for (j, w) in want.iter().enumerate() {
                 // SAFETY: inside the region, which the child inherited.
                 ok &= unsafe { base.add(i * PAGE + j).read_volatile() } == *w;
@@ -188,17 +172,10 @@ fn fork_after_merge_gives_independent_memory() {
     let mut status = 0;
     // SAFETY: waiting for our own child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "child saw wrong memory"
-    );
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child saw wrong memory");
     let mut buf = [0u8; PAGE];
     for i in 0..pages {
-        let mut want = if i % 4 == 0 {
-            [0u8; PAGE]
-        } else {
-            content(i as u64 % 3)
-        };
+        let mut want = if i % 4 == 0 { [0u8; PAGE] } else { content(i as u64 % 3) };
         if i == 1 {
             want[8] = 0xAA;
         }
@@ -208,11 +185,7 @@ fn fork_after_merge_gives_independent_memory() {
     // Unmerging now is safe for the pool: no slot is freed while something maps it.
     engine.set_run(Run::Unmerge).unwrap();
     for i in 0..pages {
-        let mut want = if i % 4 == 0 {
-            [0u8; PAGE]
-        } else {
-            content(i as u64 % 3)
-        };
+        let mut want = if i % 4 == 0 { [0u8; PAGE] } else { content(i as u64 % 3) };
         if i == 1 {
             want[8] = 0xAA;
         }

@@ -6,16 +6,7 @@ use samepage::{Engine, Error, Run, Tunables};
 
 fn anon(len: usize, flags: libc::c_int) -> *mut u8 {
     // SAFETY: a fresh mapping at an address the kernel picks.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            -1,
-            0,
-        )
-    };
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
     assert_ne!(p, libc::MAP_FAILED);
     p.cast()
 }
@@ -28,37 +19,18 @@ fn bad_ranges_are_refused_with_typed_errors() {
     // SAFETY (all `register` calls below): the ranges stay mapped for the
     // whole test and are unregistered before they are unmapped.
     unsafe {
-        assert!(matches!(
-            engine.register(p.add(1), PAGE),
-            Err(Error::Unaligned { .. })
-        ));
-        assert!(matches!(
-            engine.register(p, PAGE + 1),
-            Err(Error::Unaligned { .. })
-        ));
-        assert!(matches!(
-            engine.register(p, 0),
-            Err(Error::Unaligned { .. })
-        ));
+        assert!(matches!(engine.register(p.add(1), PAGE), Err(Error::Unaligned { .. })));
+        assert!(matches!(engine.register(p, PAGE + 1), Err(Error::Unaligned { .. })));
+        assert!(matches!(engine.register(p, 0), Err(Error::Unaligned { .. })));
         let id = engine.register(p, 8 * PAGE).unwrap();
         let e = engine.register(p.add(4 * PAGE), 8 * PAGE).unwrap_err();
         assert!(matches!(e, Error::Overlap { .. }), "{e}");
         let shared = anon(len, libc::MAP_SHARED | libc::MAP_ANONYMOUS);
         let e = engine.register(shared, len).unwrap_err();
-        assert!(
-            matches!(e, Error::NotAnonymous { .. }) && e.to_string().contains("shared"),
-            "{e}"
-        );
+        assert!(matches!(e, Error::NotAnonymous { .. }) && e.to_string().contains("shared"), "{e}");
         let f = std::fs::File::open("/proc/self/exe").unwrap();
         use std::os::fd::AsRawFd;
-        let file = libc::mmap(
-            std::ptr::null_mut(),
-            PAGE,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            f.as_raw_fd(),
-            0,
-        );
+        let file = libc::mmap(std::ptr::null_mut(), PAGE, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0);
         let e = engine.register(file.cast(), PAGE).unwrap_err();
         assert!(matches!(e, Error::NotAnonymous { .. }), "{e}");
         // A hole in the middle.
@@ -66,19 +38,10 @@ fn bad_ranges_are_refused_with_typed_errors() {
         let e = engine.register(p.add(10 * PAGE), 4 * PAGE).unwrap_err();
         assert!(e.to_string().contains("not mapped"), "{e}");
         engine.unregister(id).unwrap();
-        assert!(matches!(
-            engine.unregister(id),
-            Err(Error::UnknownRegion(_))
-        ));
-        let t = Tunables {
-            max_page_sharing: 1,
-            ..Tunables::default()
-        };
+        assert!(matches!(engine.unregister(id), Err(Error::UnknownRegion(_))));
+        let t = Tunables { max_page_sharing: 1, ..Tunables::default() };
         let e = engine.set_tunables(t).unwrap_err();
-        assert!(
-            e.to_string().contains("max_page_sharing = 1") && e.to_string().contains("2 to"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("max_page_sharing = 1") && e.to_string().contains("2 to"), "{e}");
     }
 }
 
@@ -88,15 +51,8 @@ fn unregister_makes_every_page_private_with_content_intact() {
     let engine = Engine::new(fast(8, true)).unwrap();
     let pages = 1024;
     let p = anon(pages * PAGE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS);
-    let want: Vec<[u8; PAGE]> = (0..pages)
-        .map(|i| {
-            if i % 2 == 0 {
-                [0; PAGE]
-            } else {
-                content(i as u64 % 4)
-            }
-        })
-        .collect();
+    let want: Vec<[u8; PAGE]> =
+        (0..pages).map(|i| if i % 2 == 0 { [0; PAGE] } else { content(i as u64 % 4) }).collect();
     for (i, w) in want.iter().enumerate() {
         // SAFETY: inside our mapping.
         unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), p.add(i * PAGE), PAGE) };
@@ -106,39 +62,16 @@ fn unregister_makes_every_page_private_with_content_intact() {
     let id = unsafe { engine.register(p, pages * PAGE) }.unwrap();
     let c = converge(&engine, 1);
     assert_eq!(c.ksm_zero_pages, 512, "{c:?}");
-    assert!(
-        c.stable_node_dups > 0,
-        "max_page_sharing 8 makes chains: {c:?}"
-    );
+    assert!(c.stable_node_dups > 0, "max_page_sharing 8 makes chains: {c:?}");
     let rc = engine.region_counters(id).unwrap();
-    assert_eq!(
-        (rc.ksm_zero_pages, rc.ksm_merging_pages),
-        (512, 512),
-        "{rc:?}"
-    );
+    assert_eq!((rc.ksm_zero_pages, rc.ksm_merging_pages), (512, 512), "{rc:?}");
     assert!(rollup("Anonymous") + 900 * PAGE as u64 <= anon_before);
     engine.unregister(id).unwrap();
     let c = engine.counters().unwrap();
-    assert_eq!(
-        (
-            c.pages_shared,
-            c.pages_sharing,
-            c.ksm_zero_pages,
-            c.rmap_items
-        ),
-        (0, 0, 0, 0),
-        "{c:?}"
-    );
-    assert_eq!(
-        pool_mappings_in(p as usize, p as usize + pages * PAGE),
-        0,
-        "no pool mapping left"
-    );
+    assert_eq!((c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.rmap_items), (0, 0, 0, 0), "{c:?}");
+    assert_eq!(pool_mappings_in(p as usize, p as usize + pages * PAGE), 0, "no pool mapping left");
     // Private again: the zero pages and merged pages are anonymous memory of their own.
-    assert!(
-        rollup("Anonymous") + 16 * PAGE as u64 >= anon_before,
-        "pages are private again"
-    );
+    assert!(rollup("Anonymous") + 16 * PAGE as u64 >= anon_before, "pages are private again");
     for (i, w) in want.iter().enumerate() {
         // SAFETY: inside our mapping.
         let got = unsafe { std::slice::from_raw_parts(p.add(i * PAGE), PAGE) };
@@ -148,9 +81,7 @@ fn unregister_makes_every_page_private_with_content_intact() {
     // SAFETY: our mapping, nothing else uses it.
     unsafe {
         libc::madvise(p.cast(), pages * PAGE, libc::MADV_DONTNEED);
-        assert!(std::slice::from_raw_parts(p, pages * PAGE)
-            .iter()
-            .all(|&b| b == 0));
+        assert!(std::slice::from_raw_parts(p, pages * PAGE).iter().all(|&b| b == 0));
         libc::munmap(p.cast(), pages * PAGE);
     }
     engine.set_run(Run::Stop).unwrap();

@@ -61,11 +61,7 @@ impl AnonMapping {
     fn check(&self, offset: usize, len: usize) -> Result<(), OutOfBounds> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(OutOfBounds {
-                offset,
-                len,
-                size: self.len,
-            }),
+            _ => Err(OutOfBounds { offset, len, size: self.len }),
         }
     }
 
@@ -120,26 +116,14 @@ impl AnonMapping {
     /// (for side-by-side comparisons with ksmd).
     pub fn advise_kernel_mergeable(&self) -> Result<(), SysError> {
         // SAFETY: advice on our own mapping; MERGEABLE never changes content.
-        unsafe {
-            rustix::mm::madvise(
-                self.addr as *mut std::ffi::c_void,
-                self.len,
-                rustix::mm::Advice::LinuxMergeable,
-            )
-        }
-        .map_err(|e| SysError::new("madvise(MADV_MERGEABLE)", e))
+        unsafe { rustix::mm::madvise(self.addr as *mut std::ffi::c_void, self.len, rustix::mm::Advice::LinuxMergeable) }
+            .map_err(|e| SysError::new("madvise(MADV_MERGEABLE)", e))
     }
 
     /// `madvise(MADV_HUGEPAGE)`.
     pub fn advise_hugepage(&self) -> Result<(), SysError> {
         // SAFETY: advice on our own mapping; HUGEPAGE never changes content.
-        unsafe {
-            rustix::mm::madvise(
-                self.addr as *mut std::ffi::c_void,
-                self.len,
-                rustix::mm::Advice::LinuxHugepage,
-            )
-        }
-        .map_err(|e| SysError::new("madvise(MADV_HUGEPAGE)", e))
+        unsafe { rustix::mm::madvise(self.addr as *mut std::ffi::c_void, self.len, rustix::mm::Advice::LinuxHugepage) }
+            .map_err(|e| SysError::new("madvise(MADV_HUGEPAGE)", e))
     }
 }

@@ -125,22 +125,11 @@ pub unsafe fn map_file_private_fixed(
 /// With `fixed`, the range must be memory the engine may replace.
 pub unsafe fn map_anon(addr: usize, len: usize, fixed: bool) -> Result<usize, SysError> {
     use rustix::mm::{MapFlags, ProtFlags};
-    let flags = if fixed {
-        MapFlags::PRIVATE | MapFlags::FIXED
-    } else {
-        MapFlags::PRIVATE
-    };
+    let flags = if fixed { MapFlags::PRIVATE | MapFlags::FIXED } else { MapFlags::PRIVATE };
     // SAFETY: without MAP_FIXED the kernel picks an unused range; with it the
     // caller guarantees the range may be replaced.
-    let p = unsafe {
-        rustix::mm::mmap_anonymous(
-            addr as *mut c_void,
-            len,
-            ProtFlags::READ | ProtFlags::WRITE,
-            flags,
-        )
-    }
-    .op("mmap(MAP_ANONYMOUS)")?;
+    let p = unsafe { rustix::mm::mmap_anonymous(addr as *mut c_void, len, ProtFlags::READ | ProtFlags::WRITE, flags) }
+        .op("mmap(MAP_ANONYMOUS)")?;
     Ok(p as usize)
 }
 
@@ -152,13 +141,7 @@ pub unsafe fn map_anon(addr: usize, len: usize, fixed: bool) -> Result<usize, Sy
 pub unsafe fn move_mapping(from: usize, len: usize, to: usize) -> Result<(), SysError> {
     // SAFETY: the caller owns `from` and may replace `to`.
     unsafe {
-        rustix::mm::mremap_fixed(
-            from as *mut c_void,
-            len,
-            len,
-            rustix::mm::MremapFlags::MAYMOVE,
-            to as *mut c_void,
-        )
+        rustix::mm::mremap_fixed(from as *mut c_void, len, len, rustix::mm::MremapFlags::MAYMOVE, to as *mut c_void)
     }
     .op("mremap(MREMAP_FIXED)")?;
     Ok(())
@@ -180,14 +163,8 @@ pub unsafe fn discard(addr: usize, len: usize) -> Result<(), SysError> {
 pub fn populate_write(addr: usize, len: usize) -> Result<(), SysError> {
     // SAFETY: POPULATE_WRITE never changes the content of a mapping; it only
     // makes each page private and writable, like a write of the same bytes.
-    unsafe {
-        rustix::mm::madvise(
-            addr as *mut c_void,
-            len,
-            rustix::mm::Advice::LinuxPopulateWrite,
-        )
-    }
-    .op("madvise(MADV_POPULATE_WRITE)")
+    unsafe { rustix::mm::madvise(addr as *mut c_void, len, rustix::mm::Advice::LinuxPopulateWrite) }
+        .op("madvise(MADV_POPULATE_WRITE)")
 }
 
 /// Unmaps a range the engine owns.
@@ -217,10 +194,7 @@ pub struct MapsLine {
 /// The mappings overlapping `[start, end)`, from `/proc/self/maps`.
 pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
     let text = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
-        SysError::new(
-            "read(/proc/self/maps)",
-            rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
-        )
+        SysError::new("read(/proc/self/maps)", rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
     })?;
     let mut out = Vec::new();
     for line in text.lines() {
@@ -240,13 +214,7 @@ pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
         if b <= start || a >= end {
             continue;
         }
-        out.push(MapsLine {
-            start: a,
-            end: b,
-            perms: perms.to_string(),
-            inode: inode.parse().unwrap_or(0),
-            path,
-        });
+        out.push(MapsLine { start: a, end: b, perms: perms.to_string(), inode: inode.parse().unwrap_or(0), path });
     }
     Ok(out)
 }

@@ -38,10 +38,7 @@ impl SysError {
 
 impl From<SysError> for samepage_core::SpaceError {
     fn from(e: SysError) -> Self {
-        samepage_core::SpaceError::Os {
-            op: e.op,
-            errno: e.errno.to_string(),
-        }
+        samepage_core::SpaceError::Os { op: e.op, errno: e.errno.to_string() }
     }
 }
 

@@ -69,18 +69,8 @@ impl PageMap {
             rustix::fs::Mode::empty(),
         )
         .op("open(/proc/self/pagemap)")?;
-        let mut pm = PageMap {
-            fd,
-            has_scan: true,
-            regions: vec![
-                g::page_region {
-                    start: 0,
-                    end: 0,
-                    categories: 0
-                };
-                512
-            ],
-        };
+        let mut pm =
+            PageMap { fd, has_scan: true, regions: vec![g::page_region { start: 0, end: 0, categories: 0 }; 512] };
         let probe = Box::new([0u8; 4096]);
         let addr = probe.as_ptr() as usize & !4095;
         let mut out = Vec::new();
@@ -97,13 +87,7 @@ impl PageMap {
 
     /// Appends the runs of present pages in `[start, end)` to `out`, at most
     /// `max_pages` pages; returns where the walk stopped.
-    pub fn scan(
-        &mut self,
-        start: usize,
-        end: usize,
-        max_pages: usize,
-        out: &mut Vec<Run>,
-    ) -> Result<usize, SysError> {
+    pub fn scan(&mut self, start: usize, end: usize, max_pages: usize, out: &mut Vec<Run>) -> Result<usize, SysError> {
         if !self.has_scan {
             return self.scan_fallback(start, end, max_pages, out);
         }
@@ -127,15 +111,10 @@ impl PageMap {
             // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg`; `vec` points to
             // `vec_len` writable `page_region`s owned by `self.regions`, which
             // outlives the call.
-            let n = unsafe { call::<PAGEMAP_SCAN, _>(&self.fd, &mut arg) }
-                .op("ioctl(PAGEMAP_SCAN)")? as usize;
+            let n = unsafe { call::<PAGEMAP_SCAN, _>(&self.fd, &mut arg) }.op("ioctl(PAGEMAP_SCAN)")? as usize;
             for r in &self.regions[..n] {
                 left -= (r.end - r.start) / 4096;
-                out.push(Run {
-                    start: r.start as usize,
-                    end: r.end as usize,
-                    categories: r.categories,
-                });
+                out.push(Run { start: r.start as usize, end: r.end as usize, categories: r.categories });
             }
             if arg.walk_end as usize <= pos {
                 break;
@@ -159,10 +138,8 @@ impl PageMap {
             let n = ((end - pos) / 4096).min(buf.len());
             // SAFETY: u64 has no invalid bit patterns; viewing the array as
             // bytes for pread is sound (same allocation, exact length).
-            let bytes =
-                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), n * 8) };
-            let got = rustix::io::pread(&self.fd, bytes, (pos / 4096 * 8) as u64)
-                .op("pread(/proc/self/pagemap)")?;
+            let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), n * 8) };
+            let got = rustix::io::pread(&self.fd, bytes, (pos / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
             if got < 8 {
                 break;
             }
@@ -178,11 +155,7 @@ impl PageMap {
                 let cat = PAGE_IS_PRESENT | if e & PM_FILE != 0 { PAGE_IS_FILE } else { 0 };
                 match out.last_mut() {
                     Some(r) if r.end == addr && r.categories == cat => r.end += 4096,
-                    _ => out.push(Run {
-                        start: addr,
-                        end: addr + 4096,
-                        categories: cat,
-                    }),
+                    _ => out.push(Run { start: addr, end: addr + 4096, categories: cat }),
                 }
             }
             pos += got / 8 * 4096;
@@ -193,8 +166,7 @@ impl PageMap {
     /// The pagemap entry of the page at `addr` (bits: [`PM_PRESENT`], [`PM_FILE`], [`PM_MMAP_EXCLUSIVE`]).
     pub fn entry(&self, addr: usize) -> Result<u64, SysError> {
         let mut b = [0u8; 8];
-        rustix::io::pread(&self.fd, &mut b, (addr / 4096 * 8) as u64)
-            .op("pread(/proc/self/pagemap)")?;
+        rustix::io::pread(&self.fd, &mut b, (addr / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
         Ok(u64::from_ne_bytes(b))
     }
 }

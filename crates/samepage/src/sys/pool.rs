@@ -33,8 +33,7 @@ impl MemfdPool {
     /// A pool of `slots` pages. The memfd is sparse and the view
     /// `MAP_NORESERVE`: only filled slots take memory.
     pub fn new(slots: u64) -> Result<MemfdPool, SysError> {
-        let fd = rustix::fs::memfd_create("samepage-pool", rustix::fs::MemfdFlags::CLOEXEC)
-            .op("memfd_create")?;
+        let fd = rustix::fs::memfd_create("samepage-pool", rustix::fs::MemfdFlags::CLOEXEC).op("memfd_create")?;
         let len = slots * PAGE_SIZE as u64;
         rustix::fs::ftruncate(&fd, len).op("ftruncate(pool)")?;
         use rustix::mm::{MapFlags, ProtFlags};
@@ -52,14 +51,8 @@ impl MemfdPool {
         }
         .op("mmap(pool view)")? as usize;
         // SAFETY: advice on our own mapping; DONTFORK keeps children from inheriting the view.
-        unsafe {
-            rustix::mm::madvise(
-                view as *mut c_void,
-                len as usize,
-                rustix::mm::Advice::LinuxDontFork,
-            )
-        }
-        .op("madvise(pool view, MADV_DONTFORK)")?;
+        unsafe { rustix::mm::madvise(view as *mut c_void, len as usize, rustix::mm::Advice::LinuxDontFork) }
+            .op("madvise(pool view, MADV_DONTFORK)")?;
         Ok(MemfdPool { fd, view, slots })
     }
 

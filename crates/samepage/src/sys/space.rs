@@ -24,8 +24,8 @@ use super::uffd::{Uffd, UffdMode};
 use super::vma::VmaBudget;
 use super::SysError;
 use samepage_core::{
-    page_hash, Intent, IntentResult, PageRef, PageSpace, PageState, RegionId, Sample, Slot,
-    SpaceError, Target, PAGE_SIZE,
+    page_hash, Intent, IntentResult, PageRef, PageSpace, PageState, RegionId, Sample, Slot, SpaceError, Target,
+    PAGE_SIZE,
 };
 use std::collections::HashMap;
 
@@ -83,11 +83,7 @@ struct Window<'a> {
 
 impl Drop for Window<'_> {
     fn drop(&mut self) {
-        if self
-            .uffd
-            .write_protect(self.start, self.len, false)
-            .is_err()
-        {
+        if self.uffd.write_protect(self.start, self.len, false).is_err() {
             // Part of the range changed mappings (a run whose registration
             // failed): unprotect page by page, then wake the whole range.
             for p in (self.start..self.start + self.len).step_by(PAGE_SIZE) {
@@ -159,14 +155,7 @@ impl LinuxPageSpace {
     /// Registers `[base, base + npages pages)` with the userfaultfd.
     pub fn add_region(&mut self, id: RegionId, base: usize, npages: u64) -> Result<(), SysError> {
         self.uffd.register(base, npages as usize * PAGE_SIZE)?;
-        self.regions.insert(
-            id,
-            RegionMap {
-                base,
-                npages,
-                pool_vma: vec![0; npages.div_ceil(64) as usize],
-            },
-        );
+        self.regions.insert(id, RegionMap { base, npages, pool_vma: vec![0; npages.div_ceil(64) as usize] });
         Ok(())
     }
 
@@ -195,11 +184,7 @@ impl LinuxPageSpace {
         if self.uffd.write_protect(start, len, true).is_err() {
             return; // results stay Failed; nothing changed
         }
-        let _window = Window {
-            uffd: &self.uffd,
-            start,
-            len,
-        };
+        let _window = Window { uffd: &self.uffd, start, len };
         // Compare, with writers held off.
         let mut equal = vec![false; idx.len()];
         for (k, &i) in idx.iter().enumerate() {
@@ -233,9 +218,7 @@ impl LinuxPageSpace {
                 b.page.index == a.page.index + 1
                     && match (a.target, b.target) {
                         (Target::Slot(x), Target::Slot(y)) => y.0 == x.0 + 1,
-                        (Target::Zero, Target::Zero) => {
-                            r.in_pool_vma(a.page.index) == r.in_pool_vma(b.page.index)
-                        }
+                        (Target::Zero, Target::Zero) => r.in_pool_vma(a.page.index) == r.in_pool_vma(b.page.index),
                         _ => false,
                     }
             } {
@@ -253,14 +236,8 @@ impl LinuxPageSpace {
                         // SAFETY: the run is write-protected and equals the
                         // pool slots byte for byte: replacing it changes no
                         // content the program can observe.
-                        match unsafe {
-                            mem::map_file_private_fixed(
-                                addr,
-                                rlen,
-                                self.pool.fd(),
-                                s.0 * PAGE_SIZE as u64,
-                            )
-                        } {
+                        match unsafe { mem::map_file_private_fixed(addr, rlen, self.pool.fd(), s.0 * PAGE_SIZE as u64) }
+                        {
                             Ok(()) => {
                                 self.budget.spent(2);
                                 r.set_pool_vma(from, to, true);
@@ -320,11 +297,7 @@ impl LinuxPageSpace {
         let tmp = unsafe { mem::map_anon(0, len, false) }?;
         let moved = (|| {
             self.uffd.write_protect(addr, len, true)?;
-            let _window = Window {
-                uffd: &self.uffd,
-                start: addr,
-                len,
-            };
+            let _window = Window { uffd: &self.uffd, start: addr, len };
             mem::populate_write(tmp, len)?;
             // SAFETY: `addr..+len` is registered memory, write-protected, so
             // it holds still; `tmp` is ours; both page aligned, no overlap.
@@ -339,10 +312,7 @@ impl LinuxPageSpace {
             let _ = unsafe { mem::unmap(tmp, len) };
         }
         moved?;
-        self.regions
-            .get_mut(&region)
-            .expect("region")
-            .set_pool_vma(from, to, false);
+        self.regions.get_mut(&region).expect("region").set_pool_vma(from, to, false);
         Ok(())
     }
 }
@@ -374,9 +344,7 @@ impl PageSpace for LinuxPageSpace {
                     // SAFETY: a present page of a registered region.
                     unsafe { mem::read_page(addr as *const u8, &mut self.buf) };
                     self.stats.pages_hashed += 1;
-                    PageState::Private {
-                        hash: page_hash(&self.buf.0),
-                    }
+                    PageState::Private { hash: page_hash(&self.buf.0) }
                 };
                 out.push(Sample { index, state });
             }
@@ -435,11 +403,7 @@ impl PageSpace for LinuxPageSpace {
             }
         }
         // Zero pages in anonymous memory: made private in place.
-        let zero: Vec<u64> = pages
-            .iter()
-            .copied()
-            .filter(|&p| !r.in_pool_vma(p))
-            .collect();
+        let zero: Vec<u64> = pages.iter().copied().filter(|&p| !r.in_pool_vma(p)).collect();
         for (from, to) in pool_runs {
             self.unmerge_pool_run(region, from, to)?;
         }

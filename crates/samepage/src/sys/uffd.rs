@@ -67,10 +67,7 @@ unsafe impl<const OPCODE: Opcode, T> Ioctl for Call<'_, OPCODE, T> {
 ///
 /// # Safety
 /// `T` must be the argument type the kernel expects for `OPCODE`.
-pub(crate) unsafe fn call<const OPCODE: Opcode, T>(
-    fd: impl AsFd,
-    arg: &mut T,
-) -> rustix::io::Result<IoctlOutput> {
+pub(crate) unsafe fn call<const OPCODE: Opcode, T>(fd: impl AsFd, arg: &mut T) -> rustix::io::Result<IoctlOutput> {
     // SAFETY: the caller guarantees `T` matches `OPCODE`; `arg` is valid for
     // reads and writes for the duration of the call.
     unsafe { ioctl::ioctl(fd, Call::<OPCODE, T> { arg }) }
@@ -112,8 +109,7 @@ impl Uffd {
             // argument itself; rustix passes `as_ptr()` through unchanged, so
             // we hand the value cast to a pointer, never dereferenced. It
             // returns a new file descriptor, which we take ownership of.
-            let r =
-                unsafe { ioctl::ioctl(&dev, IntArg::<USERFAULTFD_IOC_NEW>(arg as *mut c_void)) };
+            let r = unsafe { ioctl::ioctl(&dev, IntArg::<USERFAULTFD_IOC_NEW>(arg as *mut c_void)) };
             match r {
                 // SAFETY: a successful USERFAULTFD_IOC_NEW returns a fresh fd that nothing else owns.
                 Ok(fd) => {
@@ -162,10 +158,7 @@ impl Uffd {
     /// Registers `[start, start+len)` for write-protect faults.
     pub fn register(&self, start: usize, len: usize) -> Result<(), SysError> {
         let mut reg = g::uffdio_register {
-            range: g::uffdio_range {
-                start: start as u64,
-                len: len as u64,
-            },
+            range: g::uffdio_range { start: start as u64, len: len as u64 },
             mode: g::UFFDIO_REGISTER_MODE_WP as u64,
             ioctls: 0,
         };
@@ -176,13 +169,9 @@ impl Uffd {
 
     /// Unregisters a range.
     pub fn unregister(&self, start: usize, len: usize) -> Result<(), SysError> {
-        let mut range = g::uffdio_range {
-            start: start as u64,
-            len: len as u64,
-        };
+        let mut range = g::uffdio_range { start: start as u64, len: len as u64 };
         // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`.
-        unsafe { call::<UFFDIO_UNREGISTER, _>(&self.fd, &mut range) }
-            .op("ioctl(UFFDIO_UNREGISTER)")?;
+        unsafe { call::<UFFDIO_UNREGISTER, _>(&self.fd, &mut range) }.op("ioctl(UFFDIO_UNREGISTER)")?;
         Ok(())
     }
 
@@ -190,28 +179,17 @@ impl Uffd {
     /// the writers that faulted on it.
     pub fn write_protect(&self, start: usize, len: usize, protect: bool) -> Result<(), SysError> {
         let mut wp = g::uffdio_writeprotect {
-            range: g::uffdio_range {
-                start: start as u64,
-                len: len as u64,
-            },
-            mode: if protect {
-                UFFDIO_WRITEPROTECT_MODE_WP
-            } else {
-                0
-            },
+            range: g::uffdio_range { start: start as u64, len: len as u64 },
+            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
         };
         // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`.
-        unsafe { call::<UFFDIO_WRITEPROTECT, _>(&self.fd, &mut wp) }
-            .op("ioctl(UFFDIO_WRITEPROTECT)")?;
+        unsafe { call::<UFFDIO_WRITEPROTECT, _>(&self.fd, &mut wp) }.op("ioctl(UFFDIO_WRITEPROTECT)")?;
         Ok(())
     }
 
     /// Wakes writers waiting on a range (after the range was remapped).
     pub fn wake(&self, start: usize, len: usize) -> Result<(), SysError> {
-        let mut range = g::uffdio_range {
-            start: start as u64,
-            len: len as u64,
-        };
+        let mut range = g::uffdio_range { start: start as u64, len: len as u64 };
         // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
         unsafe { call::<UFFDIO_WAKE, _>(&self.fd, &mut range) }.op("ioctl(UFFDIO_WAKE)")?;
         Ok(())

@@ -12,17 +12,12 @@ use std::fs;
 
 /// Reads `vm.max_map_count`.
 pub fn max_map_count() -> u64 {
-    fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(65530)
+    fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
 }
 
 /// Counts this process's mappings (lines of `/proc/self/maps`).
 pub fn count_mappings() -> u64 {
-    fs::read("/proc/self/maps")
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
-        .unwrap_or(0)
+    fs::read("/proc/self/maps").map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64).unwrap_or(0)
 }
 
 /// How many mappings the engine may still create.

@@ -28,14 +28,7 @@ pub fn fast(max_page_sharing: u32, use_zero_pages: bool) -> Tunables {
 /// Waits until the counters have not changed for `quiet` full scans (at least 3 scans).
 pub fn converge(engine: &Engine, quiet: u64) -> Counters {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let key = |c: &Counters| {
-        (
-            c.pages_shared,
-            c.pages_sharing,
-            c.ksm_zero_pages,
-            c.pages_unshared,
-        )
-    };
+    let key = |c: &Counters| (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared);
     let mut last = engine.counters().unwrap();
     let mut since = last.full_scans;
     loop {
@@ -96,16 +89,8 @@ pub fn pool_mappings_in(start: usize, end: usize) -> usize {
     text.lines()
         .filter(|l| l.contains("samepage-pool"))
         .filter(|l| {
-            let (a, b) = l
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .split_once('-')
-                .unwrap();
-            let (a, b) = (
-                usize::from_str_radix(a, 16).unwrap(),
-                usize::from_str_radix(b, 16).unwrap(),
-            );
+            let (a, b) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
             a < end && start < b
         })
         .count()
