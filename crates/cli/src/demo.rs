@@ -1,17 +1,17 @@
 //! `samepage demo`.
 
 use crate::workload::{Workload, PAGE};
+use crate::measure::{anon_shmem, converge};
 use crate::{sysctl, UsageError};
 use anyhow::{Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use samepage::kernel::KernelKsm;
 use samepage::sys::mapping::AnonMapping;
 use samepage::{procfs, Counters, Engine, Run, Tunables, UffdMode};
 use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -59,7 +59,7 @@ pub struct DemoArgs {
     json: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mul) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         None => (t, 1u64),
@@ -98,44 +98,6 @@ struct Outcome {
     integrity_bad_pages: u64,
 }
 
-/// Polls until the counters hold still for two full scans; returns the time
-/// and CPU at the last change.
-fn converge(
-    timeout: Duration,
-    json: bool,
-    mut poll: impl FnMut() -> Result<((u64, u64, u64, u64), u64, Duration)>,
-) -> Result<(Duration, Duration)> {
-    let bar = if json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
-    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
-    bar.enable_steady_tick(Duration::from_millis(100));
-    let start = Instant::now();
-    let (mut last, mut scans_at_change, _) = poll()?;
-    let (mut t_change, mut cpu_change) = (Duration::ZERO, Duration::ZERO);
-    loop {
-        std::thread::sleep(Duration::from_millis(10));
-        let (key, scans, cpu) = poll()?;
-        if key != last {
-            last = key;
-            scans_at_change = scans;
-            t_change = start.elapsed();
-            cpu_change = cpu;
-        }
-        bar.set_message(format!(
-            "full_scans {scans}  pages_shared {}  pages_sharing {}  ksm_zero_pages {}  pages_unshared {}",
-            key.0, key.1, key.2, key.3
-        ));
-        if scans >= scans_at_change + 2 && scans >= 3 {
-            break;
-        }
-        if start.elapsed() > timeout {
-            bar.finish_and_clear();
-            anyhow::bail!("no convergence after {timeout:?}: counters still changing");
-        }
-    }
-    bar.finish_and_clear();
-    Ok((t_change, cpu_change))
-}
-
 fn key(c: &Counters) -> (u64, u64, u64, u64) {
     (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared)
 }
@@ -159,9 +121,6 @@ fn check(w: &Workload, read: impl Fn(usize, &mut [u8; PAGE])) -> u64 {
     bad
 }
 
-fn anon_shmem() -> (u64, u64) {
-    (procfs::meminfo("AnonPages").unwrap_or(0), procfs::meminfo("Shmem").unwrap_or(0))
-}
 
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&a.vma_share) {

@@ -1,6 +1,8 @@
 //! `samepage`: the userspace KSM engine's command line.
 
+mod bench;
 mod demo;
+mod measure;
 mod sysctl;
 mod workload;
 
@@ -23,6 +25,8 @@ enum Cmd {
     /// Build a workload in mergeable memory, merge it at full speed, and
     /// report counters, memory freed (as /proc reports it), time, CPU, integrity.
     Demo(demo::DemoArgs),
+    /// samepage against the kernel's ksmd on identical content, side by side.
+    Bench(bench::BenchArgs),
 }
 
 /// A bad value on the command line or in its inputs: exit status 2.
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     match r {
         Ok(code) => code,

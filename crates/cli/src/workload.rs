@@ -6,7 +6,7 @@ use std::path::PathBuf;
 pub const PAGE: usize = 4096;
 
 /// What one page holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Content {
     Zero,
     /// Generated from a seed: equal ids give equal pages.

@@ -17,6 +17,8 @@ pub struct Counters {
     pub pages_volatile: u64,
     /// Pages visited since the engine started.
     pub pages_scanned: u64,
+    /// Visits smart_scan skipped (pages that kept failing to merge).
+    pub pages_skipped: u64,
     /// Full passes over every registered region.
     pub full_scans: u64,
     /// Chains: stable contents that needed more than one copy because of `max_page_sharing`.
@@ -70,6 +72,7 @@ impl Counters {
             ("pages_unshared", self.pages_unshared as i64),
             ("pages_volatile", self.pages_volatile as i64),
             ("pages_scanned", self.pages_scanned as i64),
+            ("pages_skipped", self.pages_skipped as i64),
             ("full_scans", self.full_scans as i64),
             ("stable_node_chains", self.stable_node_chains as i64),
             ("stable_node_dups", self.stable_node_dups as i64),

@@ -77,6 +77,36 @@ impl RmapItem {
         }
     }
 
+    /// smart_scan's age of a page in no tree or the unstable tree: how many
+    /// times it was visited without merging (saturating at 255).
+    pub fn age(&self) -> u8 {
+        (self.age_bits() & 0xff) as u8
+    }
+
+    /// smart_scan's visits still to skip.
+    pub fn remaining_skips(&self) -> u8 {
+        (self.age_bits() >> 8 & 0xff) as u8
+    }
+
+    /// The item with smart_scan's age and skips set (only [`Link::Seen`] and
+    /// [`Link::Unstable`] items keep them; other links have no room).
+    pub fn with_age(self, age: u8, remaining_skips: u8) -> Self {
+        match self.link() {
+            Link::Seen | Link::Unstable => RmapItem {
+                oldchecksum: self.oldchecksum,
+                link: (self.link & !PAYLOAD) | age as u32 | (remaining_skips as u32) << 8,
+            },
+            _ => self,
+        }
+    }
+
+    pub(crate) fn age_bits(&self) -> u32 {
+        match self.link() {
+            Link::Seen | Link::Unstable => self.link & PAYLOAD,
+            _ => 0,
+        }
+    }
+
     /// Whether this counts as an rmap item (the kernel's `ksm_rmap_items`).
     pub fn is_rmap_item(&self) -> bool {
         matches!(self.link(), Link::Seen | Link::Unstable | Link::Stable(_))
@@ -187,6 +217,14 @@ mod tests {
         ] {
             assert_eq!(RmapItem::new(7, link).link(), link);
         }
+    }
+
+    #[test]
+    fn age_lives_beside_the_link() {
+        let it = RmapItem::new(5, Link::Seen).with_age(7, 3);
+        assert_eq!((it.link(), it.age(), it.remaining_skips(), it.oldchecksum), (Link::Seen, 7, 3, 5));
+        let st = RmapItem::new(5, Link::Stable(NodeId(9))).with_age(7, 3);
+        assert_eq!((st.link(), st.age()), (Link::Stable(NodeId(9)), 0));
     }
 
     #[test]

@@ -345,9 +345,10 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             self.forget_absent(region, start, walk_end, &samples);
             for s in &samples {
                 budget = budget.saturating_sub(1);
-                report.pages_scanned += 1;
-                self.c.pages_scanned += 1;
-                self.visit(space, PageRef { region, index: s.index }, s.state);
+                if self.visit(space, PageRef { region, index: s.index }, s.state) {
+                    report.pages_scanned += 1;
+                    self.c.pages_scanned += 1;
+                }
             }
             self.samples = samples;
             if walk_end >= npages {
@@ -416,7 +417,8 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         }
     }
 
-    fn visit(&mut self, space: &mut impl PageSpace, page: PageRef, state: PageState) {
+    /// Visits one present page; returns false if smart_scan skipped it.
+    fn visit(&mut self, space: &mut impl PageSpace, page: PageRef, state: PageState) -> bool {
         let item = self.item(page);
         match (item.link(), state) {
             (Link::Stable(_), PageState::Pool) | (Link::Zero, PageState::ZeroPfn) => {}
@@ -424,21 +426,67 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                 // Written since the merge (copy-on-write): the mapping is gone.
                 self.node_dec(n);
                 self.relink(page, RmapItem::new(item.oldchecksum, Link::Seen));
-                if let PageState::Private { hash } = state {
-                    self.cmp_and_merge_page(space, page, hash);
+                if state == PageState::Private {
+                    self.hash_and_merge(space, page);
                 } else {
                     self.relink(page, RmapItem::default());
                 }
             }
-            (Link::Zero, PageState::Private { hash }) => {
+            (Link::Zero, PageState::Private) => {
                 self.relink(page, RmapItem::default());
-                self.cmp_and_merge_page(space, page, hash);
+                self.hash_and_merge(space, page);
             }
-            (_, PageState::Private { hash }) => self.cmp_and_merge_page(space, page, hash),
+            (_, PageState::Private) => {
+                if self.should_skip(page, item) {
+                    return false;
+                }
+                self.hash_and_merge(space, page);
+            }
             // Zero pfn the engine did not place (read but never written
             // memory) is skipped, as the kernel skips it; a pool mapping the
             // engine does not know of is left alone.
             (_, PageState::ZeroPfn) | (_, PageState::Pool) => self.relink(page, RmapItem::default()),
+        }
+        true
+    }
+
+    /// smart_scan (Linux 6.7's `should_skip_rmap_item`): a page visited three
+    /// times without merging is skipped for 1, 2, 4, then 8 visits in a row
+    /// as it keeps failing; a merge resets its age.
+    fn should_skip(&mut self, page: PageRef, item: RmapItem) -> bool {
+        if !self.tunables.smart_scan || item.link() == Link::None {
+            return false;
+        }
+        let (age, skips) = (item.age(), item.remaining_skips());
+        let older = age.saturating_add(1);
+        if age < 3 {
+            self.relink(page, item.with_age(older, skips));
+            return false;
+        }
+        if skips == 0 {
+            let next = match age {
+                0..=3 => 1,
+                4..=5 => 2,
+                6..=8 => 4,
+                _ => 8,
+            };
+            self.relink(page, item.with_age(older, next));
+            return false;
+        }
+        self.c.pages_skipped += 1;
+        // Skipped pages leave the unstable tree, as the kernel's do.
+        let link = if item.link() == Link::Unstable { Link::Seen } else { item.link() };
+        self.relink(page, RmapItem::new(item.oldchecksum, link).with_age(older, skips - 1));
+        true
+    }
+
+    fn hash_and_merge(&mut self, space: &mut impl PageSpace, page: PageRef) {
+        match space.hash_page(page) {
+            Ok(hash) => self.cmp_and_merge_page(space, page, hash),
+            Err(_) => {
+                self.c.merge_errors += 1;
+                self.relink(page, RmapItem::default());
+            }
         }
     }
 

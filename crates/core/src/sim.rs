@@ -146,7 +146,7 @@ impl PageSpace for SimPageSpace {
                 SimPage::Absent => continue,
                 SimPage::ZeroPfn | SimPage::KsmZero => PageState::ZeroPfn,
                 SimPage::Pool(_) => PageState::Pool,
-                SimPage::Private(b) => PageState::Private { hash: page_hash(&b[..]) },
+                SimPage::Private(_) => PageState::Private,
             };
             if found == max_present {
                 return Ok(i);
@@ -155,6 +155,11 @@ impl PageSpace for SimPageSpace {
             found += 1;
         }
         Ok(end)
+    }
+
+    fn hash_page(&mut self, page: PageRef) -> Result<u64, SpaceError> {
+        let pages = self.regions.get(&page.region).ok_or(SpaceError::UnknownRegion(page.region))?;
+        Ok(page_hash(&self.content(&pages[page.index as usize])))
     }
 
     fn fill_slot(&mut self, page: PageRef, slot: Slot) -> Result<u64, SpaceError> {

@@ -21,11 +21,9 @@ pub enum PageState {
     ZeroPfn,
     /// A stable pool page is mapped and has not been written since.
     Pool,
-    /// A private page, with the hash of the content read.
-    Private {
-        /// [`crate::page_hash`] of the page's content.
-        hash: u64,
-    },
+    /// A private page (its content is read only if the scanner asks, with
+    /// [`PageSpace::hash_page`]).
+    Private,
 }
 
 /// One sampled page.
@@ -103,6 +101,9 @@ pub trait PageSpace {
         max_present: usize,
         out: &mut Vec<Sample>,
     ) -> Result<u64, SpaceError>;
+
+    /// The [`crate::page_hash`] of a page's current content.
+    fn hash_page(&mut self, page: PageRef) -> Result<u64, SpaceError>;
 
     /// Copies the current content of `page` into the empty pool `slot`, and
     /// returns the hash of what was copied (a racing writer can make it differ

@@ -89,6 +89,9 @@ pub struct Tunables {
     pub use_zero_pages: bool,
     /// `stable_node_chains_prune_millisecs`: how often stale dups are pruned (default 2000).
     pub stable_node_chains_prune_millisecs: u32,
+    /// `smart_scan`: skip pages that keep failing to merge, for a growing
+    /// number of scans (default true, as since Linux 6.7).
+    pub smart_scan: bool,
 }
 
 impl Default for Tunables {
@@ -100,6 +103,7 @@ impl Default for Tunables {
             max_page_sharing: 256,
             use_zero_pages: false,
             stable_node_chains_prune_millisecs: 2000,
+            smart_scan: true,
         }
     }
 }
@@ -147,6 +151,7 @@ impl Tunables {
                 next.max_page_sharing = n as u32;
             }
             "use_zero_pages" => next.use_zero_pages = parse_bool("use_zero_pages", v)?,
+            "smart_scan" => next.smart_scan = parse_bool("smart_scan", v)?,
             "stable_node_chains_prune_millisecs" => {
                 next.stable_node_chains_prune_millisecs = parse_u32("stable_node_chains_prune_millisecs", v)?
             }

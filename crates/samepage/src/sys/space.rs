@@ -182,7 +182,13 @@ impl LinuxPageSpace {
         let (start, len) = (r.addr(first), (last - first + 1) as usize * PAGE_SIZE);
         self.stats.write_protects += 2;
         if self.uffd.write_protect(start, len, true).is_err() {
-            return; // results stay Failed; nothing changed
+            // Mappings made since the region was registered are registered
+            // lazily: register the whole region (whole mappings, so nothing
+            // splits) and try once more.
+            let (base, bytes) = (r.base, r.npages as usize * PAGE_SIZE);
+            if self.uffd.register(base, bytes).is_err() || self.uffd.write_protect(start, len, true).is_err() {
+                return; // results stay Failed; nothing changed
+            }
         }
         let _window = Window { uffd: &self.uffd, start, len };
         // Compare, with writers held off.
@@ -239,10 +245,10 @@ impl LinuxPageSpace {
                         match unsafe { mem::map_file_private_fixed(addr, rlen, self.pool.fd(), s.0 * PAGE_SIZE as u64) }
                         {
                             Ok(()) => {
+                                // Not registered with the userfaultfd yet: that
+                                // happens lazily, if it is ever protected again.
                                 self.budget.spent(2);
                                 r.set_pool_vma(from, to, true);
-                                // The new mapping must be registered to be protected again later.
-                                let _ = self.uffd.register(addr, rlen);
                                 Ok(())
                             }
                             Err(_) => Err(IntentResult::Failed),
@@ -259,7 +265,6 @@ impl LinuxPageSpace {
                             Ok(_) => {
                                 self.budget.spent(2);
                                 r.set_pool_vma(from, to, false);
-                                let _ = self.uffd.register(addr, rlen);
                                 Ok(())
                             }
                             Err(_) => Err(IntentResult::Failed),
@@ -295,8 +300,12 @@ impl LinuxPageSpace {
         let (addr, len) = (r.addr(from), (to - from) as usize * PAGE_SIZE);
         // SAFETY: a fresh private mapping that only this function uses.
         let tmp = unsafe { mem::map_anon(0, len, false) }?;
+        let region_range = (r.base, r.npages as usize * PAGE_SIZE);
         let moved = (|| {
-            self.uffd.write_protect(addr, len, true)?;
+            if self.uffd.write_protect(addr, len, true).is_err() {
+                self.uffd.register(region_range.0, region_range.1)?;
+                self.uffd.write_protect(addr, len, true)?;
+            }
             let _window = Window { uffd: &self.uffd, start: addr, len };
             mem::populate_write(tmp, len)?;
             // SAFETY: `addr..+len` is registered memory, write-protected, so
@@ -341,15 +350,20 @@ impl PageSpace for LinuxPageSpace {
                 } else if run.categories & PAGE_IS_FILE != 0 {
                     PageState::Pool
                 } else {
-                    // SAFETY: a present page of a registered region.
-                    unsafe { mem::read_page(addr as *const u8, &mut self.buf) };
-                    self.stats.pages_hashed += 1;
-                    PageState::Private { hash: page_hash(&self.buf.0) }
+                    PageState::Private
                 };
                 out.push(Sample { index, state });
             }
         }
         Ok(((walk_end - base) / PAGE_SIZE) as u64)
+    }
+
+    fn hash_page(&mut self, page: PageRef) -> Result<u64, SpaceError> {
+        let addr = self.region(page.region)?.addr(page.index);
+        // SAFETY: a page of a registered region, mapped while registered.
+        unsafe { mem::read_page(addr as *const u8, &mut self.buf) };
+        self.stats.pages_hashed += 1;
+        Ok(page_hash(&self.buf.0))
     }
 
     fn fill_slot(&mut self, page: PageRef, slot: Slot) -> Result<u64, SpaceError> {

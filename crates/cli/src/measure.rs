@@ -1,0 +1,61 @@
+//! Measurements shared by `demo` and `bench`.
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use samepage::procfs;
+use std::time::{Duration, Instant};
+
+/// Polls until the counters hold still for two full scans; returns the time
+/// and CPU at the last change.
+pub fn converge(
+    timeout: Duration,
+    json: bool,
+    mut poll: impl FnMut() -> Result<((u64, u64, u64, u64), u64, Duration)>,
+) -> Result<(Duration, Duration)> {
+    let bar = if json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let start = Instant::now();
+    let (mut last, mut scans_at_change, _) = poll()?;
+    let (mut t_change, mut cpu_change) = (Duration::ZERO, Duration::ZERO);
+    loop {
+        std::thread::sleep(Duration::from_millis(10));
+        let (key, scans, cpu) = poll()?;
+        if key != last {
+            last = key;
+            scans_at_change = scans;
+            t_change = start.elapsed();
+            cpu_change = cpu;
+        }
+        bar.set_message(format!(
+            "full_scans {scans}  pages_shared {}  pages_sharing {}  ksm_zero_pages {}  pages_unshared {}",
+            key.0, key.1, key.2, key.3
+        ));
+        if scans >= scans_at_change + 2 && scans >= 3 {
+            break;
+        }
+        if start.elapsed() > timeout {
+            bar.finish_and_clear();
+            anyhow::bail!("no convergence after {timeout:?}: counters still changing");
+        }
+    }
+    bar.finish_and_clear();
+    Ok((t_change, cpu_change))
+}
+
+/// `AnonPages` and `Shmem` from /proc/meminfo, in bytes.
+pub fn anon_shmem() -> (u64, u64) {
+    (procfs::meminfo("AnonPages").unwrap_or(0), procfs::meminfo("Shmem").unwrap_or(0))
+}
+
+/// Bytes of `vm_area_struct` slab in use (/proc/slabinfo, root only; 0 if unreadable).
+pub fn vma_slab_bytes() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/slabinfo") else { return 0 };
+    text.lines()
+        .find(|l| l.starts_with("vm_area_struct "))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(f.get(1)?.parse::<u64>().ok()? * f.get(3)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
