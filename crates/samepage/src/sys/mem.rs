@@ -2,8 +2,11 @@
 //!
 //! Registered memory belongs to the program: any of its threads may write a
 //! page while the engine reads it. Such memory is never turned into a `&[u8]`
-//! (that would be a data race in Rust's model); it is read with volatile
-//! 8-byte loads into an engine-owned buffer, as rust-vmm's vm-memory does.
+//! (that would be a data race in Rust's model): a page is copied with a raw
+//! `copy_nonoverlapping` (memcpy) into an engine-owned buffer, and all hashing
+//! and comparing works on the copy. A copy that raced a writer may mix old and
+//! new bytes; the callers hash or compare again under write protection before
+//! anything merges.
 
 use super::{Op, SysError};
 use samepage_core::PAGE_SIZE;
@@ -33,48 +36,15 @@ impl PageBuf {
 /// whole call. Concurrent writes are allowed: the copy may then mix old and
 /// new bytes, which the callers detect by hashing or comparing again.
 pub unsafe fn read_page(src: *const u8, dst: &mut PageBuf) {
-    let s = src.cast::<u64>();
-    let d = dst.0.as_mut_ptr().cast::<u64>();
-    for i in 0..PAGE_SIZE / 8 {
-        // SAFETY: `src` is readable for PAGE_SIZE bytes and 8-aligned (page
-        // aligned), `d` is our own buffer of PAGE_SIZE bytes, page aligned.
-        unsafe { d.add(i).write(s.add(i).read_volatile()) };
-    }
+    // SAFETY: `src` is readable for PAGE_SIZE bytes (caller), `dst` is our
+    // own buffer of PAGE_SIZE bytes; they cannot overlap (ours is on the heap,
+    // theirs in a registered region).
+    unsafe { std::ptr::copy_nonoverlapping(src, dst.0.as_mut_ptr(), PAGE_SIZE) };
 }
 
-/// Whether the page at `p` equals `content`, read with volatile loads.
-///
-/// # Safety
-/// As [`read_page`].
-pub unsafe fn page_equals(p: *const u8, content: &PageBuf) -> bool {
-    let s = p.cast::<u64>();
-    let c = content.0.as_ptr().cast::<u64>();
-    let mut diff = 0u64;
-    for i in 0..PAGE_SIZE / 8 {
-        // SAFETY: as in `read_page`.
-        diff |= unsafe { s.add(i).read_volatile() ^ c.add(i).read() };
-        if i % 64 == 63 && diff != 0 {
-            return false;
-        }
-    }
-    diff == 0
-}
-
-/// Whether the page at `p` is all zeros, read with volatile loads.
-///
-/// # Safety
-/// As [`read_page`].
-pub unsafe fn page_is_zero(p: *const u8) -> bool {
-    let s = p.cast::<u64>();
-    let mut acc = 0u64;
-    for i in 0..PAGE_SIZE / 8 {
-        // SAFETY: as in `read_page`.
-        acc |= unsafe { s.add(i).read_volatile() };
-        if i % 64 == 63 && acc != 0 {
-            return false;
-        }
-    }
-    acc == 0
+/// Whether a buffer is all zeros.
+pub fn is_zero(buf: &PageBuf) -> bool {
+    buf.0.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
 /// Copies `len` bytes from `src` to `dst` with volatile 8-byte loads and stores.

@@ -88,6 +88,14 @@ impl MemfdPool {
         h
     }
 
+    /// The bytes of a filled slot.
+    pub fn slot_bytes(&self, slot: Slot) -> &[u8] {
+        // SAFETY: inside our view; a filled pool page is never written again
+        // (only `fill` writes, into empty slots, through `&mut self`, which
+        // cannot happen while this borrow lives).
+        unsafe { std::slice::from_raw_parts(self.slot_addr(slot) as *const u8, PAGE_SIZE) }
+    }
+
     /// Reads a slot into `buf`.
     pub fn read(&self, slot: Slot, buf: &mut PageBuf) {
         // SAFETY: the slot lies inside our view and pool pages are never

@@ -103,7 +103,6 @@ pub struct LinuxPageSpace {
     pagemap: PageMap,
     budget: VmaBudget,
     buf: Box<PageBuf>,
-    buf2: Box<PageBuf>,
     runs: Vec<pagemap::Run>,
     order: Vec<usize>,
     stats: SpaceStats,
@@ -120,7 +119,6 @@ impl LinuxPageSpace {
             pagemap: PageMap::open()?,
             budget: VmaBudget::new(vma_share),
             buf: PageBuf::new(),
-            buf2: PageBuf::new(),
             runs: Vec::new(),
             order: Vec::new(),
             stats: SpaceStats::default(),
@@ -195,16 +193,12 @@ impl LinuxPageSpace {
         let mut equal = vec![false; idx.len()];
         for (k, &i) in idx.iter().enumerate() {
             let addr = r.addr(intents[i].page.index) as *const u8;
+            // SAFETY: `addr` is a page of a registered region (the program
+            // keeps it mapped while registered), write-protected: it holds still.
+            unsafe { mem::read_page(addr, &mut self.buf) };
             equal[k] = match intents[i].target {
-                Target::Slot(s) => {
-                    self.pool.read(s, &mut self.buf);
-                    // SAFETY: `addr` is a page of a registered region (the
-                    // program keeps it mapped while registered), and it is
-                    // write-protected, so it cannot change under the compare.
-                    unsafe { mem::page_equals(addr, &self.buf) }
-                }
-                // SAFETY: as above.
-                Target::Zero => unsafe { mem::page_is_zero(addr) },
+                Target::Slot(s) => self.buf.0[..] == *self.pool.slot_bytes(s),
+                Target::Zero => mem::is_zero(&self.buf),
             };
             if !equal[k] {
                 results[i] = IntentResult::Mismatch;
@@ -440,8 +434,6 @@ impl PageSpace for LinuxPageSpace {
     }
 
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {
-        self.pool.read(a, &mut self.buf);
-        self.pool.read(b, &mut self.buf2);
-        Ok(self.buf.0 == self.buf2.0)
+        Ok(self.pool.slot_bytes(a) == self.pool.slot_bytes(b))
     }
 }
