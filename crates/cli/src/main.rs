@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod measure;
 mod sysctl;
+mod torture;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// samepage against the kernel's ksmd on identical content, side by side.
     Bench(bench::BenchArgs),
+    /// Merge at full speed while threads, the kernel and forked children
+    /// write, regions come and go and run changes; check every byte.
+    Torture(torture::TortureArgs),
 }
 
 /// A bad value on the command line or in its inputs: exit status 2.
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Torture(a) => torture::run(a),
     };
     match r {
         Ok(code) => code,

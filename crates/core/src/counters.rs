@@ -36,6 +36,13 @@ pub struct Counters {
     /// Bytes of engine metadata (rmap item chunks, stable nodes, indexes):
     /// what `general_profit` charges, honestly counted from allocations.
     pub metadata_bytes: u64,
+    /// Pages merged (into a stable page or the zero page) since the engine started.
+    pub merges: u64,
+    /// Merged pages made private again by unmerging (`run = 2`, unregister).
+    pub unmerges: u64,
+    /// Merged pages found written since their merge: copy-on-write faults
+    /// the scanner has seen.
+    pub cow_faults: u64,
     /// Merges the page space refused for the VMA budget (`vm.max_map_count` headroom).
     pub vma_budget_skips: u64,
     /// Merges attempted whose full compare failed (the page changed in between).
@@ -80,6 +87,9 @@ impl Counters {
             ("general_profit", self.general_profit),
             ("rmap_items", self.rmap_items as i64),
             ("metadata_bytes", self.metadata_bytes as i64),
+            ("merges", self.merges as i64),
+            ("unmerges", self.unmerges as i64),
+            ("cow_faults", self.cow_faults as i64),
             ("vma_budget_skips", self.vma_budget_skips as i64),
             ("merge_races", self.merge_races as i64),
             ("merge_errors", self.merge_errors as i64),

@@ -191,6 +191,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         if !merged.is_empty() {
             space.unmerge(id, &merged)?;
         }
+        self.c.unmerges += merged.len() as u64;
         for index in merged {
             let page = PageRef { region: id, index };
             let item = self.item(page);
@@ -424,6 +425,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             (Link::Stable(_), PageState::Pool) | (Link::Zero, PageState::ZeroPfn) => {}
             (Link::Stable(n), _) => {
                 // Written since the merge (copy-on-write): the mapping is gone.
+                self.c.cow_faults += 1;
                 self.node_dec(n);
                 self.relink(page, RmapItem::new(item.oldchecksum, Link::Seen));
                 if state == PageState::Private {
@@ -433,6 +435,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                 }
             }
             (Link::Zero, PageState::Private) => {
+                self.c.cow_faults += 1;
                 self.relink(page, RmapItem::default());
                 self.hash_and_merge(space, page);
             }
@@ -598,6 +601,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             for ((intent, p), r) in intents.iter().zip(&pending).zip(&results) {
                 if *r == IntentResult::Merged {
                     report.merged += 1;
+                    self.c.merges += 1;
                     continue;
                 }
                 match r {
@@ -621,13 +625,19 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     }
 
     fn free_dead_slots(&mut self, space: &mut impl PageSpace) {
-        for slot in std::mem::take(&mut self.dead_slots) {
-            match space.release_slot(slot) {
-                Ok(true) => {
-                    self.pool.free(slot);
-                    self.c.pool_slots_freed += 1;
-                }
-                Ok(false) | Err(_) => self.deferred_slots.push(slot),
+        if self.dead_slots.is_empty() {
+            return;
+        }
+        let dead = std::mem::take(&mut self.dead_slots);
+        let mut freed = Vec::with_capacity(dead.len());
+        space.release_slots(&dead, &mut freed);
+        freed.resize(dead.len(), false);
+        for (slot, ok) in dead.into_iter().zip(freed) {
+            if ok {
+                self.pool.free(slot);
+                self.c.pool_slots_freed += 1;
+            } else {
+                self.deferred_slots.push(slot);
             }
         }
     }

@@ -229,13 +229,15 @@ impl PageSpace for SimPageSpace {
         Ok(())
     }
 
-    fn release_slot(&mut self, slot: Slot) -> Result<bool, SpaceError> {
-        let mapped = self.slot_mappings().contains_key(&slot) || self.foreign_maps.get(&slot).is_some_and(|&n| n > 0);
-        if mapped {
-            return Ok(false);
+    fn release_slots(&mut self, slots: &[Slot], freed: &mut Vec<bool>) {
+        let maps = self.slot_mappings();
+        for slot in slots {
+            let mapped = maps.contains_key(slot) || self.foreign_maps.get(slot).is_some_and(|&n| n > 0);
+            if !mapped {
+                self.pool.remove(slot);
+            }
+            freed.push(!mapped);
         }
-        self.pool.remove(&slot);
-        Ok(true)
     }
 
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {

@@ -121,10 +121,11 @@ pub trait PageSpace {
     /// the engine placed, in increasing order.
     fn unmerge(&mut self, region: RegionId, pages: &[u64]) -> Result<(), SpaceError>;
 
-    /// Frees a pool slot whose last known mapping is gone. Returns `false`
-    /// (and keeps the slot) when something the engine does not track, such as
-    /// a forked child, still maps it: freeing it then would lose data.
-    fn release_slot(&mut self, slot: Slot) -> Result<bool, SpaceError>;
+    /// Frees pool slots whose last known mapping is gone, writing one result
+    /// per slot into `freed`: `false` keeps the slot, when something the
+    /// engine does not track, such as a forked child, still maps it or may:
+    /// freeing it then would lose data.
+    fn release_slots(&mut self, slots: &[Slot], freed: &mut Vec<bool>);
 
     /// Whether two pool slots hold the same bytes (stable pages never change,
     /// so this needs no window).

@@ -193,3 +193,79 @@ fn fork_after_merge_gives_independent_memory() {
         assert!(buf == want, "page {i} changed by unmerge");
     }
 }
+
+/// A child forked after merging, which touches its memory only after the
+/// parent has written every merged page (so the engine wants to free the pool
+/// pages): the pool pages must stay, or the child would read zeros.
+#[test]
+fn pool_pages_outlive_a_forked_child_that_has_not_touched_them() {
+    let _g = serial();
+    let engine = Engine::new(fast(256, false)).unwrap();
+    let pages = 128;
+    let region = engine.alloc_region(pages * PAGE).unwrap();
+    for i in 0..pages {
+        region.write(i * PAGE, &content(i as u64 % 4)).unwrap();
+    }
+    let c = converge(&engine, 1);
+    assert_eq!(c.pages_shared, 4, "{c:?}");
+    let (r, w) = rustix::pipe::pipe().unwrap();
+    let base = region.as_ptr();
+    // SAFETY: the child blocks in read(2), then reads memory with raw
+    // pointers and leaves with _exit: no allocation, no locks.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        drop(w);
+        let mut b = [0u8; 1];
+        let _ = rustix::io::read(&r, &mut b);
+        let mut ok = true;
+        for i in 0..pages {
+            let want = content(i as u64 % 4);
+            for (j, x) in want.iter().enumerate() {
+                // SAFETY: the region, inherited from the parent.
+                ok &= unsafe { base.add(i * PAGE + j).read_volatile() } == *x;
+            }
+        }
+        // SAFETY: ends the child without the parent's destructors.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    drop(r);
+    // If an assertion fails below, the child must not wait forever.
+    struct Reap(libc::pid_t);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: our own child; killing and reaping it is harmless if it already exited.
+            unsafe {
+                libc::kill(self.0, libc::SIGKILL);
+                libc::waitpid(self.0, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+    let reap = Reap(pid);
+    // The parent writes every page: every stable page loses its last mapping here.
+    for i in 0..pages {
+        region.write(i * PAGE + 1, &[0x77]).unwrap();
+    }
+    let start = engine.counters().unwrap().full_scans;
+    while engine.counters().unwrap().full_scans < start + 3 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // (The written pages merge again, into new stable pages.)
+    let c = engine.counters().unwrap();
+    assert_eq!(c.pool_slots_pending, 4, "the four old pool pages wait for the child: {c:?}");
+    rustix::io::write(&w, &[1]).unwrap();
+    let mut status = 0;
+    // SAFETY: our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    std::mem::forget(reap);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "the child read lost pages");
+    // With the child gone, the next prune frees them.
+    let mut t = engine.tunables().unwrap();
+    t.stable_node_chains_prune_millisecs = 10;
+    engine.set_tunables(t).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while engine.counters().unwrap().pool_slots_pending > 0 {
+        assert!(std::time::Instant::now() < deadline, "slots never freed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -188,3 +188,20 @@ pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
     }
     Ok(out)
 }
+
+/// `read(2)` from `fd` straight into memory at `dst` (the kernel writes
+/// into the page for the program, as a real program's I/O does).
+pub fn read_into(fd: impl rustix::fd::AsFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
+    // SAFETY: the kernel checks the destination itself (EFAULT if unmapped);
+    // the slice is only handed to the syscall and never read by Rust code.
+    // Callers pass memory they own and that no Rust reference points to.
+    let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
+    rustix::io::read(fd, buf)
+}
+
+/// `recv(2)` from `fd` straight into memory at `dst`.
+pub fn recv_into(fd: impl rustix::fd::AsFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
+    // SAFETY: as in `read_into`.
+    let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
+    rustix::net::recv(fd, buf, rustix::net::RecvFlags::empty()).map(|(n, _)| n)
+}

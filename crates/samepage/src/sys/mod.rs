@@ -10,10 +10,12 @@
 //! * [`vma`]: the `vm.max_map_count` budget.
 //! * [`space`]: [`space::LinuxPageSpace`], the core's page space on real memory.
 
+pub mod forkguard;
 pub mod mapping;
 pub mod mem;
 pub mod pagemap;
 pub mod pool;
+pub mod process;
 pub mod space;
 pub mod uffd;
 pub mod vma;

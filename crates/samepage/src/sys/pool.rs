@@ -53,12 +53,20 @@ impl MemfdPool {
         // SAFETY: advice on our own mapping; DONTFORK keeps children from inheriting the view.
         unsafe { rustix::mm::madvise(view as *mut c_void, len as usize, rustix::mm::Advice::LinuxDontFork) }
             .op("madvise(pool view, MADV_DONTFORK)")?;
+        super::forkguard::install();
         Ok(MemfdPool { fd, view, slots })
     }
 
     /// The memfd, to map slots from.
     pub fn fd(&self) -> impl AsFd + '_ {
         &self.fd
+    }
+
+    /// How the pool's memfd appears in `/proc/PID/maps`: its name and inode,
+    /// to find other processes (forked children) that map it.
+    pub fn identity(&self) -> String {
+        let ino = rustix::fs::fstat(&self.fd).map(|st| st.st_ino).unwrap_or(0);
+        format!(" {ino} ")
     }
 
     /// Slots the pool holds.

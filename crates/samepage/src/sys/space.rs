@@ -429,8 +429,18 @@ impl PageSpace for LinuxPageSpace {
         Ok(())
     }
 
-    fn release_slot(&mut self, slot: Slot) -> Result<bool, SpaceError> {
-        Ok(self.pool.release(slot, &self.pagemap)?)
+    fn release_slots(&mut self, slots: &[Slot], freed: &mut Vec<bool>) {
+        // Forks wait while slots are freed, and slots stay while a child (or
+        // any descendant) still maps the pool: its mappings are invisible to
+        // the mapcount when the child has not touched the page yet.
+        let _no_fork = super::forkguard::hold();
+        if super::forkguard::descendants_map(&self.pool.identity()) {
+            freed.extend(slots.iter().map(|_| false));
+            return;
+        }
+        for &slot in slots {
+            freed.push(self.pool.release(slot, &self.pagemap).unwrap_or(false));
+        }
     }
 
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {

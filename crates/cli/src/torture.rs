@@ -1,0 +1,317 @@
+//! `samepage torture`: the engine at full speed over memory full of
+//! duplicates while threads, the kernel and forked children write into it,
+//! regions come and go and `run` moves between 0, 1 and 2. A shadow copy of
+//! every write is kept; every byte is compared at checkpoints and at the end.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use samepage::sys::mapping::AnonMapping;
+use samepage::{Counters, Engine, RegionId, Run, Tunables};
+use serde_json::json;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const PAGE: usize = 4096;
+
+#[derive(Args, Debug)]
+pub struct TortureArgs {
+    /// How long to run.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    seconds: u64,
+    /// Registered regions.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    regions: u64,
+    /// Pages per region.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..=1_048_576))]
+    pages: u64,
+    /// Writer threads (plain writes, read(2) and recv(2) into pages, forks).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
+    writers: u64,
+    /// max_page_sharing (small, so chains churn).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=i32::MAX as i64))]
+    max_page_sharing: u32,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A few contents every page starts from and returns to, so pages merge and re-merge.
+fn common(k: u64, out: &mut [u8; PAGE]) {
+    if k == 0 {
+        out.fill(0);
+    } else {
+        crate::workload::gen_page(0xC0FFEE + k, out);
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    writes: AtomicU64,
+    kernel_writes: AtomicU64,
+    forks: AtomicU64,
+    child_failures: AtomicU64,
+    corrupted_bytes: AtomicU64,
+    lost_writes: AtomicU64,
+    checkpoints: AtomicU64,
+    reregisters: AtomicU64,
+    run_changes: AtomicU64,
+    errors: Mutex<Vec<String>>,
+}
+
+struct Region {
+    mem: AnonMapping,
+    id: Mutex<Option<RegionId>>,
+}
+
+/// Compares this thread's pages with its shadow; returns (pages, bytes) that differ.
+fn verify(regions: &[Region], mine: &[(usize, usize)], shadow: &[[u8; PAGE]]) -> (u64, u64) {
+    let mut buf = [0u8; PAGE];
+    let (mut pages, mut bytes) = (0, 0);
+    for (k, &(r, p)) in mine.iter().enumerate() {
+        regions[r].mem.read(p * PAGE, &mut buf).expect("inside");
+        let bad = buf.iter().zip(&shadow[k]).filter(|(a, b)| a != b).count() as u64;
+        if bad > 0 {
+            pages += 1;
+            bytes += bad;
+        }
+    }
+    (pages, bytes)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn writer(t: u64, a: &TortureArgs, regions: &[Region], stop: &AtomicBool, tally: &Tally) {
+    let nthreads = a.writers as usize;
+    let mine: Vec<(usize, usize)> = (0..regions.len())
+        .flat_map(|r| (0..a.pages as usize).map(move |p| (r, p)))
+        .filter(|(r, p)| (r * 7 + p) % nthreads == t as usize)
+        .collect();
+    let mut shadow: Vec<[u8; PAGE]> = Vec::with_capacity(mine.len());
+    let mut buf = [0u8; PAGE];
+    for &(r, p) in &mine {
+        regions[r].mem.read(p * PAGE, &mut buf).expect("inside");
+        shadow.push(buf);
+    }
+    let mut rng = fastrand::Rng::with_seed(a.seed * 1000 + t);
+    let (pr, pw) = rustix::pipe::pipe().expect("pipe");
+    let (sa, sb) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::DGRAM,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .expect("socketpair");
+    let mut last_check = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let k = rng.usize(..mine.len());
+        let (r, p) = mine[k];
+        let base = regions[r].mem.as_ptr();
+        let op = rng.u8(..);
+        if op < 60 {
+            // Back to a common content: it merges again.
+            common(rng.u64(..6), &mut buf);
+            regions[r].mem.write(p * PAGE, &buf).expect("inside");
+            shadow[k] = buf;
+        } else if op < 200 {
+            let off = rng.usize(..PAGE - 16);
+            let len = rng.usize(1..16);
+            let mut data = [0u8; 16];
+            rng.fill(&mut data[..len]);
+            regions[r].mem.write(p * PAGE + off, &data[..len]).expect("inside");
+            shadow[k][off..off + len].copy_from_slice(&data[..len]);
+        } else if op < 250 {
+            // The kernel writes for us: read(2) from a pipe, recv(2) from a socket.
+            let off = rng.usize(..PAGE - 64);
+            let len = rng.usize(1..64);
+            let mut data = [0u8; 64];
+            rng.fill(&mut data[..len]);
+            // SAFETY-free: a raw destination inside the page this thread owns,
+            // handed to the kernel; no Rust reference to shared memory is made.
+            let dst = base as usize + p * PAGE + off;
+            let res = if op & 1 == 0 {
+                rustix::io::write(&pw, &data[..len]).and_then(|_| read_into(&pr, dst, len))
+            } else {
+                rustix::net::send(&sa, &data[..len], rustix::net::SendFlags::empty())
+                    .and_then(|_| recv_into(&sb, dst, len))
+            };
+            match res {
+                Ok(got) if got == len => {
+                    shadow[k][off..off + len].copy_from_slice(&data[..len]);
+                    tally.kernel_writes.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(got) => tally.errors.lock().unwrap().push(format!("short kernel write: {got} of {len}")),
+                Err(e) => tally.errors.lock().unwrap().push(format!("kernel write into a page failed: {e}")),
+            }
+        } else if op == 250 && t == 0 && rng.u8(..) < 8 {
+            fork_and_check(regions, &mine, &shadow, tally);
+        }
+        n += 1;
+        if n % 256 == 0 {
+            tally.writes.fetch_add(256, Ordering::Relaxed);
+        }
+        if last_check.elapsed() > Duration::from_secs(2) {
+            let (pages, bytes) = verify(regions, &mine, &shadow);
+            tally.lost_writes.fetch_add(pages, Ordering::Relaxed);
+            tally.corrupted_bytes.fetch_add(bytes, Ordering::Relaxed);
+            tally.checkpoints.fetch_add(1, Ordering::Relaxed);
+            if pages > 0 {
+                // Resynchronise so one loss is not counted again at every checkpoint.
+                for (k, &(r, p)) in mine.iter().enumerate() {
+                    regions[r].mem.read(p * PAGE, &mut shadow[k]).expect("inside");
+                }
+            }
+            last_check = Instant::now();
+        }
+    }
+    tally.writes.fetch_add(n % 256, Ordering::Relaxed);
+    let (pages, bytes) = verify(regions, &mine, &shadow);
+    tally.lost_writes.fetch_add(pages, Ordering::Relaxed);
+    tally.corrupted_bytes.fetch_add(bytes, Ordering::Relaxed);
+}
+
+fn read_into(fd: &rustix::fd::OwnedFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
+    samepage::sys::mem::read_into(fd, dst, len)
+}
+
+fn recv_into(fd: &rustix::fd::OwnedFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
+    samepage::sys::mem::recv_into(fd, dst, len)
+}
+
+/// Forks: the child checks this thread's pages against the shadow, writes
+/// to them and checks again; the parent's memory must not change.
+fn fork_and_check(regions: &[Region], mine: &[(usize, usize)], shadow: &[[u8; PAGE]], tally: &Tally) {
+    let targets: Vec<(usize, usize)> = mine.iter().map(|&(r, p)| (regions[r].mem.as_ptr() as usize, p)).collect();
+    match samepage::sys::process::fork_check(&targets, shadow) {
+        Ok(true) => {}
+        Ok(false) => {
+            tally.child_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tally.errors.lock().unwrap().push(format!("fork: {e}")),
+    }
+    tally.forks.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn run(a: TortureArgs) -> Result<ExitCode> {
+    let tunables = Tunables {
+        run: Run::Merge,
+        pages_to_scan: 8192,
+        sleep_millisecs: 0,
+        max_page_sharing: a.max_page_sharing,
+        use_zero_pages: true,
+        stable_node_chains_prune_millisecs: 200,
+        ..Tunables::default()
+    };
+    let engine = Engine::new(tunables)?;
+    let mut regions = Vec::new();
+    let mut buf = [0u8; PAGE];
+    for r in 0..a.regions {
+        let mem = AnonMapping::new(a.pages as usize * PAGE)?;
+        for p in 0..a.pages as usize {
+            common((r + p as u64) % 6, &mut buf);
+            mem.write(p * PAGE, &buf).expect("inside");
+        }
+        // SAFETY: the mapping lives until the end of this function and is
+        // unregistered before it is unmapped.
+        let id = unsafe { engine.register(mem.as_ptr(), mem.len()) }?;
+        regions.push(Region { mem, id: Mutex::new(Some(id)) });
+    }
+    let stop = AtomicBool::new(false);
+    let tally = Tally::default();
+    let mut peak = Counters::default();
+    let start = Instant::now();
+    let mut rng = fastrand::Rng::with_seed(a.seed);
+    std::thread::scope(|s| -> Result<()> {
+        for t in 0..a.writers {
+            let (a, regions, stop, tally) = (&a, &regions, &stop, &tally);
+            s.spawn(move || writer(t, a, regions, stop, tally));
+        }
+        let mut next_event = Instant::now();
+        while start.elapsed() < Duration::from_secs(a.seconds) {
+            std::thread::sleep(Duration::from_millis(20));
+            let c = engine.counters()?;
+            if c.pages_sharing + c.ksm_zero_pages > peak.pages_sharing + peak.ksm_zero_pages {
+                peak = c;
+            }
+            if Instant::now() < next_event {
+                continue;
+            }
+            next_event = Instant::now() + Duration::from_millis(300);
+            match rng.u8(..4) {
+                0 => {
+                    // A region leaves and comes back, while its pages are written.
+                    let r = &regions[rng.usize(..regions.len())];
+                    let mut id = r.id.lock().unwrap();
+                    if let Some(old) = id.take() {
+                        engine.unregister(old)?;
+                        // SAFETY: as at registration.
+                        *id = Some(unsafe { engine.register(r.mem.as_ptr(), r.mem.len()) }?);
+                        tally.reregisters.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                1 => {
+                    engine.set_run(Run::Stop)?;
+                    std::thread::sleep(Duration::from_millis(20));
+                    engine.set_run(Run::Merge)?;
+                    tally.run_changes.fetch_add(2, Ordering::Relaxed);
+                }
+                2 => {
+                    engine.set_run(Run::Unmerge)?;
+                    engine.set_run(Run::Merge)?;
+                    tally.run_changes.fetch_add(2, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        Ok(())
+    })?;
+    let end = engine.counters()?;
+    let stats = engine.space_stats();
+    for r in &regions {
+        if let Some(id) = r.id.lock().unwrap().take() {
+            engine.unregister(id)?;
+        }
+    }
+    let after = engine.counters()?;
+    let errors = tally.errors.lock().unwrap().clone();
+    let lost = tally.lost_writes.load(Ordering::Relaxed);
+    let corrupted = tally.corrupted_bytes.load(Ordering::Relaxed);
+    let child_failures = tally.child_failures.load(Ordering::Relaxed);
+    let counters: serde_json::Map<String, serde_json::Value> =
+        end.named().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let out = json!({
+        "seconds": start.elapsed().as_secs_f64(),
+        "uffd_mode": format!("{:?}", engine.info().uffd_mode),
+        "writes": tally.writes.load(Ordering::Relaxed),
+        "kernel_writes": tally.kernel_writes.load(Ordering::Relaxed),
+        "lost_writes": lost,
+        "corrupted_bytes": corrupted,
+        "merges": end.merges,
+        "unmerges": end.unmerges,
+        "cow_faults": end.cow_faults,
+        "forks": tally.forks.load(Ordering::Relaxed),
+        "child_failures": child_failures,
+        "reregisters": tally.reregisters.load(Ordering::Relaxed),
+        "run_changes": tally.run_changes.load(Ordering::Relaxed),
+        "checkpoints": tally.checkpoints.load(Ordering::Relaxed),
+        "peak_pages_saved": peak.pages_sharing + peak.ksm_zero_pages,
+        "pool_maps": stats.pool_maps,
+        "counters": counters,
+        "pool_pages_after_unregister": after.pages_shared,
+        "errors": errors,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    if lost > 0 || corrupted > 0 || child_failures > 0 || !errors.is_empty() {
+        bail!("torture found {lost} lost writes, {corrupted} corrupted bytes, {child_failures} failed children, {} errors", errors.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,96 @@
+//! Forks and the pool.
+//!
+//! A forked child inherits the program's mappings of the pool. Those of its
+//! pages it has not touched have no page-table entry (fork copies none for a
+//! private file mapping without anonymous pages), so the pool page's mapcount
+//! does not show them, yet the child reads the pool page on its first access.
+//! Freeing (hole punching) such a page would make the child read zeros.
+//!
+//! So slots are freed only under [`hold`], which `pthread_atfork` makes every
+//! `fork()` wait for, and only when no descendant process maps the pool
+//! ([`descendants_map`], from `/proc`). A child that has `exec`ed or exited no
+//! longer counts.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+static LOCK: AtomicBool = AtomicBool::new(false);
+
+fn acquire() {
+    while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        std::thread::yield_now();
+    }
+}
+
+fn release() {
+    LOCK.store(false, Ordering::Release);
+}
+
+extern "C" fn prepare() {
+    acquire();
+}
+
+extern "C" fn after() {
+    release();
+}
+
+/// Installs the `pthread_atfork` handlers (once per process).
+pub fn install() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the handlers are plain functions that only touch an atomic;
+        // they stay valid for the life of the process.
+        unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(after)) };
+    });
+}
+
+/// Holds off `fork()` while alive.
+pub struct Hold(());
+
+/// Holds off `fork()` until the returned guard drops.
+pub fn hold() -> Hold {
+    acquire();
+    Hold(())
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        release();
+    }
+}
+
+/// Whether any descendant of this process maps a file whose
+/// `/proc/PID/maps` lines contain `identity` (see `MemfdPool::identity`).
+/// When a descendant's maps cannot be read, it is assumed to map it.
+pub fn descendants_map(identity: &str) -> bool {
+    let mut todo: Vec<u32> = children_of(std::process::id());
+    let mut seen = 0;
+    while let Some(pid) = todo.pop() {
+        seen += 1;
+        if seen > 100_000 {
+            return true;
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            Ok(maps) => {
+                if maps.lines().any(|l| l.contains(identity) && l.contains("samepage-pool")) {
+                    return true;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => return true,
+        }
+        todo.extend(children_of(pid));
+    }
+    false
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+    }
+    out
+}

@@ -1,0 +1,42 @@
+//! fork, for tests and the torture command: a child checks and writes its
+//! own copy of merged memory.
+
+use super::SysError;
+use samepage_core::PAGE_SIZE;
+
+/// Forks. The child compares each page `(base, index)` with `want`, writes a
+/// byte into each and reads it back, then exits; returns whether the child
+/// found everything right. The child touches only raw memory and calls
+/// `_exit`, so it is safe to fork from a multithreaded process.
+pub fn fork_check(pages: &[(usize, usize)], want: &[[u8; PAGE_SIZE]]) -> Result<bool, SysError> {
+    assert_eq!(pages.len(), want.len());
+    // SAFETY: after fork the child only reads and writes memory with raw
+    // pointers (no allocation, no locks) and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(SysError::new("fork", rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))));
+    }
+    if pid == 0 {
+        let mut ok = true;
+        for (&(base, index), w) in pages.iter().zip(want) {
+            let p = (base + index * PAGE_SIZE) as *mut u8;
+            for (j, b) in w.iter().enumerate() {
+                // SAFETY: a page of memory the parent had mapped, inherited.
+                ok &= unsafe { p.add(j).read_volatile() } == *b;
+            }
+            // SAFETY: as above; the child's copy is private to it.
+            unsafe { p.add(17).write_volatile(!w[17]) };
+            // SAFETY: as above.
+            ok &= unsafe { p.add(17).read_volatile() } == !w[17];
+        }
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    if r != pid {
+        return Err(SysError::new("waitpid", rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))));
+    }
+    Ok(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+}
