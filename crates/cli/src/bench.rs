@@ -8,7 +8,7 @@
 //! application thread writing to an extra tenth of the memory during
 //! convergence against the same thread with no merging.
 
-use crate::measure::{anon_shmem, converge, vma_slab_bytes};
+use crate::measure::{anon_shmem, converge, vma_slab_bytes, Progress};
 use crate::workload::{Content, Workload, PAGE};
 use crate::{sysctl, UsageError};
 use anyhow::{Context, Result};
@@ -272,7 +272,7 @@ fn cow_fault_ns(m: &dyn Mem, pages: &[usize]) -> f64 {
 }
 
 struct Probe<'a> {
-    poll: &'a mut dyn FnMut() -> Result<((u64, u64, u64, u64), u64, Duration)>,
+    poll: &'a mut dyn FnMut() -> Result<Progress>,
 }
 
 /// Converges while the app thread writes; returns (converge time, CPU, ops/s during).
@@ -290,9 +290,9 @@ fn converge_with_app(
     let r = std::thread::scope(|s| {
         s.spawn(|| app_writer(m, first, hot, &stop, &ops, 10));
         let r = converge(Duration::from_secs(a.timeout), a.json, || {
-            let (key, scans, cpu) = (probe.poll)()?;
-            series.push((start.elapsed().as_secs_f64(), (key.1 + key.2) as f64 * PAGE as f64 / (1 << 20) as f64));
-            Ok((key, scans, cpu))
+            let p = (probe.poll)()?;
+            series.push((start.elapsed().as_secs_f64(), (p.key.1 + p.key.2) as f64 * PAGE as f64 / (1 << 20) as f64));
+            Ok(p)
         });
         stop.store(true, Ordering::Relaxed);
         r
@@ -335,13 +335,13 @@ fn run_kernel(w: &Workload, a: &BenchArgs) -> Result<Side> {
     m.advise_kernel_mergeable()?;
     k.set("run", "1")?;
     let mut side = Side::default();
-    let mut poll = || -> Result<((u64, u64, u64, u64), u64, Duration)> {
+    let mut poll = || -> Result<Progress> {
         let g = |n| k.get(n).map(|v| v as u64);
-        Ok((
-            (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?, g("pages_unshared")?),
-            g("full_scans")? - scans0,
-            k.ksmd_cpu() - cpu0,
-        ))
+        Ok(Progress {
+            key: (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?, g("pages_unshared")?),
+            full_scans: g("full_scans")? - scans0,
+            cpu: k.ksmd_cpu() - cpu0,
+        })
     };
     let (t, cpu, rate) = converge_with_app(&m, w.pages.len(), hot, a, &mut side.series, Probe { poll: &mut poll })?;
     let (anon1, shmem1) = anon_shmem();
@@ -406,11 +406,16 @@ fn run_samepage(w: &Workload, a: &BenchArgs) -> Result<Side> {
     let (maps0, slab0) = (procfs::mappings(), vma_slab_bytes());
     engine.set_run(Run::Merge)?;
     let mut side = Side::default();
-    let mut poll = || -> Result<((u64, u64, u64, u64), u64, Duration)> {
+    let mut poll = || -> Result<Progress> {
         let c = engine.counters()?;
-        Ok(((c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared), c.full_scans, engine.cpu_time()))
+        Ok(Progress {
+            key: (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared),
+            full_scans: c.full_scans,
+            cpu: engine.cpu_time(),
+        })
     };
-    let (t, cpu, rate) = converge_with_app(&region, w.pages.len(), hot, a, &mut side.series, Probe { poll: &mut poll })?;
+    let (t, cpu, rate) =
+        converge_with_app(&region, w.pages.len(), hot, a, &mut side.series, Probe { poll: &mut poll })?;
     let (anon1, shmem1) = anon_shmem();
     let c = engine.counters()?;
     for (k, v) in c.named() {
@@ -436,7 +441,12 @@ fn run_samepage(w: &Workload, a: &BenchArgs) -> Result<Side> {
 fn bench_one(kind: Kind, a: &BenchArgs) -> Result<serde_json::Value> {
     let w = build(kind, a)?;
     if !a.json {
-        eprintln!("workload {}: {} pages ({} MiB) + a tenth more written by the app thread", w.name, w.pages.len(), w.bytes() >> 20);
+        eprintln!(
+            "workload {}: {} pages ({} MiB) + a tenth more written by the app thread",
+            w.name,
+            w.pages.len(),
+            w.bytes() >> 20
+        );
     }
     let kernel = if a.samepage_only {
         None
@@ -542,13 +552,15 @@ fn plot(path: &std::path::Path, name: &str, k: Option<&Side>, s: &Side) -> Resul
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..xmax * 1.05, 0.0..ymax * 1.1)?;
     chart.configure_mesh().x_desc("seconds").y_desc("MiB saved (pages_sharing + ksm_zero_pages)").draw()?;
-    chart.draw_series(LineSeries::new(s.series.iter().copied(), &BLUE))?.label("samepage").legend(|(x, y)| {
-        PathElement::new(vec![(x, y), (x + 20, y)], BLUE)
-    });
+    chart
+        .draw_series(LineSeries::new(s.series.iter().copied(), &BLUE))?
+        .label("samepage")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     if let Some(k) = k {
-        chart.draw_series(LineSeries::new(k.series.iter().copied(), &RED))?.label("kernel ksmd").legend(|(x, y)| {
-            PathElement::new(vec![(x, y), (x + 20, y)], RED)
-        });
+        chart
+            .draw_series(LineSeries::new(k.series.iter().copied(), &RED))?
+            .label("kernel ksmd")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     }
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
     root.present()?;

@@ -1,7 +1,7 @@
 //! `samepage demo`.
 
+use crate::measure::{anon_shmem, converge, Progress};
 use crate::workload::{Workload, PAGE};
-use crate::measure::{anon_shmem, converge};
 use crate::{sysctl, UsageError};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -121,7 +121,6 @@ fn check(w: &Workload, read: impl Fn(usize, &mut [u8; PAGE])) -> u64 {
     bad
 }
 
-
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&a.vma_share) {
         return Err(UsageError(format!("--vma-share {} is out of range: 0 to 1", a.vma_share)).into());
@@ -199,7 +198,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         engine.set_run(Run::Merge)?;
         let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
             let c = engine.counters()?;
-            Ok((key(&c), c.full_scans, engine.cpu_time()))
+            Ok(Progress { key: key(&c), full_scans: c.full_scans, cpu: engine.cpu_time() })
         })?;
         engine.set_run(Run::Stop)?;
         let (anon_after, shmem_after) = anon_shmem();
@@ -334,11 +333,11 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     say("kernel ksmd: merging".into());
     let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
         let g = |n| k.get(n).map(|v| v as u64);
-        Ok((
-            (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?, g("pages_unshared")?),
-            g("full_scans")? - scans0,
-            k.ksmd_cpu() - cpu0,
-        ))
+        Ok(Progress {
+            key: (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?, g("pages_unshared")?),
+            full_scans: g("full_scans")? - scans0,
+            cpu: k.ksmd_cpu() - cpu0,
+        })
     })?;
     k.set("run", "0")?;
     let (anon_after, shmem_after) = anon_shmem();

@@ -7,20 +7,31 @@ use std::time::{Duration, Instant};
 
 /// Polls until the counters hold still for two full scans; returns the time
 /// and CPU at the last change.
+/// What a poll of the merging side reports.
+pub struct Progress {
+    /// `(pages_shared, pages_sharing, ksm_zero_pages, pages_unshared)`.
+    pub key: (u64, u64, u64, u64),
+    /// Full scans so far.
+    pub full_scans: u64,
+    /// CPU the merging side has used.
+    pub cpu: Duration,
+}
+
 pub fn converge(
     timeout: Duration,
     json: bool,
-    mut poll: impl FnMut() -> Result<((u64, u64, u64, u64), u64, Duration)>,
+    mut poll: impl FnMut() -> Result<Progress>,
 ) -> Result<(Duration, Duration)> {
     let bar = if json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
     bar.enable_steady_tick(Duration::from_millis(100));
     let start = Instant::now();
-    let (mut last, mut scans_at_change, _) = poll()?;
+    let first = poll()?;
+    let (mut last, mut scans_at_change) = (first.key, first.full_scans);
     let (mut t_change, mut cpu_change) = (Duration::ZERO, Duration::ZERO);
     loop {
         std::thread::sleep(Duration::from_millis(10));
-        let (key, scans, cpu) = poll()?;
+        let Progress { key, full_scans: scans, cpu } = poll()?;
         if key != last {
             last = key;
             scans_at_change = scans;

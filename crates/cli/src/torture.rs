@@ -308,7 +308,25 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!(
+            "samepage torture: {:.0} s, {} writes ({} by the kernel: read(2), recv(2)), {} merges, {} unmerges, \
+             {} copy-on-write faults seen, {} forks, {} re-registrations, {} run changes, {} checkpoints",
+            out["seconds"].as_f64().unwrap_or(0.0),
+            out["writes"],
+            out["kernel_writes"],
+            out["merges"],
+            out["unmerges"],
+            out["cow_faults"],
+            out["forks"],
+            out["reregisters"],
+            out["run_changes"],
+            out["checkpoints"]
+        );
+        println!(
+            "lost writes: {lost}; corrupted bytes: {corrupted}; children that saw wrong memory: {child_failures}; \
+             pool pages left after unregistering: {}",
+            out["pool_pages_after_unregister"]
+        );
     }
     if lost > 0 || corrupted > 0 || child_failures > 0 || !errors.is_empty() {
         bail!("torture found {lost} lost writes, {corrupted} corrupted bytes, {child_failures} failed children, {} errors", errors.len());
