@@ -31,6 +31,9 @@ use crate::unstable::UnstableIndex;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+/// Pages sampled, and merges collected, before they are processed.
+const SAMPLE_CHUNK: usize = 2048;
+
 /// Slots a [`LocalPool`] made by [`Ksm::new`] holds: 2^28 pages (1 TiB).
 pub const DEFAULT_POOL_SLOTS: u64 = 1 << 28;
 
@@ -336,7 +339,8 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             let npages = self.regions[&region].rmap.npages();
             let mut samples = std::mem::take(&mut self.samples);
             samples.clear();
-            let walk_end = match space.sample(region, start, npages, budget, &mut samples) {
+            // In chunks, so the scratch buffers stay small whatever pages_to_scan is.
+            let walk_end = match space.sample(region, start, npages, budget.min(SAMPLE_CHUNK), &mut samples) {
                 Ok(e) => e.clamp(start, npages),
                 Err(_) => {
                     self.c.merge_errors += 1;
@@ -352,6 +356,9 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                 }
             }
             self.samples = samples;
+            if self.intents.len() >= SAMPLE_CHUNK {
+                self.flush(space, &mut report);
+            }
             if walk_end >= npages {
                 region_steps -= 1;
                 match self.next_region_after(region) {

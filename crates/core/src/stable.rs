@@ -62,18 +62,17 @@ pub trait StableIndex {
     fn metadata_bytes(&self) -> u64;
 }
 
-#[derive(Debug)]
-enum Entry {
-    Node(NodeId),
-    Chain(Vec<NodeId>),
-}
+/// An index entry: a node id, or (top bit set) an index into `chains`.
+const CHAIN: u32 = 1 << 31;
 
 /// The in-process stable tree.
 #[derive(Debug, Default)]
 pub struct LocalStableIndex {
     nodes: Vec<Option<StableNode>>,
     free_ids: Vec<u32>,
-    by_hash: HashMap<u64, Entry>,
+    by_hash: HashMap<u64, u32>,
+    chain_dups: Vec<Vec<NodeId>>,
+    free_chains: Vec<u32>,
     chains: u64,
     dups: u64,
 }
@@ -82,6 +81,28 @@ impl LocalStableIndex {
     /// An empty tree.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn new_chain(&mut self, dups: Vec<NodeId>) -> u32 {
+        self.chains += 1;
+        self.dups += dups.len() as u64;
+        match self.free_chains.pop() {
+            Some(c) => {
+                self.chain_dups[c as usize] = dups;
+                c | CHAIN
+            }
+            None => {
+                self.chain_dups.push(dups);
+                (self.chain_dups.len() as u32 - 1) | CHAIN
+            }
+        }
+    }
+
+    fn drop_chain(&mut self, c: u32) {
+        let dups = std::mem::take(&mut self.chain_dups[c as usize]);
+        self.chains -= 1;
+        self.dups -= dups.len() as u64;
+        self.free_chains.push(c);
     }
 }
 
@@ -99,14 +120,14 @@ impl StableIndex for LocalStableIndex {
         let len = |id: &NodeId| nodes[id.0 as usize].as_ref().map_or(u32::MAX, |n| n.rmap_hlist_len);
         match self.by_hash.get(&hash) {
             None => Err(false),
-            Some(Entry::Node(id)) => {
-                if len(id) < max_page_sharing {
-                    Ok(*id)
+            Some(&e) if e & CHAIN == 0 => {
+                if len(&NodeId(e)) < max_page_sharing {
+                    Ok(NodeId(e))
                 } else {
                     Err(true)
                 }
             }
-            Some(Entry::Chain(dups)) => dups
+            Some(&e) => self.chain_dups[(e & !CHAIN) as usize]
                 .iter()
                 .filter(|d| len(d) < max_page_sharing)
                 .max_by_key(|d| (len(d), std::cmp::Reverse(**d)))
@@ -116,9 +137,11 @@ impl StableIndex for LocalStableIndex {
     }
 
     fn any_with_hash(&self, hash: u64) -> Option<NodeId> {
-        match self.by_hash.get(&hash)? {
-            Entry::Node(id) => Some(*id),
-            Entry::Chain(d) => d.first().copied(),
+        let e = *self.by_hash.get(&hash)?;
+        if e & CHAIN == 0 {
+            Some(NodeId(e))
+        } else {
+            self.chain_dups[(e & !CHAIN) as usize].first().copied()
         }
     }
 
@@ -130,25 +153,23 @@ impl StableIndex for LocalStableIndex {
             }
             None => {
                 let i = self.nodes.len() as u32;
-                assert!(i <= MAX_NODE_ID, "stable node ids exhausted");
+                assert!(i <= MAX_NODE_ID && i < CHAIN, "stable node ids exhausted");
                 self.nodes.push(Some(node));
                 NodeId(i)
             }
         };
         if node.indexed {
-            match self.by_hash.remove(&node.hash) {
+            match self.by_hash.get(&node.hash).copied() {
                 None => {
-                    self.by_hash.insert(node.hash, Entry::Node(id));
+                    self.by_hash.insert(node.hash, id.0);
                 }
-                Some(Entry::Node(first)) => {
-                    self.chains += 1;
-                    self.dups += 2;
-                    self.by_hash.insert(node.hash, Entry::Chain(vec![first, id]));
+                Some(first) if first & CHAIN == 0 => {
+                    let c = self.new_chain(vec![NodeId(first), id]);
+                    self.by_hash.insert(node.hash, c);
                 }
-                Some(Entry::Chain(mut dups)) => {
+                Some(c) => {
                     self.dups += 1;
-                    dups.push(id);
-                    self.by_hash.insert(node.hash, Entry::Chain(dups));
+                    self.chain_dups[(c & !CHAIN) as usize].push(id);
                 }
             }
         }
@@ -159,16 +180,18 @@ impl StableIndex for LocalStableIndex {
         let node = self.nodes[id.0 as usize].take().expect("live stable node");
         self.free_ids.push(id.0);
         if node.indexed {
-            match self.by_hash.get_mut(&node.hash) {
-                Some(Entry::Node(n)) if *n == id => {
+            match self.by_hash.get(&node.hash).copied() {
+                Some(e) if e == id.0 => {
                     self.by_hash.remove(&node.hash);
                 }
-                Some(Entry::Chain(dups)) => {
+                Some(e) if e & CHAIN != 0 => {
+                    let c = e & !CHAIN;
+                    let dups = &mut self.chain_dups[c as usize];
                     if let Some(p) = dups.iter().position(|d| *d == id) {
                         dups.swap_remove(p);
                         self.dups -= 1;
                         if dups.is_empty() {
-                            self.chains -= 1;
+                            self.drop_chain(c);
                             self.by_hash.remove(&node.hash);
                         }
                     }
@@ -181,15 +204,17 @@ impl StableIndex for LocalStableIndex {
 
     fn prune(&mut self) -> u64 {
         let mut collapsed = 0;
-        for entry in self.by_hash.values_mut() {
-            if let Entry::Chain(dups) = entry {
-                if dups.len() == 1 {
-                    *entry = Entry::Node(dups[0]);
-                    self.chains -= 1;
-                    self.dups -= 1;
-                    collapsed += 1;
-                }
-            }
+        let single: Vec<(u64, u32)> = self
+            .by_hash
+            .iter()
+            .filter(|(_, &e)| e & CHAIN != 0 && self.chain_dups[(e & !CHAIN) as usize].len() == 1)
+            .map(|(&h, &e)| (h, e & !CHAIN))
+            .collect();
+        for (h, c) in single {
+            let only = self.chain_dups[c as usize][0];
+            self.drop_chain(c);
+            self.by_hash.insert(h, only.0);
+            collapsed += 1;
         }
         collapsed
     }
@@ -204,9 +229,9 @@ impl StableIndex for LocalStableIndex {
 
     fn metadata_bytes(&self) -> u64 {
         let nodes = self.nodes.capacity() * std::mem::size_of::<Option<StableNode>>();
-        let map = self.by_hash.capacity() * (8 + std::mem::size_of::<Entry>() + 1);
+        let map = self.by_hash.capacity() * (8 + 4 + 1);
         // Chains' dup lists, estimated from the counts (walking them per call would cost O(n)).
-        let chains = self.dups as usize * 4 + self.chains as usize * 24;
+        let chains = self.chain_dups.capacity() * 24 + self.dups as usize * 4;
         (nodes + map + chains + self.free_ids.capacity() * 4) as u64
     }
 }

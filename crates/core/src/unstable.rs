@@ -9,7 +9,17 @@ use std::collections::HashMap;
 /// The unstable tree.
 #[derive(Debug, Default)]
 pub struct UnstableIndex {
-    by_hash: HashMap<u64, PageRef>,
+    /// Pages packed into 8 bytes: region (24 bits) and index (40 bits).
+    by_hash: HashMap<u64, u64>,
+}
+
+fn pack(p: PageRef) -> u64 {
+    debug_assert!(p.region.0 < 1 << 24 && p.index < 1 << 40);
+    (p.region.0 as u64) << 40 | p.index
+}
+
+fn unpack(v: u64) -> PageRef {
+    PageRef { region: crate::page::RegionId((v >> 40) as u32), index: v & ((1 << 40) - 1) }
 }
 
 impl UnstableIndex {
@@ -22,9 +32,9 @@ impl UnstableIndex {
     /// under `hash`, removed from the tree, or `None` after filing `page`.
     pub fn search_insert(&mut self, hash: u64, page: PageRef) -> Option<PageRef> {
         match self.by_hash.entry(hash) {
-            std::collections::hash_map::Entry::Occupied(e) => Some(e.remove()),
+            std::collections::hash_map::Entry::Occupied(e) => Some(unpack(e.remove())),
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(page);
+                v.insert(pack(page));
                 None
             }
         }
@@ -32,7 +42,7 @@ impl UnstableIndex {
 
     /// Files `page` under `hash`, replacing a stale entry.
     pub fn insert(&mut self, hash: u64, page: PageRef) {
-        self.by_hash.insert(hash, page);
+        self.by_hash.insert(hash, pack(page));
     }
 
     /// Discards the tree (end of a full scan). Keeps the allocation.
@@ -52,6 +62,6 @@ impl UnstableIndex {
 
     /// Bytes of memory the tree uses.
     pub fn metadata_bytes(&self) -> u64 {
-        (self.by_hash.capacity() * (8 + std::mem::size_of::<PageRef>() + 1)) as u64
+        (self.by_hash.capacity() * (8 + 8 + 1)) as u64
     }
 }

@@ -186,6 +186,9 @@ impl Engine {
         if let Some((id, (s, e))) = st.regions.iter().find(|(_, (s, e))| *s < end && addr < *e) {
             return Err(Error::Overlap { addr, end, region: id.0, rstart: *s, rend: *e });
         }
+        if st.next_id >= 1 << 24 {
+            return Err(Error::RegionIdsExhausted);
+        }
         let id = RegionId(st.next_id);
         st.next_id += 1;
         st.space.add_region(id, addr, (len / PAGE_SIZE) as u64)?;

@@ -42,6 +42,9 @@ pub enum Error {
         /// That region's end.
         rend: usize,
     },
+    /// 2^24 regions were registered over the engine's life (ids are never reused).
+    #[error("too many registrations: the engine hands out 16777216 region ids in its life")]
+    RegionIdsExhausted,
     /// No region with that id.
     #[error("no registered region {0}")]
     UnknownRegion(u32),

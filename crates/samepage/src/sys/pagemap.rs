@@ -2,10 +2,11 @@
 //!
 //! `PAGEMAP_SCAN` (an ioctl on `/proc/self/pagemap`, Linux 6.7) walks a range
 //! and returns runs of pages with the same categories, stopping after
-//! `max_pages` matching pages. samepage asks for present pages only and for
-//! the categories it needs: `PAGE_IS_FILE` (still maps the pool: unchanged
-//! since the merge), `PAGE_IS_PFNZERO` (the kernel's zero page),
-//! `PAGE_IS_HUGE`. Unprivileged, one system call per batch.
+//! `max_pages` matching pages. samepage asks only for present pages that map
+//! no file: a page still mapping its pool page (`PAGE_IS_FILE`) cannot have
+//! changed since its merge, so it is not even reported. Of the rest it reads
+//! `PAGE_IS_PFNZERO` (the kernel's zero page) and `PAGE_IS_HUGE`.
+//! Unprivileged, one system call per batch.
 //!
 //! Where the ioctl is missing (before 6.7), `/proc/self/pagemap` is read
 //! instead, 8 bytes per page: bit 63 present, bit 61 file-backed. It cannot
@@ -85,7 +86,9 @@ impl PageMap {
         self.has_scan
     }
 
-    /// Appends the runs of present pages in `[start, end)` to `out`, at most
+    /// Appends the runs of present pages that map no file (private pages and
+    /// the zero page; pages still mapping the pool are left out) in
+    /// `[start, end)` to `out`, at most
     /// `max_pages` pages; returns where the walk stopped.
     pub fn scan(&mut self, start: usize, end: usize, max_pages: usize, out: &mut Vec<Run>) -> Result<usize, SysError> {
         if !self.has_scan {
@@ -103,8 +106,10 @@ impl PageMap {
                 vec: self.regions.as_mut_ptr() as u64,
                 vec_len: self.regions.len() as u64,
                 max_pages: left,
-                category_inverted: 0,
-                category_mask: 0,
+                // Present pages that do not map a file: a page still mapping
+                // its pool page cannot have changed and is not reported at all.
+                category_inverted: PAGE_IS_FILE,
+                category_mask: PAGE_IS_FILE,
                 category_anyof_mask: PAGE_IS_PRESENT,
                 return_mask: PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_PFNZERO | PAGE_IS_HUGE,
             };
@@ -145,7 +150,7 @@ impl PageMap {
             }
             for (i, e) in buf[..got / 8].iter().enumerate() {
                 let addr = pos + i * 4096;
-                if e & PM_PRESENT == 0 {
+                if e & PM_PRESENT == 0 || e & PM_FILE != 0 {
                     continue;
                 }
                 if found == max_pages {
