@@ -153,7 +153,7 @@ impl StableIndex for LocalStableIndex {
             }
             None => {
                 let i = self.nodes.len() as u32;
-                assert!(i <= MAX_NODE_ID && i < CHAIN, "stable node ids exhausted");
+                assert!(i <= MAX_NODE_ID, "stable node ids exhausted (the pool runs out of slots first)");
                 self.nodes.push(Some(node));
                 NodeId(i)
             }
