@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// Measure samepage only.
     #[arg(long)]
     samepage_only: bool,
+    /// Run each side this many times, alternating, and report medians (this
+    /// machine is a VM whose timings vary by tens of percent run to run).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
     /// Give up waiting for convergence after this many seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -123,6 +127,26 @@ impl Side {
             other => *self.counters.get(other).unwrap_or(&0) as f64,
         }
     }
+}
+
+/// The median of each timing figure over repeated runs (counters and memory
+/// from the first run; they do not vary).
+fn median(mut runs: Vec<Side>) -> Side {
+    fn med(mut v: Vec<f64>) -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }
+    let pick = |f: fn(&Side) -> f64, runs: &[Side]| med(runs.iter().map(f).collect());
+    let mut out = runs[0].clone();
+    out.converge_seconds = pick(|s| s.converge_seconds, &runs);
+    out.converge_cpu_seconds = pick(|s| s.converge_cpu_seconds, &runs);
+    out.steady_scan_cpu_seconds = pick(|s| s.steady_scan_cpu_seconds, &runs);
+    out.cow_fault_ns = pick(|s| s.cow_fault_ns, &runs);
+    out.app_throughput_ratio = pick(|s| s.app_throughput_ratio, &runs);
+    out.freed_bytes = pick(|s| s.freed_bytes as f64, &runs) as i64;
+    out.integrity = runs.iter().all(|s| s.integrity);
+    out.series = std::mem::take(&mut runs[0].series);
+    out
 }
 
 /// The four largest shared libraries of the machine (present on a fresh one).
@@ -288,7 +312,10 @@ fn converge_with_app(
     let ops = AtomicU64::new(0);
     let start = Instant::now();
     let r = std::thread::scope(|s| {
-        s.spawn(|| app_writer(m, first, hot, &stop, &ops, 10));
+        std::thread::Builder::new()
+            .name("app-writer".into())
+            .spawn_scoped(s, || app_writer(m, first, hot, &stop, &ops, 10))
+            .expect("spawn the app thread");
         let r = converge(Duration::from_secs(a.timeout), a.json, || {
             let p = (probe.poll)()?;
             series.push((start.elapsed().as_secs_f64(), (p.key.1 + p.key.2) as f64 * PAGE as f64 / (1 << 20) as f64));
@@ -448,18 +475,23 @@ fn bench_one(kind: Kind, a: &BenchArgs) -> Result<serde_json::Value> {
             w.bytes() >> 20
         );
     }
-    let kernel = if a.samepage_only {
-        None
-    } else {
-        match run_kernel(&w, a) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!("kernel side skipped: {e:#} (measuring samepage alone)");
-                None
+    let mut kernels = Vec::new();
+    let mut sps = Vec::new();
+    let mut kernel_ok = !a.samepage_only;
+    for _ in 0..a.repeat {
+        if kernel_ok {
+            match run_kernel(&w, a) {
+                Ok(s) => kernels.push(s),
+                Err(e) => {
+                    eprintln!("kernel side skipped: {e:#} (measuring samepage alone)");
+                    kernel_ok = false;
+                }
             }
         }
-    };
-    let sp = run_samepage(&w, a)?;
+        sps.push(run_samepage(&w, a)?);
+    }
+    let kernel = (!kernels.is_empty()).then(|| median(kernels));
+    let sp = median(sps);
     let mut ratio = serde_json::Map::new();
     if let Some(k) = &kernel {
         for key in RATIO_KEYS {
@@ -491,6 +523,7 @@ fn bench_one(kind: Kind, a: &BenchArgs) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "workload": w.name,
         "pages": w.pages.len(),
+        "repeat": a.repeat,
         "tunables": { "pages_to_scan": a.pages_to_scan, "sleep_millisecs": 0,
                       "max_page_sharing": a.max_page_sharing, "use_zero_pages": a.use_zero_pages },
         "kernel": kernel,
