@@ -46,6 +46,13 @@ impl std::error::Error for UsageError {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Interrupted (Ctrl-C, SIGTERM): put the machine's settings back first.
+    let _ = ctrlc::set_handler(|| {
+        samepage::kernel::restore_after_signal();
+        sysctl::restore_after_signal();
+        eprintln!("interrupted: kernel KSM settings and vm.max_map_count restored");
+        std::process::exit(130);
+    });
     let r = match cli.cmd {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),

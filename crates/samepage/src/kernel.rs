@@ -7,7 +7,13 @@
 use std::fs;
 use std::io;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
+
+/// What to put back if the process is interrupted while it holds ksmd.
+static SAVED_FOR_SIGNAL: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::new());
+/// Set once a signal handler restored the settings: later writes are dropped.
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 const DIR: &str = "/sys/kernel/mm/ksm";
 const SAVED: [&str; 5] = ["pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "run"];
@@ -49,6 +55,7 @@ impl KernelKsm {
         for name in SAVED {
             saved.push((name, read(name)?));
         }
+        *SAVED_FOR_SIGNAL.lock().unwrap_or_else(|e| e.into_inner()) = saved.clone();
         let k = KernelKsm { saved, ksmd: find_ksmd() };
         k.set("run", "2").map_err(|e| KernelKsmError::Unavailable(e.to_string()))?;
         k.set("run", "0")?;
@@ -57,6 +64,11 @@ impl KernelKsm {
 
     /// Writes a tunable.
     pub fn set(&self, name: &str, value: &str) -> Result<(), KernelKsmError> {
+        // Serialised with `restore_after_signal`, which wins for good.
+        let _g = SAVED_FOR_SIGNAL.lock().unwrap_or_else(|e| e.into_inner());
+        if SIGNALLED.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         fs::write(path(name), value).map_err(|err| KernelKsmError::Io { file: path(name), err })
     }
 
@@ -89,16 +101,36 @@ impl KernelKsm {
 
 impl Drop for KernelKsm {
     fn drop(&mut self) {
-        let _ = self.set("run", "2");
-        let _ = self.set("run", "0");
-        for (name, value) in &self.saved {
-            if *name != "run" {
-                let _ = self.set(name, value.trim());
-            }
+        let mut g = SAVED_FOR_SIGNAL.lock().unwrap_or_else(|e| e.into_inner());
+        if !SIGNALLED.load(std::sync::atomic::Ordering::SeqCst) {
+            restore(&self.saved);
         }
-        if let Some((_, run)) = self.saved.iter().find(|(n, _)| *n == "run") {
-            let _ = self.set("run", run.trim());
+        g.clear();
+    }
+}
+
+fn restore(saved: &[(&'static str, String)]) {
+    let set = |n: &str, v: &str| fs::write(path(n), v);
+    let _ = set("run", "2");
+    let _ = set("run", "0");
+    for (name, value) in saved {
+        if *name != "run" {
+            let _ = set(name, value.trim());
         }
+    }
+    if let Some((_, run)) = saved.iter().find(|(n, _)| *n == "run") {
+        let _ = set("run", run.trim());
+    }
+}
+
+/// Puts ksmd's settings back if a [`KernelKsm`] is alive: for a signal
+/// handler that is about to exit the process without running destructors.
+pub fn restore_after_signal() {
+    let mut g = SAVED_FOR_SIGNAL.lock().unwrap_or_else(|e| e.into_inner());
+    SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
+    let saved = std::mem::take(&mut *g);
+    if !saved.is_empty() {
+        restore(&saved);
     }
 }
 

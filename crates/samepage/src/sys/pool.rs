@@ -104,13 +104,6 @@ impl MemfdPool {
         unsafe { std::slice::from_raw_parts(self.slot_addr(slot) as *const u8, PAGE_SIZE) }
     }
 
-    /// Reads a slot into `buf`.
-    pub fn read(&self, slot: Slot, buf: &mut PageBuf) {
-        // SAFETY: the slot lies inside our view and pool pages are never
-        // written once filled (only `fill` writes, into empty slots).
-        unsafe { mem::read_page(self.slot_addr(slot) as *const u8, buf) }
-    }
-
     /// Frees a slot's page if nothing but the view maps it; returns whether it did.
     pub fn release(&mut self, slot: Slot, pagemap: &PageMap) -> Result<bool, SysError> {
         let addr = self.slot_addr(slot);

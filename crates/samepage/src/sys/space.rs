@@ -83,14 +83,15 @@ struct Window<'a> {
 
 impl Drop for Window<'_> {
     fn drop(&mut self) {
+        // Lifting the protection also wakes the range's waiters.
         if self.uffd.write_protect(self.start, self.len, false).is_err() {
             // Part of the range changed mappings (a run whose registration
             // failed): unprotect page by page, then wake the whole range.
             for p in (self.start..self.start + self.len).step_by(PAGE_SIZE) {
                 let _ = self.uffd.write_protect(p, PAGE_SIZE, false);
             }
+            let _ = self.uffd.wake(self.start, self.len);
         }
-        let _ = self.uffd.wake(self.start, self.len);
     }
 }
 
@@ -295,7 +296,8 @@ impl LinuxPageSpace {
         // SAFETY: a fresh private mapping that only this function uses.
         let tmp = unsafe { mem::map_anon(0, len, false) }?;
         let region_range = (r.base, r.npages as usize * PAGE_SIZE);
-        let moved = (|| {
+        let mut moved = false;
+        let result = (|| {
             if self.uffd.write_protect(addr, len, true).is_err() {
                 self.uffd.register(region_range.0, region_range.1)?;
                 self.uffd.write_protect(addr, len, true)?;
@@ -308,13 +310,16 @@ impl LinuxPageSpace {
             // SAFETY: `tmp` is our own single mapping; the target holds the
             // same bytes, so replacing it changes nothing the program sees.
             unsafe { mem::move_mapping(tmp, len, addr) }?;
-            self.uffd.register(addr, len)
+            moved = true;
+            // The moved mapping is registered with the userfaultfd lazily,
+            // if it is ever protected again.
+            Ok::<(), SysError>(())
         })();
-        if moved.is_err() {
-            // SAFETY: `tmp` is ours; if it was moved, this range is already unmapped.
+        if !moved {
+            // SAFETY: `tmp` is still ours (it was not moved).
             let _ = unsafe { mem::unmap(tmp, len) };
         }
-        moved?;
+        result?;
         self.regions.get_mut(&region).expect("region").set_pool_vma(from, to, false);
         Ok(())
     }

@@ -194,20 +194,6 @@ impl Uffd {
         unsafe { call::<UFFDIO_WAKE, _>(&self.fd, &mut range) }.op("ioctl(UFFDIO_WAKE)")?;
         Ok(())
     }
-
-    /// Reads and discards pending fault messages (they are informational:
-    /// waking a range releases its waiters). Returns how many were read.
-    pub fn drain(&self) -> usize {
-        let mut buf = [0u8; 32 * 16];
-        let mut n = 0;
-        while let Ok(got) = rustix::io::read(&self.fd, &mut buf) {
-            if got == 0 {
-                break;
-            }
-            n += got / std::mem::size_of::<g::uffd_msg>();
-        }
-        n
-    }
 }
 
 /// An ioctl whose argument is an integer passed in the pointer slot, and whose
