@@ -372,21 +372,8 @@ fn run_kernel(w: &Workload, a: &BenchArgs) -> Result<Side> {
     };
     let (t, cpu, rate) = converge_with_app(&m, w.pages.len(), hot, a, &mut side.series, Probe { poll: &mut poll })?;
     let (anon1, shmem1) = anon_shmem();
-    let names = [
-        "pages_shared",
-        "pages_sharing",
-        "pages_unshared",
-        "pages_volatile",
-        "pages_scanned",
-        "full_scans",
-        "stable_node_chains",
-        "stable_node_dups",
-        "ksm_zero_pages",
-        "general_profit",
-        "pages_skipped",
-    ];
-    for n in names {
-        side.counters.insert(n.to_string(), k.get(n)?);
+    for (n, v) in k.counters()? {
+        side.counters.insert(n.to_string(), v);
     }
     side.steady_scan_cpu_seconds = steady_cpu(|| Ok((k.get("full_scans")? as u64, k.ksmd_cpu())))?;
     k.set("run", "0")?;

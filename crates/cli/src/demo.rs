@@ -341,23 +341,7 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     })?;
     k.set("run", "0")?;
     let (anon_after, shmem_after) = anon_shmem();
-    let names = [
-        "pages_shared",
-        "pages_sharing",
-        "pages_unshared",
-        "pages_volatile",
-        "pages_scanned",
-        "full_scans",
-        "stable_node_chains",
-        "stable_node_dups",
-        "ksm_zero_pages",
-        "general_profit",
-        "pages_skipped",
-    ];
-    let mut counters = Vec::new();
-    for n in names {
-        counters.push((n, k.get(n)?));
-    }
+    let counters = k.counters()?;
     let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v as u64).unwrap_or(0);
     let bad = check(w, |off, buf| m.read(off, buf).expect("inside the mapping"));
     Ok(Outcome {

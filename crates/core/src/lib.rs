@@ -38,7 +38,7 @@ pub mod tunables;
 pub mod unstable;
 
 pub use counters::{Counters, RegionCounters};
-pub use page::{page_hash, zero_page_hash, PageRef, RegionId, Slot, PAGE_SIZE};
+pub use page::{page_hash, zero_page_hash, Domain, PageRef, RegionId, Slot, PAGE_SIZE};
 pub use scan::Ksm;
 pub use space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
 pub use tunables::{Run, TunableError, Tunables};

@@ -21,7 +21,7 @@
 //! are recorded first and undone for any merge the page space reports failed.
 
 use crate::counters::{Counters, RegionCounters};
-use crate::page::{checksum_of, zero_page_hash, PageRef, RegionId, Slot};
+use crate::page::{checksum_of, zero_page_hash, Domain, PageRef, RegionId, Slot};
 use crate::pool::{LocalPool, StablePool};
 use crate::rmap::{Link, RmapItem, RmapTable};
 use crate::space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
@@ -41,6 +41,7 @@ pub const DEFAULT_POOL_SLOTS: u64 = 1 << 28;
 struct RegionState {
     rmap: RmapTable,
     counts: RegionCounters,
+    domain: Domain,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -140,7 +141,19 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// Registers a region of `npages` pages (the `MADV_MERGEABLE` step).
     /// The caller registers it with the page space first.
     pub fn add_region(&mut self, id: RegionId, npages: u64) {
-        self.regions.insert(id, RegionState { rmap: RmapTable::new(npages), counts: RegionCounters::default() });
+        self.add_region_in(id, npages, Domain::default());
+    }
+
+    /// Registers a region in a trust domain: its pages merge only with pages
+    /// of the same domain (zero pages excepted: the kernel's zero page holds
+    /// no one's data).
+    pub fn add_region_in(&mut self, id: RegionId, npages: u64, domain: Domain) {
+        self.regions
+            .insert(id, RegionState { rmap: RmapTable::new(npages), counts: RegionCounters::default(), domain });
+    }
+
+    fn domain(&self, r: RegionId) -> Option<Domain> {
+        self.regions.get(&r).map(|s| s.domain)
     }
 
     /// Whether `id` is registered.
@@ -502,6 +515,8 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
 
     fn cmp_and_merge_page(&mut self, space: &mut impl PageSpace, page: PageRef, hash: u64) {
         let item = self.item(page);
+        let domain = self.domain(page.region).unwrap_or_default();
+        let key = domain.key(hash);
         let checksum = checksum_of(hash);
         let unchanged = item.link() != Link::None && item.oldchecksum == checksum;
         // A page filed in the previous scan's unstable tree leaves it on its visit.
@@ -515,7 +530,12 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             return;
         }
 
-        if let Ok(n) = self.stable.lookup(hash, self.tunables.max_page_sharing) {
+        if let Some(n) = self
+            .stable
+            .lookup(key, self.tunables.max_page_sharing)
+            .ok()
+            .filter(|&n| self.stable.node(n).domain == domain)
+        {
             self.node_inc(n);
             self.relink(page, RmapItem::new(checksum, Link::Stable(n)));
             let slot = self.stable.node(n).slot;
@@ -529,20 +549,24 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             return;
         }
 
-        let Some(tree_page) = self.unstable.search_insert(hash, page) else {
+        let Some(tree_page) = self.unstable.search_insert(key, page) else {
             self.relink(page, RmapItem::new(checksum, Link::Unstable));
             return;
         };
         let tree_item = self.item(tree_page);
-        if tree_page == page || tree_item.link() != Link::Unstable || tree_item.oldchecksum != checksum {
+        if tree_page == page
+            || tree_item.link() != Link::Unstable
+            || tree_item.oldchecksum != checksum
+            || self.domain(tree_page.region) != Some(domain)
+        {
             // A stale entry (the page moved on, or its region left).
-            self.unstable.insert(hash, page);
+            self.unstable.insert(key, page);
             self.relink(page, RmapItem::new(checksum, Link::Unstable));
             return;
         }
-        if let Err(()) = self.new_stable_page(space, page, tree_page, hash) {
+        if let Err(()) = self.new_stable_page(space, page, tree_page, hash, domain) {
             // No slot, or the page changed under the copy: try next scan.
-            self.unstable.insert(hash, tree_page);
+            self.unstable.insert(key, tree_page);
             self.relink(page, RmapItem::new(checksum, Link::Seen));
         }
     }
@@ -555,6 +579,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         page: PageRef,
         tree_page: PageRef,
         hash: u64,
+        domain: Domain,
     ) -> Result<(), ()> {
         let hint = match self.last_new_slot {
             Some((prev, s)) if prev.region == page.region && prev.index + 1 == page.index => Some(Slot(s.0 + 1)),
@@ -571,16 +596,18 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             self.dead_slots.push(slot);
             return Err(());
         }
-        // Dups of a chain must hold the same bytes: a different content with
-        // the same 64-bit hash stays out of the index.
-        let indexed = match self.stable.any_with_hash(hash) {
+        // Dups of a chain must hold the same bytes, in the same domain: a
+        // different content (or domain) with the same 64-bit key stays out of
+        // the index.
+        let key = domain.key(hash);
+        let indexed = match self.stable.any_with_hash(key) {
             Some(other) => {
-                let other_slot = self.stable.node(other).slot;
-                space.slots_equal(slot, other_slot).unwrap_or(false)
+                let o = *self.stable.node(other);
+                o.domain == domain && space.slots_equal(slot, o.slot).unwrap_or(false)
             }
             None => true,
         };
-        let n = self.stable.insert(StableNode { slot, hash, rmap_hlist_len: 0, indexed });
+        let n = self.stable.insert(StableNode { slot, hash: key, domain, rmap_hlist_len: 0, indexed });
         self.last_new_slot = Some((page, slot));
         let checksum = checksum_of(hash);
         for p in [page, tree_page] {

@@ -27,8 +27,10 @@ pub struct NodeId(pub u32);
 pub struct StableNode {
     /// Its pool slot.
     pub slot: Slot,
-    /// Its content hash.
+    /// Its index key: the content hash, mixed with its domain's ([`crate::Domain::key`]).
     pub hash: u64,
+    /// The trust domain of the pages that map it.
+    pub domain: crate::Domain,
     /// Mappings of the page (the kernel's `rmap_hlist_len`), never above `max_page_sharing`.
     pub rmap_hlist_len: u32,
     /// Whether the node is findable by hash (false for an orphan whose hash
@@ -241,7 +243,7 @@ mod tests {
     use super::*;
 
     fn node(slot: u64, hash: u64, len: u32) -> StableNode {
-        StableNode { slot: Slot(slot), hash, rmap_hlist_len: len, indexed: true }
+        StableNode { slot: Slot(slot), hash, domain: crate::Domain(0), rmap_hlist_len: len, indexed: true }
     }
 
     #[test]

@@ -286,3 +286,36 @@ fn runs_merge_with_one_mapping() {
     assert_eq!(c.pages_sharing, PAGES as u64 * (REGIONS as u64 - 1));
     assert_eq!(w.space.merge_runs, REGIONS as u64, "each region's pages merged as one run");
 }
+
+/// Trust domains: identical pages in two domains never share a stable page.
+#[test]
+fn pages_of_different_domains_never_merge() {
+    use samepage_core::Domain;
+    let mut ksm = Ksm::new(tunables(256, false, 64)).unwrap();
+    let mut space = SimPageSpace::new();
+    let domains = [Domain(1), Domain(2), Domain(1), Domain(0)];
+    for (r, d) in domains.iter().enumerate() {
+        let id = RegionId(r as u32);
+        space.add_region(id, 16);
+        ksm.add_region_in(id, 16, *d);
+        for i in 0..16 {
+            space.write(PageRef { region: id, index: i }, 0, &common((i % 2) as u8 + 1));
+        }
+    }
+    for t in 0..40 {
+        ksm.scan_batch(&mut space, t);
+    }
+    let mut slot_domains: HashMap<samepage_core::Slot, Domain> = HashMap::new();
+    for (r, d) in domains.iter().enumerate() {
+        for i in 0..16 {
+            if let SimPage::Pool(s) = space.page(PageRef { region: RegionId(r as u32), index: i }) {
+                let prev = slot_domains.insert(*s, *d);
+                assert!(prev.is_none() || prev == Some(*d), "slot {s:?} shared by domains {prev:?} and {d:?}");
+            }
+        }
+    }
+    // Two contents in three domains: six stable pages, every page merged.
+    let c = ksm.counters();
+    assert_eq!((c.pages_shared, c.pages_sharing), (6, 64 - 6), "{c:?}");
+    ksm.check_invariants().unwrap();
+}

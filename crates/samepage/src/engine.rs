@@ -7,7 +7,7 @@ use crate::sys::mem;
 use crate::sys::space::{LinuxPageSpace, SpaceStats};
 use crate::sys::uffd::UffdMode;
 use samepage_core::scan::DEFAULT_POOL_SLOTS;
-use samepage_core::{Counters, Ksm, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
+use samepage_core::{Counters, Domain, Ksm, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -154,8 +154,14 @@ impl Engine {
     /// Allocates `len` bytes (rounded up to pages) of zeroed anonymous
     /// memory, registered as mergeable. Unregistered and unmapped on drop.
     pub fn alloc_region(&self, len: usize) -> Result<Region, Error> {
+        self.alloc_region_in(len, Domain::default())
+    }
+
+    /// As [`Engine::alloc_region`], in a trust domain: its pages never merge
+    /// with pages of another domain (see the README on the timing side channel).
+    pub fn alloc_region_in(&self, len: usize, domain: Domain) -> Result<Region, Error> {
         let mapping = AnonMapping::new(len)?;
-        let id = self.add_region(mapping.as_ptr() as usize, mapping.len())?;
+        let id = self.add_region(mapping.as_ptr() as usize, mapping.len(), domain)?;
         Ok(Region::new(mapping, id, self.shared.clone()))
     }
 
@@ -173,10 +179,19 @@ impl Engine {
     /// content instead of zeros.
     #[allow(unsafe_code)] // declares the contract; the unsafe operations live in `sys`
     pub unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<RegionId, Error> {
-        self.add_region(addr as usize, len)
+        self.add_region(addr as usize, len, Domain::default())
     }
 
-    fn add_region(&self, addr: usize, len: usize) -> Result<RegionId, Error> {
+    /// As [`Engine::register`], in a trust domain.
+    ///
+    /// # Safety
+    /// As [`Engine::register`].
+    #[allow(unsafe_code)] // declares the contract; the unsafe operations live in `sys`
+    pub unsafe fn register_in(&self, addr: *mut u8, len: usize, domain: Domain) -> Result<RegionId, Error> {
+        self.add_region(addr as usize, len, domain)
+    }
+
+    fn add_region(&self, addr: usize, len: usize, domain: Domain) -> Result<RegionId, Error> {
         if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
             return Err(Error::Unaligned { addr, len });
         }
@@ -192,7 +207,7 @@ impl Engine {
         let id = RegionId(st.next_id);
         st.next_id += 1;
         st.space.add_region(id, addr, (len / PAGE_SIZE) as u64)?;
-        st.ksm.add_region(id, (len / PAGE_SIZE) as u64);
+        st.ksm.add_region_in(id, (len / PAGE_SIZE) as u64, domain);
         st.regions.insert(id, (addr, end));
         self.shared.publish(&st);
         drop(st);

@@ -16,6 +16,20 @@ static SAVED_FOR_SIGNAL: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::ne
 static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 const DIR: &str = "/sys/kernel/mm/ksm";
+/// The counters `/sys/kernel/mm/ksm` exposes (Linux 6.8).
+pub const COUNTERS: [&str; 11] = [
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_scanned",
+    "full_scans",
+    "stable_node_chains",
+    "stable_node_dups",
+    "ksm_zero_pages",
+    "general_profit",
+    "pages_skipped",
+];
 const SAVED: [&str; 5] = ["pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "run"];
 
 /// Errors driving the kernel's KSM.
@@ -39,6 +53,8 @@ pub enum KernelKsmError {
 pub struct KernelKsm {
     saved: Vec<(&'static str, String)>,
     ksmd: Option<u32>,
+    /// Cumulative counters at `take`.
+    base: Vec<(&'static str, i64)>,
 }
 
 fn path(name: &str) -> String {
@@ -56,9 +72,13 @@ impl KernelKsm {
             saved.push((name, read(name)?));
         }
         *SAVED_FOR_SIGNAL.lock().unwrap_or_else(|e| e.into_inner()) = saved.clone();
-        let k = KernelKsm { saved, ksmd: find_ksmd() };
+        let mut k = KernelKsm { saved, ksmd: find_ksmd(), base: Vec::new() };
         k.set("run", "2").map_err(|e| KernelKsmError::Unavailable(e.to_string()))?;
         k.set("run", "0")?;
+        for n in ["pages_scanned", "full_scans", "pages_skipped"] {
+            let v = k.get(n)?;
+            k.base.push((n, v));
+        }
         Ok(k)
     }
 
@@ -79,6 +99,19 @@ impl KernelKsm {
             file: path(name),
             err: io::Error::new(io::ErrorKind::InvalidData, format!("not a number: {s:?}")),
         })
+    }
+
+    /// Every counter in `/sys/kernel/mm/ksm`, as `(name, value)` pairs; the
+    /// cumulative ones (`pages_scanned`, `full_scans`, `pages_skipped`) count
+    /// from when this [`KernelKsm`] was taken.
+    pub fn counters(&self) -> Result<Vec<(&'static str, i64)>, KernelKsmError> {
+        COUNTERS
+            .iter()
+            .map(|&n| {
+                let base = self.base.iter().find(|(b, _)| *b == n).map_or(0, |(_, v)| *v);
+                Ok((n, self.get(n)? - base))
+            })
+            .collect()
     }
 
     /// ksmd's CPU time (utime + stime from `/proc/PID/stat`).

@@ -34,5 +34,5 @@ pub use engine::{Engine, EngineInfo};
 pub use error::Error;
 pub use region::Region;
 pub use samepage_core as core;
-pub use samepage_core::{Counters, RegionCounters, RegionId, Run, Tunables};
+pub use samepage_core::{Counters, Domain, RegionCounters, RegionId, Run, Tunables};
 pub use sys::uffd::UffdMode;

@@ -61,3 +61,40 @@ fn merging_frees_memory_as_proc_reports_it() {
     assert_eq!(pool_mappings_in(start, start + region.len()), 0);
     assert!(rollup("Anonymous") >= anon_before - (1 << 20));
 }
+
+/// The PFN behind an address (root sees PFNs in /proc/self/pagemap; 0 otherwise).
+fn pfn(addr: usize) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, (addr / PAGE * 8) as u64).unwrap();
+    u64::from_ne_bytes(b) & ((1 << 55) - 1)
+}
+
+#[test]
+fn identical_pages_in_two_domains_stay_separate() {
+    let _g = serial();
+    let engine = Engine::new(fast(256, false)).unwrap();
+    let a = engine.alloc_region_in(64 * PAGE, samepage::Domain(1)).unwrap();
+    let b = engine.alloc_region_in(64 * PAGE, samepage::Domain(2)).unwrap();
+    for i in 0..64 {
+        a.write(i * PAGE, &content(7)).unwrap();
+        b.write(i * PAGE, &content(7)).unwrap();
+    }
+    let c = converge(&engine, 1);
+    assert_eq!((c.pages_shared, c.pages_sharing), (2, 126), "one stable page per domain: {c:?}");
+    assert_eq!(engine.region_counters(a.id()).unwrap().ksm_merging_pages, 64);
+    assert_eq!(engine.region_counters(b.id()).unwrap().ksm_merging_pages, 64);
+    // Independently, from the page tables: touch, then compare physical pages.
+    let mut buf = [0u8; 8];
+    for r in [&a, &b] {
+        for i in 0..64 {
+            r.read(i * PAGE, &mut buf).unwrap();
+        }
+    }
+    let (a0, a1, b0) = (pfn(a.as_ptr() as usize), pfn(a.as_ptr() as usize + PAGE), pfn(b.as_ptr() as usize));
+    if a0 != 0 {
+        assert_eq!(a0, a1, "pages of one domain share a physical page");
+        assert_ne!(a0, b0, "pages of two domains never do");
+    }
+}
