@@ -25,6 +25,8 @@ pub struct Counters {
     pub stable_node_chains: u64,
     /// Dups: the copies hanging off chains.
     pub stable_node_dups: u64,
+    /// Mappings moved from a sparse dup into a dup with room (`stable_node_defrag`).
+    pub stable_node_refiled: u64,
     /// Empty pages merged with the kernel's zero page (`use_zero_pages`);
     /// they carry no rmap item.
     pub ksm_zero_pages: u64,
@@ -83,6 +85,7 @@ impl Counters {
             ("full_scans", self.full_scans as i64),
             ("stable_node_chains", self.stable_node_chains as i64),
             ("stable_node_dups", self.stable_node_dups as i64),
+            ("stable_node_refiled", self.stable_node_refiled as i64),
             ("ksm_zero_pages", self.ksm_zero_pages as i64),
             ("general_profit", self.general_profit),
             ("rmap_items", self.rmap_items as i64),

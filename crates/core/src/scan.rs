@@ -47,6 +47,8 @@ struct RegionState {
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     node: Option<NodeId>,
+    /// For a refile (defragmentation): the dup the page maps now.
+    refile_from: Option<NodeId>,
 }
 
 /// What one batch did.
@@ -345,6 +347,11 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             let (region, start) = match self.cursor {
                 Some(c) if self.regions.contains_key(&c.0) => c,
                 _ => {
+                    // A scan starts over (after a full scan, or because the
+                    // region under the cursor left): the unstable tree goes,
+                    // so no page filed there can be visited again while a
+                    // merge decided for it is still pending.
+                    self.unstable.clear();
                     let first = *self.regions.keys().next().expect("regions not empty");
                     (first, 0)
                 }
@@ -403,10 +410,64 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// else still mapped are tried again.
     pub fn prune(&mut self, space: &mut impl PageSpace, now_ms: u64) {
         self.last_prune_ms = now_ms;
+        if self.tunables.stable_node_defrag {
+            self.defrag(space);
+        }
         self.stable.prune();
         let deferred = std::mem::take(&mut self.deferred_slots);
         self.dead_slots.extend(deferred);
         self.free_dead_slots(space);
+    }
+
+    /// Defragmentation of dups (seed 001's "proper defrag"): in each chain,
+    /// keep the `ceil(mappings / max_page_sharing)` busiest dups and refile
+    /// the mappings of the others into their room. A refile is a merge of a
+    /// page into another copy of the same content, under the same
+    /// write-protect window, so no write is lost; the emptied dups are freed.
+    fn defrag(&mut self, space: &mut impl PageSpace) {
+        let max = self.tunables.max_page_sharing;
+        // Per chain, the dups that stay and their room; per source dup, its chain.
+        let mut rooms: Vec<Vec<(NodeId, u32)>> = Vec::new();
+        let mut source_chain: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for mut dups in self.stable.chains() {
+            dups.sort_by_key(|d| (std::cmp::Reverse(self.stable.node(*d).rmap_hlist_len), *d));
+            let total: u64 = dups.iter().map(|d| self.stable.node(*d).rmap_hlist_len as u64).sum();
+            let keep = total.div_ceil(max as u64).max(1) as usize;
+            if dups.len() <= keep {
+                continue;
+            }
+            for src in &dups[keep..] {
+                source_chain.insert(*src, rooms.len());
+            }
+            rooms.push(dups[..keep].iter().map(|d| (*d, max - self.stable.node(*d).rmap_hlist_len)).collect());
+        }
+        if source_chain.is_empty() {
+            return;
+        }
+        // The pages of the source dups, from the rmap items.
+        let mut pages: Vec<(PageRef, NodeId)> = Vec::new();
+        for (id, r) in &self.regions {
+            for (index, it) in r.rmap.linked_in(0, r.rmap.npages()) {
+                if let Link::Stable(n) = it.link() {
+                    if source_chain.contains_key(&n) {
+                        pages.push((PageRef { region: *id, index }, n));
+                    }
+                }
+            }
+        }
+        for (page, src) in pages {
+            let Some(t) = rooms[source_chain[&src]].iter_mut().find(|t| t.1 > 0) else { continue };
+            t.1 -= 1;
+            let target = t.0;
+            let item = self.item(page);
+            self.node_inc(target);
+            self.relink(page, RmapItem::new(item.oldchecksum, Link::Stable(target)));
+            let slot = self.stable.node(target).slot;
+            self.intents.push(Intent { page, target: Target::Slot(slot) });
+            self.pending.push(Pending { node: Some(target), refile_from: Some(src) });
+        }
+        let mut report = BatchReport::default();
+        self.flush(space, &mut report);
     }
 
     fn next_region_after(&self, id: RegionId) -> Option<RegionId> {
@@ -620,7 +681,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
 
     fn push_intent(&mut self, page: PageRef, target: Target, node: Option<NodeId>) {
         self.intents.push(Intent { page, target });
-        self.pending.push(Pending { node });
+        self.pending.push(Pending { node, refile_from: None });
     }
 
     /// Carries out the batch's merges and undoes the decisions of those that failed.
@@ -634,8 +695,16 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             let pending = std::mem::take(&mut self.pending);
             for ((intent, p), r) in intents.iter().zip(&pending).zip(&results) {
                 if *r == IntentResult::Merged {
-                    report.merged += 1;
-                    self.c.merges += 1;
+                    match p.refile_from {
+                        Some(old) => {
+                            self.c.stable_node_refiled += 1;
+                            self.node_dec(old);
+                        }
+                        None => {
+                            report.merged += 1;
+                            self.c.merges += 1;
+                        }
+                    }
                     continue;
                 }
                 match r {
@@ -647,7 +716,8 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                     self.node_dec(n);
                 }
                 let item = self.item(intent.page);
-                self.relink(intent.page, RmapItem::new(item.oldchecksum, Link::Seen));
+                let back = p.refile_from.map_or(Link::Seen, Link::Stable);
+                self.relink(intent.page, RmapItem::new(item.oldchecksum, back));
             }
             self.intents = intents;
             self.intents.clear();

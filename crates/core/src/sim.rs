@@ -175,6 +175,7 @@ impl PageSpace for SimPageSpace {
 
     fn merge(&mut self, intents: &[Intent], results: &mut Vec<IntentResult>) {
         self.merge_calls += 1;
+
         let mut merged_slots = Vec::new();
         for it in intents {
             self.merges_seen += 1;
@@ -188,7 +189,9 @@ impl PageSpace for SimPageSpace {
             };
             let page = &pages[it.page.index as usize];
             let r = match (it.target, page) {
-                (Target::Slot(s), SimPage::Private(b)) if self.pool.get(&s).is_some_and(|(c, _)| c == b) => {
+                (Target::Slot(s), SimPage::Private(_) | SimPage::Pool(_))
+                    if self.pool.get(&s).is_some_and(|(c, _)| **c == self.content(page)) =>
+                {
                     merged_slots.push((it.page, s));
                     self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::Pool(s);
                     IntentResult::Merged

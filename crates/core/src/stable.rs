@@ -58,6 +58,8 @@ pub trait StableIndex {
     fn prune(&mut self) -> u64;
     /// `(stable_node_chains, stable_node_dups)`.
     fn chain_counts(&self) -> (u64, u64);
+    /// The dups of every chain.
+    fn chains(&self) -> Vec<Vec<NodeId>>;
     /// Ids of every node.
     fn ids(&self) -> Vec<NodeId>;
     /// Bytes of memory the index uses.
@@ -223,6 +225,14 @@ impl StableIndex for LocalStableIndex {
 
     fn chain_counts(&self) -> (u64, u64) {
         (self.chains, self.dups)
+    }
+
+    fn chains(&self) -> Vec<Vec<NodeId>> {
+        self.by_hash
+            .values()
+            .filter(|&&e| e & CHAIN != 0)
+            .map(|&e| self.chain_dups[(e & !CHAIN) as usize].clone())
+            .collect()
     }
 
     fn ids(&self) -> Vec<NodeId> {

@@ -92,6 +92,11 @@ pub struct Tunables {
     /// `smart_scan`: skip pages that keep failing to merge, for a growing
     /// number of scans (default true, as since Linux 6.7).
     pub smart_scan: bool,
+    /// `stable_node_defrag` (samepage's own; the kernel documents it as future
+    /// work): at every prune, refile the mappings of sparse dups into dups
+    /// with room so each chain keeps `ceil(mappings / max_page_sharing)` dups
+    /// (default true).
+    pub stable_node_defrag: bool,
 }
 
 impl Default for Tunables {
@@ -104,6 +109,7 @@ impl Default for Tunables {
             use_zero_pages: false,
             stable_node_chains_prune_millisecs: 2000,
             smart_scan: true,
+            stable_node_defrag: true,
         }
     }
 }
@@ -152,6 +158,7 @@ impl Tunables {
             }
             "use_zero_pages" => next.use_zero_pages = parse_bool("use_zero_pages", v)?,
             "smart_scan" => next.smart_scan = parse_bool("smart_scan", v)?,
+            "stable_node_defrag" => next.stable_node_defrag = parse_bool("stable_node_defrag", v)?,
             "stable_node_chains_prune_millisecs" => {
                 next.stable_node_chains_prune_millisecs = parse_u32("stable_node_chains_prune_millisecs", v)?
             }

@@ -211,7 +211,7 @@ fn tunables(max_page_sharing: u32, use_zero_pages: bool, pages_to_scan: u32) -> 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn merging_never_changes_memory_and_counters_match(
@@ -318,4 +318,56 @@ fn pages_of_different_domains_never_merge() {
     let c = ksm.counters();
     assert_eq!((c.pages_shared, c.pages_sharing), (6, 64 - 6), "{c:?}");
     ksm.check_invariants().unwrap();
+}
+
+/// After copy-on-write churn leaves dups sparse, defragmentation refiles
+/// their mappings so each chain keeps `ceil(mappings / max_page_sharing)`
+/// dups, content intact; switched off, the sparse dups stay.
+#[test]
+fn defrag_brings_dups_to_the_minimum_after_churn() {
+    for defrag in [true, false] {
+        let mut t = tunables(4, false, 1000);
+        t.stable_node_defrag = defrag;
+        let mut w = World::new(t);
+        for r in 0..REGIONS {
+            for p in 0..PAGES {
+                w.apply(&Op::Common { region: r, page: p, which: 1 + (p % 2) as u8 });
+            }
+        }
+        w.check_quiesced();
+        let before = w.ksm.counters();
+        assert_eq!(before.stable_node_dups, 30, "120 copies of 2 contents, 4 per dup: {before:?}");
+        // Churn: most copies get written (unique now), scattered over the dups.
+        let mut rng = 12345u64;
+        for r in 0..REGIONS {
+            for p in 0..PAGES {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                if rng >> 33 & 3 != 0 {
+                    w.apply(&Op::Poke { region: r, page: p, offset: 100, byte: (rng >> 40) as u8 | 1 });
+                }
+            }
+        }
+        w.check_quiesced();
+        let c = w.ksm.counters();
+        let maps = w.space.slot_mappings();
+        // Minimum per content: group slots by content.
+        let mut per_content: HashMap<[u8; PAGE_SIZE], u64> = HashMap::new();
+        for (&slot, &n) in &maps {
+            let page = w
+                .ids
+                .iter()
+                .flat_map(|&id| (0..PAGES as u64).map(move |i| PageRef { region: id, index: i }))
+                .find(|p| matches!(w.space.page(*p), SimPage::Pool(s) if *s == slot))
+                .unwrap();
+            *per_content.entry(w.space.read(page)).or_default() += n;
+        }
+        let minimum: u64 = per_content.values().map(|m| m.div_ceil(4)).sum();
+        if defrag {
+            assert_eq!(c.pages_shared, minimum, "dups at the minimum after defrag: {c:?}");
+            assert!(c.stable_node_refiled > 0, "{c:?}");
+        } else {
+            assert!(c.pages_shared > minimum, "without defrag sparse dups stay: {c:?} vs {minimum}");
+            assert_eq!(c.stable_node_refiled, 0);
+        }
+    }
 }

@@ -98,3 +98,50 @@ fn identical_pages_in_two_domains_stay_separate() {
         assert_ne!(a0, b0, "pages of two domains never do");
     }
 }
+
+/// Copy-on-write churn leaves dups sparse; defragmentation refiles their
+/// mappings (remapping live pages under the write-protect window) until each
+/// content keeps `ceil(mappings / max_page_sharing)` dups, bytes intact.
+#[test]
+fn defrag_refiles_sparse_dups_on_real_memory() {
+    let _g = serial();
+    let mut t = fast(4, false);
+    t.stable_node_chains_prune_millisecs = 50;
+    let engine = Engine::new(t).unwrap();
+    let pages = 512;
+    let region = engine.alloc_region(pages * PAGE).unwrap();
+    let mut want: Vec<[u8; PAGE]> = (0..pages).map(|i| content(i as u64 % 2)).collect();
+    for (i, w) in want.iter().enumerate() {
+        region.write(i * PAGE, w).unwrap();
+    }
+    let c = converge(&engine, 1);
+    assert_eq!(c.stable_node_dups, 128, "{c:?}");
+    // Write three pages in four: they become unique, the dups sparse.
+    let mut rng = fastrand::Rng::with_seed(3);
+    let mut left = [0u64; 2];
+    for (i, w) in want.iter_mut().enumerate() {
+        if rng.u8(..4) != 0 {
+            // Unique from now on: the page's index goes into it.
+            w[200..208].copy_from_slice(&(i as u64 | 1 << 40).to_ne_bytes());
+            region.write(i * PAGE + 200, &w[200..208]).unwrap();
+        } else {
+            left[i % 2] += 1;
+        }
+    }
+    let minimum: u64 = left.iter().map(|m| m.div_ceil(4)).sum();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let c = loop {
+        let c = engine.counters().unwrap();
+        if c.pages_shared == minimum && c.pages_sharing == left.iter().sum::<u64>() - minimum {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline, "dups never reached the minimum {minimum}: {c:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(c.stable_node_refiled > 0, "{c:?}");
+    let mut buf = [0u8; PAGE];
+    for (i, w) in want.iter().enumerate() {
+        region.read(i * PAGE, &mut buf).unwrap();
+        assert!(buf == *w, "page {i} differs after defrag");
+    }
+}
