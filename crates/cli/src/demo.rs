@@ -30,6 +30,35 @@ pub struct DemoArgs {
     /// Sleep between batches, in milliseconds.
     #[arg(long, default_value_t = 0)]
     sleep_ms: u32,
+    /// smart_scan: skip pages that keep failing to merge.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    smart_scan: bool,
+    /// stable_node_defrag: refile mappings of sparse dups into dups with room.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    stable_node_defrag: bool,
+    /// stable_node_chains_prune_millisecs.
+    #[arg(long, default_value_t = 2000)]
+    prune_ms: u32,
+    /// advisor_mode: none or scan-time (then pages_to_scan is the advisor's).
+    #[arg(long, default_value = "none", value_parser = ["none", "scan-time"])]
+    advisor_mode: String,
+    /// advisor_max_cpu (percent, 1 to 100).
+    #[arg(long, default_value_t = 70)]
+    advisor_max_cpu: u32,
+    /// advisor_target_scan_time (seconds, at least 1).
+    #[arg(long, default_value_t = 200)]
+    advisor_target_scan_time: u64,
+    /// advisor_min_pages_to_scan.
+    #[arg(long, default_value_t = 500)]
+    advisor_min_pages_to_scan: u32,
+    /// advisor_max_pages_to_scan.
+    #[arg(long, default_value_t = 30000)]
+    advisor_max_pages_to_scan: u32,
+    /// After converging, write this percentage of the duplicate pages (making
+    /// them unique) and converge again: shows pruning and defragmentation
+    /// bringing the stable pages back to the minimum the mappings need.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=99))]
+    churn: u8,
     /// Load these files instead of the synthetic mix (each page aligned, last page zero padded).
     #[arg(long, num_args = 1..)]
     files: Vec<PathBuf>,
@@ -98,6 +127,29 @@ struct Outcome {
     integrity_bad_pages: u64,
 }
 
+/// The bytes churn() writes into page `i` (unique to it).
+fn churn_mark(i: usize) -> [u8; 8] {
+    (i as u64 | 0xC4u64 << 56).to_ne_bytes()
+}
+
+/// Writes `percent` of the pages whose content has copies, making them
+/// unique; returns them.
+fn churn(w: &Workload, region: &samepage::Region, percent: u8) -> std::collections::HashSet<usize> {
+    let mut copies: std::collections::HashMap<crate::workload::Content, u64> = std::collections::HashMap::new();
+    for c in &w.pages {
+        *copies.entry(*c).or_default() += 1;
+    }
+    let mut rng = fastrand::Rng::with_seed(77);
+    let mut churned = std::collections::HashSet::new();
+    for (i, c) in w.pages.iter().enumerate() {
+        if copies[c] >= 2 && rng.u8(..100) < percent {
+            region.write(i * PAGE + 100, &churn_mark(i)).expect("inside the region");
+            churned.insert(i);
+        }
+    }
+    churned
+}
+
 fn key(c: &Counters) -> (u64, u64, u64, u64) {
     (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared)
 }
@@ -110,11 +162,18 @@ fn fill(w: &Workload, m: &AnonMapping) {
     }
 }
 
-fn check(w: &Workload, read: impl Fn(usize, &mut [u8; PAGE])) -> u64 {
+fn check(
+    w: &Workload,
+    churned: Option<&std::collections::HashSet<usize>>,
+    read: impl Fn(usize, &mut [u8; PAGE]),
+) -> u64 {
     let (mut want, mut got) = ([0u8; PAGE], [0u8; PAGE]);
     let mut bad = 0;
     for i in 0..w.pages.len() {
         w.page(i, &mut want);
+        if churned.is_some_and(|c| c.contains(&i)) {
+            want[100..108].copy_from_slice(&churn_mark(i));
+        }
         read(i * PAGE, &mut got);
         bad += u64::from(want != got);
     }
@@ -135,15 +194,26 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         }
         Workload::files(&a.files, a.copies).map_err(|e| UsageError(format!("{e:#}")))?
     };
-    let tunables = Tunables {
+    let mut tunables = Tunables {
         run: Run::Stop,
         pages_to_scan: a.pages_to_scan,
         sleep_millisecs: a.sleep_ms,
         max_page_sharing: a.max_page_sharing,
         use_zero_pages: a.use_zero_pages,
+        smart_scan: a.smart_scan,
+        stable_node_defrag: a.stable_node_defrag,
+        stable_node_chains_prune_millisecs: a.prune_ms,
+        advisor_max_cpu: a.advisor_max_cpu,
+        advisor_target_scan_time: a.advisor_target_scan_time,
+        advisor_min_pages_to_scan: a.advisor_min_pages_to_scan,
+        advisor_max_pages_to_scan: a.advisor_max_pages_to_scan,
         ..Tunables::default()
     };
     tunables.validate().map_err(|e| UsageError(e.to_string()))?;
+    tunables.set("advisor_mode", &a.advisor_mode).map_err(|e| UsageError(e.to_string()))?;
+    if a.churn > 0 && a.kernel {
+        return Err(UsageError("--churn is for samepage's own run (not --kernel)".into()).into());
+    }
     let (exp_shared, exp_sharing, exp_zero) = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
     let say = |s: String| {
         if !a.json {
@@ -200,10 +270,36 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             let c = engine.counters()?;
             Ok(Progress { key: key(&c), full_scans: c.full_scans, cpu: engine.cpu_time() })
         })?;
+        let churned = if a.churn > 0 {
+            let r = churn(&w, &region, a.churn);
+            let before = engine.counters()?;
+            converge(Duration::from_secs(a.timeout), a.json, || {
+                let c = engine.counters()?;
+                Ok(Progress { key: key(&c), full_scans: c.full_scans, cpu: engine.cpu_time() })
+            })?;
+            // Two prune intervals, so pruning and defragmentation have run.
+            std::thread::sleep(Duration::from_millis(2 * a.prune_ms as u64 + 100));
+            let after = engine.counters()?;
+            let needed = engine.stable_pages_needed()?;
+            let msg = format!(
+                "churn: wrote {} of the duplicate pages; stable pages (dups) {} -> {} for a minimum of {} \
+                 (ceil(mappings / max_page_sharing) per content), {} mappings refiled",
+                r.len(),
+                before.pages_shared,
+                after.pages_shared,
+                needed,
+                after.stable_node_refiled
+            );
+            say(msg.clone());
+            notes.push(msg);
+            Some(r)
+        } else {
+            None
+        };
         engine.set_run(Run::Stop)?;
         let (anon_after, shmem_after) = anon_shmem();
         let c = engine.counters()?;
-        let bad = check(&w, |off, buf| region.read(off, buf).expect("inside the region"));
+        let bad = check(&w, churned.as_ref(), |off, buf| region.read(off, buf).expect("inside the region"));
         space = Some((engine.space_stats(), procfs::mappings()));
         let o = Outcome {
             counters: c.named(),
@@ -274,10 +370,12 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         for (k, v) in &o.counters {
             println!("  {k:<20} {v}");
         }
-        println!(
-            "expected from the content: pages_shared {exp_shared}, pages_sharing {exp_sharing}, ksm_zero_pages {exp_zero}: {}",
-            if matches { "reached" } else { "NOT reached" }
-        );
+        if a.churn == 0 {
+            println!(
+                "expected from the content: pages_shared {exp_shared}, pages_sharing {exp_sharing}, ksm_zero_pages {exp_zero}: {}",
+                if matches { "reached" } else { "NOT reached" }
+            );
+        }
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
             "memory (/proc/meminfo): AnonPages {:.1} -> {:.1} MiB, Shmem (the pool) {:.1} -> {:.1} MiB",
@@ -343,7 +441,7 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     let (anon_after, shmem_after) = anon_shmem();
     let counters = k.counters()?;
     let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v as u64).unwrap_or(0);
-    let bad = check(w, |off, buf| m.read(off, buf).expect("inside the mapping"));
+    let bad = check(w, None, |off, buf| m.read(off, buf).expect("inside the mapping"));
     Ok(Outcome {
         shared: get("pages_shared"),
         sharing: get("pages_sharing"),

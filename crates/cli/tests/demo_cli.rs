@@ -64,3 +64,20 @@ fn bad_input_exits_2_naming_the_value() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn demo_churn_shows_defrag_reaching_the_minimum() {
+    let out = samepage()
+        .args(["demo", "--size", "32M", "--max-page-sharing", "4", "--churn", "60", "--prune-ms", "100", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["integrity"], true);
+    assert!(v["counters"]["stable_node_refiled"].as_i64().unwrap() > 0, "{v}");
+    let note =
+        v["notes"].as_array().unwrap().iter().find_map(|n| n.as_str().filter(|s| s.starts_with("churn"))).unwrap();
+    // "... stable pages (dups) A -> B for a minimum of C ..."
+    let nums: Vec<u64> = note.split(|c: char| !c.is_ascii_digit()).filter_map(|t| t.parse().ok()).collect();
+    assert_eq!(nums[2], nums[3], "defrag reaches the minimum: {note}");
+}

@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod advisor;
 pub mod counters;
 pub mod page;
 pub mod pool;
@@ -41,4 +42,4 @@ pub use counters::{Counters, RegionCounters};
 pub use page::{page_hash, zero_page_hash, Domain, PageRef, RegionId, Slot, PAGE_SIZE};
 pub use scan::Ksm;
 pub use space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
-pub use tunables::{Run, TunableError, Tunables};
+pub use tunables::{AdvisorMode, Run, TunableError, Tunables};

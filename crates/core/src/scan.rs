@@ -20,13 +20,14 @@
 //! [`PageSpace::merge`], so runs of pages become one mapping; the decisions
 //! are recorded first and undone for any merge the page space reports failed.
 
+use crate::advisor::{scan_time_advisor, AdvisorCtx};
 use crate::counters::{Counters, RegionCounters};
 use crate::page::{checksum_of, zero_page_hash, Domain, PageRef, RegionId, Slot};
 use crate::pool::{LocalPool, StablePool};
 use crate::rmap::{Link, RmapItem, RmapTable};
 use crate::space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
 use crate::stable::{LocalStableIndex, NodeId, StableIndex, StableNode};
-use crate::tunables::{Run, TunableError, Tunables};
+use crate::tunables::{AdvisorMode, Run, TunableError, Tunables};
 use crate::unstable::UnstableIndex;
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -87,6 +88,7 @@ pub struct Ksm<I: StableIndex = LocalStableIndex, P: StablePool = LocalPool> {
     pending: Vec<Pending>,
     results: Vec<IntentResult>,
     last_new_slot: Option<(PageRef, Slot)>,
+    advisor: AdvisorCtx,
 }
 
 impl Ksm<LocalStableIndex, LocalPool> {
@@ -118,6 +120,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             pending: Vec::new(),
             results: Vec::new(),
             last_new_slot: None,
+            advisor: AdvisorCtx::default(),
         })
     }
 
@@ -131,10 +134,23 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// [`TunableError::Busy`], as the kernel's EBUSY. Switching `run` to
     /// [`Run::Unmerge`] here only records it: the caller unmerges with
     /// [`Ksm::unmerge_all`].
-    pub fn set_tunables(&mut self, t: Tunables) -> Result<(), TunableError> {
+    pub fn set_tunables(&mut self, mut t: Tunables) -> Result<(), TunableError> {
         t.validate()?;
         if t.max_page_sharing != self.tunables.max_page_sharing && self.live_nodes > 0 {
             return Err(TunableError::Busy { pages_shared: self.live_nodes });
+        }
+        if t.advisor_mode != self.tunables.advisor_mode {
+            // The kernel's set_advisor_defaults().
+            self.advisor = AdvisorCtx::default();
+            t.pages_to_scan = match t.advisor_mode {
+                AdvisorMode::None => 100,
+                AdvisorMode::ScanTime => t.advisor_min_pages_to_scan,
+            };
+        } else if t.advisor_mode != AdvisorMode::None && t.pages_to_scan != self.tunables.pages_to_scan {
+            return Err(TunableError::Refused {
+                name: "pages_to_scan",
+                why: "advisor_mode is scan-time: the advisor sets it (set advisor_mode=none first)",
+            });
         }
         self.tunables = t;
         Ok(())
@@ -236,6 +252,18 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         c
     }
 
+    /// The fewest stable pages the current mappings need:
+    /// `ceil(mappings / max_page_sharing)` per content (what defragmentation
+    /// brings `pages_shared` down to).
+    pub fn stable_pages_needed(&self) -> u64 {
+        let mut per_content: std::collections::HashMap<(u64, Domain), u64> = std::collections::HashMap::new();
+        for id in self.stable.ids() {
+            let n = self.stable.node(id);
+            *per_content.entry((n.hash, n.domain)).or_default() += n.rmap_hlist_len as u64;
+        }
+        per_content.values().map(|m| m.div_ceil(self.tunables.max_page_sharing as u64)).sum()
+    }
+
     /// Per-region counters, as `/proc/PID/ksm_stat` names them.
     pub fn region_counters(&self, id: RegionId) -> Option<RegionCounters> {
         let r = self.regions.get(&id)?;
@@ -335,6 +363,12 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// One batch of scanning (`ksm_do_scan(pages_to_scan)`). `now_ms` is a
     /// monotonic clock used to pace pruning.
     pub fn scan_batch(&mut self, space: &mut impl PageSpace, now_ms: u64) -> BatchReport {
+        self.scan_batch_timed(space, now_ms, 0)
+    }
+
+    /// [`Ksm::scan_batch`] with the scanner thread's CPU time so far (ns),
+    /// which the scan-time advisor needs.
+    pub fn scan_batch_timed(&mut self, space: &mut impl PageSpace, now_ms: u64, cpu_ns: u64) -> BatchReport {
         let mut report = BatchReport::default();
         if self.tunables.run != Run::Merge || self.regions.is_empty() {
             return report;
@@ -352,6 +386,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                     // so no page filed there can be visited again while a
                     // merge decided for it is still pending.
                     self.unstable.clear();
+                    self.advisor.start_scan_ms = now_ms;
                     let first = *self.regions.keys().next().expect("regions not empty");
                     (first, 0)
                 }
@@ -389,6 +424,9 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                         self.unstable.clear();
                         self.c.full_scans += 1;
                         report.full_scan_ended = true;
+                        if let Some(p) = scan_time_advisor(&mut self.advisor, &self.tunables, now_ms, cpu_ns) {
+                            self.tunables.pages_to_scan = p;
+                        }
                         self.cursor = None;
                         break;
                     }
@@ -767,11 +805,17 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     }
 
     /// Stores a page's item, keeping the counters in step with its link.
-    fn relink(&mut self, page: PageRef, item: RmapItem) {
+    /// A Seen or Unstable item with no age of its own keeps the page's
+    /// smart_scan age.
+    fn relink(&mut self, page: PageRef, mut item: RmapItem) {
         let Some(r) = self.regions.get_mut(&page.region) else {
             return;
         };
-        let old = r.rmap.get(page.index).link();
+        let old_item = r.rmap.get(page.index);
+        if item.age_bits() == 0 {
+            item = item.with_age(old_item.age(), old_item.remaining_skips());
+        }
+        let old = old_item.link();
         r.rmap.set(page.index, item);
         let new = item.link();
         apply_link(&mut r.counts, old, -1);

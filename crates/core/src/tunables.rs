@@ -40,6 +40,16 @@ impl Run {
     }
 }
 
+/// `advisor_mode`: who sets `pages_to_scan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdvisorMode {
+    /// `none`: the user does (the default).
+    #[default]
+    None,
+    /// `scan-time`: the scan-time advisor, after every full scan.
+    ScanTime,
+}
+
 /// A tunable value the kernel would refuse.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum TunableError {
@@ -66,6 +76,15 @@ pub enum TunableError {
     /// No tunable of that name.
     #[error("no tunable named {0:?}")]
     Unknown(String),
+    /// Refused in the current state (the kernel's EINVAL for `pages_to_scan`
+    /// while the advisor is on).
+    #[error("{name} cannot be set now: {why}")]
+    Refused {
+        /// Tunable name.
+        name: &'static str,
+        /// Why.
+        why: &'static str,
+    },
     /// The kernel's EBUSY: `max_page_sharing` cannot change while pages are shared.
     #[error("max_page_sharing cannot change while {pages_shared} stable pages are shared (the kernel answers EBUSY); set run=2 first")]
     Busy {
@@ -97,6 +116,16 @@ pub struct Tunables {
     /// with room so each chain keeps `ceil(mappings / max_page_sharing)` dups
     /// (default true).
     pub stable_node_defrag: bool,
+    /// `advisor_mode`: `none` (default) or `scan-time`.
+    pub advisor_mode: AdvisorMode,
+    /// `advisor_max_cpu`: most CPU percent the advisor lets a scan use (default 70).
+    pub advisor_max_cpu: u32,
+    /// `advisor_target_scan_time`: seconds a full scan should take (default 200, at least 1).
+    pub advisor_target_scan_time: u64,
+    /// `advisor_min_pages_to_scan`: where the advisor starts (default 500).
+    pub advisor_min_pages_to_scan: u32,
+    /// `advisor_max_pages_to_scan`: the advisor's cap (default 30000).
+    pub advisor_max_pages_to_scan: u32,
 }
 
 impl Default for Tunables {
@@ -110,6 +139,11 @@ impl Default for Tunables {
             stable_node_chains_prune_millisecs: 2000,
             smart_scan: true,
             stable_node_defrag: true,
+            advisor_mode: AdvisorMode::None,
+            advisor_max_cpu: 70,
+            advisor_target_scan_time: 200,
+            advisor_min_pages_to_scan: 500,
+            advisor_max_pages_to_scan: 30000,
         }
     }
 }
@@ -129,6 +163,20 @@ impl Tunables {
                 allowed: "2 to 2147483647",
             });
         }
+        if !(1..=100).contains(&self.advisor_max_cpu) {
+            return Err(TunableError::OutOfRange {
+                name: "advisor_max_cpu",
+                value: self.advisor_max_cpu.to_string(),
+                allowed: "1 to 100 (percent)",
+            });
+        }
+        if self.advisor_target_scan_time < 1 {
+            return Err(TunableError::OutOfRange {
+                name: "advisor_target_scan_time",
+                value: self.advisor_target_scan_time.to_string(),
+                allowed: "at least 1 (seconds)",
+            });
+        }
         Ok(())
     }
 
@@ -139,7 +187,41 @@ impl Tunables {
         let mut next = self.clone();
         match name {
             "run" => next.run = Run::from_u32(parse_u32("run", v)?)?,
-            "pages_to_scan" => next.pages_to_scan = parse_u32("pages_to_scan", v)?,
+            "pages_to_scan" => {
+                if self.advisor_mode != AdvisorMode::None {
+                    return Err(TunableError::Refused {
+                        name: "pages_to_scan",
+                        why: "advisor_mode is scan-time: the advisor sets it (set advisor_mode=none first)",
+                    });
+                }
+                next.pages_to_scan = parse_u32("pages_to_scan", v)?
+            }
+            "advisor_mode" => {
+                next.advisor_mode = match v {
+                    "none" => AdvisorMode::None,
+                    "scan-time" => AdvisorMode::ScanTime,
+                    _ => {
+                        return Err(TunableError::Parse {
+                            name: "advisor_mode",
+                            value: v.to_string(),
+                            allowed: "none or scan-time",
+                        })
+                    }
+                };
+                if next.advisor_mode != self.advisor_mode {
+                    // The kernel's set_advisor_defaults().
+                    next.pages_to_scan = match next.advisor_mode {
+                        AdvisorMode::None => 100,
+                        AdvisorMode::ScanTime => next.advisor_min_pages_to_scan,
+                    };
+                }
+            }
+            "advisor_max_cpu" => next.advisor_max_cpu = parse_u32("advisor_max_cpu", v)?,
+            "advisor_target_scan_time" => {
+                next.advisor_target_scan_time = parse_u32("advisor_target_scan_time", v)? as u64
+            }
+            "advisor_min_pages_to_scan" => next.advisor_min_pages_to_scan = parse_u32("advisor_min_pages_to_scan", v)?,
+            "advisor_max_pages_to_scan" => next.advisor_max_pages_to_scan = parse_u32("advisor_max_pages_to_scan", v)?,
             "sleep_millisecs" => next.sleep_millisecs = parse_u32("sleep_millisecs", v)?,
             "max_page_sharing" => {
                 let n: i64 = v.parse().map_err(|_| TunableError::Parse {
@@ -220,5 +302,20 @@ mod tests {
         t.set("use_zero_pages", "y").unwrap();
         t.set("run", "2").unwrap();
         assert_eq!((t.max_page_sharing, t.use_zero_pages, t.run), (2, true, Run::Unmerge));
+    }
+
+    #[test]
+    fn the_advisor_owns_pages_to_scan_while_on() {
+        let mut t = Tunables::default();
+        t.set("advisor_mode", "scan-time").unwrap();
+        assert_eq!(t.pages_to_scan, 500, "starts at advisor_min_pages_to_scan");
+        let e = t.set("pages_to_scan", "1000").unwrap_err();
+        assert!(matches!(e, TunableError::Refused { name: "pages_to_scan", .. }), "{e}");
+        assert!(t.set("advisor_max_cpu", "0").is_err());
+        assert!(t.set("advisor_target_scan_time", "0").is_err());
+        assert!(t.set("advisor_mode", "fast").is_err());
+        t.set("advisor_mode", "none").unwrap();
+        assert_eq!(t.pages_to_scan, 100);
+        t.set("pages_to_scan", "1000").unwrap();
     }
 }

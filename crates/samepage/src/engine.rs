@@ -236,6 +236,13 @@ impl Engine {
         snap.regions.get(&id).cloned().ok_or(Error::UnknownRegion(id.0))
     }
 
+    /// The fewest stable pages the current mappings need (see
+    /// `Ksm::stable_pages_needed`): after churn, defragmentation brings
+    /// `pages_shared` down to this.
+    pub fn stable_pages_needed(&self) -> Result<u64, Error> {
+        Ok(self.shared.lock()?.ksm.stable_pages_needed())
+    }
+
     /// System calls the page space made.
     pub fn space_stats(&self) -> SpaceStats {
         self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()).stats.clone()
@@ -351,7 +358,8 @@ fn scanner(shared: Arc<Shared>) {
         }
         let now_ms = shared.started.elapsed().as_millis() as u64;
         let State { ksm, space, .. } = &mut *st;
-        if let Err(p) = catch_unwind(AssertUnwindSafe(|| ksm.scan_batch(space, now_ms))) {
+        let cpu_ns = thread_cpu_ns();
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| ksm.scan_batch_timed(space, now_ms, cpu_ns))) {
             let why = p
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
