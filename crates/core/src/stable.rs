@@ -131,12 +131,25 @@ impl StableIndex for LocalStableIndex {
                     Err(true)
                 }
             }
-            Some(&e) => self.chain_dups[(e & !CHAIN) as usize]
-                .iter()
-                .filter(|d| len(d) < max_page_sharing)
-                .max_by_key(|d| (len(d), std::cmp::Reverse(**d)))
-                .copied()
-                .ok_or(true),
+            Some(&e) => {
+                // The dup at the head took the last mapping; while it has
+                // room it takes the next one (O(1)). When it fills up, the
+                // busiest dup with room moves to the head (seed 001).
+                let c = (e & !CHAIN) as usize;
+                let dups = &self.chain_dups[c];
+                if let Some(head) = dups.first().filter(|d| len(d) < max_page_sharing) {
+                    return Ok(*head);
+                }
+                let best = dups
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| len(d) < max_page_sharing)
+                    .max_by_key(|(_, d)| (len(d), std::cmp::Reverse(**d)))
+                    .map(|(i, _)| i)
+                    .ok_or(true)?;
+                self.chain_dups[c].swap(0, best);
+                Ok(self.chain_dups[c][0])
+            }
         }
     }
 
@@ -265,7 +278,10 @@ mod tests {
         let b = t.insert(node(1, 7, 2));
         let c = t.insert(node(2, 7, 3));
         assert_eq!(t.chain_counts(), (1, 3));
+        // The head (a) is full: the busiest dup with room moves there.
         assert_eq!(t.lookup(7, 4), Ok(c), "busiest dup with room first");
+        t.node_mut(b).rmap_hlist_len = 3;
+        assert_eq!(t.lookup(7, 4), Ok(c), "the head keeps taking mappings while it has room");
         t.node_mut(c).rmap_hlist_len = 4;
         assert_eq!(t.lookup(7, 4), Ok(b));
         t.remove(b);
