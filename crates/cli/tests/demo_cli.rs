@@ -8,7 +8,10 @@ fn samepage() -> Command {
 
 #[test]
 fn demo_json_reaches_the_content_and_keeps_every_byte() {
-    let out = samepage().args(["demo", "--size", "32M", "--use-zero-pages", "--json"]).output().unwrap();
+    let out = samepage()
+        .args(["demo", "--size", "32M", "--use-zero-pages", "--no-raise-map-count", "--json"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["integrity"], true);
@@ -40,7 +43,10 @@ fn demo_files_mode_merges_copies() {
     let f = dir.join("a.bin");
     let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&f, &data).unwrap();
-    let out = samepage().args(["demo", "--files", f.to_str().unwrap(), "--copies", "3", "--json"]).output().unwrap();
+    let out = samepage()
+        .args(["demo", "--files", f.to_str().unwrap(), "--copies", "3", "--no-raise-map-count", "--json"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["integrity"], true);
@@ -68,7 +74,19 @@ fn bad_input_exits_2_naming_the_value() {
 #[test]
 fn demo_churn_shows_defrag_reaching_the_minimum() {
     let out = samepage()
-        .args(["demo", "--size", "32M", "--max-page-sharing", "4", "--churn", "60", "--prune-ms", "100", "--json"])
+        .args([
+            "demo",
+            "--size",
+            "32M",
+            "--max-page-sharing",
+            "4",
+            "--churn",
+            "60",
+            "--prune-ms",
+            "100",
+            "--no-raise-map-count",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
