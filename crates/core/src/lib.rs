@@ -28,6 +28,7 @@
 
 pub mod advisor;
 pub mod counters;
+pub mod model;
 pub mod page;
 pub mod pool;
 pub mod rmap;

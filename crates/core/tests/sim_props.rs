@@ -4,27 +4,10 @@
 //! never change, and no stable page exceeds `max_page_sharing`.
 
 use proptest::prelude::*;
+use samepage_core::model::{common, Model, Op};
 use samepage_core::sim::{SimPage, SimPageSpace};
 use samepage_core::{Ksm, PageRef, RegionId, Run, Tunables, PAGE_SIZE};
 use std::collections::HashMap;
-
-#[derive(Clone, Debug)]
-enum Op {
-    /// Write one byte somewhere in a page.
-    Poke { region: u8, page: u16, offset: u16, byte: u8 },
-    /// Make a page one of a few common contents (0 = all zeros).
-    Common { region: u8, page: u16, which: u8 },
-    /// Read untouched memory (maps the zero page).
-    Read { region: u8, page: u16 },
-    /// Run some batches.
-    Scan { batches: u8 },
-    /// Unregister a region and register it again.
-    Reregister { region: u8 },
-    /// `run = 2`, then back to 1.
-    UnmergeAll,
-    /// A forked child starts or stops mapping some pool slot.
-    Foreign { slot: u8, add: bool },
-}
 
 const REGIONS: u8 = 3;
 const PAGES: u16 = 40;
@@ -42,161 +25,8 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn common(which: u8) -> [u8; PAGE_SIZE] {
-    let mut p = [0u8; PAGE_SIZE];
-    if which > 0 {
-        for (i, b) in p.iter_mut().enumerate() {
-            *b = (i as u8).wrapping_mul(which).wrapping_add(which);
-        }
-    }
-    p
-}
-
-struct World {
-    ksm: Ksm,
-    space: SimPageSpace,
-    shadow: HashMap<PageRef, [u8; PAGE_SIZE]>,
-    ids: Vec<RegionId>,
-    next_id: u32,
-    now: u64,
-}
-
-impl World {
-    fn new(t: Tunables) -> Self {
-        let mut w = World {
-            ksm: Ksm::new(t).unwrap(),
-            space: SimPageSpace::new(),
-            shadow: HashMap::new(),
-            ids: Vec::new(),
-            next_id: 0,
-            now: 0,
-        };
-        for _ in 0..REGIONS {
-            let id = w.fresh_region();
-            w.ids.push(id);
-        }
-        w
-    }
-
-    fn fresh_region(&mut self) -> RegionId {
-        let id = RegionId(self.next_id);
-        self.next_id += 1;
-        self.space.add_region(id, PAGES as u64);
-        self.ksm.add_region(id, PAGES as u64);
-        id
-    }
-
-    fn page(&self, region: u8, page: u16) -> PageRef {
-        PageRef { region: self.ids[region as usize], index: page as u64 }
-    }
-
-    fn scan(&mut self, batches: u32) {
-        for _ in 0..batches {
-            self.now += 7;
-            self.ksm.scan_batch(&mut self.space, self.now);
-        }
-    }
-
-    fn apply(&mut self, op: &Op) {
-        match *op {
-            Op::Poke { region, page, offset, byte } => {
-                let p = self.page(region, page);
-                self.space.write(p, offset as usize, &[byte]);
-                self.shadow.entry(p).or_insert([0; PAGE_SIZE])[offset as usize] = byte;
-            }
-            Op::Common { region, page, which } => {
-                let p = self.page(region, page);
-                let c = common(which);
-                self.space.write(p, 0, &c);
-                self.shadow.insert(p, c);
-            }
-            Op::Read { region, page } => {
-                let p = self.page(region, page);
-                self.space.touch_read(p);
-            }
-            Op::Scan { batches } => self.scan(batches as u32),
-            Op::Reregister { region } => {
-                let old = self.ids[region as usize];
-                self.ksm.remove_region(&mut self.space, old).unwrap();
-                let pages = self.space.remove_region(old).unwrap();
-                assert!(
-                    pages.iter().all(|p| !matches!(p, SimPage::Pool(_) | SimPage::KsmZero)),
-                    "unregister left a merged page"
-                );
-                let new = self.fresh_region();
-                self.ids[region as usize] = new;
-                // The program's memory moved to a fresh region: carry its content over.
-                for (i, p) in pages.into_iter().enumerate() {
-                    let old_ref = PageRef { region: old, index: i as u64 };
-                    let new_ref = PageRef { region: new, index: i as u64 };
-                    if let Some(c) = self.shadow.remove(&old_ref) {
-                        self.shadow.insert(new_ref, c);
-                    }
-                    match p {
-                        SimPage::Private(b) => self.space.write(new_ref, 0, &b[..]),
-                        SimPage::ZeroPfn => self.space.touch_read(new_ref),
-                        _ => {}
-                    }
-                }
-            }
-            Op::UnmergeAll => {
-                let mut t = self.ksm.tunables().clone();
-                t.run = Run::Unmerge;
-                self.ksm.set_tunables(t.clone()).unwrap();
-                self.ksm.unmerge_all(&mut self.space).unwrap();
-                assert!(self.space.slot_mappings().is_empty());
-                assert_eq!(self.space.ksm_zero_pages(), 0);
-                t.run = Run::Merge;
-                self.ksm.set_tunables(t).unwrap();
-            }
-            Op::Foreign { slot, add } => {
-                let slots: Vec<_> = self.space.slot_mappings().keys().copied().collect();
-                if let Some(s) = slots.get(slot as usize % slots.len().max(1)) {
-                    let n = self.space.foreign_maps.entry(*s).or_default();
-                    *n = if add { *n + 1 } else { n.saturating_sub(1) };
-                }
-            }
-        }
-    }
-
-    fn check(&self) {
-        for &id in &self.ids {
-            for i in 0..PAGES as u64 {
-                let p = PageRef { region: id, index: i };
-                let want = self.shadow.get(&p).copied().unwrap_or([0; PAGE_SIZE]);
-                assert!(self.space.read(p) == want, "content of {p:?} changed");
-            }
-        }
-        assert!(self.space.pool_unchanged(), "a stable page changed");
-        let max = self.ksm.tunables().max_page_sharing as u64;
-        for (slot, n) in self.space.slot_mappings() {
-            assert!(n <= max, "{slot:?} has {n} mappings > max_page_sharing {max}");
-        }
-        self.ksm.check_invariants().unwrap();
-    }
-
-    /// After scans with no writes the engine knows everything: its counters
-    /// must equal the page space's truth.
-    fn check_quiesced(&mut self) {
-        self.space.foreign_maps.clear();
-        for _ in 0..4 {
-            let before = self.ksm.counters().full_scans;
-            while self.ksm.counters().full_scans == before {
-                self.scan(1);
-            }
-        }
-        self.now += 1_000_000;
-        self.ksm.prune(&mut self.space, self.now);
-        let c = self.ksm.counters();
-        let maps = self.space.slot_mappings();
-        let mappings: u64 = maps.values().sum();
-        assert_eq!(c.pages_shared, maps.len() as u64, "pages_shared vs recount");
-        assert_eq!(c.pages_sharing, mappings - maps.len() as u64, "pages_sharing vs recount");
-        assert_eq!(c.ksm_zero_pages, self.space.ksm_zero_pages(), "ksm_zero_pages vs recount");
-        assert_eq!(self.space.pool_pages() as u64, c.pages_shared, "pool holds exactly the stable pages");
-        assert_eq!(c.pool_slots_pending, 0);
-        self.check();
-    }
+fn world(t: Tunables) -> Model {
+    Model::new(t, REGIONS, PAGES)
 }
 
 fn tunables(max_page_sharing: u32, use_zero_pages: bool, pages_to_scan: u32) -> Tunables {
@@ -221,7 +51,7 @@ proptest! {
         pages_to_scan in 1u32..50,
         fail_every in prop_oneof![Just(0u64), 2u64..9],
     ) {
-        let mut w = World::new(tunables(max_page_sharing, use_zero_pages, pages_to_scan));
+        let mut w = world(tunables(max_page_sharing, use_zero_pages, pages_to_scan));
         w.space.fail_every = fail_every;
         for op in &ops {
             w.apply(op);
@@ -238,7 +68,7 @@ proptest! {
 #[test]
 fn converges_to_what_the_content_implies() {
     for (m, zero) in [(2u32, false), (3, true), (256, false), (4, false)] {
-        let mut w = World::new(tunables(m, zero, 17));
+        let mut w = world(tunables(m, zero, 17));
         let mut copies: HashMap<u8, u64> = HashMap::new();
         for r in 0..REGIONS {
             for p in 0..PAGES {
@@ -274,7 +104,7 @@ fn converges_to_what_the_content_implies() {
 /// Copies of the same run of pages merge as runs: one mapping per run, not per page.
 #[test]
 fn runs_merge_with_one_mapping() {
-    let mut w = World::new(tunables(256, false, 1000));
+    let mut w = world(tunables(256, false, 1000));
     for r in 0..REGIONS {
         for p in 0..PAGES {
             w.apply(&Op::Poke { region: r, page: p, offset: 0, byte: p as u8 + 1 });
@@ -328,7 +158,7 @@ fn defrag_brings_dups_to_the_minimum_after_churn() {
     for defrag in [true, false] {
         let mut t = tunables(4, false, 1000);
         t.stable_node_defrag = defrag;
-        let mut w = World::new(t);
+        let mut w = world(t);
         for r in 0..REGIONS {
             for p in 0..PAGES {
                 w.apply(&Op::Common { region: r, page: p, which: 1 + (p % 2) as u8 });
