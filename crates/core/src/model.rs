@@ -122,8 +122,8 @@ impl Model {
             Op::Poke { region, page, offset, byte } => {
                 let p = self.page(region, page);
                 let offset = offset as usize % PAGE_SIZE;
-                self.space.write(p, offset as usize, &[byte]);
-                self.shadow.entry(p).or_insert([0; PAGE_SIZE])[offset as usize] = byte;
+                self.space.write(p, offset, &[byte]);
+                self.shadow.entry(p).or_insert([0; PAGE_SIZE])[offset] = byte;
             }
             Op::Common { region, page, which } => {
                 let p = self.page(region, page);
