@@ -9,7 +9,7 @@
 //! convergence against the same thread with no merging.
 
 use crate::measure::{anon_shmem, converge, vma_slab_bytes, Progress};
-use crate::workload::{Content, Workload, PAGE};
+use crate::workload::{Content, Mem, Workload, PAGE};
 use crate::{sysctl, UsageError};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -192,34 +192,10 @@ fn build(kind: Kind, a: &BenchArgs) -> Result<Workload> {
     })
 }
 
-/// Memory the two sides write through.
-trait Mem: Sync {
-    fn write(&self, off: usize, data: &[u8]);
-    fn read(&self, off: usize, buf: &mut [u8]);
-}
-impl Mem for AnonMapping {
-    fn write(&self, off: usize, data: &[u8]) {
-        AnonMapping::write(self, off, data).expect("inside the mapping")
-    }
-    fn read(&self, off: usize, buf: &mut [u8]) {
-        AnonMapping::read(self, off, buf).expect("inside the mapping")
-    }
-}
-impl Mem for samepage::Region {
-    fn write(&self, off: usize, data: &[u8]) {
-        samepage::Region::write(self, off, data).expect("inside the region")
-    }
-    fn read(&self, off: usize, buf: &mut [u8]) {
-        samepage::Region::read(self, off, buf).expect("inside the region")
-    }
-}
-
+/// The workload, then `hot` unique pages for the application thread.
 fn fill(w: &Workload, hot: usize, m: &dyn Mem) {
+    w.write_into(m);
     let mut buf = [0u8; PAGE];
-    for i in 0..w.pages.len() {
-        w.page(i, &mut buf);
-        m.write(i * PAGE, &buf);
-    }
     for h in 0..hot {
         crate::workload::gen_page(1 << 50 | h as u64, &mut buf);
         m.write((w.pages.len() + h) * PAGE, &buf);
@@ -227,12 +203,7 @@ fn fill(w: &Workload, hot: usize, m: &dyn Mem) {
 }
 
 fn integrity(w: &Workload, m: &dyn Mem) -> bool {
-    let (mut want, mut got) = ([0u8; PAGE], [0u8; PAGE]);
-    (0..w.pages.len()).all(|i| {
-        w.page(i, &mut want);
-        m.read(i * PAGE, &mut got);
-        want == got
-    })
+    w.mismatches(m, |_, _| {}) == 0
 }
 
 /// The application thread: 64-byte writes at random places of the hot pages.

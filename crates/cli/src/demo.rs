@@ -1,7 +1,7 @@
 //! `samepage demo`.
 
 use crate::measure::{anon_shmem, converge, Progress};
-use crate::workload::{Workload, PAGE};
+use crate::workload::{Mem, Workload, PAGE};
 use crate::{sysctl, UsageError};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -154,30 +154,13 @@ fn key(c: &Counters) -> (u64, u64, u64, u64) {
     (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared)
 }
 
-fn fill(w: &Workload, m: &AnonMapping) {
-    let mut buf = [0u8; PAGE];
-    for i in 0..w.pages.len() {
-        w.page(i, &mut buf);
-        m.write(i * PAGE, &buf).expect("inside the mapping");
-    }
-}
-
-fn check(
-    w: &Workload,
-    churned: Option<&std::collections::HashSet<usize>>,
-    read: impl Fn(usize, &mut [u8; PAGE]),
-) -> u64 {
-    let (mut want, mut got) = ([0u8; PAGE], [0u8; PAGE]);
-    let mut bad = 0;
-    for i in 0..w.pages.len() {
-        w.page(i, &mut want);
+/// Pages that differ from the workload, the churned ones expected with their mark.
+fn check(w: &Workload, m: &dyn Mem, churned: Option<&std::collections::HashSet<usize>>) -> u64 {
+    w.mismatches(m, |i, want| {
         if churned.is_some_and(|c| c.contains(&i)) {
             want[100..108].copy_from_slice(&churn_mark(i));
         }
-        read(i * PAGE, &mut got);
-        bad += u64::from(want != got);
-    }
-    bad
+    })
 }
 
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
@@ -256,14 +239,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             notes.push(msg);
         }
         let region = engine.alloc_region(w.bytes() as usize)?;
-        {
-            let m = &region;
-            let mut buf = [0u8; PAGE];
-            for i in 0..w.pages.len() {
-                w.page(i, &mut buf);
-                m.write(i * PAGE, &buf).expect("inside the region");
-            }
-        }
+        w.write_into(&region);
         let (anon_before, shmem_before) = anon_shmem();
         engine.set_run(Run::Merge)?;
         let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
@@ -299,7 +275,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         engine.set_run(Run::Stop)?;
         let (anon_after, shmem_after) = anon_shmem();
         let c = engine.counters()?;
-        let bad = check(&w, churned.as_ref(), |off, buf| region.read(off, buf).expect("inside the region"));
+        let bad = check(&w, &region, churned.as_ref());
         space = Some((engine.space_stats(), procfs::mappings()));
         let o = Outcome {
             counters: c.named(),
@@ -327,7 +303,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     if budget_skips > 0 {
         notes.push(format!(
             "the VMA budget (vm.max_map_count {}, engine limit {} mappings) left {left_unmerged} duplicate pages unmerged; as root, samepage demo raises the limit for its run (or: sysctl vm.max_map_count=N)",
-            sysctl::max_map_count(),
+            samepage::sys::vma::max_map_count(),
             vma_limit.unwrap_or(0)
         ));
     }
@@ -413,7 +389,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
 
 fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcome> {
     let m = AnonMapping::new(w.bytes() as usize)?;
-    fill(w, &m);
+    w.write_into(&m);
     let k = KernelKsm::take().context("--kernel")?;
     for (name, v) in [
         ("pages_to_scan", a.pages_to_scan.to_string()),
@@ -441,7 +417,7 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     let (anon_after, shmem_after) = anon_shmem();
     let counters = k.counters()?;
     let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v as u64).unwrap_or(0);
-    let bad = check(w, None, |off, buf| m.read(off, buf).expect("inside the mapping"));
+    let bad = check(w, &m, None);
     Ok(Outcome {
         shared: get("pages_shared"),
         sharing: get("pages_sharing"),

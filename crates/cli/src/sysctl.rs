@@ -15,11 +15,6 @@ pub struct MapCountGuard {
     old: u64,
 }
 
-/// The current limit.
-pub fn max_map_count() -> u64 {
-    fs::read_to_string(PATH).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
-}
-
 /// Raises the limit to `want` if it is lower and we may (root). Returns the
 /// guard and the old value, or `None` if nothing was changed.
 pub fn raise(want: u64) -> Option<(MapCountGuard, u64)> {
@@ -27,7 +22,7 @@ pub fn raise(want: u64) -> Option<(MapCountGuard, u64)> {
     if *signalled {
         return None;
     }
-    let old = max_map_count();
+    let old = samepage::sys::vma::max_map_count();
     if old >= want {
         return None;
     }

@@ -18,6 +18,33 @@ pub enum Content {
     },
 }
 
+/// Memory a workload is written into: an engine's region or a plain mapping
+/// (handed to the kernel's KSM).
+pub trait Mem: Sync {
+    /// Copies `data` in at `off`.
+    fn write(&self, off: usize, data: &[u8]);
+    /// Copies bytes out from `off`.
+    fn read(&self, off: usize, buf: &mut [u8]);
+}
+
+impl Mem for samepage::sys::mapping::AnonMapping {
+    fn write(&self, off: usize, data: &[u8]) {
+        samepage::sys::mapping::AnonMapping::write(self, off, data).expect("inside the mapping")
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        samepage::sys::mapping::AnonMapping::read(self, off, buf).expect("inside the mapping")
+    }
+}
+
+impl Mem for samepage::Region {
+    fn write(&self, off: usize, data: &[u8]) {
+        samepage::Region::write(self, off, data).expect("inside the region")
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        samepage::Region::read(self, off, buf).expect("inside the region")
+    }
+}
+
 /// A layout of page contents.
 pub struct Workload {
     pub name: String,
@@ -80,6 +107,29 @@ impl Workload {
     /// Bytes of memory the workload fills.
     pub fn bytes(&self) -> u64 {
         (self.pages.len() * PAGE) as u64
+    }
+
+    /// Writes every page into `m`, from its start.
+    pub fn write_into(&self, m: &dyn Mem) {
+        let mut buf = [0u8; PAGE];
+        for i in 0..self.pages.len() {
+            self.page(i, &mut buf);
+            m.write(i * PAGE, &buf);
+        }
+    }
+
+    /// Pages of `m` that differ from the workload, byte for byte; `edit`
+    /// applies the caller's own later writes to the expected content of page `i`.
+    pub fn mismatches(&self, m: &dyn Mem, edit: impl Fn(usize, &mut [u8; PAGE])) -> u64 {
+        let (mut want, mut got) = ([0u8; PAGE], [0u8; PAGE]);
+        let mut bad = 0;
+        for i in 0..self.pages.len() {
+            self.page(i, &mut want);
+            edit(i, &mut want);
+            m.read(i * PAGE, &mut got);
+            bad += u64::from(want != got);
+        }
+        bad
     }
 
     /// The content of page `i`.

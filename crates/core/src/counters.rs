@@ -64,15 +64,6 @@ impl Counters {
         self.pages_sharing + self.ksm_zero_pages
     }
 
-    /// Metadata bytes per page that has an rmap item (the kernel's is 64).
-    pub fn metadata_bytes_per_scanned_page(&self) -> f64 {
-        if self.rmap_items == 0 {
-            0.0
-        } else {
-            self.metadata_bytes as f64 / self.rmap_items as f64
-        }
-    }
-
     /// The counters as `(kernel name, value)` pairs, in sysfs order.
     pub fn named(&self) -> Vec<(&'static str, i64)> {
         vec![

@@ -174,11 +174,6 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         self.regions.get(&r).map(|s| s.domain)
     }
 
-    /// Whether `id` is registered.
-    pub fn has_region(&self, id: RegionId) -> bool {
-        self.regions.contains_key(&id)
-    }
-
     /// The regions registered, in scan order.
     pub fn region_ids(&self) -> Vec<RegionId> {
         self.regions.keys().copied().collect()
@@ -285,11 +280,6 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// The rmap item of a page (empty where none exists).
     pub fn item(&self, page: PageRef) -> RmapItem {
         self.regions.get(&page.region).map_or_else(RmapItem::default, |r| r.rmap.get(page.index))
-    }
-
-    /// The stable tree.
-    pub fn stable(&self) -> &I {
-        &self.stable
     }
 
     /// Recomputes every counter from the rmap items and the stable tree (a

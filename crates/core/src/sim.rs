@@ -38,8 +38,6 @@ pub struct SimPageSpace {
     /// Every n-th merge fails with [`IntentResult::Failed`] (0: never).
     pub fail_every: u64,
     merges_seen: u64,
-    /// Calls of [`PageSpace::merge`].
-    pub merge_calls: u64,
     /// Runs (consecutive pages to consecutive slots) merged: what would be mappings.
     pub merge_runs: u64,
 }
@@ -174,8 +172,6 @@ impl PageSpace for SimPageSpace {
     }
 
     fn merge(&mut self, intents: &[Intent], results: &mut Vec<IntentResult>) {
-        self.merge_calls += 1;
-
         let mut merged_slots = Vec::new();
         for it in intents {
             self.merges_seen += 1;

@@ -47,19 +47,6 @@ pub fn is_zero(buf: &PageBuf) -> bool {
     buf.0.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
-/// Copies `len` bytes from `src` to `dst` with volatile 8-byte loads and stores.
-///
-/// # Safety
-/// Both ranges must be mapped, 8-aligned, `len` a multiple of 8, and not overlap.
-pub unsafe fn copy_volatile(src: *const u8, dst: *mut u8, len: usize) {
-    let s = src.cast::<u64>();
-    let d = dst.cast::<u64>();
-    for i in 0..len / 8 {
-        // SAFETY: guaranteed by the caller.
-        unsafe { d.add(i).write_volatile(s.add(i).read_volatile()) };
-    }
-}
-
 /// Maps `len` bytes of `fd` at `offset` over `[addr, addr+len)`, private and
 /// writable: reads share the file's pages, a write gets a private copy.
 ///

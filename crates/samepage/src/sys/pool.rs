@@ -69,11 +69,6 @@ impl MemfdPool {
         format!(" {ino} ")
     }
 
-    /// Slots the pool holds.
-    pub fn slots(&self) -> u64 {
-        self.slots
-    }
-
     /// Address of a slot in the engine's view.
     pub fn slot_addr(&self, slot: Slot) -> usize {
         assert!(slot.0 < self.slots, "slot {} outside the pool", slot.0);

@@ -306,7 +306,7 @@ impl LinuxPageSpace {
             mem::populate_write(tmp, len)?;
             // SAFETY: `addr..+len` is registered memory, write-protected, so
             // it holds still; `tmp` is ours; both page aligned, no overlap.
-            unsafe { mem::copy_volatile(addr as *const u8, tmp as *mut u8, len) };
+            unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, tmp as *mut u8, len) };
             // SAFETY: `tmp` is our own single mapping; the target holds the
             // same bytes, so replacing it changes nothing the program sees.
             unsafe { mem::move_mapping(tmp, len, addr) }?;
@@ -387,8 +387,7 @@ impl PageSpace for LinuxPageSpace {
             } {
                 end += 1;
             }
-            let idx: Vec<usize> = order[w..end].to_vec();
-            self.merge_window(intents, &idx, results);
+            self.merge_window(intents, &order[w..end], results);
             w = end;
         }
         self.order = order;
