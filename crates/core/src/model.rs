@@ -5,7 +5,7 @@
 
 use crate::sim::{SimPage, SimPageSpace};
 use crate::{Ksm, PageRef, RegionId, Run, Tunables, PAGE_SIZE};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One thing that happens to the memory or the engine. `region` and `page`
 /// are indexes taken modulo the model's sizes, `offset` a byte offset modulo
@@ -28,6 +28,9 @@ pub enum Op {
     UnmergeAll,
     /// A forked child starts or stops mapping some pool slot.
     Foreign { slot: u8, add: bool },
+    /// The program takes `len % 16 + 1` pages from `page` on back (to unmap
+    /// them); they are never used again.
+    Release { region: u8, page: u16, len: u8 },
 }
 
 impl Op {
@@ -44,7 +47,10 @@ impl Op {
                 1 => Op::UnmergeAll,
                 _ => Op::Foreign { slot: b[4], add: b[5] & 1 == 1 },
             },
-            _ => Op::Scan { batches: 1 },
+            _ => match b[1] % 4 {
+                0 => Op::Release { region: b[4], page, len: b[5] },
+                _ => Op::Scan { batches: 1 },
+            },
         }
     }
 }
@@ -72,6 +78,8 @@ pub struct Model {
     pub ids: Vec<RegionId>,
     /// Pages per region.
     pub pages: u16,
+    /// Pages the program took back (unmapped): never touched again.
+    pub released: HashSet<PageRef>,
     next_id: u32,
     now: u64,
 }
@@ -85,6 +93,7 @@ impl Model {
             shadow: HashMap::new(),
             ids: Vec::new(),
             pages: pages.max(1),
+            released: HashSet::new(),
             next_id: 0,
             now: 0,
         };
@@ -118,6 +127,15 @@ impl Model {
 
     /// Applies one operation (indexes are taken modulo the sizes).
     pub fn apply(&mut self, op: &Op) {
+        let page_of = match *op {
+            Op::Poke { region, page, .. } | Op::Common { region, page, .. } | Op::Read { region, page } => {
+                Some(self.page(region, page))
+            }
+            _ => None,
+        };
+        if page_of.is_some_and(|p| self.released.contains(&p)) {
+            return; // the program does not touch memory it unmapped
+        }
         match *op {
             Op::Poke { region, page, offset, byte } => {
                 let p = self.page(region, page);
@@ -147,6 +165,8 @@ impl Model {
                 );
                 let new = self.fresh_region();
                 self.ids[region] = new;
+                // Released pages come back as fresh untouched memory.
+                self.released.retain(|p| p.region != old);
                 // The program's memory moved to a fresh region: carry its content over.
                 for (i, p) in pages.into_iter().enumerate() {
                     let old_ref = PageRef { region: old, index: i as u64 };
@@ -155,6 +175,9 @@ impl Model {
                         self.shadow.insert(new_ref, c);
                     }
                     match p {
+                        SimPage::Released => {
+                            self.shadow.remove(&new_ref);
+                        }
                         SimPage::Private(b) => self.space.write(new_ref, 0, &b[..]),
                         SimPage::ZeroPfn => self.space.touch_read(new_ref),
                         _ => {}
@@ -170,6 +193,18 @@ impl Model {
                 assert_eq!(self.space.ksm_zero_pages(), 0);
                 t.run = Run::Merge;
                 self.ksm.set_tunables(t).expect("run=1");
+            }
+            Op::Release { region, page, len } => {
+                let first = self.page(region, page);
+                let end = (first.index + len as u64 % 16 + 1).min(self.pages as u64);
+                self.ksm
+                    .release_range(&mut self.space, first.region, first.index..end)
+                    .expect("release in the simulation");
+                for index in first.index..end {
+                    let p = PageRef { region: first.region, index };
+                    self.released.insert(p);
+                    self.shadow.remove(&p);
+                }
             }
             Op::Foreign { slot, add } => {
                 let slots: Vec<_> = self.space.slot_mappings().keys().copied().collect();
@@ -187,6 +222,10 @@ impl Model {
         for &id in &self.ids {
             for i in 0..self.pages as u64 {
                 let p = PageRef { region: id, index: i };
+                if self.released.contains(&p) {
+                    assert_eq!(*self.space.page(p), SimPage::Released, "released page {p:?} was mapped again");
+                    continue;
+                }
                 let want = self.shadow.get(&p).copied().unwrap_or([0; PAGE_SIZE]);
                 assert!(self.space.read(p) == want, "content of {p:?} changed");
             }

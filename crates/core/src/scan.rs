@@ -30,7 +30,7 @@ use crate::stable::{LocalStableIndex, NodeId, StableIndex, StableNode};
 use crate::tunables::{AdvisorMode, Run, TunableError, Tunables};
 use crate::unstable::UnstableIndex;
 use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::ops::{Bound, Range};
 
 /// Pages sampled, and merges collected, before they are processed.
 const SAMPLE_CHUNK: usize = 2048;
@@ -43,6 +43,25 @@ struct RegionState {
     rmap: RmapTable,
     counts: RegionCounters,
     domain: Domain,
+    /// Page ranges the program took back ([`Ksm::release_range`]), sorted and
+    /// disjoint: never sampled again.
+    released: Vec<Range<u64>>,
+}
+
+impl RegionState {
+    /// Where sampling from `start` may go: `(from, to)` with `from` past any
+    /// released range holding `start`, `to` the next released range's start.
+    fn walkable(&self, start: u64) -> (u64, u64) {
+        let mut from = start;
+        for r in &self.released {
+            if r.contains(&from) {
+                from = r.end;
+            } else if r.start > from {
+                return (from, r.start);
+            }
+        }
+        (from, self.rmap.npages())
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -166,8 +185,15 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// of the same domain (zero pages excepted: the kernel's zero page holds
     /// no one's data).
     pub fn add_region_in(&mut self, id: RegionId, npages: u64, domain: Domain) {
-        self.regions
-            .insert(id, RegionState { rmap: RmapTable::new(npages), counts: RegionCounters::default(), domain });
+        self.regions.insert(
+            id,
+            RegionState {
+                rmap: RmapTable::new(npages),
+                counts: RegionCounters::default(),
+                domain,
+                released: Vec::new(),
+            },
+        );
     }
 
     fn domain(&self, r: RegionId) -> Option<Domain> {
@@ -184,7 +210,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// intact. On an error (for example too little free memory to unshare)
     /// the region stays registered and nothing is lost.
     pub fn remove_region(&mut self, space: &mut impl PageSpace, id: RegionId) -> Result<(), SpaceError> {
-        self.unmerge_region(space, id)?;
+        self.unmerge_region(space, id, 0..u64::MAX)?;
         let state = self.regions.remove(&id).expect("unmerged above");
         for (index, _) in state.rmap.linked_in(0, state.rmap.npages()) {
             // Only Seen/Unstable remain after the unmerge.
@@ -202,24 +228,75 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// the unstable tree. Stops at the first error, with nothing lost.
     pub fn unmerge_all(&mut self, space: &mut impl PageSpace) -> Result<(), SpaceError> {
         for id in self.region_ids() {
-            self.unmerge_region(space, id)?;
+            self.unmerge_region(space, id, 0..u64::MAX)?;
         }
         self.unstable.clear();
         self.free_dead_slots(space);
         Ok(())
     }
 
-    fn unmerge_region(&mut self, space: &mut impl PageSpace, id: RegionId) -> Result<(), SpaceError> {
+    /// The program takes pages `range` of region `id` back, to `munmap`,
+    /// `mremap` or `mprotect` them (`MADV_UNMERGEABLE` on part of a region,
+    /// then forget it): the merged pages there become private with their
+    /// content intact, their rmap items go, and the scanner never visits the
+    /// range again. On an error (too little memory to unshare) nothing is
+    /// lost and nothing is released. `range` is clipped to the region.
+    pub fn release_range(
+        &mut self,
+        space: &mut impl PageSpace,
+        id: RegionId,
+        range: Range<u64>,
+    ) -> Result<(), SpaceError> {
+        let npages = self.regions.get(&id).ok_or(SpaceError::UnknownRegion(id))?.rmap.npages();
+        let range = range.start.min(npages)..range.end.min(npages);
+        if range.is_empty() {
+            return Ok(());
+        }
+        self.unmerge_region(space, id, range.clone())?;
+        let state = &self.regions[&id];
+        let linked: Vec<u64> = state.rmap.linked_in(range.start, range.end).map(|(i, _)| i).collect();
+        for index in linked {
+            // Seen or Unstable: an unstable-tree entry of the page is stale from now on.
+            self.relink(PageRef { region: id, index }, RmapItem::default());
+        }
+        space.release_range(id, range.clone());
+        let state = self.regions.get_mut(&id).expect("checked above");
+        state.released.push(range);
+        state.released.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(state.released.len());
+        for r in state.released.drain(..) {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        state.released = merged;
+        self.free_dead_slots(space);
+        Ok(())
+    }
+
+    /// The ranges of region `id` released so far, sorted and disjoint.
+    pub fn released_ranges(&self, id: RegionId) -> Option<&[Range<u64>]> {
+        self.regions.get(&id).map(|r| &r.released[..])
+    }
+
+    fn unmerge_region(
+        &mut self,
+        space: &mut impl PageSpace,
+        id: RegionId,
+        range: Range<u64>,
+    ) -> Result<(), SpaceError> {
         let state = self.regions.get(&id).ok_or(SpaceError::UnknownRegion(id))?;
+        let range = range.start.min(state.rmap.npages())..range.end.min(state.rmap.npages());
         let merged: Vec<u64> = state
             .rmap
-            .linked_in(0, state.rmap.npages())
+            .linked_in(range.start, range.end)
             .filter(|(_, it)| matches!(it.link(), Link::Stable(_) | Link::Zero))
             .map(|(i, _)| i)
             .collect();
-        if !merged.is_empty() {
-            space.unmerge(id, &merged)?;
-        }
+        // Called even with nothing merged: pages copied inside a pool mapping
+        // since their merge leave it too.
+        space.unmerge(id, range, &merged)?;
         self.c.unmerges += merged.len() as u64;
         for index in merged {
             let page = PageRef { region: id, index };
@@ -381,15 +458,22 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                     (first, 0)
                 }
             };
-            let npages = self.regions[&region].rmap.npages();
+            let state = &self.regions[&region];
+            let npages = state.rmap.npages();
+            // Released ranges are stepped over, never sampled.
+            let (start, stop) = state.walkable(start);
             let mut samples = std::mem::take(&mut self.samples);
             samples.clear();
             // In chunks, so the scratch buffers stay small whatever pages_to_scan is.
-            let walk_end = match space.sample(region, start, npages, budget.min(SAMPLE_CHUNK), &mut samples) {
-                Ok(e) => e.clamp(start, npages),
-                Err(_) => {
-                    self.c.merge_errors += 1;
-                    npages
+            let walk_end = if start >= stop {
+                stop
+            } else {
+                match space.sample(region, start, stop, budget.min(SAMPLE_CHUNK), &mut samples) {
+                    Ok(e) => e.clamp(start, stop),
+                    Err(_) => {
+                        self.c.merge_errors += 1;
+                        stop
+                    }
                 }
             };
             self.forget_absent(region, start, walk_end, &samples);

@@ -10,6 +10,7 @@
 use crate::page::{page_hash, PageRef, RegionId, Slot, PAGE_SIZE};
 use crate::space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 
 type Bytes = Box<[u8; PAGE_SIZE]>;
 
@@ -26,7 +27,12 @@ pub enum SimPage {
     Private(Bytes),
     /// Maps a pool slot.
     Pool(Slot),
+    /// Taken back by the program ([`PageSpace::release_range`]): unmapped,
+    /// say. The engine touching it is a bug: the simulation panics.
+    Released,
 }
+
+const TOUCHED_RELEASED: &str = "the engine touched a page of a released range";
 
 /// A simulated page space.
 #[derive(Debug, Default)]
@@ -117,6 +123,7 @@ impl SimPageSpace {
 
     fn content(&self, page: &SimPage) -> [u8; PAGE_SIZE] {
         match page {
+            SimPage::Released => panic!("{TOUCHED_RELEASED}"),
             SimPage::Private(b) => **b,
             SimPage::Pool(s) => *self.pool[s].0,
             _ => [0; PAGE_SIZE],
@@ -141,6 +148,7 @@ impl PageSpace for SimPageSpace {
         let mut found = 0;
         for i in start..end.min(pages.len() as u64) {
             let state = match &pages[i as usize] {
+                SimPage::Released => panic!("{TOUCHED_RELEASED}: sampled {region:?} page {i}"),
                 SimPage::Absent => continue,
                 SimPage::ZeroPfn | SimPage::KsmZero => PageState::ZeroPfn,
                 SimPage::Pool(_) => PageState::Pool,
@@ -184,6 +192,7 @@ impl PageSpace for SimPageSpace {
                 continue;
             };
             let page = &pages[it.page.index as usize];
+            assert!(*page != SimPage::Released, "{TOUCHED_RELEASED}: merge of {:?}", it.page);
             let r = match (it.target, page) {
                 (Target::Slot(s), SimPage::Private(_) | SimPage::Pool(_))
                     if self.pool.get(&s).is_some_and(|(c, _)| **c == self.content(page)) =>
@@ -214,10 +223,14 @@ impl PageSpace for SimPageSpace {
         }
     }
 
-    fn unmerge(&mut self, region: RegionId, pages: &[u64]) -> Result<(), SpaceError> {
+    fn unmerge(&mut self, region: RegionId, range: Range<u64>, pages: &[u64]) -> Result<(), SpaceError> {
         let contents: Vec<(u64, [u8; PAGE_SIZE])> = {
             let ps = self.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
-            pages.iter().map(|&i| (i, self.content(&ps[i as usize]))).collect()
+            pages
+                .iter()
+                .inspect(|i| assert!(range.contains(i), "unmerge of page {i} outside {range:?}"))
+                .map(|&i| (i, self.content(&ps[i as usize])))
+                .collect()
         };
         let ps = self.pages_mut(region)?;
         for (i, c) in contents {
@@ -226,6 +239,15 @@ impl PageSpace for SimPageSpace {
             }
         }
         Ok(())
+    }
+
+    fn release_range(&mut self, region: RegionId, range: Range<u64>) {
+        let pages = self.regions.get_mut(&region).expect("released range of a known region");
+        for i in range {
+            let p = &mut pages[i as usize];
+            assert!(!matches!(p, SimPage::Pool(_) | SimPage::KsmZero), "page {i} released while merged");
+            *p = SimPage::Released;
+        }
     }
 
     fn release_slots(&mut self, slots: &[Slot], freed: &mut Vec<bool>) {

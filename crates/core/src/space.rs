@@ -11,6 +11,7 @@
 //! is ever lost.
 
 use crate::page::{PageRef, RegionId, Slot};
+use std::ops::Range;
 use thiserror::Error;
 
 /// What one page is, as far as the page space can tell cheaply.
@@ -116,10 +117,16 @@ pub trait PageSpace {
     /// while writers are held off, so no write is lost.
     fn merge(&mut self, intents: &[Intent], results: &mut Vec<IntentResult>);
 
-    /// Makes pages private again with their content intact (`MADV_UNMERGEABLE`).
-    /// `pages` are indices of `region` that map a stable page or a zero page
-    /// the engine placed, in increasing order.
-    fn unmerge(&mut self, region: RegionId, pages: &[u64]) -> Result<(), SpaceError>;
+    /// Makes pages private again with their content intact (`MADV_UNMERGEABLE`)
+    /// in `range` of `region`: every page there that maps the pool in any way
+    /// leaves it. `pages` are the indices in `range` that map a stable page or
+    /// a zero page the engine placed, in increasing order.
+    fn unmerge(&mut self, region: RegionId, range: Range<u64>, pages: &[u64]) -> Result<(), SpaceError>;
+
+    /// The program takes `range` of `region` back (to `munmap`, `mremap` or
+    /// `mprotect` it), after it was unmerged: the page space must never read,
+    /// protect or map anything there again.
+    fn release_range(&mut self, region: RegionId, range: Range<u64>);
 
     /// Frees pool slots whose last known mapping is gone, writing one result
     /// per slot into `freed`: `false` keeps the slot, when something the

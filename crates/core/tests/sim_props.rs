@@ -22,6 +22,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..REGIONS).prop_map(|region| Op::Reregister { region }),
         1 => Just(Op::UnmergeAll),
         1 => (any::<u8>(), any::<bool>()).prop_map(|(slot, add)| Op::Foreign { slot, add }),
+        1 => (0..REGIONS, 0..PAGES, any::<u8>()).prop_map(|(region, page, len)| Op::Release { region, page, len }),
     ]
 }
 

@@ -36,6 +36,21 @@ pub(crate) struct State {
     stop: bool,
 }
 
+impl State {
+    /// Whether `addr..end` meets pages of region `id` that were not released.
+    fn live_overlap(&self, id: RegionId, addr: usize, end: usize) -> bool {
+        let Some(&(s, e)) = self.regions.get(&id) else { return false };
+        let (from, to) = (s.max(addr), e.min(end));
+        if from >= to {
+            return false;
+        }
+        let (first, last) = (((from - s) / PAGE_SIZE) as u64, (to - s).div_ceil(PAGE_SIZE) as u64);
+        let released = self.ksm.released_ranges(id).unwrap_or(&[]);
+        // Released ranges are merged, so one of them covers it or none does.
+        !released.iter().any(|r| r.start <= first && last <= r.end)
+    }
+}
+
 #[derive(Default)]
 struct Snapshot {
     counters: Counters,
@@ -174,9 +189,9 @@ impl Engine {
     /// # Safety
     /// The range must stay mapped, and the program must not `munmap`,
     /// `mremap` or `mprotect` any part of it, until [`Engine::unregister`]
-    /// returns. The engine replaces pages of the range by mappings of its
-    /// pool, so `MADV_DONTNEED` on a merged page brings back its merged
-    /// content instead of zeros.
+    /// (or, for that part, [`Engine::unregister_range`]) returns. The engine
+    /// replaces pages of the range by mappings of its pool, so `MADV_DONTNEED`
+    /// on a merged page brings back its merged content instead of zeros.
     #[allow(unsafe_code)] // declares the contract; the unsafe operations live in `sys`
     pub unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<RegionId, Error> {
         self.add_region(addr as usize, len, Domain::default())
@@ -196,11 +211,13 @@ impl Engine {
             return Err(Error::Unaligned { addr, len });
         }
         let end = addr.checked_add(len).ok_or(Error::Unaligned { addr, len })?;
-        check_anonymous(addr, end)?;
         let mut st = self.shared.lock()?;
-        if let Some((id, (s, e))) = st.regions.iter().find(|(_, (s, e))| *s < end && addr < *e) {
+        // Released parts of a region are the program's again: they may be registered anew.
+        if let Some((id, (s, e))) = st.regions.iter().find(|(id, _)| st.live_overlap(**id, addr, end)) {
             return Err(Error::Overlap { addr, end, region: id.0, rstart: *s, rend: *e });
         }
+        // Under the lock: no merge maps anything into the range meanwhile.
+        check_anonymous(addr, end)?;
         if st.next_id >= 1 << 24 {
             return Err(Error::RegionIdsExhausted);
         }
@@ -221,6 +238,39 @@ impl Engine {
     /// not there, like the kernel's EAGAIN/ENOMEM.
     pub fn unregister(&self, id: RegionId) -> Result<(), Error> {
         self.shared.unregister(id)
+    }
+
+    /// Takes part of a registered region back, so the program may `munmap`,
+    /// `mremap` or `mprotect` it (`MADV_UNMERGEABLE` on the part, then forget
+    /// it): its merged pages become private with their content intact, the
+    /// engine's metadata for it goes, and the engine never reads, protects or
+    /// maps anything there again. The rest of the region stays registered;
+    /// the part may be registered again later, as a new region.
+    ///
+    /// The kernel's KSM needs no such call, because it learns of `munmap` and
+    /// `mprotect` inside the kernel. Userspace cannot replace a page with a
+    /// mapping *only if* the program has not just unmapped it (there is no
+    /// conditional `mmap`), so the program says so first. Fails like
+    /// [`Engine::unregister`] when unsharing needs memory that is not there:
+    /// then nothing is lost and nothing is released.
+    pub fn unregister_range(&self, addr: *mut u8, len: usize) -> Result<(), Error> {
+        let addr = addr as usize;
+        if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Unaligned { addr, len });
+        }
+        let end = addr.checked_add(len).ok_or(Error::Unaligned { addr, len })?;
+        let mut st = self.shared.lock()?;
+        // One region's live pages, and no other's.
+        let mut owners = st.regions.iter().filter(|(id, _)| st.live_overlap(**id, addr, end));
+        let (id, start) = match (owners.next(), owners.next()) {
+            (Some((id, (s, e))), None) if *s <= addr && end <= *e => (*id, *s),
+            _ => return Err(Error::NotRegistered { addr, end }),
+        };
+        let first = ((addr - start) / PAGE_SIZE) as u64;
+        let State { ksm, space, .. } = &mut *st;
+        ksm.release_range(space, id, first..first + (len / PAGE_SIZE) as u64).map_err(Error::Unmerge)?;
+        self.shared.publish(&st);
+        Ok(())
     }
 
     /// Engine-wide counters, kernel names (as of the last batch).
@@ -273,9 +323,13 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
+        // As an API caller: a scanner running with sleep_millisecs = 0 lets
+        // the lock go only to waiters.
+        self.shared.waiters.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut st) = self.shared.state.lock() {
             st.stop = true;
         }
+        self.shared.waiters.fetch_sub(1, Ordering::SeqCst);
         self.shared.cond.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

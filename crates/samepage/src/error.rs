@@ -45,6 +45,14 @@ pub enum Error {
     /// 2^24 regions were registered over the engine's life (ids are never reused).
     #[error("too many registrations: the engine hands out 16777216 region ids in its life")]
     RegionIdsExhausted,
+    /// The range does not lie inside one registered region.
+    #[error("range {addr:#x}..{end:#x} does not lie inside one registered region")]
+    NotRegistered {
+        /// Start address.
+        addr: usize,
+        /// End address.
+        end: usize,
+    },
     /// No region with that id.
     #[error("no registered region {0}")]
     UnknownRegion(u32),

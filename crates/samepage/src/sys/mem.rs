@@ -124,6 +124,41 @@ pub fn populate_write(addr: usize, len: usize) -> Result<(), SysError> {
         .op("madvise(MADV_POPULATE_WRITE)")
 }
 
+/// `mprotect`: `read`/`write` access to `[addr, addr+len)`; neither is `PROT_NONE`.
+///
+/// # Safety
+/// Nothing may access the range in a way the new protection forbids.
+pub unsafe fn protect(addr: usize, len: usize, read: bool, write: bool) -> Result<(), SysError> {
+    use rustix::mm::MprotectFlags;
+    let mut prot = MprotectFlags::empty();
+    if read {
+        prot |= MprotectFlags::READ;
+    }
+    if write {
+        prot |= MprotectFlags::WRITE;
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { rustix::mm::mprotect(addr as *mut c_void, len, prot) }.op("mprotect")
+}
+
+/// Moves the mapping at `[from, from+len)` to a fresh range the kernel picks
+/// (reserved with `mmap`, then `mremap` with `MREMAP_FIXED`: a same-size
+/// `MREMAP_MAYMOVE` alone never moves); returns the new address.
+///
+/// # Safety
+/// Nothing may use `from` afterwards.
+pub unsafe fn remap_anywhere(from: usize, len: usize) -> Result<usize, SysError> {
+    // SAFETY: a fresh range of our own, replaced right below.
+    let to = unsafe { map_anon(0, len, false) }?;
+    // SAFETY: `to` is ours; the caller gives up `from`.
+    if let Err(e) = unsafe { move_mapping(from, len, to) } {
+        // SAFETY: `to` is still ours and unused.
+        let _ = unsafe { unmap(to, len) };
+        return Err(e);
+    }
+    Ok(to)
+}
+
 /// Unmaps a range the engine owns.
 ///
 /// # Safety

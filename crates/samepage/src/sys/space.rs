@@ -28,6 +28,7 @@ use samepage_core::{
     PAGE_SIZE,
 };
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// Pages closer than this share one write-protect window.
 const WINDOW_GAP: u64 = 16;
@@ -38,9 +39,36 @@ struct RegionMap {
     npages: u64,
     /// Pages inside a mapping of the pool (merged, or copied-on-write since).
     pool_vma: Vec<u64>,
+    /// Page ranges the program took back, sorted and disjoint: never touched.
+    released: Vec<Range<u64>>,
 }
 
 impl RegionMap {
+    /// The region's address ranges minus the released ones.
+    fn pieces(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::with_capacity(self.released.len() + 1);
+        let mut pos = 0;
+        for r in &self.released {
+            if r.start > pos {
+                out.push((self.addr(pos), (r.start - pos) as usize * PAGE_SIZE));
+            }
+            pos = pos.max(r.end);
+        }
+        if pos < self.npages {
+            out.push((self.addr(pos), (self.npages - pos) as usize * PAGE_SIZE));
+        }
+        out
+    }
+
+    /// Registers the region's pieces with the userfaultfd (whole mappings,
+    /// so nothing splits); mappings made since registration need it.
+    fn register(&self, uffd: &Uffd) -> Result<(), SysError> {
+        for (start, len) in self.pieces() {
+            uffd.register(start, len)?;
+        }
+        Ok(())
+    }
+
     fn addr(&self, index: u64) -> usize {
         self.base + index as usize * PAGE_SIZE
     }
@@ -154,14 +182,20 @@ impl LinuxPageSpace {
     /// Registers `[base, base + npages pages)` with the userfaultfd.
     pub fn add_region(&mut self, id: RegionId, base: usize, npages: u64) -> Result<(), SysError> {
         self.uffd.register(base, npages as usize * PAGE_SIZE)?;
-        self.regions.insert(id, RegionMap { base, npages, pool_vma: vec![0; npages.div_ceil(64) as usize] });
+        self.regions.insert(
+            id,
+            RegionMap { base, npages, pool_vma: vec![0; npages.div_ceil(64) as usize], released: Vec::new() },
+        );
         Ok(())
     }
 
     /// Forgets a region (after the core unmerged it) and unregisters it.
     pub fn remove_region(&mut self, id: RegionId) {
         if let Some(r) = self.regions.remove(&id) {
-            let _ = self.uffd.unregister(r.base, r.npages as usize * PAGE_SIZE);
+            // Released ranges may hold another region by now: left alone.
+            for (start, len) in r.pieces() {
+                let _ = self.uffd.unregister(start, len);
+            }
         }
         self.budget.recount();
     }
@@ -184,8 +218,7 @@ impl LinuxPageSpace {
             // Mappings made since the region was registered are registered
             // lazily: register the whole region (whole mappings, so nothing
             // splits) and try once more.
-            let (base, bytes) = (r.base, r.npages as usize * PAGE_SIZE);
-            if self.uffd.register(base, bytes).is_err() || self.uffd.write_protect(start, len, true).is_err() {
+            if r.register(&self.uffd).is_err() || self.uffd.write_protect(start, len, true).is_err() {
                 return; // results stay Failed; nothing changed
             }
         }
@@ -295,11 +328,10 @@ impl LinuxPageSpace {
         let (addr, len) = (r.addr(from), (to - from) as usize * PAGE_SIZE);
         // SAFETY: a fresh private mapping that only this function uses.
         let tmp = unsafe { mem::map_anon(0, len, false) }?;
-        let region_range = (r.base, r.npages as usize * PAGE_SIZE);
         let mut moved = false;
         let result = (|| {
             if self.uffd.write_protect(addr, len, true).is_err() {
-                self.uffd.register(region_range.0, region_range.1)?;
+                self.regions[&region].register(&self.uffd)?;
                 self.uffd.write_protect(addr, len, true)?;
             }
             let _window = Window { uffd: &self.uffd, start: addr, len };
@@ -393,20 +425,21 @@ impl PageSpace for LinuxPageSpace {
         self.order = order;
     }
 
-    fn unmerge(&mut self, region: RegionId, pages: &[u64]) -> Result<(), SpaceError> {
+    fn unmerge(&mut self, region: RegionId, range: Range<u64>, pages: &[u64]) -> Result<(), SpaceError> {
         let r = self.region(region)?;
+        let end = range.end.min(r.npages);
         // Pool mappings: every page inside one, merged or copied since, so
         // that no mapping of the pool is left behind.
         let mut pool_runs = Vec::new();
-        let mut i = 0;
-        while i < r.npages {
+        let mut i = range.start;
+        while i < end {
             if r.pool_vma[(i / 64) as usize] == 0 {
                 i = (i / 64 + 1) * 64;
                 continue;
             }
             if r.in_pool_vma(i) {
                 let from = i;
-                while i < r.npages && r.in_pool_vma(i) {
+                while i < end && r.in_pool_vma(i) {
                     i += 1;
                 }
                 pool_runs.push((from, i));
@@ -416,6 +449,9 @@ impl PageSpace for LinuxPageSpace {
         }
         // Zero pages in anonymous memory: made private in place.
         let zero: Vec<u64> = pages.iter().copied().filter(|&p| !r.in_pool_vma(p)).collect();
+        if pool_runs.is_empty() && zero.is_empty() {
+            return Ok(());
+        }
         for (from, to) in pool_runs {
             self.unmerge_pool_run(region, from, to)?;
         }
@@ -431,6 +467,21 @@ impl PageSpace for LinuxPageSpace {
         }
         self.budget.recount();
         Ok(())
+    }
+
+    fn release_range(&mut self, region: RegionId, range: Range<u64>) {
+        let Some(r) = self.regions.get_mut(&region) else {
+            return;
+        };
+        let range = range.start..range.end.min(r.npages);
+        // Nothing of the engine's stays behind: the range was unmerged (no
+        // pool mapping left) and leaves the userfaultfd, so what the program
+        // does with it next (munmap, mremap, mprotect, register it again)
+        // meets plain anonymous memory.
+        let _ = self.uffd.unregister(r.addr(range.start), (range.end - range.start) as usize * PAGE_SIZE);
+        r.released.push(range);
+        r.released.sort_by_key(|x| x.start);
+        self.budget.recount();
     }
 
     fn release_slots(&mut self, slots: &[Slot], freed: &mut Vec<bool>) {
