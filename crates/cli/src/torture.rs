@@ -60,6 +60,9 @@ struct Tally {
     checkpoints: AtomicU64,
     reregisters: AtomicU64,
     run_changes: AtomicU64,
+    unmaps: AtomicU64,
+    remaps: AtomicU64,
+    protects: AtomicU64,
     errors: Mutex<Vec<String>>,
 }
 
@@ -174,6 +177,159 @@ fn writer(t: u64, a: &TortureArgs, regions: &[Region], stop: &AtomicBool, tally:
     tally.corrupted_bytes.fetch_add(bytes, Ordering::Relaxed);
 }
 
+/// Pages of the area the program unmaps, moves and protects.
+const REMAP_PAGES: usize = 1024;
+
+fn page_ptr(base: usize, i: usize) -> usize {
+    base + i * PAGE
+}
+
+/// Copies page `i` of the area out with volatile reads (the engine maps pages under us).
+fn read_page(base: usize, i: usize, out: &mut [u8; PAGE]) {
+    for (k, b) in out.iter_mut().enumerate() {
+        // SAFETY: the caller names a mapped, readable page of the area.
+        *b = unsafe { std::ptr::read_volatile((page_ptr(base, i) + k) as *const u8) };
+    }
+}
+
+fn write_page(base: usize, i: usize, data: &[u8; PAGE]) {
+    for (k, b) in data.iter().enumerate() {
+        // SAFETY: the caller names a mapped, writable page of the area.
+        unsafe { std::ptr::write_volatile((page_ptr(base, i) + k) as *mut u8, *b) };
+    }
+}
+
+/// Pages `range` at `base` that differ from `shadow`, and their differing bytes.
+fn compare(base: usize, range: std::ops::Range<usize>, shadow: &[[u8; PAGE]]) -> (u64, u64) {
+    let mut buf = [0u8; PAGE];
+    let (mut pages, mut bytes) = (0, 0);
+    for i in range {
+        read_page(base, i, &mut buf);
+        let bad = buf.iter().zip(&shadow[i]).filter(|(a, b)| a != b).count() as u64;
+        if bad > 0 {
+            pages += 1;
+            bytes += bad;
+        }
+    }
+    (pages, bytes)
+}
+
+/// The program's side of `munmap`, `mremap` and `mprotect` on registered
+/// memory: it takes a part back with `Engine::unregister_range`, unmaps,
+/// moves or protects it, checks it, puts it back and registers it again,
+/// while the engine keeps merging the rest of the area.
+fn remapper(engine: &Engine, seed: u64, stop: &AtomicBool, tally: &Tally) -> Result<()> {
+    use samepage::sys::mem;
+    let len = REMAP_PAGES * PAGE;
+    // SAFETY: a fresh mapping this function owns until it returns.
+    let base = unsafe { mem::map_anon(0, len, false) }?;
+    let mut shadow = vec![[0u8; PAGE]; REMAP_PAGES];
+    for (i, s) in shadow.iter_mut().enumerate() {
+        common(i as u64 % 6, s);
+        write_page(base, i, s);
+    }
+    // SAFETY: the area stays mapped while registered; parts are released
+    // with unregister_range before they are unmapped, moved or protected.
+    let whole = unsafe { engine.register(base as *mut u8, len) }?;
+    // Live pieces: (region, first page, end page).
+    let mut pieces: Vec<(RegionId, usize, usize)> = vec![(whole, 0, REMAP_PAGES)];
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut buf = [0u8; PAGE];
+    // `at`: where page 0 of the area would be (pages move with a moved part).
+    let check = |range: std::ops::Range<usize>, at: usize, shadow: &[[u8; PAGE]]| {
+        let (pages, bytes) = compare(at, range, shadow);
+        tally.lost_writes.fetch_add(pages, Ordering::Relaxed);
+        tally.corrupted_bytes.fetch_add(bytes, Ordering::Relaxed);
+    };
+    while !stop.load(Ordering::Relaxed) {
+        // Writes, some back to common contents so they merge again.
+        for _ in 0..32 {
+            let i = rng.usize(..REMAP_PAGES);
+            if rng.bool() {
+                common(rng.u64(..6), &mut buf);
+            } else {
+                buf = shadow[i];
+                let off = rng.usize(..PAGE);
+                buf[off] = rng.u8(..);
+            }
+            write_page(base, i, &buf);
+            shadow[i] = buf;
+        }
+        // A part of one live piece goes back to the program.
+        let (id, s, e) = pieces.remove(rng.usize(..pieces.len()));
+        let k = rng.usize(1..=64.min(e - s));
+        let a = s + rng.usize(..=(e - s - k));
+        engine.unregister_range(page_ptr(base, a) as *mut u8, k * PAGE)?;
+        pieces.extend([(id, s, a), (id, a + k, e)].into_iter().filter(|p| p.1 < p.2));
+        let (addr, bytes) = (page_ptr(base, a), k * PAGE);
+        match rng.u8(..3) {
+            0 => {
+                // SAFETY: released above; only this thread uses the area.
+                unsafe { mem::unmap(addr, bytes) }?;
+                // SAFETY: the hole this thread just made.
+                unsafe { mem::map_anon(addr, bytes, true) }?;
+                for i in a..a + k {
+                    common(rng.u64(..6), &mut shadow[i]);
+                    write_page(base, i, &shadow[i]);
+                }
+                tally.unmaps.fetch_add(1, Ordering::Relaxed);
+            }
+            1 => {
+                // SAFETY: released above; only this thread uses the area.
+                let moved = unsafe { mem::remap_anywhere(addr, bytes) }?;
+                check(a..a + k, moved - a * PAGE, &shadow);
+                let i = a + rng.usize(..k);
+                shadow[i][rng.usize(..PAGE)] ^= 0x5a;
+                write_page(moved - a * PAGE, i, &shadow[i]);
+                // SAFETY: `moved` is this thread's; `addr` the hole it left.
+                unsafe { mem::move_mapping(moved, bytes, addr) }?;
+                tally.remaps.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                // SAFETY: released above; only this thread uses the area, and
+                // it only reads it while read-only and leaves it alone while
+                // inaccessible.
+                unsafe { mem::protect(addr, bytes, true, false) }?;
+                check(a..a + k, base, &shadow);
+                // SAFETY: as above.
+                unsafe { mem::protect(addr, bytes, false, false) }?;
+                std::thread::sleep(Duration::from_micros(200));
+                // SAFETY: as above.
+                unsafe { mem::protect(addr, bytes, true, true) }?;
+                tally.protects.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        check(a..a + k, base, &shadow);
+        // SAFETY: as at the first registration.
+        let again = unsafe { engine.register(addr as *mut u8, bytes) }?;
+        pieces.push((again, a, a + k));
+        if pieces.len() > 48 {
+            // Consolidate: every region of the area leaves, the whole area comes back as one.
+            let mut ids: Vec<RegionId> = pieces.drain(..).map(|p| p.0).collect();
+            ids.sort();
+            ids.dedup();
+            for id in ids {
+                engine.unregister(id)?;
+            }
+            check(0..REMAP_PAGES, base, &shadow);
+            // SAFETY: as at the first registration.
+            let whole = unsafe { engine.register(base as *mut u8, len) }?;
+            pieces.push((whole, 0, REMAP_PAGES));
+            tally.reregisters.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let mut ids: Vec<RegionId> = pieces.drain(..).map(|p| p.0).collect();
+    ids.sort();
+    ids.dedup();
+    for id in ids {
+        engine.unregister(id)?;
+    }
+    check(0..REMAP_PAGES, base, &shadow);
+    // SAFETY: unregistered; this function's own mapping.
+    unsafe { mem::unmap(base, len) }?;
+    Ok(())
+}
+
 fn read_into(fd: &rustix::fd::OwnedFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
     samepage::sys::mem::read_into(fd, dst, len)
 }
@@ -230,6 +386,10 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
             let (a, regions, stop, tally) = (&a, &regions, &stop, &tally);
             s.spawn(move || writer(t, a, regions, stop, tally));
         }
+        let remap = {
+            let (engine, stop, tally, seed) = (&engine, &stop, &tally, a.seed);
+            s.spawn(move || remapper(engine, seed, stop, tally))
+        };
         let mut next_event = Instant::now();
         while start.elapsed() < Duration::from_secs(a.seconds) {
             std::thread::sleep(Duration::from_millis(20));
@@ -268,7 +428,10 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
             }
         }
         stop.store(true, Ordering::Relaxed);
-        Ok(())
+        match remap.join() {
+            Ok(r) => r,
+            Err(_) => bail!("the remapping thread panicked"),
+        }
     })?;
     let end = engine.counters()?;
     let stats = engine.space_stats();
@@ -297,6 +460,9 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
         "forks": tally.forks.load(Ordering::Relaxed),
         "child_failures": child_failures,
         "reregisters": tally.reregisters.load(Ordering::Relaxed),
+        "unmaps": tally.unmaps.load(Ordering::Relaxed),
+        "remaps": tally.remaps.load(Ordering::Relaxed),
+        "protects": tally.protects.load(Ordering::Relaxed),
         "run_changes": tally.run_changes.load(Ordering::Relaxed),
         "checkpoints": tally.checkpoints.load(Ordering::Relaxed),
         "peak_pages_saved": peak.pages_sharing + peak.ksm_zero_pages,
@@ -310,7 +476,8 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
     } else {
         println!(
             "samepage torture: {:.0} s, {} writes ({} by the kernel: read(2), recv(2)), {} merges, {} unmerges, \
-             {} copy-on-write faults seen, {} forks, {} re-registrations, {} run changes, {} checkpoints",
+             {} copy-on-write faults seen, {} forks, {} re-registrations, {} munmap, {} mremap, {} mprotect of \
+             registered parts, {} run changes, {} checkpoints",
             out["seconds"].as_f64().unwrap_or(0.0),
             out["writes"],
             out["kernel_writes"],
@@ -319,6 +486,9 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
             out["cow_faults"],
             out["forks"],
             out["reregisters"],
+            out["unmaps"],
+            out["remaps"],
+            out["protects"],
             out["run_changes"],
             out["checkpoints"]
         );

@@ -19,7 +19,19 @@ fn torture_loses_nothing() {
     assert_eq!(v["corrupted_bytes"], 0, "{v}");
     assert_eq!(v["child_failures"], 0, "{v}");
     assert_eq!(v["pool_pages_after_unregister"], 0, "{v}");
-    for k in ["writes", "merges", "unmerges", "cow_faults", "forks", "kernel_writes", "reregisters", "run_changes"] {
+    for k in [
+        "writes",
+        "merges",
+        "unmerges",
+        "cow_faults",
+        "forks",
+        "kernel_writes",
+        "reregisters",
+        "run_changes",
+        "unmaps",
+        "remaps",
+        "protects",
+    ] {
         assert!(v[k].as_u64().unwrap() > 0, "nothing exercised {k}: {v}");
     }
 }

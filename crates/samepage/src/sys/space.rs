@@ -60,6 +60,12 @@ impl RegionMap {
         out
     }
 
+    /// Whether a released range lies between pages `a` and `b`: a window
+    /// must not span it (it is not registered with the userfaultfd).
+    fn released_between(&self, a: u64, b: u64) -> bool {
+        self.released.iter().any(|r| r.start < b && a < r.end)
+    }
+
     /// Registers the region's pieces with the userfaultfd (whole mappings,
     /// so nothing splits); mappings made since registration need it.
     fn register(&self, uffd: &Uffd) -> Result<(), SysError> {
@@ -214,6 +220,10 @@ impl LinuxPageSpace {
         let last = intents[*idx.last().expect("window not empty")].page.index;
         let (start, len) = (r.addr(first), (last - first + 1) as usize * PAGE_SIZE);
         self.stats.write_protects += 2;
+        // From here on, whatever happens, the range ends unprotected: a
+        // protection that fails part way (at a mapping that is not
+        // registered) has protected the mappings before it.
+        let _window = Window { uffd: &self.uffd, start, len };
         if self.uffd.write_protect(start, len, true).is_err() {
             // Mappings made since the region was registered are registered
             // lazily: register the whole region (whole mappings, so nothing
@@ -222,7 +232,6 @@ impl LinuxPageSpace {
                 return; // results stay Failed; nothing changed
             }
         }
-        let _window = Window { uffd: &self.uffd, start, len };
         // Compare, with writers held off.
         let mut equal = vec![false; idx.len()];
         for (k, &i) in idx.iter().enumerate() {
@@ -330,11 +339,12 @@ impl LinuxPageSpace {
         let tmp = unsafe { mem::map_anon(0, len, false) }?;
         let mut moved = false;
         let result = (|| {
+            // Before protecting: a protection failing part way is lifted too.
+            let _window = Window { uffd: &self.uffd, start: addr, len };
             if self.uffd.write_protect(addr, len, true).is_err() {
                 self.regions[&region].register(&self.uffd)?;
                 self.uffd.write_protect(addr, len, true)?;
             }
-            let _window = Window { uffd: &self.uffd, start: addr, len };
             mem::populate_write(tmp, len)?;
             // SAFETY: `addr..+len` is registered memory, write-protected, so
             // it holds still; `tmp` is ours; both page aligned, no overlap.
@@ -415,7 +425,9 @@ impl PageSpace for LinuxPageSpace {
             let mut end = w + 1;
             while end < order.len() && {
                 let (a, b) = (intents[order[end - 1]].page, intents[order[end]].page);
-                a.region == b.region && b.index - a.index <= WINDOW_GAP
+                a.region == b.region
+                    && b.index - a.index <= WINDOW_GAP
+                    && !self.regions.get(&a.region).is_some_and(|r| r.released_between(a.index, b.index))
             } {
                 end += 1;
             }
