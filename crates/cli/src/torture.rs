@@ -268,9 +268,9 @@ fn remapper(engine: &Engine, seed: u64, stop: &AtomicBool, tally: &Tally) -> Res
                 unsafe { mem::unmap(addr, bytes) }?;
                 // SAFETY: the hole this thread just made.
                 unsafe { mem::map_anon(addr, bytes, true) }?;
-                for i in a..a + k {
-                    common(rng.u64(..6), &mut shadow[i]);
-                    write_page(base, i, &shadow[i]);
+                for (i, page) in shadow.iter_mut().enumerate().skip(a).take(k) {
+                    common(rng.u64(..6), page);
+                    write_page(base, i, page);
                 }
                 tally.unmaps.fetch_add(1, Ordering::Relaxed);
             }
