@@ -144,14 +144,23 @@ impl Engine {
 
     /// Changes the tunables. Validated as the kernel does: `max_page_sharing`
     /// cannot change while stable pages exist (EBUSY; set `run = 2` first).
-    /// `run = 2` unmerges every page before returning.
+    /// `run = 2` unmerges every page before returning; if that fails (too
+    /// little memory), nothing is lost and `run` is left at 0, as the kernel
+    /// leaves it.
     pub fn set_tunables(&self, t: Tunables) -> Result<(), Error> {
         let mut st = self.shared.lock()?;
         let was = st.ksm.tunables().run;
         st.ksm.set_tunables(t.clone())?;
         if t.run == Run::Unmerge && was != Run::Unmerge {
             let State { ksm, space, .. } = &mut *st;
-            ksm.unmerge_all(space).map_err(Error::Unmerge)?;
+            if let Err(e) = ksm.unmerge_all(space) {
+                // As the kernel's run_store: a failed unmerge leaves run = 0.
+                let mut stopped = ksm.tunables().clone();
+                stopped.run = Run::Stop;
+                let _ = ksm.set_tunables(stopped);
+                self.shared.publish(&st);
+                return Err(Error::Unmerge(e));
+            }
         }
         self.shared.publish(&st);
         drop(st);
@@ -413,7 +422,13 @@ fn scanner(shared: Arc<Shared>) {
         let now_ms = shared.started.elapsed().as_millis() as u64;
         let State { ksm, space, .. } = &mut *st;
         let cpu_ns = thread_cpu_ns();
-        if let Err(p) = catch_unwind(AssertUnwindSafe(|| ksm.scan_batch_timed(space, now_ms, cpu_ns))) {
+        let batch = || {
+            if crate::sys::fault::check(crate::sys::fault::Point::ScannerPanic, "scan").is_err() {
+                panic!("injected fault: the scanner thread panics");
+            }
+            ksm.scan_batch_timed(space, now_ms, cpu_ns)
+        };
+        if let Err(p) = catch_unwind(AssertUnwindSafe(batch)) {
             let why = p
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())

@@ -8,8 +8,10 @@
 //! * [`mem`]: mappings (`mmap`, `mremap`, `madvise`) and volatile page access.
 //! * [`pool`]: the stable pool, a memfd whose pages are mapped `MAP_PRIVATE`.
 //! * [`vma`]: the `vm.max_map_count` budget.
+//! * [`fault`]: fault injection for tests.
 //! * [`space`]: [`space::LinuxPageSpace`], the core's page space on real memory.
 
+pub mod fault;
 pub mod forkguard;
 pub mod mapping;
 pub mod mem;

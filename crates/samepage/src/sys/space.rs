@@ -17,6 +17,7 @@
 //! If anything fails in between, [`Window`]'s drop lifts the protection, so a
 //! writer never stays blocked, even on a panic.
 
+use super::fault::Point;
 use super::mem::{self, PageBuf};
 use super::pagemap::{self, PageMap, PAGE_IS_FILE, PAGE_IS_PFNZERO};
 use super::pool::MemfdPool;
@@ -224,6 +225,9 @@ impl LinuxPageSpace {
         // protection that fails part way (at a mapping that is not
         // registered) has protected the mappings before it.
         let _window = Window { uffd: &self.uffd, start, len };
+        if super::fault::check(Point::WriteProtect, "UFFDIO_WRITEPROTECT").is_err() {
+            return; // results stay Failed; nothing changed
+        }
         if self.uffd.write_protect(start, len, true).is_err() {
             // Mappings made since the region was registered are registered
             // lazily: register the whole region (whole mappings, so nothing
@@ -276,11 +280,16 @@ impl LinuxPageSpace {
                         Err(IntentResult::OverBudget)
                     } else {
                         self.stats.pool_maps += 1;
-                        // SAFETY: the run is write-protected and equals the
-                        // pool slots byte for byte: replacing it changes no
-                        // content the program can observe.
-                        match unsafe { mem::map_file_private_fixed(addr, rlen, self.pool.fd(), s.0 * PAGE_SIZE as u64) }
-                        {
+                        let mapped =
+                            super::fault::check(Point::MapPool, "mmap(pool, MAP_PRIVATE|MAP_FIXED)").and_then(|()| {
+                                // SAFETY: the run is write-protected and equals the
+                                // pool slots byte for byte: replacing it changes no
+                                // content the program can observe.
+                                unsafe {
+                                    mem::map_file_private_fixed(addr, rlen, self.pool.fd(), s.0 * PAGE_SIZE as u64)
+                                }
+                            });
+                        match mapped {
                             Ok(()) => {
                                 // Not registered with the userfaultfd yet: that
                                 // happens lazily, if it is ever protected again.
@@ -335,6 +344,7 @@ impl LinuxPageSpace {
     fn unmerge_pool_run(&mut self, region: RegionId, from: u64, to: u64) -> Result<(), SysError> {
         let r = &self.regions[&region];
         let (addr, len) = (r.addr(from), (to - from) as usize * PAGE_SIZE);
+        super::fault::check(Point::MapAnon, "mmap(MAP_ANONYMOUS)")?;
         // SAFETY: a fresh private mapping that only this function uses.
         let tmp = unsafe { mem::map_anon(0, len, false) }?;
         let mut moved = false;

@@ -95,3 +95,27 @@ pub fn pool_mappings_in(start: usize, end: usize) -> usize {
         })
         .count()
 }
+
+/// Pages inside `[start, end)` that map the pool and were not copied since,
+/// recounted from `/proc/self/smaps` (pool mappings' size minus their
+/// `Anonymous` pages): the truth the engine's merged-page counters must match.
+pub fn pool_pages_in(start: usize, end: usize) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut pages, mut inside) = (0i64, false);
+    for l in text.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+            inside = l.contains("samepage-pool") && a >= start && b <= end;
+            if inside {
+                pages += ((b - a) / PAGE) as i64;
+            }
+        } else if inside {
+            if let Some(v) = l.strip_prefix("Anonymous:") {
+                let kb: i64 = v.trim().trim_end_matches("kB").trim().parse().unwrap();
+                pages -= kb * 1024 / PAGE as i64;
+            }
+        }
+    }
+    pages as u64
+}
