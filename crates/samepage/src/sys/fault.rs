@@ -41,8 +41,8 @@ pub fn inject(point: Point, every: u64, errno: Errno) {
 
 /// Turns every point off.
 pub fn clear() {
-    for p in 0..POINTS {
-        EVERY[p].store(0, Ordering::Relaxed);
+    for every in &EVERY {
+        every.store(0, Ordering::Relaxed);
     }
 }
 
