@@ -56,6 +56,17 @@ pub struct Counters {
     /// Pool slots waiting to be freed because something outside the engine's
     /// knowledge (a forked child) still maps them.
     pub pool_slots_pending: u64,
+    /// Transparent huge pages visited (each visit of a 2 MiB huge page counts).
+    pub thp_scanned: u64,
+    /// Huge pages split for merging: at least `thp_split_min_subpages` of
+    /// their subpages would merge (with 1, what the kernel splits).
+    pub thp_split: u64,
+    /// Huge pages kept whole now: some subpages would merge, fewer than
+    /// `thp_split_min_subpages`.
+    pub thp_kept_whole: u64,
+    /// Subpages that would merge in the huge pages kept whole: the memory
+    /// left on the table (times the page size, in bytes) for the TLB's sake.
+    pub thp_left_subpages: u64,
 }
 
 impl Counters {
@@ -89,6 +100,11 @@ impl Counters {
             ("merge_errors", self.merge_errors as i64),
             ("pool_slots_freed", self.pool_slots_freed as i64),
             ("pool_slots_pending", self.pool_slots_pending as i64),
+            ("thp_scanned", self.thp_scanned as i64),
+            ("thp_split", self.thp_split as i64),
+            ("thp_kept_whole", self.thp_kept_whole as i64),
+            ("thp_left_subpages", self.thp_left_subpages as i64),
+            ("thp_left_bytes", (self.thp_left_subpages * crate::PAGE_SIZE as u64) as i64),
         ]
     }
 }

@@ -29,7 +29,7 @@ use crate::space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceErro
 use crate::stable::{LocalStableIndex, NodeId, StableIndex, StableNode};
 use crate::tunables::{AdvisorMode, Run, TunableError, Tunables};
 use crate::unstable::UnstableIndex;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::{Bound, Range};
 
 /// Pages sampled, and merges collected, before they are processed.
@@ -62,6 +62,22 @@ impl RegionState {
         }
         (from, self.rmap.npages())
     }
+}
+
+/// Subpages of a transparent huge page.
+const HUGE_SUBPAGES: u64 = 512;
+
+/// A huge page kept whole below `thp_split_min_subpages`.
+#[derive(Clone, Copy, Debug)]
+struct ThpMemo {
+    /// Subpages that would merge.
+    would: u32,
+    /// Times it was kept whole in a row (for the back-off).
+    age: u8,
+    /// Visits still to skip.
+    skip: u8,
+    /// The full scan it was last met in.
+    seen: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +124,19 @@ pub struct Ksm<I: StableIndex = LocalStableIndex, P: StablePool = LocalPool> {
     results: Vec<IntentResult>,
     last_new_slot: Option<(PageRef, Slot)>,
     advisor: AdvisorCtx,
+    more_samples: Vec<Sample>,
+    thp_memo: HashMap<(RegionId, u64), ThpMemo>,
+    /// The huge page being visited: region, subpages, key.
+    in_huge: Option<(RegionId, std::ops::RangeInclusive<u64>, u64)>,
+    /// Its subpages that would merge with a subpage of another huge page not
+    /// split (a pairing held back).
+    huge_blocked: u32,
+    /// Unstable-tree entries filed from huge pages not split, with their
+    /// huge page's key: pairing with one would split that huge page, so below
+    /// `thp_split_min_subpages` it counts but does not pair.
+    unstable_huge: HashMap<u64, u64>,
+    /// Huge pages split in this full scan.
+    split_frames: std::collections::HashSet<(RegionId, u64)>,
 }
 
 impl Ksm<LocalStableIndex, LocalPool> {
@@ -140,6 +169,12 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             results: Vec::new(),
             last_new_slot: None,
             advisor: AdvisorCtx::default(),
+            more_samples: Vec::new(),
+            thp_memo: HashMap::new(),
+            in_huge: None,
+            huge_blocked: 0,
+            unstable_huge: HashMap::new(),
+            split_frames: std::collections::HashSet::new(),
         })
     }
 
@@ -211,6 +246,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// the region stays registered and nothing is lost.
     pub fn remove_region(&mut self, space: &mut impl PageSpace, id: RegionId) -> Result<(), SpaceError> {
         self.unmerge_region(space, id, 0..u64::MAX)?;
+        self.thp_memo.retain(|k, _| k.0 != id);
         let state = self.regions.remove(&id).expect("unmerged above");
         for (index, _) in state.rmap.linked_in(0, state.rmap.npages()) {
             // Only Seen/Unstable remain after the unmerge.
@@ -231,6 +267,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             self.unmerge_region(space, id, 0..u64::MAX)?;
         }
         self.unstable.clear();
+        self.unstable_huge.clear();
         self.free_dead_slots(space);
         Ok(())
     }
@@ -260,6 +297,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             self.relink(PageRef { region: id, index }, RmapItem::default());
         }
         space.release_range(id, range.clone());
+        self.thp_memo.retain(|k, _| k.0 != id);
         let state = self.regions.get_mut(&id).expect("checked above");
         state.released.push(range);
         state.released.sort_by_key(|r| r.start);
@@ -321,6 +359,8 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         c.metadata_bytes = self.metadata_bytes();
         c.general_profit = (c.pages_saved() * crate::PAGE_SIZE as u64) as i64 - c.metadata_bytes as i64;
         c.pool_slots_pending = self.deferred_slots.len() as u64;
+        c.thp_kept_whole = self.thp_memo.len() as u64;
+        c.thp_left_subpages = self.thp_memo.values().map(|m| m.would as u64).sum();
         c
     }
 
@@ -453,6 +493,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                     // so no page filed there can be visited again while a
                     // merge decided for it is still pending.
                     self.unstable.clear();
+                    self.unstable_huge.clear();
                     self.advisor.start_scan_ms = now_ms;
                     let first = *self.regions.keys().next().expect("regions not empty");
                     (first, 0)
@@ -465,7 +506,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             let mut samples = std::mem::take(&mut self.samples);
             samples.clear();
             // In chunks, so the scratch buffers stay small whatever pages_to_scan is.
-            let walk_end = if start >= stop {
+            let mut walk_end = if start >= stop {
                 stop
             } else {
                 match space.sample(region, start, stop, budget.min(SAMPLE_CHUNK), &mut samples) {
@@ -476,13 +517,33 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                     }
                 }
             };
-            self.forget_absent(region, start, walk_end, &samples);
-            for s in &samples {
-                budget = budget.saturating_sub(1);
-                if self.visit(space, PageRef { region, index: s.index }, s.state) {
-                    report.pages_scanned += 1;
-                    self.c.pages_scanned += 1;
+            // A huge page is decided as a whole: its subpages past the chunk
+            // are sampled too.
+            if let Some(f) = samples.last().and_then(|s| s.huge).filter(|_| walk_end < stop) {
+                let mut more = std::mem::take(&mut self.more_samples);
+                more.clear();
+                if let Ok(e) = space.sample(region, walk_end, stop, HUGE_SUBPAGES as usize, &mut more) {
+                    let n = more.iter().take_while(|s| s.huge == Some(f)).count();
+                    walk_end = if n < more.len() { more[n].index } else { e.clamp(walk_end, stop) };
+                    samples.extend_from_slice(&more[..n]);
                 }
+                self.more_samples = more;
+            }
+            self.forget_absent(region, start, walk_end, &samples);
+            let mut k = 0;
+            while k < samples.len() {
+                let s = samples[k];
+                let (n, visited) = match s.huge {
+                    Some(f) => {
+                        let n = samples[k..].iter().take_while(|x| x.huge == Some(f)).count();
+                        (n, self.visit_huge(space, region, f, &samples[k..k + n]))
+                    }
+                    None => (1, u64::from(self.visit(space, PageRef { region, index: s.index }, s.state))),
+                };
+                budget = budget.saturating_sub(n);
+                report.pages_scanned += visited;
+                self.c.pages_scanned += visited;
+                k += n;
             }
             self.samples = samples;
             if self.intents.len() >= SAMPLE_CHUNK {
@@ -496,7 +557,12 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                         // End of a full scan: the unstable tree is thrown away.
                         self.flush(space, &mut report);
                         self.unstable.clear();
+                        self.unstable_huge.clear();
                         self.c.full_scans += 1;
+                        // Huge pages not met as huge pages in this scan are gone.
+                        let scan = self.c.full_scans;
+                        self.thp_memo.retain(|_, m| m.seen + 1 == scan);
+                        self.split_frames.clear();
                         report.full_scan_ended = true;
                         if let Some(p) = scan_time_advisor(&mut self.advisor, &self.tunables, now_ms, cpu_ns) {
                             self.tunables.pages_to_scan = p;
@@ -608,6 +674,90 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         }
         for index in gone {
             self.relink(PageRef { region, index }, RmapItem::default());
+        }
+    }
+
+    /// Visits the subpages of one transparent huge page (`thp_split_min_subpages`):
+    /// the merges decided for them are kept only if at least that many of
+    /// its subpages would merge; otherwise they are undone, as failed merges
+    /// are, the huge page stays whole, and it is left alone for 1, 2, 4,
+    /// then 8 full scans. Returns the subpages visited.
+    fn visit_huge(&mut self, space: &mut impl PageSpace, region: RegionId, frame: u64, samples: &[Sample]) -> u64 {
+        self.c.thp_scanned += 1;
+        let scan = self.c.full_scans;
+        let key = (region, frame);
+        if let Some(m) = self.thp_memo.get_mut(&key) {
+            m.seen = scan;
+            if m.skip > 0 {
+                m.skip -= 1;
+                self.c.pages_skipped += samples.len() as u64;
+                return 0;
+            }
+        }
+        let mark = self.intents.len();
+        let (lo, hi) = (samples[0].index, samples[samples.len() - 1].index);
+        let threshold = self.tunables.thp_split_min_subpages;
+        self.in_huge = Some((region, lo..=hi, frame));
+        self.huge_blocked = 0;
+        let mut visited = 0;
+        for s in samples {
+            visited += u64::from(self.visit(space, PageRef { region, index: s.index }, s.state));
+        }
+        self.in_huge = None;
+        let inside = |p: PageRef| p.region == region && (lo..=hi).contains(&p.index);
+        let would = self.intents[mark..].iter().filter(|i| inside(i.page)).count() as u32 + self.huge_blocked;
+        if would >= threshold {
+            if would > 0 {
+                self.note_split(region, frame);
+            }
+            self.thp_memo.remove(&key);
+            return visited;
+        }
+        if would == 0 {
+            self.thp_memo.remove(&key);
+            return visited;
+        }
+        // Kept whole: the decisions for its subpages are undone, and so are
+        // those of the pages outside that they paired with (a stable page of
+        // one mapping saves nothing); those go back to the unstable tree.
+        let tail_intents = self.intents.split_off(mark);
+        let tail_pending = self.pending.split_off(mark);
+        let undone: Vec<(NodeId, u64)> = tail_intents
+            .iter()
+            .zip(&tail_pending)
+            .filter(|(i, _)| inside(i.page))
+            .filter_map(|(_, p)| p.node)
+            .map(|n| (n, self.stable.node(n).hash))
+            .collect();
+        for (intent, p) in tail_intents.into_iter().zip(tail_pending) {
+            let item = self.item(intent.page);
+            if inside(intent.page) {
+                self.relink(intent.page, RmapItem::new(item.oldchecksum, Link::Seen));
+            } else if let Some(&(_, key)) = undone.iter().find(|(n, _)| Some(*n) == p.node) {
+                self.relink(intent.page, RmapItem::new(item.oldchecksum, Link::Unstable));
+                self.unstable.insert(key, intent.page);
+            } else {
+                self.intents.push(intent);
+                self.pending.push(p);
+                continue;
+            }
+            if let Some(n) = p.node {
+                self.node_dec(n);
+            }
+        }
+        let m = self.thp_memo.entry(key).or_insert(ThpMemo { would: 0, age: 0, skip: 0, seen: scan });
+        m.would = would;
+        m.skip = [1, 2, 4, 8][m.age.min(3) as usize];
+        m.age = m.age.saturating_add(1);
+        visited
+    }
+
+    /// Counts a huge page split for merging (once per full scan), and lets
+    /// its subpages filed in the unstable tree pair from now on.
+    fn note_split(&mut self, region: RegionId, frame: u64) {
+        if self.split_frames.insert((region, frame)) {
+            self.c.thp_split += 1;
+            self.unstable_huge.retain(|&p, f| !(*f == frame && crate::unstable::unpack(p).region == region));
         }
     }
 
@@ -724,6 +874,11 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
 
         let Some(tree_page) = self.unstable.search_insert(key, page) else {
             self.relink(page, RmapItem::new(checksum, Link::Unstable));
+            if let Some((r, range, frame)) = &self.in_huge {
+                if *r == page.region && range.contains(&page.index) {
+                    self.unstable_huge.insert(crate::unstable::pack(page), *frame);
+                }
+            }
             return;
         };
         let tree_item = self.item(tree_page);
@@ -736,6 +891,36 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             self.unstable.insert(key, page);
             self.relink(page, RmapItem::new(checksum, Link::Unstable));
             return;
+        }
+        let tree_frame = if self.unstable_huge.is_empty() {
+            None
+        } else {
+            self.unstable_huge.get(&crate::unstable::pack(tree_page)).copied()
+        };
+        if let Some(g) = tree_frame {
+            // The match is a subpage of a huge page not split (yet).
+            let same_huge = self.in_huge.as_ref().is_some_and(|(r, _, f)| *r == tree_page.region && *f == g);
+            if same_huge || self.tunables.thp_split_min_subpages == 1 {
+                // Pairing splits it (the kernel's behaviour at 1).
+                if !same_huge {
+                    self.note_split(tree_page.region, g);
+                }
+            } else {
+                if self.in_huge.is_some() {
+                    // A subpage of another huge page: it would merge (counted),
+                    // but pairing would split the other one. The entry stays.
+                    self.huge_blocked += 1;
+                    self.unstable.insert(key, tree_page);
+                    self.relink(page, RmapItem::new(checksum, Link::Seen));
+                } else {
+                    // A small page takes the entry's place, so small pages
+                    // with this content still pair with each other.
+                    self.unstable_huge.remove(&crate::unstable::pack(tree_page));
+                    self.unstable.insert(key, page);
+                    self.relink(page, RmapItem::new(checksum, Link::Unstable));
+                }
+                return;
+            }
         }
         if let Err(()) = self.new_stable_page(space, page, tree_page, hash, domain) {
             // No slot, or the page changed under the copy: try next scan.

@@ -46,7 +46,14 @@ pub struct SimPageSpace {
     merges_seen: u64,
     /// Runs (consecutive pages to consecutive slots) merged: what would be mappings.
     pub merge_runs: u64,
+    /// Transparent huge pages: (region, index / 512) of aligned 512-page frames.
+    huge: std::collections::BTreeSet<(RegionId, u64)>,
+    /// Huge pages split because one of their subpages was merged.
+    pub huge_splits: u64,
 }
+
+/// Subpages of a transparent huge page.
+pub const HUGE_PAGES: u64 = 512;
 
 impl SimPageSpace {
     /// An empty space.
@@ -62,6 +69,30 @@ impl SimPageSpace {
     /// Removes a region (after the engine unregistered it).
     pub fn remove_region(&mut self, id: RegionId) -> Option<Vec<SimPage>> {
         self.regions.remove(&id)
+    }
+
+    /// Makes pages `frame * 512 ..` of `region` one transparent huge page
+    /// (the 512 pages must exist; they are populated, zeros where untouched).
+    pub fn make_huge(&mut self, region: RegionId, frame: u64) {
+        let pages = self.regions.get_mut(&region).expect("region");
+        for p in &mut pages[(frame * HUGE_PAGES) as usize..((frame + 1) * HUGE_PAGES) as usize] {
+            if !matches!(p, SimPage::Private(_)) {
+                *p = SimPage::Private(Box::new([0; PAGE_SIZE]));
+            }
+        }
+        self.huge.insert((region, frame));
+    }
+
+    /// Whether `frame` of `region` is still a huge page.
+    pub fn is_huge(&self, region: RegionId, frame: u64) -> bool {
+        self.huge.contains(&(region, frame))
+    }
+
+    /// Replacing a subpage's mapping splits its huge page, as on Linux.
+    fn split(&mut self, p: PageRef) {
+        if self.huge.remove(&(p.region, p.index / HUGE_PAGES)) {
+            self.huge_splits += 1;
+        }
     }
 
     /// The page itself.
@@ -157,7 +188,8 @@ impl PageSpace for SimPageSpace {
             if found == max_present {
                 return Ok(i);
             }
-            out.push(Sample { index: i, state });
+            let huge = self.huge.contains(&(region, i / HUGE_PAGES)).then_some(i / HUGE_PAGES);
+            out.push(Sample { index: i, state, huge });
             found += 1;
         }
         Ok(end)
@@ -198,10 +230,12 @@ impl PageSpace for SimPageSpace {
                     if self.pool.get(&s).is_some_and(|(c, _)| **c == self.content(page)) =>
                 {
                     merged_slots.push((it.page, s));
+                    self.split(it.page);
                     self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::Pool(s);
                     IntentResult::Merged
                 }
                 (Target::Zero, SimPage::Private(b)) if b.iter().all(|&x| x == 0) => {
+                    self.split(it.page);
                     self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::KsmZero;
                     IntentResult::Merged
                 }

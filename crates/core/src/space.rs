@@ -34,6 +34,9 @@ pub struct Sample {
     pub index: u64,
     /// Its state.
     pub state: PageState,
+    /// For a subpage of a transparent huge page: which huge page (a key
+    /// equal for the 512 subpages of one, unique within the region).
+    pub huge: Option<u64>,
 }
 
 /// Where a page should go.

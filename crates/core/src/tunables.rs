@@ -116,6 +116,12 @@ pub struct Tunables {
     /// with room so each chain keeps `ceil(mappings / max_page_sharing)` dups
     /// (default true).
     pub stable_node_defrag: bool,
+    /// `thp_split_min_subpages` (samepage's own, after seed 000's threshold
+    /// that was never built): a transparent huge page is split to merge its
+    /// subpages only once at least this many of its 512 subpages would merge
+    /// (zero subpages counted under `use_zero_pages`). 1 (the default) is the
+    /// kernel's behaviour: any one subpage splits it. 1 to 512.
+    pub thp_split_min_subpages: u32,
     /// `advisor_mode`: `none` (default) or `scan-time`.
     pub advisor_mode: AdvisorMode,
     /// `advisor_max_cpu`: most CPU percent the advisor lets a scan use (default 70).
@@ -139,6 +145,7 @@ impl Default for Tunables {
             stable_node_chains_prune_millisecs: 2000,
             smart_scan: true,
             stable_node_defrag: true,
+            thp_split_min_subpages: 1,
             advisor_mode: AdvisorMode::None,
             advisor_max_cpu: 70,
             advisor_target_scan_time: 200,
@@ -161,6 +168,13 @@ impl Tunables {
                 name: "max_page_sharing",
                 value: self.max_page_sharing.to_string(),
                 allowed: "2 to 2147483647",
+            });
+        }
+        if !(1..=512).contains(&self.thp_split_min_subpages) {
+            return Err(TunableError::OutOfRange {
+                name: "thp_split_min_subpages",
+                value: self.thp_split_min_subpages.to_string(),
+                allowed: "1 to 512 (subpages of a 2 MiB huge page)",
             });
         }
         if !(1..=100).contains(&self.advisor_max_cpu) {
@@ -241,6 +255,7 @@ impl Tunables {
             "use_zero_pages" => next.use_zero_pages = parse_bool("use_zero_pages", v)?,
             "smart_scan" => next.smart_scan = parse_bool("smart_scan", v)?,
             "stable_node_defrag" => next.stable_node_defrag = parse_bool("stable_node_defrag", v)?,
+            "thp_split_min_subpages" => next.thp_split_min_subpages = parse_u32("thp_split_min_subpages", v)?,
             "stable_node_chains_prune_millisecs" => {
                 next.stable_node_chains_prune_millisecs = parse_u32("stable_node_chains_prune_millisecs", v)?
             }

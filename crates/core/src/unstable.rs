@@ -13,12 +13,14 @@ pub struct UnstableIndex {
     by_hash: HashMap<u64, u64>,
 }
 
-fn pack(p: PageRef) -> u64 {
+/// A page packed into 8 bytes: region (24 bits) and index (40 bits).
+pub(crate) fn pack(p: PageRef) -> u64 {
     debug_assert!(p.region.0 < 1 << 24 && p.index < 1 << 40);
     (p.region.0 as u64) << 40 | p.index
 }
 
-fn unpack(v: u64) -> PageRef {
+/// The page [`pack`] packed.
+pub(crate) fn unpack(v: u64) -> PageRef {
     PageRef { region: crate::page::RegionId((v >> 40) as u32), index: v & ((1 << 40) - 1) }
 }
 

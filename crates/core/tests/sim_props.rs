@@ -272,3 +272,77 @@ fn the_advisor_retunes_pages_to_scan_after_full_scans() {
     assert!(seen.last().unwrap() > &500, "a scan slower than its target speeds up: {seen:?}");
     assert!(seen.iter().all(|&p| p <= 30_000));
 }
+
+/// Transparent huge pages (`thp_split_min_subpages`): four huge pages of 512
+/// subpages; the first has 500 copies of one content, the other three one
+/// copy each of another content; every other subpage is unique. 500 copies
+/// need two stable pages at max_page_sharing 256.
+fn thp_world(threshold: u32) -> Model {
+    let t = Tunables {
+        run: Run::Merge,
+        pages_to_scan: 300,
+        sleep_millisecs: 0,
+        thp_split_min_subpages: threshold,
+        ..Tunables::default()
+    };
+    let mut w = Model::new(t, 1, 2048);
+    for p in 0..2048u16 {
+        let op = if p < 500 {
+            Op::Common { region: 0, page: p, which: 1 }
+        } else if p % 512 == 5 && p > 512 {
+            Op::Common { region: 0, page: p, which: 2 }
+        } else {
+            Op::Poke { region: 0, page: p, offset: p, byte: 0xA5 }
+        };
+        w.apply(&op);
+    }
+    let id = w.ids[0];
+    for f in 0..4 {
+        w.space.make_huge(id, f);
+    }
+    w
+}
+
+#[test]
+fn thp_threshold_one_splits_as_the_kernel_does() {
+    let mut w = thp_world(1);
+    w.check_quiesced();
+    let c = w.ksm.counters();
+    // Every huge page with a duplicate subpage is split and merged.
+    assert_eq!(w.space.huge_splits, 4);
+    assert_eq!((c.pages_shared, c.pages_sharing), (2 + 1, 498 + 2), "{c:?}");
+    assert_eq!((c.thp_split, c.thp_kept_whole, c.thp_left_subpages), (4, 0, 0), "{c:?}");
+}
+
+#[test]
+fn thp_threshold_keeps_sparse_huge_pages_whole() {
+    let mut w = thp_world(64);
+    w.check_quiesced();
+    let c = w.ksm.counters();
+    let id = w.ids[0];
+    // Only the mostly-duplicate huge page is split; the others stay whole and
+    // the two subpages that would have merged there are reported.
+    assert_eq!(w.space.huge_splits, 1);
+    assert!(!w.space.is_huge(id, 0) && (1..4).all(|f| w.space.is_huge(id, f)));
+    assert_eq!((c.pages_shared, c.pages_sharing), (2, 498), "{c:?}");
+    assert_eq!((c.thp_split, c.thp_kept_whole, c.thp_left_subpages), (1, 2, 2), "{c:?}");
+    // Kept-whole huge pages are not retried on every scan.
+    assert!(c.pages_skipped >= 512, "{c:?}");
+
+    let mut w = thp_world(512);
+    w.check_quiesced();
+    let c = w.ksm.counters();
+    assert_eq!(w.space.huge_splits, 0);
+    assert_eq!((c.pages_shared, c.pages_sharing), (0, 0), "{c:?}");
+    assert_eq!((c.thp_kept_whole, c.thp_left_subpages), (3, 502), "{c:?}");
+}
+
+#[test]
+fn thp_split_min_subpages_is_validated() {
+    let mut t = Tunables::default();
+    let e = t.set("thp_split_min_subpages", "0").unwrap_err();
+    assert!(e.to_string().contains("thp_split_min_subpages = 0") && e.to_string().contains("1 to 512"), "{e}");
+    assert!(t.set("thp_split_min_subpages", "513").is_err());
+    t.set("thp_split_min_subpages", "64").unwrap();
+    assert_eq!(t.thp_split_min_subpages, 64);
+}

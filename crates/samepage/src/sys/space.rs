@@ -19,7 +19,7 @@
 
 use super::fault::Point;
 use super::mem::{self, PageBuf};
-use super::pagemap::{self, PageMap, PAGE_IS_FILE, PAGE_IS_PFNZERO};
+use super::pagemap::{self, PageMap, PAGE_IS_FILE, PAGE_IS_HUGE, PAGE_IS_PFNZERO};
 use super::pool::MemfdPool;
 use super::uffd::{Uffd, UffdMode};
 use super::vma::VmaBudget;
@@ -403,7 +403,9 @@ impl PageSpace for LinuxPageSpace {
                 } else {
                     PageState::Private
                 };
-                out.push(Sample { index, state });
+                // A transparent huge page is keyed by its 2 MiB frame.
+                let huge = (run.categories & PAGE_IS_HUGE != 0).then_some((addr >> 21) as u64);
+                out.push(Sample { index, state, huge });
             }
         }
         Ok(((walk_end - base) / PAGE_SIZE) as u64)
