@@ -68,6 +68,18 @@ pub struct DemoArgs {
     /// Distinct contents the synthetic mix copies.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     distinct: u64,
+    /// Build the workload in transparent huge pages (`MADV_HUGEPAGE`, 2 MiB
+    /// aligned): a few huge pages mostly duplicate, many with one duplicate
+    /// subpage each. Reports AnonHugePages and a random-read pass.
+    #[arg(long)]
+    thp: bool,
+    /// thp_split_min_subpages: split a huge page only if this many of its
+    /// 512 subpages would merge (1 = the kernel's behaviour).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=512))]
+    thp_split_min_subpages: u32,
+    /// Random 8-byte reads in the timed pass over the region (with --thp).
+    #[arg(long, default_value_t = 8_000_000)]
+    random_reads: u64,
     /// Seed of the synthetic layout.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -125,6 +137,38 @@ struct Outcome {
     shmem_before: u64,
     shmem_after: u64,
     integrity_bad_pages: u64,
+    /// With --thp: (AnonHugePages before, after; random-read pass before, after merging).
+    thp: Option<ThpOutcome>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ThpOutcome {
+    huge_before: u64,
+    huge_after: u64,
+    read_before: Duration,
+    read_after: Duration,
+}
+
+/// A fixed pass of `n` random 8-byte reads over `m` (same addresses every
+/// run): huge pages make it cheaper (fewer TLB misses). Run twice, timed the second.
+fn random_read_pass(m: &AnonMapping, n: u64) -> Duration {
+    let words = m.len() / 8;
+    let mut t = Duration::ZERO;
+    for _ in 0..2 {
+        let mut rng = fastrand::Rng::with_seed(4242);
+        let mut sum = 0u64;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            sum = sum.wrapping_add(m.read_u64(rng.usize(..words) * 8).expect("inside"));
+        }
+        t = start.elapsed();
+        std::hint::black_box(sum);
+    }
+    t
+}
+
+fn anon_huge() -> u64 {
+    procfs::smaps_rollup("AnonHugePages").unwrap_or(0)
 }
 
 /// The bytes churn() writes into page `i` (unique to it).
@@ -134,7 +178,7 @@ fn churn_mark(i: usize) -> [u8; 8] {
 
 /// Writes `percent` of the pages whose content has copies, making them
 /// unique; returns them.
-fn churn(w: &Workload, region: &samepage::Region, percent: u8) -> std::collections::HashSet<usize> {
+fn churn(w: &Workload, region: &dyn Mem, percent: u8) -> std::collections::HashSet<usize> {
     let mut copies: std::collections::HashMap<crate::workload::Content, u64> = std::collections::HashMap::new();
     for c in &w.pages {
         *copies.entry(*c).or_default() += 1;
@@ -143,7 +187,7 @@ fn churn(w: &Workload, region: &samepage::Region, percent: u8) -> std::collectio
     let mut churned = std::collections::HashSet::new();
     for (i, c) in w.pages.iter().enumerate() {
         if copies[c] >= 2 && rng.u8(..100) < percent {
-            region.write(i * PAGE + 100, &churn_mark(i)).expect("inside the region");
+            region.write(i * PAGE + 100, &churn_mark(i));
             churned.insert(i);
         }
     }
@@ -167,7 +211,12 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     if !(0.0..=1.0).contains(&a.vma_share) {
         return Err(UsageError(format!("--vma-share {} is out of range: 0 to 1", a.vma_share)).into());
     }
-    let w = if a.files.is_empty() {
+    if a.thp && !a.files.is_empty() {
+        return Err(UsageError("--thp builds its own workload: it cannot be combined with --files".into()).into());
+    }
+    let w = if a.thp {
+        Workload::thp(a.size, a.seed)
+    } else if a.files.is_empty() {
         Workload::mix(a.size, a.distinct, a.seed)
     } else {
         for p in &a.files {
@@ -190,6 +239,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         advisor_target_scan_time: a.advisor_target_scan_time,
         advisor_min_pages_to_scan: a.advisor_min_pages_to_scan,
         advisor_max_pages_to_scan: a.advisor_max_pages_to_scan,
+        thp_split_min_subpages: a.thp_split_min_subpages,
         ..Tunables::default()
     };
     tunables.validate().map_err(|e| UsageError(e.to_string()))?;
@@ -208,7 +258,13 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         w.name,
         w.bytes() >> 20,
         w.pages.len(),
-        if a.files.is_empty() { ": 25% zero pages, 50% copies of a small set, 25% unique, scattered" } else { "" }
+        if a.thp {
+            ", in transparent huge pages"
+        } else if a.files.is_empty() {
+            ": 25% zero pages, 50% copies of a small set, 25% unique, scattered"
+        } else {
+            ""
+        }
     ));
     let mut notes = Vec::new();
     let mut uffd_mode = None;
@@ -238,8 +294,20 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             say(format!("warning: {msg}"));
             notes.push(msg);
         }
-        let region = engine.alloc_region(w.bytes() as usize)?;
-        w.write_into(&region);
+        // With --thp, huge-page memory the program registers; else a region the engine allocates.
+        let huge_mem = if a.thp { Some(AnonMapping::new_huge(w.bytes() as usize)?) } else { None };
+        let region = if a.thp { None } else { Some(engine.alloc_region(w.bytes() as usize)?) };
+        let mem: &dyn Mem = match &huge_mem {
+            Some(m) => m,
+            None => region.as_ref().expect("allocated above"),
+        };
+        w.write_into(mem);
+        let registered = match &huge_mem {
+            // SAFETY: the mapping outlives its registration (unregistered below).
+            Some(m) => Some(unsafe { engine.register(m.as_ptr(), m.len()) }?),
+            None => None,
+        };
+        let thp_before = huge_mem.as_ref().map(|m| (anon_huge(), random_read_pass(m, a.random_reads)));
         let (anon_before, shmem_before) = anon_shmem();
         engine.set_run(Run::Merge)?;
         let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
@@ -247,7 +315,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             Ok(Progress { key: key(&c), full_scans: c.full_scans, cpu: engine.cpu_time() })
         })?;
         let churned = if a.churn > 0 {
-            let r = churn(&w, &region, a.churn);
+            let r = churn(&w, mem, a.churn);
             let before = engine.counters()?;
             converge(Duration::from_secs(a.timeout), a.json, || {
                 let c = engine.counters()?;
@@ -275,7 +343,16 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         engine.set_run(Run::Stop)?;
         let (anon_after, shmem_after) = anon_shmem();
         let c = engine.counters()?;
-        let bad = check(&w, &region, churned.as_ref());
+        let thp = match (thp_before, &huge_mem) {
+            (Some((huge_before, read_before)), Some(m)) => Some(ThpOutcome {
+                huge_before,
+                huge_after: anon_huge(),
+                read_before,
+                read_after: random_read_pass(m, a.random_reads),
+            }),
+            _ => None,
+        };
+        let bad = check(&w, mem, churned.as_ref());
         space = Some((engine.space_stats(), procfs::mappings()));
         let o = Outcome {
             counters: c.named(),
@@ -289,8 +366,13 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             shmem_before,
             shmem_after,
             integrity_bad_pages: bad,
+            thp,
         };
+        if let Some(id) = registered {
+            engine.unregister(id)?;
+        }
         drop(region);
+        drop(huge_mem);
         o
     };
 
@@ -336,6 +418,14 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
                 "pool_maps": s.pool_maps, "write_protects": s.write_protects,
                 "discards": s.discards, "pagemap_scans": s.pagemap_scans, "pages_hashed": s.pages_hashed })),
             "mappings_after": space.as_ref().map(|(_, m)| m),
+            "thp": o.thp.map(|t| json!({
+                "thp_split_min_subpages": if a.kernel { 1 } else { a.thp_split_min_subpages },
+                "anon_huge_bytes_before": t.huge_before,
+                "anon_huge_bytes_after": t.huge_after,
+                "random_reads": a.random_reads,
+                "random_read_seconds_before": t.read_before.as_secs_f64(),
+                "random_read_seconds_after": t.read_after.as_secs_f64(),
+            })),
             "notes": notes,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -372,6 +462,16 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
                 s.pool_maps, s.write_protects, s.discards, s.pagemap_scans, maps
             );
         }
+        if let Some(t) = &o.thp {
+            println!(
+                "huge pages (smaps AnonHugePages): {:.0} -> {:.0} MiB; {} random reads: {:.0} ms before merging, {:.0} ms after",
+                mib(t.huge_before),
+                mib(t.huge_after),
+                a.random_reads,
+                t.read_before.as_secs_f64() * 1e3,
+                t.read_after.as_secs_f64() * 1e3
+            );
+        }
         for n in &notes {
             println!("note: {n}");
         }
@@ -388,8 +488,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
 }
 
 fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcome> {
-    let m = AnonMapping::new(w.bytes() as usize)?;
+    let m = if a.thp { AnonMapping::new_huge(w.bytes() as usize)? } else { AnonMapping::new(w.bytes() as usize)? };
     w.write_into(&m);
+    let thp_before = a.thp.then(|| (anon_huge(), random_read_pass(&m, a.random_reads)));
     let k = KernelKsm::take().context("--kernel")?;
     for (name, v) in [
         ("pages_to_scan", a.pages_to_scan.to_string()),
@@ -416,6 +517,12 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     k.set("run", "0")?;
     let (anon_after, shmem_after) = anon_shmem();
     let counters = k.counters()?;
+    let thp = thp_before.map(|(huge_before, read_before)| ThpOutcome {
+        huge_before,
+        huge_after: anon_huge(),
+        read_before,
+        read_after: random_read_pass(&m, a.random_reads),
+    });
     let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v as u64).unwrap_or(0);
     let bad = check(w, &m, None);
     Ok(Outcome {
@@ -430,5 +537,6 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
         shmem_before,
         shmem_after,
         integrity_bad_pages: bad,
+        thp,
     })
 }

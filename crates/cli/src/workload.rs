@@ -80,6 +80,31 @@ impl Workload {
         Workload { name: format!("mix-{}MiB", bytes >> 20), pages, files: Vec::new() }
     }
 
+    /// Huge pages (2 MiB, 512 subpages) for `--thp`: one in 16 (at least
+    /// one) is mostly duplicate (496 of its subpages are copies of 16
+    /// contents, 16 are unique); every other has one subpage that is a copy
+    /// (the same content in each) and 511 unique ones.
+    pub fn thp(bytes: u64, seed: u64) -> Workload {
+        const SUB: u64 = 512;
+        let frames = (bytes / (SUB * PAGE as u64)).max(2);
+        let dense = (frames / 16).max(1);
+        let base = seed.wrapping_mul(1 << 40);
+        let mut pages = Vec::with_capacity((frames * SUB) as usize);
+        for f in 0..frames {
+            for j in 0..SUB {
+                let unique = Content::Gen(base + (1 << 32) + f * SUB + j);
+                pages.push(if f < dense {
+                    if j % 32 == 31 { unique } else { Content::Gen(base + j % 16) }
+                } else if j == 7 {
+                    Content::Gen(base + 100)
+                } else {
+                    unique
+                });
+            }
+        }
+        Workload { name: format!("thp-{}MiB ({dense} of {frames} huge pages mostly duplicate)", bytes >> 20), pages, files: Vec::new() }
+    }
+
     /// Each file loaded page-aligned, its last page zero-padded, `copies` times.
     pub fn files(paths: &[PathBuf], copies: u32) -> Result<Workload> {
         if copies == 0 {

@@ -803,6 +803,10 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         if !self.tunables.smart_scan || item.link() == Link::None {
             return false;
         }
+        if self.in_huge.is_some() && self.tunables.thp_split_min_subpages > 1 {
+            // A huge page is decided on all its subpages (it has its own back-off).
+            return false;
+        }
         let (age, skips) = (item.age(), item.remaining_skips());
         let older = age.saturating_add(1);
         if age < 3 {

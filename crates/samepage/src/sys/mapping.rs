@@ -43,6 +43,39 @@ impl AnonMapping {
         Ok(AnonMapping { addr, len })
     }
 
+    /// Maps `len` bytes (rounded up to 2 MiB) of fresh zeroed memory at a
+    /// 2 MiB-aligned address, with `MADV_HUGEPAGE`: transparent huge pages
+    /// back it wherever the kernel's THP mode (`always` or `madvise`) allows.
+    pub fn new_huge(len: usize) -> Result<AnonMapping, SysError> {
+        const HUGE: usize = 2 << 20;
+        let len = len.div_ceil(HUGE).max(1) * HUGE;
+        // SAFETY: not MAP_FIXED: the kernel picks an unused range.
+        let raw = unsafe { mem::map_anon(0, len + HUGE, false) }?;
+        let addr = raw.next_multiple_of(HUGE);
+        // SAFETY: the head and tail of the range just mapped, nobody else's.
+        unsafe {
+            if addr > raw {
+                mem::unmap(raw, addr - raw)?;
+            }
+            if raw + len + HUGE > addr + len {
+                mem::unmap(addr + len, raw + len + HUGE - (addr + len))?;
+            }
+        }
+        let m = AnonMapping { addr, len };
+        m.advise_hugepage()?;
+        Ok(m)
+    }
+
+    /// Reads the 8 bytes at `offset` (volatile).
+    pub fn read_u64(&self, offset: usize) -> Result<u64, OutOfBounds> {
+        if offset.checked_add(8).is_none_or(|e| e > self.len) || offset % 8 != 0 {
+            return Err(OutOfBounds { offset, len: 8, size: self.len });
+        }
+        // SAFETY: inside the mapping and aligned; volatile, as other threads
+        // and the engine may change the memory.
+        Ok(unsafe { std::ptr::read_volatile((self.addr + offset) as *const u64) })
+    }
+
     /// Start address.
     pub fn as_ptr(&self) -> *mut u8 {
         self.addr as *mut u8
