@@ -1,0 +1,91 @@
+//! Transparent huge pages on real memory: with `thp_split_min_subpages` 1 the
+//! engine splits every huge page with a duplicate subpage (the kernel's
+//! behaviour); with 64, huge pages with fewer mergeable subpages stay huge
+//! (smaps `AnonHugePages` shows it) and the rest merge.
+
+mod common;
+use common::*;
+use samepage::sys::mapping::AnonMapping;
+use samepage::{Engine, Tunables};
+
+const FRAMES: usize = 16;
+const SUB: usize = 512;
+
+/// Frames 0 and 1: 496 of 512 subpages copies of 16 contents; the others:
+/// subpage 7 one shared content, the rest unique.
+fn want(i: usize) -> [u8; PAGE] {
+    let (f, j) = (i / SUB, i % SUB);
+    if f < 2 {
+        if j % 32 == 31 {
+            content(1_000_000 + i as u64)
+        } else {
+            content((j % 16) as u64)
+        }
+    } else if j == 7 {
+        content(100)
+    } else {
+        content(1_000_000 + i as u64)
+    }
+}
+
+/// AnonHugePages of the mappings inside `[start, end)`, from /proc/self/smaps.
+fn anon_huge_in(start: usize, end: usize) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut sum, mut inside) = (0, false);
+    for l in text.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+            inside = a >= start && b <= end;
+        } else if let Some(v) = l.strip_prefix("AnonHugePages:").filter(|_| inside) {
+            sum += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
+        }
+    }
+    sum
+}
+
+fn run(threshold: u32) -> Option<(samepage::Counters, u64)> {
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if mode.contains("[never]") || mode.is_empty() {
+        eprintln!("transparent huge pages are off on this machine ({mode:?}): nothing to test");
+        return None;
+    }
+    let engine = Engine::new(Tunables { thp_split_min_subpages: threshold, ..fast(256, false) }).unwrap();
+    let m = AnonMapping::new_huge(FRAMES * SUB * PAGE).unwrap();
+    for i in 0..FRAMES * SUB {
+        m.write(i * PAGE, &want(i)).unwrap();
+    }
+    let (start, end) = (m.as_ptr() as usize, m.as_ptr() as usize + m.len());
+    assert_eq!(anon_huge_in(start, end), m.len() as u64, "the kernel gave no huge pages to a MADV_HUGEPAGE mapping");
+    // SAFETY: the mapping outlives its registration.
+    let id = unsafe { engine.register(m.as_ptr(), m.len()) }.unwrap();
+    let c = converge(&engine, 3);
+    let huge = anon_huge_in(start, end);
+    let mut buf = [0u8; PAGE];
+    for i in 0..FRAMES * SUB {
+        m.read(i * PAGE, &mut buf).unwrap();
+        assert!(buf == want(i), "page {i} differs");
+    }
+    engine.unregister(id).unwrap();
+    Some((c, huge))
+}
+
+#[test]
+fn threshold_one_splits_every_huge_page_with_a_duplicate() {
+    let _g = serial();
+    let Some((c, huge)) = run(1) else { return };
+    // 2 x 496 copies of 16 contents (62 each) and 14 copies of one: the kernel's figures.
+    assert_eq!((c.pages_shared, c.pages_sharing), (17, 16 * 61 + 13), "{c:?}");
+    assert_eq!(huge, 0, "huge pages left");
+    assert_eq!((c.thp_split, c.thp_kept_whole), (FRAMES as u64, 0), "{c:?}");
+}
+
+#[test]
+fn threshold_keeps_sparse_huge_pages_whole() {
+    let _g = serial();
+    let Some((c, huge)) = run(64) else { return };
+    assert_eq!((c.pages_shared, c.pages_sharing), (16, 16 * 61), "{c:?}");
+    assert_eq!(huge, (FRAMES as u64 - 2) * (2 << 20), "the 14 sparse huge pages stay huge");
+    // 13 of them hold a subpage that would merge with another's.
+    assert_eq!((c.thp_kept_whole, c.thp_left_subpages), (13, 13), "{c:?}");
+}
