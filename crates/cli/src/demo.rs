@@ -416,7 +416,8 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             "engine_cpu_seconds": o.cpu.as_secs_f64(),
             "syscalls": space.as_ref().map(|(s, _)| json!({
                 "pool_maps": s.pool_maps, "write_protects": s.write_protects,
-                "discards": s.discards, "pagemap_scans": s.pagemap_scans, "pages_hashed": s.pages_hashed })),
+                "discards": s.discards, "pagemap_scans": s.pagemap_scans, "pages_hashed": s.pages_hashed,
+                "huge_pages_copied_to_small": s.huge_splits })),
             "mappings_after": space.as_ref().map(|(_, m)| m),
             "thp": o.thp.map(|t| json!({
                 "thp_split_min_subpages": if a.kernel { 1 } else { a.thp_split_min_subpages },
@@ -461,6 +462,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
                 "system calls: {} pool mmaps, {} write-protect ioctls, {} MADV_DONTNEED, {} PAGEMAP_SCAN; {} mappings in the process",
                 s.pool_maps, s.write_protects, s.discards, s.pagemap_scans, maps
             );
+            if s.huge_splits > 0 {
+                println!("huge pages copied into small pages before merging in them: {}", s.huge_splits);
+            }
         }
         if let Some(t) = &o.thp {
             println!(

@@ -94,7 +94,11 @@ impl Workload {
             for j in 0..SUB {
                 let unique = Content::Gen(base + (1 << 32) + f * SUB + j);
                 pages.push(if f < dense {
-                    if j % 32 == 31 { unique } else { Content::Gen(base + j % 16) }
+                    if j % 32 == 31 {
+                        unique
+                    } else {
+                        Content::Gen(base + j % 16)
+                    }
                 } else if j == 7 {
                     Content::Gen(base + 100)
                 } else {
@@ -102,7 +106,11 @@ impl Workload {
                 });
             }
         }
-        Workload { name: format!("thp-{}MiB ({dense} of {frames} huge pages mostly duplicate)", bytes >> 20), pages, files: Vec::new() }
+        Workload {
+            name: format!("thp-{}MiB ({dense} of {frames} huge pages mostly duplicate)", bytes >> 20),
+            pages,
+            files: Vec::new(),
+        }
     }
 
     /// Each file loaded page-aligned, its last page zero-padded, `copies` times.

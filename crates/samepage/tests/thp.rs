@@ -44,7 +44,20 @@ fn anon_huge_in(start: usize, end: usize) -> u64 {
     sum
 }
 
-fn run(threshold: u32) -> Option<(samepage::Counters, u64)> {
+/// A /proc/vmstat counter.
+fn vmstat(name: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/vmstat").unwrap();
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
+}
+
+struct Outcome {
+    c: samepage::Counters,
+    huge: u64,
+    anon_freed: u64,
+    deferred_splits: u64,
+}
+
+fn run(threshold: u32) -> Option<Outcome> {
     let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     if mode.contains("[never]") || mode.is_empty() {
         eprintln!("transparent huge pages are off on this machine ({mode:?}): nothing to test");
@@ -57,35 +70,58 @@ fn run(threshold: u32) -> Option<(samepage::Counters, u64)> {
     }
     let (start, end) = (m.as_ptr() as usize, m.as_ptr() as usize + m.len());
     assert_eq!(anon_huge_in(start, end), m.len() as u64, "the kernel gave no huge pages to a MADV_HUGEPAGE mapping");
+    let (anon_before, deferred_before) = (anon_in(start, end), vmstat("thp_deferred_split_page"));
     // SAFETY: the mapping outlives its registration.
     let id = unsafe { engine.register(m.as_ptr(), m.len()) }.unwrap();
     let c = converge(&engine, 3);
     let huge = anon_huge_in(start, end);
+    let anon_freed = anon_before - anon_in(start, end);
+    let deferred_splits = vmstat("thp_deferred_split_page") - deferred_before;
     let mut buf = [0u8; PAGE];
     for i in 0..FRAMES * SUB {
         m.read(i * PAGE, &mut buf).unwrap();
         assert!(buf == want(i), "page {i} differs");
     }
     engine.unregister(id).unwrap();
-    Some((c, huge))
+    Some(Outcome { c, huge, anon_freed, deferred_splits })
 }
 
 #[test]
 fn threshold_one_splits_every_huge_page_with_a_duplicate() {
     let _g = serial();
-    let Some((c, huge)) = run(1) else { return };
+    let Some(Outcome { c, huge, anon_freed, deferred_splits }) = run(1) else { return };
     // 2 x 496 copies of 16 contents (62 each) and 14 copies of one: the kernel's figures.
     assert_eq!((c.pages_shared, c.pages_sharing), (17, 16 * 61 + 13), "{c:?}");
     assert_eq!(huge, 0, "huge pages left");
+    // Every merged page's memory is freed, and no huge page was left
+    // half-mapped on the kernel's deferred-split list (holding all 2 MiB).
+    assert!(anon_freed >= (c.pages_shared + c.pages_sharing) * PAGE as u64, "freed {anon_freed} {c:?}");
+    assert_eq!(deferred_splits, 0, "huge pages left for the deferred split");
     assert_eq!((c.thp_split, c.thp_kept_whole), (FRAMES as u64, 0), "{c:?}");
 }
 
 #[test]
 fn threshold_keeps_sparse_huge_pages_whole() {
     let _g = serial();
-    let Some((c, huge)) = run(64) else { return };
+    let Some(Outcome { c, huge, .. }) = run(64) else { return };
     assert_eq!((c.pages_shared, c.pages_sharing), (16, 16 * 61), "{c:?}");
     assert_eq!(huge, (FRAMES as u64 - 2) * (2 << 20), "the 14 sparse huge pages stay huge");
     // 13 of them hold a subpage that would merge with another's.
     assert_eq!((c.thp_kept_whole, c.thp_left_subpages), (13, 13), "{c:?}");
+}
+
+/// Anonymous bytes of the mappings inside `[start, end)` (smaps `Anonymous`).
+fn anon_in(start: usize, end: usize) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut sum, mut inside) = (0, false);
+    for l in text.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+            inside = a >= start && b <= end;
+        } else if let Some(v) = l.strip_prefix("Anonymous:").filter(|_| inside) {
+            sum += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
+        }
+    }
+    sum
 }

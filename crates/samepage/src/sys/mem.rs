@@ -159,6 +159,13 @@ pub unsafe fn remap_anywhere(from: usize, len: usize) -> Result<usize, SysError>
     Ok(to)
 }
 
+/// `madvise(MADV_NOHUGEPAGE)`: no transparent huge page will back the range.
+pub fn no_hugepage(addr: usize, len: usize) -> Result<(), SysError> {
+    // SAFETY: advice only; it never changes content.
+    unsafe { rustix::mm::madvise(addr as *mut c_void, len, rustix::mm::Advice::LinuxNoHugepage) }
+        .op("madvise(MADV_NOHUGEPAGE)")
+}
+
 /// Unmaps a range the engine owns.
 ///
 /// # Safety

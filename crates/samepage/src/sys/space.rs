@@ -31,6 +31,9 @@ use samepage_core::{
 use std::collections::HashMap;
 use std::ops::Range;
 
+/// A transparent huge page.
+const HUGE_SIZE: usize = 2 << 20;
+
 /// Pages closer than this share one write-protect window.
 const WINDOW_GAP: u64 = 16;
 
@@ -107,6 +110,9 @@ pub struct SpaceStats {
     pub pagemap_scans: u64,
     /// Pages hashed.
     pub pages_hashed: u64,
+    /// Transparent huge pages replaced by small pages before merging (see
+    /// [`LinuxPageSpace`]'s `split_huge`).
+    pub huge_splits: u64,
 }
 
 /// A write-protected range; dropping it lifts the protection and wakes writers.
@@ -142,6 +148,8 @@ pub struct LinuxPageSpace {
     runs: Vec<pagemap::Run>,
     order: Vec<usize>,
     stats: SpaceStats,
+    /// 2 MiB frames last sampled as transparent huge pages.
+    huge: std::collections::HashSet<usize>,
 }
 
 impl LinuxPageSpace {
@@ -158,6 +166,7 @@ impl LinuxPageSpace {
             runs: Vec::new(),
             order: Vec::new(),
             stats: SpaceStats::default(),
+            huge: std::collections::HashSet::new(),
         })
     }
 
@@ -198,6 +207,7 @@ impl LinuxPageSpace {
 
     /// Forgets a region (after the core unmerged it) and unregisters it.
     pub fn remove_region(&mut self, id: RegionId) {
+        self.huge.clear(); // refilled by sampling
         if let Some(r) = self.regions.remove(&id) {
             // Released ranges may hold another region by now: left alone.
             for (start, len) in r.pieces() {
@@ -338,6 +348,58 @@ impl LinuxPageSpace {
         // `_window` drops here: protection lifted, writers woken.
     }
 
+    /// Replaces the transparent huge page at `frame` with small pages of the
+    /// same content before some of its subpages merge. Replacing one subpage
+    /// in place would only split its page-table entry: the 2 MiB folio would
+    /// stay allocated (on the kernel's deferred-split list, freed under
+    /// memory pressure), so merging would free nothing until then. The kernel's
+    /// KSM splits the folio itself; userspace copies it, under write
+    /// protection, into fresh small pages that `mremap` moves over it, which
+    /// frees the huge page at once. On any failure nothing changed and the
+    /// merge goes on regardless (the huge page then waits for the kernel's
+    /// deferred split).
+    fn split_huge(&mut self, region: RegionId, frame: usize) {
+        let Some(r) = self.regions.get(&region) else { return };
+        if frame < r.base || frame + HUGE_SIZE > r.addr(r.npages) || !self.budget.allows(2) {
+            return;
+        }
+        let first = ((frame - r.base) / PAGE_SIZE) as u64;
+        let last = first + (HUGE_SIZE / PAGE_SIZE) as u64;
+        // Only plain anonymous memory: no released range, no pool mapping.
+        if r.released_between(first, last) || (first..last).any(|i| r.in_pool_vma(i)) {
+            return;
+        }
+        // SAFETY: a fresh private mapping that only this function uses.
+        let Ok(tmp) = (unsafe { mem::map_anon(0, HUGE_SIZE, false) }) else { return };
+        let mut moved = false;
+        let result = (|| {
+            mem::no_hugepage(tmp, HUGE_SIZE)?;
+            mem::populate_write(tmp, HUGE_SIZE)?;
+            // Before protecting: a protection failing part way is lifted too.
+            let _window = Window { uffd: &self.uffd, start: frame, len: HUGE_SIZE };
+            if self.uffd.write_protect(frame, HUGE_SIZE, true).is_err() {
+                self.regions[&region].register(&self.uffd)?;
+                self.uffd.write_protect(frame, HUGE_SIZE, true)?;
+            }
+            // SAFETY: `frame` is registered memory, write-protected, so it
+            // holds still; `tmp` is ours; both aligned, no overlap.
+            unsafe { std::ptr::copy_nonoverlapping(frame as *const u8, tmp as *mut u8, HUGE_SIZE) };
+            // SAFETY: `tmp` is our own single mapping; the target holds the
+            // same bytes, so replacing it changes nothing the program sees.
+            unsafe { mem::move_mapping(tmp, HUGE_SIZE, frame) }?;
+            moved = true;
+            Ok::<(), SysError>(())
+        })();
+        if moved {
+            self.budget.spent(2);
+            self.stats.huge_splits += 1;
+        } else {
+            // SAFETY: `tmp` is still ours (it was not moved).
+            let _ = unsafe { mem::unmap(tmp, HUGE_SIZE) };
+        }
+        let _ = result;
+    }
+
     /// Unmerges `[from, to)` of a region whose pages all lie in pool
     /// mappings: the content is copied, under write protection, into fresh
     /// anonymous memory that then moves over the range in one `mremap`.
@@ -405,6 +467,9 @@ impl PageSpace for LinuxPageSpace {
                 };
                 // A transparent huge page is keyed by its 2 MiB frame.
                 let huge = (run.categories & PAGE_IS_HUGE != 0).then_some((addr >> 21) as u64);
+                if huge.is_some() && addr % HUGE_SIZE == 0 {
+                    self.huge.insert(addr);
+                }
                 out.push(Sample { index, state, huge });
             }
         }
@@ -432,6 +497,16 @@ impl PageSpace for LinuxPageSpace {
         order.clear();
         order.extend(0..intents.len());
         order.sort_unstable_by_key(|&i| (intents[i].page.region, intents[i].page.index));
+        if !self.huge.is_empty() {
+            for &i in &order {
+                let page = intents[i].page;
+                let Some(r) = self.regions.get(&page.region) else { continue };
+                let frame = r.addr(page.index) & !(HUGE_SIZE - 1);
+                if self.huge.remove(&frame) {
+                    self.split_huge(page.region, frame);
+                }
+            }
+        }
         let mut w = 0;
         while w < order.len() {
             let mut end = w + 1;
@@ -505,6 +580,7 @@ impl PageSpace for LinuxPageSpace {
         let _ = self.uffd.unregister(r.addr(range.start), (range.end - range.start) as usize * PAGE_SIZE);
         r.released.push(range);
         r.released.sort_by_key(|x| x.start);
+        self.huge.clear(); // refilled by sampling
         self.budget.recount();
     }
 
