@@ -437,7 +437,13 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         for (k, v) in &o.counters {
             println!("  {k:<20} {v}");
         }
-        if a.churn == 0 {
+        if a.thp && a.thp_split_min_subpages > 1 && !a.kernel {
+            println!(
+                "with every huge page split (thp_split_min_subpages 1, the kernel's behaviour) the content gives \
+                 pages_shared {exp_shared}, pages_sharing {exp_sharing}; the threshold kept {} huge pages whole",
+                o.counters.iter().find(|(k, _)| *k == "thp_kept_whole").map_or(0, |(_, v)| *v)
+            );
+        } else if a.churn == 0 {
             println!(
                 "expected from the content: pages_shared {exp_shared}, pages_sharing {exp_sharing}, ksm_zero_pages {exp_zero}: {}",
                 if matches { "reached" } else { "NOT reached" }
