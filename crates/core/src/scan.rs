@@ -257,7 +257,28 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             self.cursor = self.next_region_after(id).map(|r| (r, 0));
         }
         self.free_dead_slots(space);
+        if self.regions.is_empty() {
+            self.release_memory();
+        }
         Ok(())
+    }
+
+    /// With no region left, the indexes and buffers give their memory back
+    /// (what is left is what a fresh engine holds, plus slots a forked child
+    /// still maps).
+    fn release_memory(&mut self) {
+        self.stable.shrink();
+        self.unstable.clear_and_shrink();
+        self.unstable_huge = HashMap::new();
+        self.split_frames = Default::default();
+        self.thp_memo = HashMap::new();
+        self.samples = Vec::new();
+        self.more_samples = Vec::new();
+        self.intents = Vec::new();
+        self.pending = Vec::new();
+        self.results = Vec::new();
+        self.dead_slots.shrink_to_fit();
+        self.deferred_slots.shrink_to_fit();
     }
 
     /// `run = 2`: unmerges every region, keeping them registered, and drops

@@ -64,6 +64,8 @@ pub trait StableIndex {
     fn ids(&self) -> Vec<NodeId>;
     /// Bytes of memory the index uses.
     fn metadata_bytes(&self) -> u64;
+    /// Gives memory back after many nodes went (all of it when none is left).
+    fn shrink(&mut self);
 }
 
 /// An index entry: a node id, or (top bit set) an index into `chains`.
@@ -250,6 +252,22 @@ impl StableIndex for LocalStableIndex {
 
     fn ids(&self) -> Vec<NodeId> {
         self.nodes.iter().enumerate().filter(|(_, n)| n.is_some()).map(|(i, _)| NodeId(i as u32)).collect()
+    }
+
+    fn shrink(&mut self) {
+        if self.nodes.iter().all(Option::is_none) {
+            *self = Self::default();
+            return;
+        }
+        while self.nodes.last().is_some_and(Option::is_none) {
+            let last = self.nodes.len() as u32 - 1;
+            self.nodes.pop();
+            self.free_ids.retain(|&i| i != last);
+        }
+        self.nodes.shrink_to_fit();
+        self.free_ids.shrink_to_fit();
+        self.by_hash.shrink_to_fit();
+        self.chain_dups.shrink_to_fit();
     }
 
     fn metadata_bytes(&self) -> u64 {

@@ -52,6 +52,11 @@ impl UnstableIndex {
         self.by_hash.clear();
     }
 
+    /// Discards the tree and its allocation.
+    pub fn clear_and_shrink(&mut self) {
+        self.by_hash = HashMap::new();
+    }
+
     /// Entries filed.
     pub fn len(&self) -> usize {
         self.by_hash.len()

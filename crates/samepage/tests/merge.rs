@@ -147,3 +147,41 @@ fn defrag_refiles_sparse_dups_on_real_memory() {
         assert!(buf == *w, "page {i} differs after defrag");
     }
 }
+
+#[test]
+fn nothing_is_left_after_every_region_is_unregistered() {
+    let _g = serial();
+    let shmem_start = meminfo("Shmem");
+    // smart_scan off: the unique pages then sit still in the unstable tree, so
+    // the counters settle.
+    let engine = Engine::new(samepage::Tunables { smart_scan: false, ..fast(4, true) }).unwrap();
+    let fresh = engine.counters().unwrap().metadata_bytes;
+    let regions: Vec<_> = (0..3).map(|_| engine.alloc_region(4096 * PAGE).unwrap()).collect();
+    for (k, r) in regions.iter().enumerate() {
+        for i in 0..4096 {
+            let c = match i % 4 {
+                0 => [0; PAGE],
+                1 => content(1_000_000 + (k * 10_000 + i) as u64),
+                _ => content((i % 32) as u64),
+            };
+            r.write(i * PAGE, &c).unwrap();
+        }
+    }
+    let c = converge(&engine, 2);
+    // Zero pages, chains of dups (max_page_sharing 4), unique pages in the trees.
+    assert!(c.pages_sharing > 0 && c.ksm_zero_pages > 0 && c.stable_node_chains > 0, "{c:?}");
+    assert!(c.metadata_bytes > fresh + 100_000, "{c:?}");
+    assert!(meminfo("Shmem") >= shmem_start + c.pages_shared * PAGE as u64 / 2, "the pool holds the stable pages");
+    drop(regions); // each unregisters
+    let c = engine.counters().unwrap();
+    assert_eq!(
+        (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.rmap_items, c.stable_node_chains, c.stable_node_dups),
+        (0, 0, 0, 0, 0, 0),
+        "{c:?}"
+    );
+    assert_eq!(c.pool_slots_pending, 0);
+    // The engine's metadata is what a fresh engine holds; the pool is empty.
+    assert!(c.metadata_bytes <= fresh + 4096, "metadata {} after, {fresh} fresh", c.metadata_bytes);
+    let grew = meminfo("Shmem").saturating_sub(shmem_start);
+    assert!(grew < 1 << 20, "Shmem still {grew} bytes above where it started");
+}
