@@ -305,12 +305,7 @@ fn remapper(engine: &Engine, seed: u64, stop: &AtomicBool, tally: &Tally) -> Res
         pieces.push((again, a, a + k));
         if pieces.len() > 48 {
             // Consolidate: every region of the area leaves, the whole area comes back as one.
-            let mut ids: Vec<RegionId> = pieces.drain(..).map(|p| p.0).collect();
-            ids.sort();
-            ids.dedup();
-            for id in ids {
-                engine.unregister(id)?;
-            }
+            unregister_all(engine, &mut pieces)?;
             check(0..REMAP_PAGES, base, &shadow);
             // SAFETY: as at the first registration.
             let whole = unsafe { engine.register(base as *mut u8, len) }?;
@@ -318,15 +313,21 @@ fn remapper(engine: &Engine, seed: u64, stop: &AtomicBool, tally: &Tally) -> Res
             tally.reregisters.fetch_add(1, Ordering::Relaxed);
         }
     }
+    unregister_all(engine, &mut pieces)?;
+    check(0..REMAP_PAGES, base, &shadow);
+    // SAFETY: unregistered; this function's own mapping.
+    unsafe { mem::unmap(base, len) }?;
+    Ok(())
+}
+
+/// Unregisters every region of the area's live pieces.
+fn unregister_all(engine: &Engine, pieces: &mut Vec<(RegionId, usize, usize)>) -> Result<()> {
     let mut ids: Vec<RegionId> = pieces.drain(..).map(|p| p.0).collect();
     ids.sort();
     ids.dedup();
     for id in ids {
         engine.unregister(id)?;
     }
-    check(0..REMAP_PAGES, base, &shadow);
-    // SAFETY: unregistered; this function's own mapping.
-    unsafe { mem::unmap(base, len) }?;
     Ok(())
 }
 

@@ -28,22 +28,6 @@ fn want(i: usize) -> [u8; PAGE] {
     }
 }
 
-/// AnonHugePages of the mappings inside `[start, end)`, from /proc/self/smaps.
-fn anon_huge_in(start: usize, end: usize) -> u64 {
-    let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let (mut sum, mut inside) = (0, false);
-    for l in text.lines() {
-        let first = l.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
-            inside = a >= start && b <= end;
-        } else if let Some(v) = l.strip_prefix("AnonHugePages:").filter(|_| inside) {
-            sum += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
-        }
-    }
-    sum
-}
-
 /// A /proc/vmstat counter.
 fn vmstat(name: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/vmstat").unwrap();
@@ -69,13 +53,17 @@ fn run(threshold: u32) -> Option<Outcome> {
         m.write(i * PAGE, &want(i)).unwrap();
     }
     let (start, end) = (m.as_ptr() as usize, m.as_ptr() as usize + m.len());
-    assert_eq!(anon_huge_in(start, end), m.len() as u64, "the kernel gave no huge pages to a MADV_HUGEPAGE mapping");
-    let (anon_before, deferred_before) = (anon_in(start, end), vmstat("thp_deferred_split_page"));
+    assert_eq!(
+        smaps_sum_in("AnonHugePages", start, end),
+        m.len() as u64,
+        "the kernel gave no huge pages to a MADV_HUGEPAGE mapping"
+    );
+    let (anon_before, deferred_before) = (smaps_sum_in("Anonymous", start, end), vmstat("thp_deferred_split_page"));
     // SAFETY: the mapping outlives its registration.
     let id = unsafe { engine.register(m.as_ptr(), m.len()) }.unwrap();
     let c = converge(&engine, 3);
-    let huge = anon_huge_in(start, end);
-    let anon_freed = anon_before - anon_in(start, end);
+    let huge = smaps_sum_in("AnonHugePages", start, end);
+    let anon_freed = anon_before - smaps_sum_in("Anonymous", start, end);
     let deferred_splits = vmstat("thp_deferred_split_page") - deferred_before;
     let mut buf = [0u8; PAGE];
     for i in 0..FRAMES * SUB {
@@ -108,20 +96,4 @@ fn threshold_keeps_sparse_huge_pages_whole() {
     assert_eq!(huge, (FRAMES as u64 - 2) * (2 << 20), "the 14 sparse huge pages stay huge");
     // 13 of them hold a subpage that would merge with another's.
     assert_eq!((c.thp_kept_whole, c.thp_left_subpages), (13, 13), "{c:?}");
-}
-
-/// Anonymous bytes of the mappings inside `[start, end)` (smaps `Anonymous`).
-fn anon_in(start: usize, end: usize) -> u64 {
-    let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let (mut sum, mut inside) = (0, false);
-    for l in text.lines() {
-        let first = l.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
-            inside = a >= start && b <= end;
-        } else if let Some(v) = l.strip_prefix("Anonymous:").filter(|_| inside) {
-            sum += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
-        }
-    }
-    sum
 }

@@ -119,3 +119,20 @@ pub fn pool_pages_in(start: usize, end: usize) -> u64 {
     }
     pages as u64
 }
+
+/// The sum of an smaps field (`AnonHugePages`, `Anonymous`...) over the
+/// mappings inside `[start, end)`, in bytes.
+pub fn smaps_sum_in(field: &str, start: usize, end: usize) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut sum, mut inside) = (0, false);
+    for l in text.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+            inside = a >= start && b <= end;
+        } else if let Some(v) = l.strip_prefix(field).and_then(|r| r.strip_prefix(':')).filter(|_| inside) {
+            sum += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024;
+        }
+    }
+    sum
+}
