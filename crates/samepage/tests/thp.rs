@@ -97,3 +97,63 @@ fn threshold_keeps_sparse_huge_pages_whole() {
     // 13 of them hold a subpage that would merge with another's.
     assert_eq!((c.thp_kept_whole, c.thp_left_subpages), (13, 13), "{c:?}");
 }
+
+#[test]
+fn huge_pages_split_under_racing_writes_lose_nothing() {
+    let _g = serial();
+    for threshold in [1, 64] {
+        let engine = Engine::new(Tunables { thp_split_min_subpages: threshold, ..fast(256, true) }).unwrap();
+        let m = AnonMapping::new_huge(FRAMES * SUB * PAGE).unwrap();
+        for i in 0..FRAMES * SUB {
+            m.write(i * PAGE, &want(i)).unwrap();
+        }
+        let (stop, started) = (std::sync::atomic::AtomicBool::new(false), std::sync::atomic::AtomicBool::new(false));
+        let mut id = None;
+        let shadow = std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                // The unique subpages of the two mostly-duplicate huge pages:
+                // the others stay duplicates, so the huge pages are copied
+                // into small pages and merged while these are written.
+                let mut shadow: Vec<[u8; PAGE]> = (0..FRAMES * SUB).map(want).collect();
+                let mut rng = fastrand::Rng::with_seed(threshold as u64);
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    started.store(true, std::sync::atomic::Ordering::Relaxed);
+                    n += 1;
+                    // Stop right after both huge pages were copied: a write
+                    // lost then is not overwritten by a later one.
+                    if n % 64 == 0 && engine.space_stats().huge_splits >= 2 {
+                        break;
+                    }
+                    let i = rng.usize(..2) * SUB + 31 + 32 * rng.usize(..16);
+                    let off = rng.usize(..PAGE);
+                    let b = rng.u8(..);
+                    m.write(i * PAGE + off, &[b]).unwrap();
+                    shadow[i][off] = b;
+                }
+                shadow
+            });
+            while !started.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::yield_now();
+            }
+            // SAFETY: the mapping outlives its registration.
+            id = Some(unsafe { engine.register(m.as_ptr(), m.len()) }.unwrap());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while engine.space_stats().huge_splits < 2 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            writer.join().unwrap()
+        });
+        converge(&engine, 2);
+        let mut buf = [0u8; PAGE];
+        for (i, want) in shadow.iter().enumerate() {
+            m.read(i * PAGE, &mut buf).unwrap();
+            assert!(buf == *want, "threshold {threshold}: page {i} lost a write");
+        }
+        assert!(engine.counters().unwrap().thp_split > 0);
+        assert!(engine.space_stats().huge_splits >= 2);
+
+        engine.unregister(id.unwrap()).unwrap();
+    }
+}
