@@ -45,7 +45,9 @@ pub struct Counters {
     /// Merged pages found written since their merge: copy-on-write faults
     /// the scanner has seen.
     pub cow_faults: u64,
-    /// Merges the page space refused for the VMA budget (`vm.max_map_count` headroom).
+    /// Merges the page space refused for the VMA budget (`vm.max_map_count`
+    /// headroom). After the first refusal in a full scan, no merge that needs
+    /// a mapping is tried again until the next one.
     pub vma_budget_skips: u64,
     /// Merges attempted whose full compare failed (the page changed in between).
     pub merge_races: u64,

@@ -137,6 +137,9 @@ pub struct Ksm<I: StableIndex = LocalStableIndex, P: StablePool = LocalPool> {
     unstable_huge: HashMap<u64, u64>,
     /// Huge pages split in this full scan.
     split_frames: std::collections::HashSet<(RegionId, u64)>,
+    /// The full scan in which the page space refused a merge for its VMA
+    /// budget: no more merges that need a mapping are tried in it.
+    over_budget_scan: Option<u64>,
 }
 
 impl Ksm<LocalStableIndex, LocalPool> {
@@ -175,6 +178,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             huge_blocked: 0,
             unstable_huge: HashMap::new(),
             split_frames: std::collections::HashSet::new(),
+            over_budget_scan: None,
         })
     }
 
@@ -878,6 +882,13 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             return;
         }
 
+        if self.over_budget_scan == Some(self.c.full_scans) {
+            // Out of mappings until the next scan: merging into a stable page
+            // or making a new one would be refused again.
+            self.relink(page, RmapItem::new(checksum, Link::Seen));
+            return;
+        }
+
         if let Some(n) = self
             .stable
             .lookup(key, self.tunables.max_page_sharing)
@@ -1031,7 +1042,10 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                 }
                 match r {
                     IntentResult::Mismatch => self.c.merge_races += 1,
-                    IntentResult::OverBudget => self.c.vma_budget_skips += 1,
+                    IntentResult::OverBudget => {
+                        self.c.vma_budget_skips += 1;
+                        self.over_budget_scan = Some(self.c.full_scans);
+                    }
                     _ => self.c.merge_errors += 1,
                 }
                 if let Some(n) = p.node {

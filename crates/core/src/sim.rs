@@ -50,6 +50,11 @@ pub struct SimPageSpace {
     huge: std::collections::BTreeSet<(RegionId, u64)>,
     /// Huge pages split because one of their subpages was merged.
     pub huge_splits: u64,
+    /// Merges into pool slots allowed before every further one is refused
+    /// with [`IntentResult::OverBudget`] (a VMA budget; `None`: no limit).
+    pub map_budget: Option<u64>,
+    /// Pool slots filled (new stable pages tried).
+    pub fills: u64,
 }
 
 /// Subpages of a transparent huge page.
@@ -208,6 +213,7 @@ impl PageSpace for SimPageSpace {
         let content = self.content(&pages[page.index as usize]);
         let h = page_hash(&content);
         self.pool.insert(slot, (Box::new(content), h));
+        self.fills += 1;
         Ok(h)
     }
 
@@ -223,6 +229,15 @@ impl PageSpace for SimPageSpace {
                 results.push(IntentResult::Failed);
                 continue;
             };
+            if matches!(it.target, Target::Slot(_)) {
+                if let Some(b) = self.map_budget.as_mut() {
+                    if *b == 0 {
+                        results.push(IntentResult::OverBudget);
+                        continue;
+                    }
+                    *b -= 1;
+                }
+            }
             let page = &pages[it.page.index as usize];
             assert!(*page != SimPage::Released, "{TOUCHED_RELEASED}: merge of {:?}", it.page);
             let r = match (it.target, page) {

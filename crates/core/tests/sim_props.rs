@@ -346,3 +346,33 @@ fn thp_split_min_subpages_is_validated() {
     t.set("thp_split_min_subpages", "64").unwrap();
     assert_eq!(t.thp_split_min_subpages, 64);
 }
+
+/// Once the page space refuses a merge for its VMA budget, the scanner stops
+/// trying merges that need a mapping until the next full scan, instead of
+/// pairing, filling and failing every candidate again.
+#[test]
+fn over_the_vma_budget_the_scanner_stops_trying_until_the_next_scan() {
+    let t =
+        Tunables { run: Run::Merge, pages_to_scan: 64, sleep_millisecs: 0, smart_scan: false, ..Tunables::default() };
+    let mut w = Model::new(t, 1, 2048);
+    for p in 0..2048u16 {
+        // Pairs of pages with the same unique content.
+        w.apply(&Op::Poke { region: 0, page: p, offset: p % 1024, byte: 0x40 });
+    }
+    w.space.map_budget = Some(100);
+    let scans = |w: &mut Model, n: u64| {
+        let target = w.ksm.counters().full_scans + n;
+        while w.ksm.counters().full_scans < target {
+            w.scan(1);
+        }
+    };
+    scans(&mut w, 3);
+    let (skips, fills) = (w.ksm.counters().vma_budget_skips, w.space.fills);
+    assert!(skips > 0, "the budget was reached");
+    scans(&mut w, 3);
+    let c = w.ksm.counters();
+    // At most one batch's worth of attempts per scan (64 pages: 32 pairs).
+    assert!(c.vma_budget_skips - skips <= 3 * 64, "{} refusals in 3 scans", c.vma_budget_skips - skips);
+    assert!(w.space.fills - fills <= 3 * 32, "{} slots filled in 3 scans", w.space.fills - fills);
+    w.check();
+}
