@@ -32,6 +32,14 @@ pub struct TortureArgs {
     /// max_page_sharing (small, so chains churn).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=i32::MAX as i64))]
     max_page_sharing: u32,
+    /// Back the regions with transparent huge pages (`MADV_HUGEPAGE`), so
+    /// huge pages are split (copied into small pages) and kept whole under
+    /// the writes.
+    #[arg(long)]
+    thp: bool,
+    /// thp_split_min_subpages (with --thp).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=512))]
+    thp_split_min_subpages: u32,
     /// Seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -361,13 +369,15 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
         max_page_sharing: a.max_page_sharing,
         use_zero_pages: true,
         stable_node_chains_prune_millisecs: 200,
+        thp_split_min_subpages: if a.thp { a.thp_split_min_subpages } else { 1 },
         ..Tunables::default()
     };
     let engine = Engine::new(tunables)?;
     let mut regions = Vec::new();
     let mut buf = [0u8; PAGE];
     for r in 0..a.regions {
-        let mem = AnonMapping::new(a.pages as usize * PAGE)?;
+        let bytes = a.pages as usize * PAGE;
+        let mem = if a.thp { AnonMapping::new_huge(bytes)? } else { AnonMapping::new(bytes)? };
         for p in 0..a.pages as usize {
             common((r + p as u64) % 6, &mut buf);
             mem.write(p * PAGE, &buf).expect("inside");
@@ -450,6 +460,8 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
         end.named().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
     let out = json!({
         "seconds": start.elapsed().as_secs_f64(),
+        "thp": a.thp,
+        "huge_pages_copied_to_small": stats.huge_splits,
         "uffd_mode": format!("{:?}", engine.info().uffd_mode),
         "writes": tally.writes.load(Ordering::Relaxed),
         "kernel_writes": tally.kernel_writes.load(Ordering::Relaxed),
