@@ -386,6 +386,7 @@ impl Shared {
         st.space.remove_region(id);
         st.regions.remove(&id);
         self.publish(&st);
+        mem::trim_heap();
         Ok(())
     }
 }
@@ -400,6 +401,7 @@ fn scanner(shared: Arc<Shared>) {
     let Ok(mut st) = shared.state.lock() else {
         return;
     };
+    let mut last_trim: Option<Instant> = None;
     loop {
         if st.stop {
             break;
@@ -428,14 +430,24 @@ fn scanner(shared: Arc<Shared>) {
             }
             ksm.scan_batch_timed(space, now_ms, cpu_ns)
         };
-        if let Err(p) = catch_unwind(AssertUnwindSafe(batch)) {
-            let why = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "panic".into());
-            *shared.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-            return;
+        let report = match catch_unwind(AssertUnwindSafe(batch)) {
+            Ok(r) => r,
+            Err(p) => {
+                let why = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".into());
+                *shared.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                return;
+            }
+        };
+        // Memory the indexes gave back (a hash table that grew, a region
+        // that left) returns to the system, not just to malloc: at the end of
+        // a full scan, at most four times a second.
+        if report.full_scan_ended && last_trim.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
+            mem::trim_heap();
+            last_trim = Some(Instant::now());
         }
         shared.publish(&st);
         shared.batches.fetch_add(1, Ordering::Relaxed);

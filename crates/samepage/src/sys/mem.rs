@@ -166,6 +166,17 @@ pub fn no_hugepage(addr: usize, len: usize) -> Result<(), SysError> {
         .op("madvise(MADV_NOHUGEPAGE)")
 }
 
+/// Returns the free memory at the top of malloc's heaps and inside them to
+/// the system (glibc's `malloc_trim(0)`); a no-op with other C libraries.
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory malloc holds; it is
+    // thread-safe and touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Unmaps a range the engine owns.
 ///
 /// # Safety
