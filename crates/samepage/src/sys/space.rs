@@ -207,8 +207,9 @@ impl LinuxPageSpace {
 
     /// Forgets a region (after the core unmerged it) and unregisters it.
     pub fn remove_region(&mut self, id: RegionId) {
-        self.huge.clear(); // refilled by sampling
         if let Some(r) = self.regions.remove(&id) {
+            let (start, end) = (r.base, r.addr(r.npages));
+            self.huge.retain(|&f| f + HUGE_SIZE <= start || end <= f);
             // Released ranges may hold another region by now: left alone.
             for (start, len) in r.pieces() {
                 let _ = self.uffd.unregister(start, len);
@@ -577,10 +578,12 @@ impl PageSpace for LinuxPageSpace {
         // pool mapping left) and leaves the userfaultfd, so what the program
         // does with it next (munmap, mremap, mprotect, register it again)
         // meets plain anonymous memory.
-        let _ = self.uffd.unregister(r.addr(range.start), (range.end - range.start) as usize * PAGE_SIZE);
+        let (start, end) = (r.addr(range.start), r.addr(range.end));
+        let _ = self.uffd.unregister(start, end - start);
         r.released.push(range);
         r.released.sort_by_key(|x| x.start);
-        self.huge.clear(); // refilled by sampling
+        // Huge pages of the released part are the program's now.
+        self.huge.retain(|&f| f + HUGE_SIZE <= start || end <= f);
         self.budget.recount();
     }
 
