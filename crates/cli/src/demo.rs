@@ -126,10 +126,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// What a side (samepage or the kernel) reached.
 struct Outcome {
+    /// Every counter, kernel names.
     counters: Vec<(&'static str, i64)>,
-    shared: u64,
-    sharing: u64,
-    zero: u64,
     converge: Duration,
     cpu: Duration,
     anon_before: u64,
@@ -141,12 +139,33 @@ struct Outcome {
     thp: Option<ThpOutcome>,
 }
 
+impl Outcome {
+    /// A counter by name (0 if the side has no such counter).
+    fn counter(&self, name: &str) -> u64 {
+        self.counters.iter().find(|(k, _)| *k == name).map_or(0, |(_, v)| *v as u64)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct ThpOutcome {
     huge_before: u64,
     huge_after: u64,
     read_before: Duration,
     read_after: Duration,
+}
+
+impl ThpOutcome {
+    /// Huge pages and the read pass over `m` now, with `before` (from
+    /// [`ThpOutcome::measure`] before merging).
+    fn after(before: (u64, Duration), m: &AnonMapping, reads: u64) -> ThpOutcome {
+        let (huge_after, read_after) = ThpOutcome::measure(m, reads);
+        ThpOutcome { huge_before: before.0, huge_after, read_before: before.1, read_after }
+    }
+
+    /// `AnonHugePages` and the read pass over `m`.
+    fn measure(m: &AnonMapping, reads: u64) -> (u64, Duration) {
+        (anon_huge(), random_read_pass(m, reads))
+    }
 }
 
 /// A fixed pass of `n` random 8-byte reads over `m` (same addresses every
@@ -316,7 +335,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             Some(m) => Some(unsafe { engine.register(m.as_ptr(), m.len()) }?),
             None => None,
         };
-        let thp_before = huge_mem.as_ref().map(|m| (anon_huge(), random_read_pass(m, a.random_reads)));
+        let thp_before = huge_mem.as_ref().map(|m| ThpOutcome::measure(m, a.random_reads));
         let (anon_before, shmem_before) = anon_shmem();
         engine.set_run(Run::Merge)?;
         let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
@@ -352,22 +371,11 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         engine.set_run(Run::Stop)?;
         let (anon_after, shmem_after) = anon_shmem();
         let c = engine.counters()?;
-        let thp = match (thp_before, &huge_mem) {
-            (Some((huge_before, read_before)), Some(m)) => Some(ThpOutcome {
-                huge_before,
-                huge_after: anon_huge(),
-                read_before,
-                read_after: random_read_pass(m, a.random_reads),
-            }),
-            _ => None,
-        };
+        let thp = thp_before.zip(huge_mem.as_ref()).map(|(b, m)| ThpOutcome::after(b, m, a.random_reads));
         let bad = check(&w, mem, churned.as_ref());
         space = Some((engine.space_stats(), procfs::mappings()));
         let o = Outcome {
             counters: c.named(),
-            shared: c.pages_shared,
-            sharing: c.pages_sharing,
-            zero: c.ksm_zero_pages,
             converge: converge_t,
             cpu,
             anon_before,
@@ -388,9 +396,10 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     let dup_bytes = (exp_sharing + exp_zero) * PAGE as u64;
     let anon_freed = o.anon_before.saturating_sub(o.anon_after);
     let net_freed = anon_freed as i64 - o.shmem_after as i64 + o.shmem_before as i64;
-    let matches = (o.shared, o.sharing, o.zero) == (exp_shared, exp_sharing, exp_zero);
-    let left_unmerged = (exp_sharing + exp_zero).saturating_sub(o.sharing + o.zero);
-    let budget_skips = o.counters.iter().find(|(k, _)| *k == "vma_budget_skips").map_or(0, |(_, v)| *v);
+    let (shared, sharing, zero) = (o.counter("pages_shared"), o.counter("pages_sharing"), o.counter("ksm_zero_pages"));
+    let matches = (shared, sharing, zero) == (exp_shared, exp_sharing, exp_zero);
+    let left_unmerged = (exp_sharing + exp_zero).saturating_sub(sharing + zero);
+    let budget_skips = o.counter("vma_budget_skips");
     if budget_skips > 0 {
         notes.push(format!(
             "the VMA budget (vm.max_map_count {}, engine limit {} mappings) left {left_unmerged} duplicate pages unmerged; as root, samepage demo raises the limit for its run (or: sysctl vm.max_map_count=N)",
@@ -450,7 +459,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             println!(
                 "with every huge page split (thp_split_min_subpages 1, the kernel's behaviour) the content gives \
                  pages_shared {exp_shared}, pages_sharing {exp_sharing}; the threshold kept {} huge pages whole",
-                o.counters.iter().find(|(k, _)| *k == "thp_kept_whole").map_or(0, |(_, v)| *v)
+                o.counter("thp_kept_whole")
             );
         } else if a.churn == 0 {
             println!(
@@ -509,7 +518,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
 fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcome> {
     let m = if a.thp { AnonMapping::new_huge(w.bytes() as usize)? } else { AnonMapping::new(w.bytes() as usize)? };
     w.write_into(&m);
-    let thp_before = a.thp.then(|| (anon_huge(), random_read_pass(&m, a.random_reads)));
+    let thp_before = a.thp.then(|| ThpOutcome::measure(&m, a.random_reads));
     let k = KernelKsm::take().context("--kernel")?;
     for (name, v) in [
         ("pages_to_scan", a.pages_to_scan.to_string()),
@@ -536,18 +545,9 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     k.set("run", "0")?;
     let (anon_after, shmem_after) = anon_shmem();
     let counters = k.counters()?;
-    let thp = thp_before.map(|(huge_before, read_before)| ThpOutcome {
-        huge_before,
-        huge_after: anon_huge(),
-        read_before,
-        read_after: random_read_pass(&m, a.random_reads),
-    });
-    let get = |n: &str| counters.iter().find(|(k, _)| *k == n).map(|(_, v)| *v as u64).unwrap_or(0);
+    let thp = thp_before.map(|b| ThpOutcome::after(b, &m, a.random_reads));
     let bad = check(w, &m, None);
     Ok(Outcome {
-        shared: get("pages_shared"),
-        sharing: get("pages_sharing"),
-        zero: get("ksm_zero_pages"),
         counters,
         converge: converge_t,
         cpu,

@@ -81,20 +81,26 @@ struct Region {
 
 /// Compares this thread's pages with its shadow; returns (pages, bytes) that differ.
 fn verify(regions: &[Region], mine: &[(usize, usize)], shadow: &[[u8; PAGE]]) -> (u64, u64) {
-    let mut buf = [0u8; PAGE];
-    let (mut pages, mut bytes) = (0, 0);
-    for (k, &(r, p)) in mine.iter().enumerate() {
-        regions[r].mem.read(p * PAGE, &mut buf).expect("inside");
-        let bad = buf.iter().zip(&shadow[k]).filter(|(a, b)| a != b).count() as u64;
-        if bad > 0 {
-            pages += 1;
-            bytes += bad;
-        }
-    }
-    (pages, bytes)
+    differing(mine.iter().zip(shadow), |&(r, p), buf| regions[r].mem.read(p * PAGE, buf).expect("inside"))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Pages that differ from their shadow and the bytes that differ: `read`
+/// copies the page a key names.
+fn differing<'a, K: 'a>(
+    pages: impl Iterator<Item = (K, &'a [u8; PAGE])>,
+    mut read: impl FnMut(K, &mut [u8; PAGE]),
+) -> (u64, u64) {
+    let mut buf = [0u8; PAGE];
+    let (mut n, mut bytes) = (0, 0);
+    for (key, want) in pages {
+        read(key, &mut buf);
+        let bad = buf.iter().zip(want).filter(|(a, b)| a != b).count() as u64;
+        n += u64::from(bad > 0);
+        bytes += bad;
+    }
+    (n, bytes)
+}
+
 fn writer(t: u64, a: &TortureArgs, regions: &[Region], stop: &AtomicBool, tally: &Tally) {
     let nthreads = a.writers as usize;
     let mine: Vec<(usize, usize)> = (0..regions.len())
@@ -141,14 +147,14 @@ fn writer(t: u64, a: &TortureArgs, regions: &[Region], stop: &AtomicBool, tally:
             let len = rng.usize(1..64);
             let mut data = [0u8; 64];
             rng.fill(&mut data[..len]);
-            // SAFETY-free: a raw destination inside the page this thread owns,
+            // No unsafe here: a raw destination inside the page this thread owns,
             // handed to the kernel; no Rust reference to shared memory is made.
             let dst = base as usize + p * PAGE + off;
             let res = if op & 1 == 0 {
-                rustix::io::write(&pw, &data[..len]).and_then(|_| read_into(&pr, dst, len))
+                rustix::io::write(&pw, &data[..len]).and_then(|_| samepage::sys::mem::read_into(&pr, dst, len))
             } else {
                 rustix::net::send(&sa, &data[..len], rustix::net::SendFlags::empty())
-                    .and_then(|_| recv_into(&sb, dst, len))
+                    .and_then(|_| samepage::sys::mem::recv_into(&sb, dst, len))
             };
             match res {
                 Ok(got) if got == len => {
@@ -209,17 +215,7 @@ fn write_page(base: usize, i: usize, data: &[u8; PAGE]) {
 
 /// Pages `range` at `base` that differ from `shadow`, and their differing bytes.
 fn compare(base: usize, range: std::ops::Range<usize>, shadow: &[[u8; PAGE]]) -> (u64, u64) {
-    let mut buf = [0u8; PAGE];
-    let (mut pages, mut bytes) = (0, 0);
-    for i in range {
-        read_page(base, i, &mut buf);
-        let bad = buf.iter().zip(&shadow[i]).filter(|(a, b)| a != b).count() as u64;
-        if bad > 0 {
-            pages += 1;
-            bytes += bad;
-        }
-    }
-    (pages, bytes)
+    differing(range.clone().zip(&shadow[range]), |i, buf| read_page(base, i, buf))
 }
 
 /// The program's side of `munmap`, `mremap` and `mprotect` on registered
@@ -337,14 +333,6 @@ fn unregister_all(engine: &Engine, pieces: &mut Vec<(RegionId, usize, usize)>) -
         engine.unregister(id)?;
     }
     Ok(())
-}
-
-fn read_into(fd: &rustix::fd::OwnedFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
-    samepage::sys::mem::read_into(fd, dst, len)
-}
-
-fn recv_into(fd: &rustix::fd::OwnedFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
-    samepage::sys::mem::recv_into(fd, dst, len)
 }
 
 /// Forks: the child checks this thread's pages against the shadow, writes

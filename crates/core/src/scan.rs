@@ -131,9 +131,10 @@ pub struct Ksm<I: StableIndex = LocalStableIndex, P: StablePool = LocalPool> {
     /// Its subpages that would merge with a subpage of another huge page not
     /// split (a pairing held back).
     huge_blocked: u32,
-    /// Unstable-tree entries filed from huge pages not split, with their
-    /// huge page's key: pairing with one would split that huge page, so below
-    /// `thp_split_min_subpages` it counts but does not pair.
+    /// Unstable-tree entries filed from huge pages, with their huge page's
+    /// key: pairing with one of a huge page not split (not in `split_frames`)
+    /// would split it, so below `thp_split_min_subpages` it counts but does
+    /// not pair.
     unstable_huge: HashMap<u64, u64>,
     /// Huge pages split in this full scan.
     split_frames: std::collections::HashSet<(RegionId, u64)>,
@@ -286,15 +287,25 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     }
 
     /// `run = 2`: unmerges every region, keeping them registered, and drops
-    /// the unstable tree. Stops at the first error, with nothing lost.
+    /// the unstable tree. Stops at the first error, with nothing lost, and
+    /// leaves `run = 0`, as the kernel's `run_store` does.
     pub fn unmerge_all(&mut self, space: &mut impl PageSpace) -> Result<(), SpaceError> {
         for id in self.region_ids() {
-            self.unmerge_region(space, id, 0..u64::MAX)?;
+            if let Err(e) = self.unmerge_region(space, id, 0..u64::MAX) {
+                self.tunables.run = Run::Stop;
+                return Err(e);
+            }
         }
-        self.unstable.clear();
-        self.unstable_huge.clear();
+        self.clear_unstable();
         self.free_dead_slots(space);
         Ok(())
+    }
+
+    /// Throws the unstable tree away (keeping its allocation), with its
+    /// record of entries filed from huge pages.
+    fn clear_unstable(&mut self) {
+        self.unstable.clear();
+        self.unstable_huge.clear();
     }
 
     /// The program takes pages `range` of region `id` back, to `munmap`,
@@ -517,8 +528,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                     // region under the cursor left): the unstable tree goes,
                     // so no page filed there can be visited again while a
                     // merge decided for it is still pending.
-                    self.unstable.clear();
-                    self.unstable_huge.clear();
+                    self.clear_unstable();
                     self.advisor.start_scan_ms = now_ms;
                     let first = *self.regions.keys().next().expect("regions not empty");
                     (first, 0)
@@ -579,10 +589,9 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                 match self.next_region_after(region) {
                     Some(next) => self.cursor = Some((next, 0)),
                     None => {
-                        // End of a full scan: the unstable tree is thrown away.
+                        // End of a full scan: the next batch starts over, which
+                        // throws the unstable tree away.
                         self.flush(space, &mut report);
-                        self.unstable.clear();
-                        self.unstable_huge.clear();
                         self.c.full_scans += 1;
                         // Huge pages not met as huge pages in this scan are gone.
                         let scan = self.c.full_scans;
@@ -734,6 +743,12 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         if would >= threshold {
             if would > 0 {
                 self.note_split(region, frame);
+                // Its subpages filed in the unstable tree are ordinary entries now.
+                if !self.unstable_huge.is_empty() {
+                    for index in lo..=hi {
+                        self.unstable_huge.remove(&crate::unstable::pack(PageRef { region, index }));
+                    }
+                }
             }
             self.thp_memo.remove(&key);
             return visited;
@@ -777,12 +792,12 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         visited
     }
 
-    /// Counts a huge page split for merging (once per full scan), and lets
-    /// its subpages filed in the unstable tree pair from now on.
+    /// Counts a huge page split for merging (once per full scan); its
+    /// subpages filed in the unstable tree pair freely from now on (see
+    /// `unstable_huge`).
     fn note_split(&mut self, region: RegionId, frame: u64) {
         if self.split_frames.insert((region, frame)) {
             self.c.thp_split += 1;
-            self.unstable_huge.retain(|&p, f| !(*f == frame && crate::unstable::unpack(p).region == region));
         }
     }
 
@@ -871,10 +886,8 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         let key = domain.key(hash);
         let checksum = checksum_of(hash);
         let unchanged = item.link() != Link::None && item.oldchecksum == checksum;
-        // A page filed in the previous scan's unstable tree leaves it on its visit.
-        if item.link() == Link::Unstable || item.link() == Link::None {
-            self.relink(page, RmapItem::new(item.oldchecksum, Link::Seen));
-        }
+        // Every way out below relinks the page once, to where it ends up (a
+        // page filed in the previous scan's unstable tree leaves it so).
 
         if self.tunables.use_zero_pages && unchanged && hash == zero_page_hash() {
             self.relink(page, RmapItem::new(checksum, Link::Zero));
@@ -928,10 +941,14 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             self.relink(page, RmapItem::new(checksum, Link::Unstable));
             return;
         }
+        // Filed from a huge page that is not split (yet)?
         let tree_frame = if self.unstable_huge.is_empty() {
             None
         } else {
-            self.unstable_huge.get(&crate::unstable::pack(tree_page)).copied()
+            self.unstable_huge
+                .get(&crate::unstable::pack(tree_page))
+                .copied()
+                .filter(|&g| !self.split_frames.contains(&(tree_page.region, g)))
         };
         if let Some(g) = tree_frame {
             // The match is a subpage of a huge page not split (yet).

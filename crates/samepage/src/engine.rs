@@ -154,10 +154,6 @@ impl Engine {
         if t.run == Run::Unmerge && was != Run::Unmerge {
             let State { ksm, space, .. } = &mut *st;
             if let Err(e) = ksm.unmerge_all(space) {
-                // As the kernel's run_store: a failed unmerge leaves run = 0.
-                let mut stopped = ksm.tunables().clone();
-                stopped.run = Run::Stop;
-                let _ = ksm.set_tunables(stopped);
                 self.shared.publish(&st);
                 return Err(Error::Unmerge(e));
             }
@@ -332,13 +328,9 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        // As an API caller: a scanner running with sleep_millisecs = 0 lets
-        // the lock go only to waiters.
-        self.shared.waiters.fetch_add(1, Ordering::SeqCst);
-        if let Ok(mut st) = self.shared.state.lock() {
+        if let Ok(mut st) = self.shared.lock_state() {
             st.stop = true;
         }
-        self.shared.waiters.fetch_sub(1, Ordering::SeqCst);
         self.shared.cond.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -357,11 +349,17 @@ impl Shared {
     /// Takes the state lock ahead of the scanner thread.
     fn lock(&self) -> Result<MutexGuard<'_, State>, Error> {
         self.check()?;
+        self.lock_state().map_err(|_| Error::EngineFailed("the engine's state was poisoned by a panic".into()))
+    }
+
+    /// Takes the state lock as a waiter: a scanner running with
+    /// `sleep_millisecs = 0` lets the lock go only to waiters.
+    fn lock_state(&self) -> std::sync::LockResult<MutexGuard<'_, State>> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let g = self.state.lock();
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         self.cond.notify_all();
-        g.map_err(|_| Error::EngineFailed("the engine's state was poisoned by a panic".into()))
+        g
     }
 
     fn publish(&self, st: &State) {

@@ -18,11 +18,7 @@ fn fill(region: &samepage::Region) -> Vec<[u8; PAGE]> {
 }
 
 fn check(region: &samepage::Region, want: &[[u8; PAGE]]) {
-    let mut buf = [0u8; PAGE];
-    for (i, w) in want.iter().enumerate() {
-        region.read(i * PAGE, &mut buf).unwrap();
-        assert!(buf == *w, "page {i} differs");
-    }
+    assert_content(region, |i| want[i]);
 }
 
 #[test]
@@ -141,11 +137,7 @@ fn defrag_refiles_sparse_dups_on_real_memory() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     assert!(c.stable_node_refiled > 0, "{c:?}");
-    let mut buf = [0u8; PAGE];
-    for (i, w) in want.iter().enumerate() {
-        region.read(i * PAGE, &mut buf).unwrap();
-        assert!(buf == *w, "page {i} differs after defrag");
-    }
+    check(&region, &want);
 }
 
 #[test]

@@ -64,8 +64,7 @@ impl RegionMap {
         out
     }
 
-    /// Whether a released range lies between pages `a` and `b`: a window
-    /// must not span it (it is not registered with the userfaultfd).
+    /// Whether a released range meets pages `a..b`.
     fn released_between(&self, a: u64, b: u64) -> bool {
         self.released.iter().any(|r| r.start < b && a < r.end)
     }
@@ -232,21 +231,11 @@ impl LinuxPageSpace {
         let last = intents[*idx.last().expect("window not empty")].page.index;
         let (start, len) = (r.addr(first), (last - first + 1) as usize * PAGE_SIZE);
         self.stats.write_protects += 2;
-        // From here on, whatever happens, the range ends unprotected: a
-        // protection that fails part way (at a mapping that is not
-        // registered) has protected the mappings before it.
-        let _window = Window { uffd: &self.uffd, start, len };
-        if super::fault::check(Point::WriteProtect, "UFFDIO_WRITEPROTECT").is_err() {
+        let window = super::fault::check(Point::WriteProtect, "UFFDIO_WRITEPROTECT")
+            .and_then(|()| open_window(&self.uffd, r, start, len));
+        let Ok(_window) = window else {
             return; // results stay Failed; nothing changed
-        }
-        if self.uffd.write_protect(start, len, true).is_err() {
-            // Mappings made since the region was registered are registered
-            // lazily: register the whole region (whole mappings, so nothing
-            // splits) and try once more.
-            if r.register(&self.uffd).is_err() || self.uffd.write_protect(start, len, true).is_err() {
-                return; // results stay Failed; nothing changed
-            }
-        }
+        };
         // Compare, with writers held off.
         let mut equal = vec![false; idx.len()];
         for (k, &i) in idx.iter().enumerate() {
@@ -354,11 +343,10 @@ impl LinuxPageSpace {
     /// in place would only split its page-table entry: the 2 MiB folio would
     /// stay allocated (on the kernel's deferred-split list, freed under
     /// memory pressure), so merging would free nothing until then. The kernel's
-    /// KSM splits the folio itself; userspace copies it, under write
-    /// protection, into fresh small pages that `mremap` moves over it, which
-    /// frees the huge page at once. On any failure nothing changed and the
-    /// merge goes on regardless (the huge page then waits for the kernel's
-    /// deferred split).
+    /// KSM splits the folio itself; userspace copies it (see
+    /// [`LinuxPageSpace::replace_with_copy`]), which frees the huge page at
+    /// once. On any failure nothing changed and the merge goes on regardless
+    /// (the huge page then waits for the kernel's deferred split).
     fn split_huge(&mut self, region: RegionId, frame: usize) {
         let Some(r) = self.regions.get(&region) else { return };
         if frame < r.base || frame + HUGE_SIZE > r.addr(r.npages) || !self.budget.allows(2) {
@@ -370,74 +358,75 @@ impl LinuxPageSpace {
         if r.released_between(first, last) || (first..last).any(|i| r.in_pool_vma(i)) {
             return;
         }
-        // SAFETY: a fresh private mapping that only this function uses.
-        let Ok(tmp) = (unsafe { mem::map_anon(0, HUGE_SIZE, false) }) else { return };
-        let mut moved = false;
-        let result = (|| {
-            mem::no_hugepage(tmp, HUGE_SIZE)?;
-            mem::populate_write(tmp, HUGE_SIZE)?;
-            // Before protecting: a protection failing part way is lifted too.
-            let _window = Window { uffd: &self.uffd, start: frame, len: HUGE_SIZE };
-            if self.uffd.write_protect(frame, HUGE_SIZE, true).is_err() {
-                self.regions[&region].register(&self.uffd)?;
-                self.uffd.write_protect(frame, HUGE_SIZE, true)?;
-            }
-            // SAFETY: `frame` is registered memory, write-protected, so it
-            // holds still; `tmp` is ours; both aligned, no overlap.
-            unsafe { std::ptr::copy_nonoverlapping(frame as *const u8, tmp as *mut u8, HUGE_SIZE) };
-            // SAFETY: `tmp` is our own single mapping; the target holds the
-            // same bytes, so replacing it changes nothing the program sees.
-            unsafe { mem::move_mapping(tmp, HUGE_SIZE, frame) }?;
-            moved = true;
-            Ok::<(), SysError>(())
-        })();
-        if moved {
+        if self.replace_with_copy(region, frame, HUGE_SIZE, true).is_ok() {
             self.budget.spent(2);
             self.stats.huge_splits += 1;
-        } else {
-            // SAFETY: `tmp` is still ours (it was not moved).
-            let _ = unsafe { mem::unmap(tmp, HUGE_SIZE) };
         }
-        let _ = result;
     }
 
     /// Unmerges `[from, to)` of a region whose pages all lie in pool
-    /// mappings: the content is copied, under write protection, into fresh
-    /// anonymous memory that then moves over the range in one `mremap`.
+    /// mappings, by [`LinuxPageSpace::replace_with_copy`].
     fn unmerge_pool_run(&mut self, region: RegionId, from: u64, to: u64) -> Result<(), SysError> {
         let r = &self.regions[&region];
         let (addr, len) = (r.addr(from), (to - from) as usize * PAGE_SIZE);
+        self.replace_with_copy(region, addr, len, false)?;
+        self.regions.get_mut(&region).expect("region").set_pool_vma(from, to, false);
+        Ok(())
+    }
+
+    /// Replaces `[addr, addr+len)` of `region` with a copy of itself in
+    /// fresh private anonymous memory (small pages only, with `small_pages`):
+    /// the copy is made under write protection and moved over the range with
+    /// one `mremap`, so no write is lost and whatever the range mapped before
+    /// (pool pages, a huge page) is gone. On an error nothing changed. The new
+    /// mapping is registered with the userfaultfd lazily, if it is ever
+    /// protected again.
+    fn replace_with_copy(
+        &mut self,
+        region: RegionId,
+        addr: usize,
+        len: usize,
+        small_pages: bool,
+    ) -> Result<(), SysError> {
         super::fault::check(Point::MapAnon, "mmap(MAP_ANONYMOUS)")?;
         // SAFETY: a fresh private mapping that only this function uses.
         let tmp = unsafe { mem::map_anon(0, len, false) }?;
-        let mut moved = false;
         let result = (|| {
-            // Before protecting: a protection failing part way is lifted too.
-            let _window = Window { uffd: &self.uffd, start: addr, len };
-            if self.uffd.write_protect(addr, len, true).is_err() {
-                self.regions[&region].register(&self.uffd)?;
-                self.uffd.write_protect(addr, len, true)?;
+            if small_pages {
+                mem::no_hugepage(tmp, len)?;
             }
+            // Faulted in before the window opens, so writers wait less.
             mem::populate_write(tmp, len)?;
+            let _window = open_window(&self.uffd, &self.regions[&region], addr, len)?;
             // SAFETY: `addr..+len` is registered memory, write-protected, so
             // it holds still; `tmp` is ours; both page aligned, no overlap.
             unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, tmp as *mut u8, len) };
             // SAFETY: `tmp` is our own single mapping; the target holds the
             // same bytes, so replacing it changes nothing the program sees.
-            unsafe { mem::move_mapping(tmp, len, addr) }?;
-            moved = true;
-            // The moved mapping is registered with the userfaultfd lazily,
-            // if it is ever protected again.
-            Ok::<(), SysError>(())
+            unsafe { mem::move_mapping(tmp, len, addr) }
         })();
-        if !moved {
-            // SAFETY: `tmp` is still ours (it was not moved).
+        if result.is_err() {
+            // SAFETY: `tmp` is still ours (moving it is the last step).
             let _ = unsafe { mem::unmap(tmp, len) };
         }
-        result?;
-        self.regions.get_mut(&region).expect("region").set_pool_vma(from, to, false);
-        Ok(())
+        result
     }
+}
+
+/// Write-protects `[start, start+len)` of region `r` and returns the guard
+/// that lifts the protection. Mappings made since the region was registered
+/// are registered lazily: on a first failure the whole region is registered
+/// (whole mappings, so nothing splits) and the protection tried once more.
+/// The guard exists before the first attempt: a protection that fails part
+/// way (at a mapping that is not registered) has protected the mappings
+/// before it, and the guard lifts those too.
+fn open_window<'a>(uffd: &'a Uffd, r: &RegionMap, start: usize, len: usize) -> Result<Window<'a>, SysError> {
+    let window = Window { uffd, start, len };
+    if uffd.write_protect(start, len, true).is_err() {
+        r.register(uffd)?;
+        uffd.write_protect(start, len, true)?;
+    }
+    Ok(window)
 }
 
 impl PageSpace for LinuxPageSpace {
@@ -510,12 +499,16 @@ impl PageSpace for LinuxPageSpace {
         }
         let mut w = 0;
         while w < order.len() {
+            // A window stays in one region and never spans a released range
+            // (it is not registered with the userfaultfd).
+            let region = intents[order[w]].page.region;
+            let r = self.regions.get(&region);
             let mut end = w + 1;
             while end < order.len() && {
                 let (a, b) = (intents[order[end - 1]].page, intents[order[end]].page);
-                a.region == b.region
+                b.region == region
                     && b.index - a.index <= WINDOW_GAP
-                    && !self.regions.get(&a.region).is_some_and(|r| r.released_between(a.index, b.index))
+                    && !r.is_some_and(|r| r.released_between(a.index, b.index))
             } {
                 end += 1;
             }

@@ -70,6 +70,15 @@ pub fn meminfo(field: &str) -> u64 {
     panic!("no {field} in /proc/meminfo")
 }
 
+/// Asserts that page `i` of `region` holds `want(i)`, byte for byte, for every page.
+pub fn assert_content(region: &samepage::Region, want: impl Fn(usize) -> [u8; PAGE]) {
+    let mut buf = [0u8; PAGE];
+    for i in 0..region.len() / PAGE {
+        region.read(i * PAGE, &mut buf).unwrap();
+        assert!(buf == want(i), "page {i} differs");
+    }
+}
+
 /// Deterministic page content for `(kind, id)`.
 pub fn content(id: u64) -> [u8; PAGE] {
     let mut p = [0u8; PAGE];
