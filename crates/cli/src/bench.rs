@@ -14,7 +14,7 @@ use crate::{sysctl, UsageError};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use samepage::kernel::KernelKsm;
-use samepage::sys::mapping::AnonMapping;
+use samepage::testing::AnonMapping;
 use samepage::{procfs, Engine, Run, Tunables};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -336,7 +336,8 @@ fn run_kernel(w: &Workload, a: &BenchArgs) -> Result<Side> {
     let mut poll = || -> Result<Progress> {
         let g = |n| k.get(n).map(|v| v as u64);
         Ok(Progress {
-            key: (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?, g("pages_unshared")?),
+            key: (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?),
+            unshared: g("pages_unshared")?,
             full_scans: g("full_scans")? - scans0,
             cpu: k.ksmd_cpu() - cpu0,
         })
@@ -394,7 +395,8 @@ fn run_samepage(w: &Workload, a: &BenchArgs) -> Result<Side> {
     let mut poll = || -> Result<Progress> {
         let c = engine.counters()?;
         Ok(Progress {
-            key: (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared),
+            key: (c.pages_shared, c.pages_sharing, c.ksm_zero_pages),
+            unshared: c.pages_unshared,
             full_scans: c.full_scans,
             cpu: engine.cpu_time(),
         })

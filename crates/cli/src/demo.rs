@@ -6,7 +6,7 @@ use crate::{sysctl, UsageError};
 use anyhow::{Context, Result};
 use clap::Args;
 use samepage::kernel::KernelKsm;
-use samepage::sys::mapping::AnonMapping;
+use samepage::testing::AnonMapping;
 use samepage::{procfs, Counters, Engine, Run, Tunables, UffdMode};
 use serde_json::json;
 use std::path::PathBuf;
@@ -222,8 +222,8 @@ fn churn(w: &Workload, region: &dyn Mem, percent: u8) -> std::collections::HashS
     churned
 }
 
-fn key(c: &Counters) -> (u64, u64, u64, u64) {
-    (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared)
+fn key(c: &Counters) -> (u64, u64, u64) {
+    (c.pages_shared, c.pages_sharing, c.ksm_zero_pages)
 }
 
 /// Pages that differ from the workload, the churned ones expected with their mark.
@@ -340,14 +340,19 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         engine.set_run(Run::Merge)?;
         let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
             let c = engine.counters()?;
-            Ok(Progress { key: key(&c), full_scans: c.full_scans, cpu: engine.cpu_time() })
+            Ok(Progress { key: key(&c), unshared: c.pages_unshared, full_scans: c.full_scans, cpu: engine.cpu_time() })
         })?;
         let churned = if a.churn > 0 {
             let r = churn(&w, mem, a.churn);
             let before = engine.counters()?;
             converge(Duration::from_secs(a.timeout), a.json, || {
                 let c = engine.counters()?;
-                Ok(Progress { key: key(&c), full_scans: c.full_scans, cpu: engine.cpu_time() })
+                Ok(Progress {
+                    key: key(&c),
+                    unshared: c.pages_unshared,
+                    full_scans: c.full_scans,
+                    cpu: engine.cpu_time(),
+                })
             })?;
             // Two prune intervals, so pruning and defragmentation have run.
             std::thread::sleep(Duration::from_millis(2 * a.prune_ms as u64 + 100));
@@ -403,7 +408,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     if budget_skips > 0 {
         notes.push(format!(
             "the VMA budget (vm.max_map_count {}, engine limit {} mappings) left {left_unmerged} duplicate pages unmerged; as root, samepage demo raises the limit for its run (or: sysctl vm.max_map_count=N)",
-            samepage::sys::vma::max_map_count(),
+            sysctl::max_map_count(),
             vma_limit.unwrap_or(0)
         ));
     }
@@ -433,9 +438,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
             "converge_seconds": o.converge.as_secs_f64(),
             "engine_cpu_seconds": o.cpu.as_secs_f64(),
             "syscalls": space.as_ref().map(|(s, _)| json!({
-                "pool_maps": s.pool_maps, "write_protects": s.write_protects,
-                "discards": s.discards, "pagemap_scans": s.pagemap_scans, "pages_hashed": s.pages_hashed,
-                "huge_pages_copied_to_small": s.huge_splits })),
+                "pool_maps": s.pool_maps, "moves": s.moves, "pages_moved": s.pages_moved, "windows": s.windows,
+                "write_protects": s.write_protects, "unshares": s.unshares,
+                "pagemap_scans": s.pagemap_scans, "pages_hashed": s.pages_hashed })),
             "mappings_after": space.as_ref().map(|(_, m)| m),
             "thp": o.thp.map(|t| json!({
                 "thp_split_min_subpages": if a.kernel { 1 } else { a.thp_split_min_subpages },
@@ -483,12 +488,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         );
         if let Some((s, maps)) = &space {
             println!(
-                "system calls: {} pool mmaps, {} write-protect ioctls, {} MADV_DONTNEED, {} PAGEMAP_SCAN; {} mappings in the process",
-                s.pool_maps, s.write_protects, s.discards, s.pagemap_scans, maps
+                "system calls: {} windows, {} UFFDIO_MOVE ({} pages), {} pool mmaps, {} write-protect ioctls, {} PAGEMAP_SCAN; {} mappings in the process",
+                s.windows, s.moves, s.pages_moved, s.pool_maps, s.write_protects, s.pagemap_scans, maps
             );
-            if s.huge_splits > 0 {
-                println!("huge pages copied into small pages before merging in them: {}", s.huge_splits);
-            }
         }
         if let Some(t) = &o.thp {
             println!(
@@ -537,7 +539,8 @@ fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcom
     let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
         let g = |n| k.get(n).map(|v| v as u64);
         Ok(Progress {
-            key: (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?, g("pages_unshared")?),
+            key: (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?),
+            unshared: g("pages_unshared")?,
             full_scans: g("full_scans")? - scans0,
             cpu: k.ksmd_cpu() - cpu0,
         })

@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 /// and CPU at the last change.
 /// What a poll of the merging side reports.
 pub struct Progress {
-    /// `(pages_shared, pages_sharing, ksm_zero_pages, pages_unshared)`.
-    pub key: (u64, u64, u64, u64),
+    /// `(pages_shared, pages_sharing, ksm_zero_pages)`: what merging has
+    /// reached. (`pages_unshared` is left out: with smart_scan, unique pages
+    /// written at different times go in and out of the unstable tree on
+    /// their own schedules, so it need never hold still.)
+    pub key: (u64, u64, u64),
+    /// `pages_unshared`, shown only.
+    pub unshared: u64,
     /// Full scans so far.
     pub full_scans: u64,
     /// CPU the merging side has used.
@@ -31,7 +36,7 @@ pub fn converge(
     let (mut t_change, mut cpu_change) = (Duration::ZERO, Duration::ZERO);
     loop {
         std::thread::sleep(Duration::from_millis(10));
-        let Progress { key, full_scans: scans, cpu } = poll()?;
+        let Progress { key, unshared, full_scans: scans, cpu } = poll()?;
         if key != last {
             last = key;
             scans_at_change = scans;
@@ -40,14 +45,21 @@ pub fn converge(
         }
         bar.set_message(format!(
             "full_scans {scans}  pages_shared {}  pages_sharing {}  ksm_zero_pages {}  pages_unshared {}",
-            key.0, key.1, key.2, key.3
+            key.0, key.1, key.2, unshared
         ));
         if scans >= scans_at_change + 2 && scans >= 3 {
             break;
         }
         if start.elapsed() > timeout {
             bar.finish_and_clear();
-            anyhow::bail!("no convergence after {timeout:?}: counters still changing");
+            anyhow::bail!(
+                "no convergence after {timeout:?}: counters still changing (full_scans {scans}, pages_shared {}, \
+                 pages_sharing {}, ksm_zero_pages {}, pages_unshared {})",
+                key.0,
+                key.1,
+                key.2,
+                unshared
+            );
         }
     }
     bar.finish_and_clear();

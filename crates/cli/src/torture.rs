@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use samepage::sys::mapping::AnonMapping;
+use samepage::testing::{self, AnonMapping};
 use samepage::{Counters, Engine, RegionId, Run, Tunables};
 use serde_json::json;
 use std::process::ExitCode;
@@ -147,14 +147,21 @@ fn writer(t: u64, a: &TortureArgs, regions: &[Region], stop: &AtomicBool, tally:
             let len = rng.usize(1..64);
             let mut data = [0u8; 64];
             rng.fill(&mut data[..len]);
-            // No unsafe here: a raw destination inside the page this thread owns,
-            // handed to the kernel; no Rust reference to shared memory is made.
+            // A raw destination inside the page this thread owns, handed to
+            // the kernel; no Rust reference to shared memory is made.
             let dst = base as usize + p * PAGE + off;
             let res = if op & 1 == 0 {
-                rustix::io::write(&pw, &data[..len]).and_then(|_| samepage::sys::mem::read_into(&pr, dst, len))
+                rustix::io::write(&pw, &data[..len]).map_err(std::io::Error::from).and_then(|_| {
+                    // SAFETY: `dst..dst+len` lies in a page only this thread writes.
+                    unsafe { testing::read_into(&pr, dst, len) }
+                })
             } else {
                 rustix::net::send(&sa, &data[..len], rustix::net::SendFlags::empty())
-                    .and_then(|_| samepage::sys::mem::recv_into(&sb, dst, len))
+                    .map_err(std::io::Error::from)
+                    .and_then(|_| {
+                        // SAFETY: as above.
+                        unsafe { testing::recv_into(&sb, dst, len) }
+                    })
             };
             match res {
                 Ok(got) if got == len => {
@@ -168,7 +175,7 @@ fn writer(t: u64, a: &TortureArgs, regions: &[Region], stop: &AtomicBool, tally:
             fork_and_check(regions, &mine, &shadow, tally);
         }
         n += 1;
-        if n % 256 == 0 {
+        if n.is_multiple_of(256) {
             tally.writes.fetch_add(256, Ordering::Relaxed);
         }
         if last_check.elapsed() > Duration::from_secs(2) {
@@ -223,10 +230,9 @@ fn compare(base: usize, range: std::ops::Range<usize>, shadow: &[[u8; PAGE]]) ->
 /// moves or protects it, checks it, puts it back and registers it again,
 /// while the engine keeps merging the rest of the area.
 fn remapper(engine: &Engine, seed: u64, stop: &AtomicBool, tally: &Tally) -> Result<()> {
-    use samepage::sys::mem;
+    use samepage::testing as mem;
     let len = REMAP_PAGES * PAGE;
-    // SAFETY: a fresh mapping this function owns until it returns.
-    let base = unsafe { mem::map_anon(0, len, false) }?;
+    let base = mem::map_anon(len)?;
     let mut shadow = vec![[0u8; PAGE]; REMAP_PAGES];
     for (i, s) in shadow.iter_mut().enumerate() {
         common(i as u64 % 6, s);
@@ -271,7 +277,7 @@ fn remapper(engine: &Engine, seed: u64, stop: &AtomicBool, tally: &Tally) -> Res
                 // SAFETY: released above; only this thread uses the area.
                 unsafe { mem::unmap(addr, bytes) }?;
                 // SAFETY: the hole this thread just made.
-                unsafe { mem::map_anon(addr, bytes, true) }?;
+                unsafe { mem::map_anon_fixed(addr, bytes) }?;
                 for (i, page) in shadow.iter_mut().enumerate().skip(a).take(k) {
                     common(rng.u64(..6), page);
                     write_page(base, i, page);
@@ -339,7 +345,7 @@ fn unregister_all(engine: &Engine, pieces: &mut Vec<(RegionId, usize, usize)>) -
 /// to them and checks again; the parent's memory must not change.
 fn fork_and_check(regions: &[Region], mine: &[(usize, usize)], shadow: &[[u8; PAGE]], tally: &Tally) {
     let targets: Vec<(usize, usize)> = mine.iter().map(|&(r, p)| (regions[r].mem.as_ptr() as usize, p)).collect();
-    match samepage::sys::process::fork_check(&targets, shadow) {
+    match testing::fork_check(&targets, shadow) {
         Ok(true) => {}
         Ok(false) => {
             tally.child_failures.fetch_add(1, Ordering::Relaxed);
@@ -449,7 +455,8 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
     let out = json!({
         "seconds": start.elapsed().as_secs_f64(),
         "thp": a.thp,
-        "huge_pages_copied_to_small": stats.huge_splits,
+        "thp_split": end.thp_split,
+        "uffd_moves": stats.moves,
         "uffd_mode": format!("{:?}", engine.info().uffd_mode),
         "writes": tally.writes.load(Ordering::Relaxed),
         "kernel_writes": tally.kernel_writes.load(Ordering::Relaxed),
@@ -458,6 +465,10 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
         "merges": end.merges,
         "unmerges": end.unmerges,
         "cow_faults": end.cow_faults,
+        "cow_breaks": stats.cow_breaks,
+        "cow_fallbacks": stats.cow_fallbacks,
+        "pages_pool_copies": end.pages_pool_copies,
+        "pages_pinned": end.pages_pinned,
         "forks": tally.forks.load(Ordering::Relaxed),
         "child_failures": child_failures,
         "reregisters": tally.reregisters.load(Ordering::Relaxed),

@@ -27,12 +27,12 @@ pub trait Mem: Sync {
     fn read(&self, off: usize, buf: &mut [u8]);
 }
 
-impl Mem for samepage::sys::mapping::AnonMapping {
+impl Mem for samepage::testing::AnonMapping {
     fn write(&self, off: usize, data: &[u8]) {
-        samepage::sys::mapping::AnonMapping::write(self, off, data).expect("inside the mapping")
+        samepage::testing::AnonMapping::write(self, off, data).expect("inside the mapping")
     }
     fn read(&self, off: usize, buf: &mut [u8]) {
-        samepage::sys::mapping::AnonMapping::read(self, off, buf).expect("inside the mapping")
+        samepage::testing::AnonMapping::read(self, off, buf).expect("inside the mapping")
     }
 }
 

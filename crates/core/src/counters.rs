@@ -58,6 +58,10 @@ pub struct Counters {
     /// Pool slots waiting to be freed because something outside the engine's
     /// knowledge (a forked child) still maps them.
     pub pool_slots_pending: u64,
+    /// Pool slots whose page was freed but that are never handed out again,
+    /// because a private copy inside a pool mapping still refers to them
+    /// (discarding that copy must read zeros, never another page).
+    pub pool_slots_retired: u64,
     /// Transparent huge pages visited (each visit of a 2 MiB huge page counts).
     pub thp_scanned: u64,
     /// Huge pages split for merging: at least `thp_split_min_subpages` of
@@ -69,6 +73,21 @@ pub struct Counters {
     /// Subpages that would merge in the huge pages kept whole: the memory
     /// left on the table (times the page size, in bytes) for the TLB's sake.
     pub thp_left_subpages: u64,
+    /// Pages left unmerged because they are pinned (`FOLL_PIN`: O_DIRECT or
+    /// io_uring I/O in flight, io_uring fixed buffers, VFIO, RDMA) or shared
+    /// with another process, as `UFFDIO_MOVE` reported at their last merge
+    /// attempt (the kernel's `write_protect_page` refuses the same pages).
+    /// They are tried again at later visits.
+    pub pages_pinned: u64,
+    /// Merged pages the program wrote since: each is now a private copy
+    /// inside a mapping of the pool. The engine never replaces such a page
+    /// (no interface tells whether a device pins it), so it is not merged
+    /// again; discarding it (`Engine::discard`) makes it ordinary memory.
+    pub pages_pool_copies: u64,
+    /// Pages of registered regions the engine stays away from because of an
+    /// attribute merged memory could not keep (`MADV_WIPEONFORK`, `mseal`,
+    /// another userfaultfd, a memory policy, a protection key, a VMA name).
+    pub pages_excluded: u64,
 }
 
 impl Counters {
@@ -102,11 +121,15 @@ impl Counters {
             ("merge_errors", self.merge_errors as i64),
             ("pool_slots_freed", self.pool_slots_freed as i64),
             ("pool_slots_pending", self.pool_slots_pending as i64),
+            ("pool_slots_retired", self.pool_slots_retired as i64),
             ("thp_scanned", self.thp_scanned as i64),
             ("thp_split", self.thp_split as i64),
             ("thp_kept_whole", self.thp_kept_whole as i64),
             ("thp_left_subpages", self.thp_left_subpages as i64),
             ("thp_left_bytes", (self.thp_left_subpages * crate::PAGE_SIZE as u64) as i64),
+            ("pages_pinned", self.pages_pinned as i64),
+            ("pages_pool_copies", self.pages_pool_copies as i64),
+            ("pages_excluded", self.pages_excluded as i64),
         ]
     }
 }

@@ -42,5 +42,5 @@ pub mod unstable;
 pub use counters::{Counters, RegionCounters};
 pub use page::{page_hash, zero_page_hash, Domain, PageRef, RegionId, Slot, PAGE_SIZE};
 pub use scan::Ksm;
-pub use space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
+pub use space::{Discard, Intent, IntentResult, PageSpace, PageState, Sample, SlotRelease, SpaceError, Target};
 pub use tunables::{AdvisorMode, Run, TunableError, Tunables};

@@ -31,6 +31,15 @@ pub enum Op {
     /// The program takes `len % 16 + 1` pages from `page` on back (to unmap
     /// them); they are never used again.
     Release { region: u8, page: u16, len: u8 },
+    /// A device pins a page for writing (O_DIRECT read, io_uring fixed buffer).
+    Pin { region: u8, page: u16 },
+    /// The device drops pin `which` (an index into the pins held).
+    Unpin { which: u8 },
+    /// The device writes a byte through pin `which` (DMA): the program must see it.
+    DeviceWrite { which: u8, offset: u16, byte: u8 },
+    /// The program discards `len % 16 + 1` pages from `page` on
+    /// (`MADV_DONTNEED` through the engine): they read zeros afterwards.
+    Discard { region: u8, page: u16, len: u8 },
 }
 
 impl Op {
@@ -42,13 +51,17 @@ impl Op {
             4..=9 => Op::Common { region: b[1], page, which: b[4] % 4 },
             10 => Op::Read { region: b[1], page },
             11..=13 => Op::Scan { batches: b[4] % 6 + 1 },
-            14 => match b[1] % 3 {
+            14 => match b[1] % 5 {
                 0 => Op::Reregister { region: b[4] },
                 1 => Op::UnmergeAll,
-                _ => Op::Foreign { slot: b[4], add: b[5] & 1 == 1 },
+                2 => Op::Foreign { slot: b[4], add: b[5] & 1 == 1 },
+                3 => Op::Pin { region: b[4], page },
+                _ => Op::Unpin { which: b[4] },
             },
             _ => match b[1] % 4 {
                 0 => Op::Release { region: b[4], page, len: b[5] },
+                1 => Op::Discard { region: b[4], page, len: b[5] },
+                2 => Op::DeviceWrite { which: b[4], offset: u16::from_le_bytes([b[2], b[5]]), byte: b[3] },
                 _ => Op::Scan { batches: 1 },
             },
         }
@@ -80,6 +93,8 @@ pub struct Model {
     pub pages: u16,
     /// Pages the program took back (unmapped): never touched again.
     pub released: HashSet<PageRef>,
+    /// Pins a device holds: the page pinned and the frame the pin holds.
+    pub pins: Vec<(PageRef, u64)>,
     next_id: u32,
     now: u64,
 }
@@ -94,6 +109,7 @@ impl Model {
             ids: Vec::new(),
             pages: pages.max(1),
             released: HashSet::new(),
+            pins: Vec::new(),
             next_id: 0,
             now: 0,
         };
@@ -128,9 +144,10 @@ impl Model {
     /// Applies one operation (indexes are taken modulo the sizes).
     pub fn apply(&mut self, op: &Op) {
         let page_of = match *op {
-            Op::Poke { region, page, .. } | Op::Common { region, page, .. } | Op::Read { region, page } => {
-                Some(self.page(region, page))
-            }
+            Op::Poke { region, page, .. }
+            | Op::Common { region, page, .. }
+            | Op::Read { region, page }
+            | Op::Pin { region, page } => Some(self.page(region, page)),
             _ => None,
         };
         if page_of.is_some_and(|p| self.released.contains(&p)) {
@@ -163,6 +180,8 @@ impl Model {
                     pages.iter().all(|p| !matches!(p, SimPage::Pool(_) | SimPage::KsmZero)),
                     "unregister left a merged page"
                 );
+                // The program moved its memory: the device's pins there go.
+                self.drop_pins(|p| p.region == old);
                 let new = self.fresh_region();
                 self.ids[region] = new;
                 // Released pages come back as fresh untouched memory.
@@ -178,7 +197,7 @@ impl Model {
                         SimPage::Released => {
                             self.shadow.remove(&new_ref);
                         }
-                        SimPage::Private(b) => self.space.write(new_ref, 0, &b[..]),
+                        SimPage::Private(f) | SimPage::PoolCopy(f, _) => self.space.write(new_ref, 0, &f.bytes[..]),
                         SimPage::ZeroPfn => self.space.touch_read(new_ref),
                         _ => {}
                     }
@@ -205,6 +224,44 @@ impl Model {
                     self.released.insert(p);
                     self.shadow.remove(&p);
                 }
+                self.drop_pins(|p| p.region == first.region && (first.index..end).contains(&p.index));
+            }
+            Op::Discard { region, page, len } => {
+                let first = self.page(region, page);
+                let end = (first.index + len as u64 % 16 + 1).min(self.pages as u64);
+                if (first.index..end).any(|index| self.released.contains(&PageRef { region: first.region, index })) {
+                    return;
+                }
+                self.ksm
+                    .discard_range(&mut self.space, first.region, first.index..end, crate::Discard::DontNeed)
+                    .expect("discard in the simulation");
+                for index in first.index..end {
+                    self.shadow.remove(&PageRef { region: first.region, index });
+                }
+                // The kernel's MADV_DONTNEED drops pinned pages too: what the
+                // device writes after that is lost by the program's choice.
+                self.drop_pins(|p| p.region == first.region && (first.index..end).contains(&p.index));
+            }
+            Op::Pin { region, page } => {
+                let p = self.page(region, page);
+                let frame = self.space.pin(p);
+                self.pins.push((p, frame));
+            }
+            Op::Unpin { which } => {
+                if !self.pins.is_empty() {
+                    let (_, frame) = self.pins.swap_remove(which as usize % self.pins.len());
+                    self.space.unpin(frame);
+                }
+            }
+            Op::DeviceWrite { which, offset, byte } => {
+                if !self.pins.is_empty() {
+                    let (p, frame) = self.pins[which as usize % self.pins.len()];
+                    let offset = offset as usize % PAGE_SIZE;
+                    // The program reads what the device wrote: the pinned
+                    // frame is still its page, unless the engine replaced it.
+                    self.shadow.entry(p).or_insert([0; PAGE_SIZE])[offset] = byte;
+                    self.space.device_write(frame, offset, byte);
+                }
             }
             Op::Foreign { slot, add } => {
                 let slots: Vec<_> = self.space.slot_mappings().keys().copied().collect();
@@ -213,6 +270,14 @@ impl Model {
                     *n = if add { *n + 1 } else { n.saturating_sub(1) };
                 }
             }
+        }
+    }
+
+    fn drop_pins(&mut self, gone: impl Fn(&PageRef) -> bool) {
+        let (dropped, kept): (Vec<_>, Vec<_>) = self.pins.drain(..).partition(|(p, _)| gone(p));
+        self.pins = kept;
+        for (_, frame) in dropped {
+            self.space.unpin(frame);
         }
     }
 
@@ -260,6 +325,7 @@ impl Model {
         assert_eq!(c.ksm_zero_pages, self.space.ksm_zero_pages(), "ksm_zero_pages vs recount");
         assert_eq!(self.space.pool_pages() as u64, c.pages_shared, "pool holds exactly the stable pages");
         assert_eq!(c.pool_slots_pending, 0);
+        assert_eq!(c.pages_pool_copies, self.space.pool_copies(), "pages_pool_copies vs recount");
         self.check();
     }
 }

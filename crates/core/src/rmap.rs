@@ -23,6 +23,8 @@ const TAG_SEEN: u32 = 1;
 const TAG_UNSTABLE: u32 = 2;
 const TAG_STABLE: u32 = 3;
 const TAG_ZERO: u32 = 4;
+const TAG_PINNED: u32 = 5;
+const TAG_POOL_COPY: u32 = 6;
 
 /// The largest node id an rmap item can hold.
 pub const MAX_NODE_ID: u32 = PAYLOAD;
@@ -40,6 +42,14 @@ pub enum Link {
     Stable(NodeId),
     /// Maps the kernel's zero page, placed by the engine (no rmap item).
     Zero,
+    /// An rmap item in no tree whose last merge was refused because the page
+    /// is pinned or shared ([`crate::IntentResult::Pinned`]): counted in
+    /// `pages_pinned`, tried again at later visits (smart_scan backs off).
+    Pinned,
+    /// An rmap item for a private copy inside a mapping of the pool
+    /// ([`crate::PageState::PoolCopy`]): never merged again, counted in
+    /// `pages_pool_copies`.
+    PoolCopy,
 }
 
 /// One page's record: 8 bytes.
@@ -62,6 +72,8 @@ impl RmapItem {
                 (TAG_STABLE << TAG_SHIFT) | (n.0 & PAYLOAD)
             }
             Link::Zero => TAG_ZERO << TAG_SHIFT,
+            Link::Pinned => TAG_PINNED << TAG_SHIFT,
+            Link::PoolCopy => TAG_POOL_COPY << TAG_SHIFT,
         };
         RmapItem { oldchecksum, link }
     }
@@ -73,12 +85,15 @@ impl RmapItem {
             TAG_UNSTABLE => Link::Unstable,
             TAG_STABLE => Link::Stable(NodeId(self.link & PAYLOAD)),
             TAG_ZERO => Link::Zero,
+            TAG_PINNED => Link::Pinned,
+            TAG_POOL_COPY => Link::PoolCopy,
             _ => Link::None,
         }
     }
 
-    /// smart_scan's age of a page in no tree or the unstable tree: how many
-    /// times it was visited without merging (saturating at 255).
+    /// smart_scan's age of a page in no tree, the unstable tree, or refused
+    /// as pinned: how many times it was visited without merging (saturating
+    /// at 255).
     pub fn age(&self) -> u8 {
         (self.age_bits() & 0xff) as u8
     }
@@ -88,11 +103,12 @@ impl RmapItem {
         (self.age_bits() >> 8 & 0xff) as u8
     }
 
-    /// The item with smart_scan's age and skips set (only [`Link::Seen`] and
-    /// [`Link::Unstable`] items keep them; other links have no room).
+    /// The item with smart_scan's age and skips set (only [`Link::Seen`],
+    /// [`Link::Unstable`] and [`Link::Pinned`] items keep them; other links
+    /// have no room).
     pub fn with_age(self, age: u8, remaining_skips: u8) -> Self {
         match self.link() {
-            Link::Seen | Link::Unstable => RmapItem {
+            Link::Seen | Link::Unstable | Link::Pinned => RmapItem {
                 oldchecksum: self.oldchecksum,
                 link: (self.link & !PAYLOAD) | age as u32 | (remaining_skips as u32) << 8,
             },
@@ -102,14 +118,14 @@ impl RmapItem {
 
     pub(crate) fn age_bits(&self) -> u32 {
         match self.link() {
-            Link::Seen | Link::Unstable => self.link & PAYLOAD,
+            Link::Seen | Link::Unstable | Link::Pinned => self.link & PAYLOAD,
             _ => 0,
         }
     }
 
     /// Whether this counts as an rmap item (the kernel's `ksm_rmap_items`).
     pub fn is_rmap_item(&self) -> bool {
-        matches!(self.link(), Link::Seen | Link::Unstable | Link::Stable(_))
+        matches!(self.link(), Link::Seen | Link::Unstable | Link::Stable(_) | Link::Pinned | Link::PoolCopy)
     }
 }
 
@@ -212,6 +228,8 @@ mod tests {
             Link::Seen,
             Link::Unstable,
             Link::Zero,
+            Link::Pinned,
+            Link::PoolCopy,
             Link::Stable(NodeId(0)),
             Link::Stable(NodeId(MAX_NODE_ID)),
         ] {

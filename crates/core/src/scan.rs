@@ -25,7 +25,7 @@ use crate::counters::{Counters, RegionCounters};
 use crate::page::{checksum_of, zero_page_hash, Domain, PageRef, RegionId, Slot};
 use crate::pool::{LocalPool, StablePool};
 use crate::rmap::{Link, RmapItem, RmapTable};
-use crate::space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
+use crate::space::{Discard, Intent, IntentResult, PageSpace, PageState, Sample, SlotRelease, SpaceError, Target};
 use crate::stable::{LocalStableIndex, NodeId, StableIndex, StableNode};
 use crate::tunables::{AdvisorMode, Run, TunableError, Tunables};
 use crate::unstable::UnstableIndex;
@@ -349,6 +349,39 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         Ok(())
     }
 
+    /// The program discards pages `range` of region `id` (`MADV_DONTNEED`,
+    /// `MADV_FREE`, `MADV_REMOVE`): the page space makes them read as zeros
+    /// (pages mapping the pool included, which the kernel's `MADV_DONTNEED`
+    /// would bring back with their merged content), and their rmap items go,
+    /// as the kernel's go once its cursor finds the pages gone. The range
+    /// stays registered. On an error nothing changed. `range` is clipped to
+    /// the region.
+    pub fn discard_range(
+        &mut self,
+        space: &mut impl PageSpace,
+        id: RegionId,
+        range: Range<u64>,
+        how: Discard,
+    ) -> Result<(), SpaceError> {
+        let state = self.regions.get(&id).ok_or(SpaceError::UnknownRegion(id))?;
+        let npages = state.rmap.npages();
+        let range = range.start.min(npages)..range.end.min(npages);
+        if range.is_empty() {
+            return Ok(());
+        }
+        space.discard(id, range.clone(), how)?;
+        let state = &self.regions[&id];
+        let linked: Vec<(u64, RmapItem)> = state.rmap.linked_in(range.start, range.end).collect();
+        for (index, item) in linked {
+            if let Link::Stable(n) = item.link() {
+                self.node_dec(n);
+            }
+            self.relink(PageRef { region: id, index }, RmapItem::default());
+        }
+        self.free_dead_slots(space);
+        Ok(())
+    }
+
     /// The ranges of region `id` released so far, sorted and disjoint.
     pub fn released_ranges(&self, id: RegionId) -> Option<&[Range<u64>]> {
         self.regions.get(&id).map(|r| &r.released[..])
@@ -439,12 +472,20 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// self-check: it must equal [`Ksm::counters`]).
     pub fn recount(&self) -> Counters {
         let mut c = self.counters();
-        let (mut items, mut unshared, mut zero) = (0, 0, 0);
+        let (mut items, mut unshared, mut zero, mut pinned, mut copies) = (0, 0, 0, 0, 0);
         let mut per_node: BTreeMap<NodeId, u64> = BTreeMap::new();
         for r in self.regions.values() {
             for (_, it) in r.rmap.linked_in(0, r.rmap.npages()) {
                 match it.link() {
                     Link::Seen => items += 1,
+                    Link::Pinned => {
+                        items += 1;
+                        pinned += 1
+                    }
+                    Link::PoolCopy => {
+                        items += 1;
+                        copies += 1
+                    }
                     Link::Unstable => {
                         items += 1;
                         unshared += 1
@@ -465,6 +506,8 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         c.pages_shared = per_node.len() as u64;
         c.pages_sharing = mappings - per_node.len() as u64;
         c.pages_volatile = items - mappings - unshared;
+        c.pages_pinned = pinned;
+        c.pages_pool_copies = copies;
         c
     }
 
@@ -810,17 +853,29 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                 // Written since the merge (copy-on-write): the mapping is gone.
                 self.c.cow_faults += 1;
                 self.node_dec(n);
-                self.relink(page, RmapItem::new(item.oldchecksum, Link::Seen));
-                if state == PageState::Private {
-                    self.hash_and_merge(space, page);
-                } else {
-                    self.relink(page, RmapItem::default());
+                match state {
+                    PageState::Private => {
+                        self.relink(page, RmapItem::new(item.oldchecksum, Link::Seen));
+                        self.hash_and_merge(space, page);
+                    }
+                    PageState::PoolCopy => self.relink(page, RmapItem::new(item.oldchecksum, Link::PoolCopy)),
+                    _ => self.relink(page, RmapItem::default()),
                 }
             }
             (Link::Zero, PageState::Private) => {
                 self.c.cow_faults += 1;
                 self.relink(page, RmapItem::default());
                 self.hash_and_merge(space, page);
+            }
+            // A private copy in a pool mapping is never replaced: it costs no
+            // read, no hash, and stays an rmap item in no tree.
+            (link, PageState::PoolCopy) => {
+                if link == Link::Zero {
+                    self.c.cow_faults += 1;
+                }
+                if link != Link::PoolCopy {
+                    self.relink(page, RmapItem::new(item.oldchecksum, Link::PoolCopy));
+                }
             }
             (_, PageState::Private) => {
                 if self.should_skip(page, item) {
@@ -866,6 +921,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         self.c.pages_skipped += 1;
         // Skipped pages leave the unstable tree, as the kernel's do.
         let link = if item.link() == Link::Unstable { Link::Seen } else { item.link() };
+        debug_assert!(matches!(link, Link::Seen | Link::Pinned), "only pages in no tree age: {link:?}");
         self.relink(page, RmapItem::new(item.oldchecksum, link).with_age(older, skips - 1));
         true
     }
@@ -1063,13 +1119,18 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                         self.c.vma_budget_skips += 1;
                         self.over_budget_scan = Some(self.c.full_scans);
                     }
+                    IntentResult::Pinned => {}
                     _ => self.c.merge_errors += 1,
                 }
                 if let Some(n) = p.node {
                     self.node_dec(n);
                 }
                 let item = self.item(intent.page);
-                let back = p.refile_from.map_or(Link::Seen, Link::Stable);
+                let back = match (p.refile_from, r) {
+                    (Some(old), _) => Link::Stable(old),
+                    (None, IntentResult::Pinned) => Link::Pinned,
+                    (None, _) => Link::Seen,
+                };
                 self.relink(intent.page, RmapItem::new(item.oldchecksum, back));
             }
             self.intents = intents;
@@ -1086,15 +1147,22 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
             return;
         }
         let dead = std::mem::take(&mut self.dead_slots);
-        let mut freed = Vec::with_capacity(dead.len());
-        space.release_slots(&dead, &mut freed);
-        freed.resize(dead.len(), false);
-        for (slot, ok) in dead.into_iter().zip(freed) {
-            if ok {
-                self.pool.free(slot);
-                self.c.pool_slots_freed += 1;
-            } else {
-                self.deferred_slots.push(slot);
+        let mut out = Vec::with_capacity(dead.len());
+        space.release_slots(&dead, &mut out);
+        out.resize(dead.len(), SlotRelease::Kept);
+        for (slot, what) in dead.into_iter().zip(out) {
+            match what {
+                SlotRelease::Freed => {
+                    self.pool.free(slot);
+                    self.c.pool_slots_freed += 1;
+                }
+                // Its page is gone, but a pool copy still refers to it: the
+                // slot is never handed out again (it holds no memory).
+                SlotRelease::Retired => {
+                    self.c.pool_slots_freed += 1;
+                    self.c.pool_slots_retired += 1;
+                }
+                SlotRelease::Kept => self.deferred_slots.push(slot),
             }
         }
     }
@@ -1148,6 +1216,14 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
                 add(&mut self.c.pages_unshared);
             }
             Link::Zero => add(&mut self.c.ksm_zero_pages),
+            Link::Pinned => {
+                add(&mut self.c.rmap_items);
+                add(&mut self.c.pages_pinned);
+            }
+            Link::PoolCopy => {
+                add(&mut self.c.rmap_items);
+                add(&mut self.c.pages_pool_copies);
+            }
             Link::None => {}
         }
     }
@@ -1156,7 +1232,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
 fn apply_link(c: &mut RegionCounters, link: Link, d: i64) {
     let add = |x: &mut u64| *x = (*x as i64 + d) as u64;
     match link {
-        Link::Seen | Link::Unstable => add(&mut c.ksm_rmap_items),
+        Link::Seen | Link::Unstable | Link::Pinned | Link::PoolCopy => add(&mut c.ksm_rmap_items),
         Link::Stable(_) => {
             add(&mut c.ksm_rmap_items);
             add(&mut c.ksm_merging_pages);

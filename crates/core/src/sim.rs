@@ -1,18 +1,30 @@
 //! A simulated page space: deterministic memory for tests and fuzzing.
 //!
 //! Pages follow the kernel's rules as samepage relies on them: a write to a
-//! page that maps a pool slot or a zero page gets a private copy
-//! (copy-on-write), a pool slot never changes once filled, and freeing a slot
-//! that something maps is refused. Each simulated page also knows its
-//! *logical* content, so a test can check that merging never changed what
-//! the program sees.
+//! page that maps a pool slot gets a private copy in place (copy-on-write:
+//! a [`SimPage::PoolCopy`]), a pool slot never changes once filled, freeing a
+//! slot that something maps is refused, and a page whose frame a device has
+//! pinned is never replaced by a merge (`UFFDIO_MOVE` refuses it). Private
+//! pages live in numbered [`Frame`]s, so a device's write through a pin
+//! lands wherever that frame is: if the engine had replaced a pinned page,
+//! the write would land in a frame nobody maps and the program would never
+//! see it, which the model's content check catches.
 
 use crate::page::{page_hash, PageRef, RegionId, Slot, PAGE_SIZE};
-use crate::space::{Intent, IntentResult, PageSpace, PageState, Sample, SpaceError, Target};
-use std::collections::{BTreeMap, HashMap};
+use crate::space::{Discard, Intent, IntentResult, PageSpace, PageState, Sample, SlotRelease, SpaceError, Target};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 
 type Bytes = Box<[u8; PAGE_SIZE]>;
+
+/// A physical page of private memory: an id (what a pin holds) and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Unique within the space.
+    pub id: u64,
+    /// Content.
+    pub bytes: Bytes,
+}
 
 /// One simulated page.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,9 +36,12 @@ pub enum SimPage {
     /// The zero page, placed by the engine.
     KsmZero,
     /// A private page.
-    Private(Bytes),
+    Private(Frame),
     /// Maps a pool slot.
     Pool(Slot),
+    /// A private copy inside a mapping of pool slot `.1`, made by a write to
+    /// a merged page.
+    PoolCopy(Frame, Slot),
     /// Taken back by the program ([`PageSpace::release_range`]): unmapped,
     /// say. The engine touching it is a bug: the simulation panics.
     Released,
@@ -55,6 +70,12 @@ pub struct SimPageSpace {
     pub map_budget: Option<u64>,
     /// Pool slots filled (new stable pages tried).
     pub fills: u64,
+    /// Frames a device has pinned (`FOLL_PIN`), with their pin counts.
+    pub pins: HashMap<u64, u32>,
+    /// Slots whose page was freed while a pool copy still referred to them:
+    /// filling one again would be a bug (a discarded copy would read it).
+    pub retired: BTreeSet<Slot>,
+    next_frame: u64,
 }
 
 /// Subpages of a transparent huge page.
@@ -79,10 +100,11 @@ impl SimPageSpace {
     /// Makes pages `frame * 512 ..` of `region` one transparent huge page
     /// (the 512 pages must exist; they are populated, zeros where untouched).
     pub fn make_huge(&mut self, region: RegionId, frame: u64) {
-        let pages = self.regions.get_mut(&region).expect("region");
-        for p in &mut pages[(frame * HUGE_PAGES) as usize..((frame + 1) * HUGE_PAGES) as usize] {
-            if !matches!(p, SimPage::Private(_)) {
-                *p = SimPage::Private(Box::new([0; PAGE_SIZE]));
+        for index in frame * HUGE_PAGES..(frame + 1) * HUGE_PAGES {
+            let p = PageRef { region, index };
+            if !matches!(self.page(p), SimPage::Private(_)) {
+                let f = self.frame([0; PAGE_SIZE]);
+                self.regions.get_mut(&region).expect("region")[index as usize] = SimPage::Private(f);
             }
         }
         self.huge.insert((region, frame));
@@ -108,17 +130,93 @@ impl SimPageSpace {
     /// What the program reads from page `p`.
     pub fn read(&self, p: PageRef) -> [u8; PAGE_SIZE] {
         match self.page(p) {
-            SimPage::Private(b) => **b,
+            SimPage::Private(f) | SimPage::PoolCopy(f, _) => *f.bytes,
             SimPage::Pool(s) => *self.pool[s].0,
             _ => [0; PAGE_SIZE],
         }
     }
 
+    fn frame(&mut self, bytes: [u8; PAGE_SIZE]) -> Frame {
+        self.next_frame += 1;
+        Frame { id: self.next_frame, bytes: Box::new(bytes) }
+    }
+
+    /// A write fault: a page that is not a private frame gets one, with its
+    /// content (copy-on-write of a pool page stays inside the pool mapping).
+    /// Returns the frame id.
+    fn fault_write(&mut self, p: PageRef) -> u64 {
+        let content = self.read(p);
+        let next = match self.page(p) {
+            SimPage::Private(f) | SimPage::PoolCopy(f, _) => return f.id,
+            SimPage::Released => panic!("{TOUCHED_RELEASED}: program write to a released page"),
+            SimPage::Pool(s) => {
+                let s = *s;
+                SimPage::PoolCopy(self.frame(content), s)
+            }
+            _ => SimPage::Private(self.frame(content)),
+        };
+        let id = match &next {
+            SimPage::Private(f) | SimPage::PoolCopy(f, _) => f.id,
+            _ => unreachable!(),
+        };
+        self.regions.get_mut(&p.region).expect("region")[p.index as usize] = next;
+        id
+    }
+
+    fn frame_mut(&mut self, p: PageRef) -> &mut Frame {
+        match &mut self.regions.get_mut(&p.region).expect("region")[p.index as usize] {
+            SimPage::Private(f) | SimPage::PoolCopy(f, _) => f,
+            other => panic!("page {p:?} has no frame: {other:?}"),
+        }
+    }
+
     /// A write by the program: copy-on-write where the page is shared.
     pub fn write(&mut self, p: PageRef, offset: usize, bytes: &[u8]) {
-        let mut content = self.read(p);
-        content[offset..offset + bytes.len()].copy_from_slice(bytes);
-        self.regions.get_mut(&p.region).expect("region")[p.index as usize] = SimPage::Private(Box::new(content));
+        self.fault_write(p);
+        self.frame_mut(p).bytes[offset..offset + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// A device pins page `p` for writing (`FOLL_PIN | FOLL_WRITE`: O_DIRECT
+    /// read, io_uring fixed buffer): the write fault first (copy-on-write of
+    /// a pool page), then the pin on the frame. Returns the frame's id.
+    pub fn pin(&mut self, p: PageRef) -> u64 {
+        let id = self.fault_write(p);
+        *self.pins.entry(id).or_default() += 1;
+        id
+    }
+
+    /// The device drops one pin of frame `id`.
+    pub fn unpin(&mut self, id: u64) {
+        if let Some(n) = self.pins.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.pins.remove(&id);
+            }
+        }
+    }
+
+    /// The device writes through its pin of frame `id` (DMA): into the frame
+    /// wherever it is mapped. Returns false if no page maps it any more (the
+    /// write went to a page the program never reads again).
+    pub fn device_write(&mut self, id: u64, offset: usize, byte: u8) -> bool {
+        for pages in self.regions.values_mut() {
+            for page in pages.iter_mut() {
+                if let SimPage::Private(f) | SimPage::PoolCopy(f, _) = page {
+                    if f.id == id {
+                        f.bytes[offset] = byte;
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    fn is_pinned(&self, page: &SimPage) -> bool {
+        match page {
+            SimPage::Private(f) | SimPage::PoolCopy(f, _) => self.pins.contains_key(&f.id),
+            _ => false,
+        }
     }
 
     /// A read of untouched memory maps the zero page.
@@ -157,10 +255,15 @@ impl SimPageSpace {
         self.pool.values().all(|(b, h)| page_hash(&b[..]) == *h)
     }
 
+    /// Pool copies (pages written since their merge, inside pool mappings).
+    pub fn pool_copies(&self) -> u64 {
+        self.regions.values().flatten().filter(|p| matches!(p, SimPage::PoolCopy(..))).count() as u64
+    }
+
     fn content(&self, page: &SimPage) -> [u8; PAGE_SIZE] {
         match page {
             SimPage::Released => panic!("{TOUCHED_RELEASED}"),
-            SimPage::Private(b) => **b,
+            SimPage::Private(f) | SimPage::PoolCopy(f, _) => *f.bytes,
             SimPage::Pool(s) => *self.pool[s].0,
             _ => [0; PAGE_SIZE],
         }
@@ -189,6 +292,7 @@ impl PageSpace for SimPageSpace {
                 SimPage::ZeroPfn | SimPage::KsmZero => PageState::ZeroPfn,
                 SimPage::Pool(_) => PageState::Pool,
                 SimPage::Private(_) => PageState::Private,
+                SimPage::PoolCopy(..) => PageState::PoolCopy,
             };
             if found == max_present {
                 return Ok(i);
@@ -206,8 +310,10 @@ impl PageSpace for SimPageSpace {
     }
 
     fn fill_slot(&mut self, page: PageRef, slot: Slot) -> Result<u64, SpaceError> {
+        assert!(!self.retired.contains(&slot), "retired {slot:?} handed out again");
         if self.pool.contains_key(&slot) {
-            return Err(SpaceError::Os { op: "fill_slot", errno: format!("slot {} is in use", slot.0) });
+            // EEXIST: the slot holds a page already.
+            return Err(SpaceError::Os { op: "fill_slot: slot in use", errno: 17 });
         }
         let pages = self.regions.get(&page.region).ok_or(SpaceError::UnknownRegion(page.region))?;
         let content = self.content(&pages[page.index as usize]);
@@ -221,7 +327,7 @@ impl PageSpace for SimPageSpace {
         let mut merged_slots = Vec::new();
         for it in intents {
             self.merges_seen += 1;
-            if self.fail_every != 0 && self.merges_seen % self.fail_every == 0 {
+            if self.fail_every != 0 && self.merges_seen.is_multiple_of(self.fail_every) {
                 results.push(IntentResult::Failed);
                 continue;
             }
@@ -240,6 +346,11 @@ impl PageSpace for SimPageSpace {
             }
             let page = &pages[it.page.index as usize];
             assert!(*page != SimPage::Released, "{TOUCHED_RELEASED}: merge of {:?}", it.page);
+            assert!(!matches!(page, SimPage::PoolCopy(..)), "the engine tried to replace a pool copy: {:?}", it.page);
+            if self.is_pinned(page) {
+                results.push(IntentResult::Pinned);
+                continue;
+            }
             let r = match (it.target, page) {
                 (Target::Slot(s), SimPage::Private(_) | SimPage::Pool(_))
                     if self.pool.get(&s).is_some_and(|(c, _)| **c == self.content(page)) =>
@@ -249,7 +360,7 @@ impl PageSpace for SimPageSpace {
                     self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::Pool(s);
                     IntentResult::Merged
                 }
-                (Target::Zero, SimPage::Private(b)) if b.iter().all(|&x| x == 0) => {
+                (Target::Zero, SimPage::Private(f)) if f.bytes.iter().all(|&x| x == 0) => {
                     self.split(it.page);
                     self.regions.get_mut(&it.page.region).expect("region")[it.page.index as usize] = SimPage::KsmZero;
                     IntentResult::Merged
@@ -281,10 +392,12 @@ impl PageSpace for SimPageSpace {
                 .map(|&i| (i, self.content(&ps[i as usize])))
                 .collect()
         };
-        let ps = self.pages_mut(region)?;
+        // Pool copies stay where they are (a device may pin them); pages
+        // mapping the pool or the engine's zero page get private frames.
         for (i, c) in contents {
-            if matches!(ps[i as usize], SimPage::Pool(_) | SimPage::KsmZero) {
-                ps[i as usize] = SimPage::Private(Box::new(c));
+            if matches!(self.regions[&region][i as usize], SimPage::Pool(_) | SimPage::KsmZero) {
+                let f = self.frame(c);
+                self.pages_mut(region)?[i as usize] = SimPage::Private(f);
             }
         }
         Ok(())
@@ -299,15 +412,41 @@ impl PageSpace for SimPageSpace {
         }
     }
 
-    fn release_slots(&mut self, slots: &[Slot], freed: &mut Vec<bool>) {
+    fn release_slots(&mut self, slots: &[Slot], out: &mut Vec<SlotRelease>) {
         let maps = self.slot_mappings();
+        let copies: BTreeSet<Slot> = self
+            .regions
+            .values()
+            .flatten()
+            .filter_map(|p| match p {
+                SimPage::PoolCopy(_, s) => Some(*s),
+                _ => None,
+            })
+            .collect();
         for slot in slots {
             let mapped = maps.contains_key(slot) || self.foreign_maps.get(slot).is_some_and(|&n| n > 0);
-            if !mapped {
+            out.push(if mapped {
+                SlotRelease::Kept
+            } else if copies.contains(slot) {
                 self.pool.remove(slot);
-            }
-            freed.push(!mapped);
+                self.retired.insert(*slot);
+                SlotRelease::Retired
+            } else {
+                self.pool.remove(slot);
+                SlotRelease::Freed
+            });
         }
+    }
+
+    fn discard(&mut self, region: RegionId, range: Range<u64>, _how: Discard) -> Result<(), SpaceError> {
+        let pages = self.pages_mut(region)?;
+        let end = range.end.min(pages.len() as u64);
+        for i in range.start..end {
+            let p = &mut pages[i as usize];
+            assert!(*p != SimPage::Released, "{TOUCHED_RELEASED}: discard of page {i}");
+            *p = SimPage::Absent;
+        }
+        Ok(())
     }
 
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {

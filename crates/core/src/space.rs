@@ -25,6 +25,12 @@ pub enum PageState {
     /// A private page (its content is read only if the scanner asks, with
     /// [`PageSpace::hash_page`]).
     Private,
+    /// A private page inside a mapping of the pool: the program wrote to a
+    /// merged page and the kernel's copy-on-write gave it a private copy in
+    /// place. Such a page is never replaced: `UFFDIO_MOVE`, the one atomic
+    /// check that no device pins a page, works only on anonymous mappings,
+    /// so nothing can tell whether a DMA write is on its way into it.
+    PoolCopy,
 }
 
 /// One sampled page.
@@ -68,6 +74,39 @@ pub enum IntentResult {
     OverBudget,
     /// The OS refused (ENOMEM, EPERM, EFAULT...). Nothing changed.
     Failed,
+    /// The page is pinned (`FOLL_PIN`: O_DIRECT or io_uring I/O in flight, an
+    /// io_uring fixed buffer, VFIO, RDMA) or not exclusively this process's:
+    /// replacing it could send a device's write to a page nobody reads, so
+    /// it stays as it is (the kernel's `write_protect_page` refuses it too).
+    /// Nothing changed.
+    Pinned,
+}
+
+/// What became of a pool slot the scanner gave up ([`PageSpace::release_slots`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotRelease {
+    /// Its page was freed; the slot may hold a new stable page.
+    Freed,
+    /// Something outside the engine's knowledge (a forked child) still maps
+    /// the page, or may: keep the slot and try again later.
+    Kept,
+    /// Its page was freed, but a mapping of the pool still refers to the slot
+    /// (a private copy made by a write to a merged page): the slot must never
+    /// hold another page, or discarding that copy would read it.
+    Retired,
+}
+
+/// How a range is discarded ([`PageSpace::discard`]), with the kernel's
+/// semantics for anonymous memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discard {
+    /// `MADV_DONTNEED`: the pages read as zeros afterwards.
+    DontNeed,
+    /// `MADV_FREE`: the pages may keep their content until written, or read
+    /// as zeros, at the kernel's choice.
+    Free,
+    /// `MADV_REMOVE`-like use: free the backing memory; the pages read as zeros.
+    Remove,
 }
 
 /// A page-space failure the scanner cannot work around.
@@ -80,13 +119,23 @@ pub enum SpaceError {
     #[error("the stable pool has no free slot")]
     PoolFull,
     /// The OS refused an operation.
-    #[error("{op} failed: {errno}")]
+    #[error("{op} failed: {} (errno {errno})", std::io::Error::from_raw_os_error(*errno))]
     Os {
         /// The operation.
         op: &'static str,
-        /// The error text (`errno` name and message).
-        errno: String,
+        /// The kernel's error number (`ENOMEM`, `EAGAIN`, `EINVAL`...).
+        errno: i32,
     },
+}
+
+impl SpaceError {
+    /// The kernel's error number, when the OS refused.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            SpaceError::Os { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
 }
 
 /// The memory the scanner works on: registered regions and the stable pool.
@@ -131,11 +180,16 @@ pub trait PageSpace {
     /// protect or map anything there again.
     fn release_range(&mut self, region: RegionId, range: Range<u64>);
 
-    /// Frees pool slots whose last known mapping is gone, writing one result
-    /// per slot into `freed`: `false` keeps the slot, when something the
-    /// engine does not track, such as a forked child, still maps it or may:
-    /// freeing it then would lose data.
-    fn release_slots(&mut self, slots: &[Slot], freed: &mut Vec<bool>);
+    /// Frees pool slots whose last stable mapping is gone, writing one result
+    /// per slot into `out` ([`SlotRelease`]).
+    fn release_slots(&mut self, slots: &[Slot], out: &mut Vec<SlotRelease>);
+
+    /// The program discards `range` of `region` (`MADV_DONTNEED`,
+    /// `MADV_FREE`, `MADV_REMOVE`): afterwards its pages read as zeros (or,
+    /// for [`Discard::Free`], as zeros or their old content), as anonymous
+    /// memory would, including pages that map the pool. On an error nothing
+    /// changed (the kernel's EINVAL for locked memory, say).
+    fn discard(&mut self, region: RegionId, range: Range<u64>, how: Discard) -> Result<(), SpaceError>;
 
     /// Whether two pool slots hold the same bytes (stable pages never change,
     /// so this needs no window).

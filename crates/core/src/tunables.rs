@@ -93,6 +93,19 @@ pub enum TunableError {
     },
 }
 
+impl TunableError {
+    /// The errno the kernel's sysfs store answers with: `EBUSY` for
+    /// `max_page_sharing` while pages are shared, `EINVAL` for everything else
+    /// (`ENOENT` for a name that does not exist, as a missing sysfs file).
+    pub fn errno(&self) -> i32 {
+        match self {
+            TunableError::Busy { .. } => 16,
+            TunableError::Unknown(_) => 2,
+            _ => 22,
+        }
+    }
+}
+
 /// The tunables of one engine. Field names are the kernel's sysfs names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tunables {

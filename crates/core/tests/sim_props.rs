@@ -23,6 +23,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::UnmergeAll),
         1 => (any::<u8>(), any::<bool>()).prop_map(|(slot, add)| Op::Foreign { slot, add }),
         1 => (0..REGIONS, 0..PAGES, any::<u8>()).prop_map(|(region, page, len)| Op::Release { region, page, len }),
+        1 => (0..REGIONS, 0..PAGES, any::<u8>()).prop_map(|(region, page, len)| Op::Discard { region, page, len }),
+        1 => (0..REGIONS, 0..PAGES).prop_map(|(region, page)| Op::Pin { region, page }),
+        1 => any::<u8>().prop_map(|which| Op::Unpin { which }),
+        2 => (any::<u8>(), 0..PAGE_SIZE as u16, any::<u8>())
+            .prop_map(|(which, offset, byte)| Op::DeviceWrite { which, offset, byte }),
     ]
 }
 
@@ -375,4 +380,65 @@ fn over_the_vma_budget_the_scanner_stops_trying_until_the_next_scan() {
     assert!(c.vma_budget_skips - skips <= 3 * 64, "{} refusals in 3 scans", c.vma_budget_skips - skips);
     assert!(w.space.fills - fills <= 3 * 32, "{} slots filled in 3 scans", w.space.fills - fills);
     w.check();
+}
+
+/// A page a device pinned for writing is never merged (the page space
+/// reports it pinned, as `UFFDIO_MOVE` does), it is counted in
+/// `pages_pinned`, and the device's later write lands where the program
+/// reads it. Once unpinned, it merges.
+#[test]
+fn a_pinned_page_is_never_merged_and_the_device_write_lands() {
+    let mut w = world(tunables(256, false, 64));
+    for r in 0..REGIONS {
+        for p in 0..4 {
+            w.apply(&Op::Common { region: r, page: p, which: 1 });
+        }
+    }
+    w.apply(&Op::Pin { region: 1, page: 2 });
+    w.scan(50);
+    let c = w.ksm.counters();
+    assert_eq!(c.pages_pinned, 1, "{c:?}");
+    assert_eq!(c.pages_shared + c.pages_sharing, REGIONS as u64 * 4 - 1, "every other copy merged: {c:?}");
+    w.apply(&Op::DeviceWrite { which: 0, offset: 100, byte: 0xee });
+    w.check();
+    w.apply(&Op::Unpin { which: 0 });
+    w.apply(&Op::Common { region: 1, page: 2, which: 1 });
+    w.check_quiesced();
+    let c = w.ksm.counters();
+    assert_eq!((c.pages_pinned, c.pages_shared + c.pages_sharing), (0, REGIONS as u64 * 4), "{c:?}");
+}
+
+/// A merged page pinned for writing becomes a private copy inside the pool
+/// mapping (the kernel's copy-on-write on the pin's write fault). The
+/// engine never replaces it: not when it scans it, not when it unmerges
+/// everything (`run = 2`), and not when the region leaves; the device's
+/// writes land in every case. Its slot is retired, never handed out again.
+#[test]
+fn a_pinned_pool_copy_survives_scans_unmerge_and_unregister() {
+    let mut w = world(tunables(256, false, 64));
+    for r in 0..REGIONS {
+        for p in 0..4 {
+            w.apply(&Op::Common { region: r, page: p, which: 2 });
+        }
+    }
+    w.check_quiesced();
+    assert_eq!(w.ksm.counters().pages_shared, 1);
+    w.apply(&Op::Pin { region: 0, page: 1 });
+    assert!(matches!(w.space.page(PageRef { region: w.ids[0], index: 1 }), SimPage::PoolCopy(..)));
+    w.apply(&Op::DeviceWrite { which: 0, offset: 7, byte: 1 });
+    w.apply(&Op::UnmergeAll);
+    w.apply(&Op::DeviceWrite { which: 0, offset: 8, byte: 2 });
+    w.check();
+    w.check_quiesced();
+    assert_eq!(w.ksm.counters().pages_pool_copies, 1);
+    w.apply(&Op::DeviceWrite { which: 0, offset: 9, byte: 3 });
+    w.check();
+    // The slot the copy came from died with the unmerge: retired, not freed.
+    assert_eq!(w.space.retired.len(), 1, "{:?}", w.ksm.counters());
+    // Discarding the copy makes it ordinary memory again: it merges.
+    w.apply(&Op::Discard { region: 0, page: 1, len: 0 });
+    w.apply(&Op::Common { region: 0, page: 1, which: 2 });
+    w.check_quiesced();
+    let c = w.ksm.counters();
+    assert_eq!((c.pages_pool_copies, c.pages_shared + c.pages_sharing), (0, REGIONS as u64 * 4), "{c:?}");
 }

@@ -2,13 +2,17 @@
 
 use crate::error::Error;
 use crate::region::Region;
+use crate::sys::addr::PageAddr;
+use crate::sys::attrs::Exclusion;
 use crate::sys::mapping::AnonMapping;
 use crate::sys::mem;
 use crate::sys::space::{LinuxPageSpace, SpaceStats};
 use crate::sys::uffd::UffdMode;
 use samepage_core::scan::DEFAULT_POOL_SLOTS;
+use samepage_core::Discard;
 use samepage_core::{Counters, Domain, Ksm, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -26,17 +30,42 @@ pub struct EngineInfo {
     /// The number of mappings the engine stays under (its share of
     /// `vm.max_map_count` headroom), as computed at start.
     pub vma_limit: u64,
+    /// Whether writes to merged pages are served by the engine's
+    /// copy-on-write breaker (full-mode userfaultfd), so a written page can
+    /// merge again; without it a written page stays a private copy inside
+    /// the pool mapping and is never merged again (`pages_pool_copies`).
+    pub breaks_cow: bool,
 }
 
 pub(crate) struct State {
     ksm: Ksm,
     space: LinuxPageSpace,
     regions: BTreeMap<RegionId, (usize, usize)>,
+    /// Per region, the page ranges the engine stays away from, and why.
+    excluded: BTreeMap<RegionId, Vec<(Range<u64>, Exclusion)>>,
     next_id: u32,
     stop: bool,
 }
 
 impl State {
+    /// The region whose live pages hold all of `[addr, addr + len)`, and
+    /// that range as page indices.
+    fn pages_of(&self, addr: usize, len: usize) -> Result<(RegionId, Range<u64>), Error> {
+        if len == 0 || !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Unaligned { addr, len });
+        }
+        let end = addr.checked_add(len).ok_or(Error::Unaligned { addr, len })?;
+        // One region's live pages, and no other's.
+        let mut owners = self.regions.iter().filter(|(id, _)| self.live_overlap(**id, addr, end));
+        match (owners.next(), owners.next()) {
+            (Some((id, (s, e))), None) if *s <= addr && end <= *e => {
+                let first = ((addr - s) / PAGE_SIZE) as u64;
+                Ok((*id, first..first + (len / PAGE_SIZE) as u64))
+            }
+            _ => Err(Error::NotRegistered { addr, end }),
+        }
+    }
+
     /// Whether `addr..end` meets pages of region `id` that were not released.
     fn live_overlap(&self, id: RegionId, addr: usize, end: usize) -> bool {
         let Some(&(s, e)) = self.regions.get(&id) else { return false };
@@ -109,13 +138,21 @@ impl Engine {
             uffd_mode: space.uffd_mode(),
             pagemap_scan: space.has_pagemap_scan(),
             vma_limit: space.vma_limit(),
+            breaks_cow: space.breaks_cow(),
         };
         let mut ksm = Ksm::new(tunables.clone())?;
         if tunables.run == Run::Unmerge {
             ksm.set_tunables(tunables)?;
         }
         let shared = Arc::new(Shared {
-            state: Mutex::new(State { ksm, space, regions: BTreeMap::new(), next_id: 0, stop: false }),
+            state: Mutex::new(State {
+                ksm,
+                space,
+                regions: BTreeMap::new(),
+                excluded: BTreeMap::new(),
+                next_id: 0,
+                stop: false,
+            }),
             cond: Condvar::new(),
             waiters: AtomicUsize::new(0),
             snapshot: Mutex::new(Snapshot::default()),
@@ -212,7 +249,7 @@ impl Engine {
     }
 
     fn add_region(&self, addr: usize, len: usize, domain: Domain) -> Result<RegionId, Error> {
-        if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Unaligned { addr, len });
         }
         let end = addr.checked_add(len).ok_or(Error::Unaligned { addr, len })?;
@@ -222,15 +259,19 @@ impl Engine {
             return Err(Error::Overlap { addr, end, region: id.0, rstart: *s, rend: *e });
         }
         // Under the lock: no merge maps anything into the range meanwhile.
-        check_anonymous(addr, end)?;
+        check_anonymous(addr, end, st.space.pool_inode())?;
         if st.next_id >= 1 << 24 {
             return Err(Error::RegionIdsExhausted);
         }
         let id = RegionId(st.next_id);
         st.next_id += 1;
-        st.space.add_region(id, addr, (len / PAGE_SIZE) as u64)?;
+        let base = PageAddr::new(addr).ok_or(Error::Unaligned { addr, len })?;
+        let excluded = st.space.add_region(id, base, (len / PAGE_SIZE) as u64)?;
         st.ksm.add_region_in(id, (len / PAGE_SIZE) as u64, domain);
         st.regions.insert(id, (addr, end));
+        if !excluded.is_empty() {
+            st.excluded.insert(id, excluded);
+        }
         self.shared.publish(&st);
         drop(st);
         self.shared.cond.notify_all();
@@ -260,22 +301,53 @@ impl Engine {
     /// then nothing is lost and nothing is released.
     pub fn unregister_range(&self, addr: *mut u8, len: usize) -> Result<(), Error> {
         let addr = addr as usize;
-        if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Unaligned { addr, len });
         }
-        let end = addr.checked_add(len).ok_or(Error::Unaligned { addr, len })?;
         let mut st = self.shared.lock()?;
-        // One region's live pages, and no other's.
-        let mut owners = st.regions.iter().filter(|(id, _)| st.live_overlap(**id, addr, end));
-        let (id, start) = match (owners.next(), owners.next()) {
-            (Some((id, (s, e))), None) if *s <= addr && end <= *e => (*id, *s),
-            _ => return Err(Error::NotRegistered { addr, end }),
-        };
-        let first = ((addr - start) / PAGE_SIZE) as u64;
+        let (id, pages) = st.pages_of(addr, len)?;
         let State { ksm, space, .. } = &mut *st;
-        ksm.release_range(space, id, first..first + (len / PAGE_SIZE) as u64).map_err(Error::Unmerge)?;
+        ksm.release_range(space, id, pages).map_err(Error::Unmerge)?;
         self.shared.publish(&st);
         Ok(())
+    }
+
+    /// Discards `[addr, addr + len)` of registered memory, as
+    /// `madvise(MADV_DONTNEED)`, `MADV_FREE` or `MADV_REMOVE` would on
+    /// anonymous memory: afterwards it reads as zeros ([`Discard::Free`]:
+    /// zeros or its old content). A plain `madvise(MADV_DONTNEED)` on a merged
+    /// page would not do that: the page maps the pool, and the kernel's
+    /// `MADV_DONTNEED` on such a private file mapping brings the pool page
+    /// back. The range stays registered and merges again as it fills.
+    ///
+    /// Refused like the kernel's: `EINVAL` ([`Error::errno`]) for locked
+    /// memory; [`Error::NotRegistered`] if the range is not inside one region.
+    pub fn discard(&self, addr: *mut u8, len: usize, how: Discard) -> Result<(), Error> {
+        let mut st = self.shared.lock()?;
+        let (id, pages) = st.pages_of(addr as usize, len)?;
+        let State { ksm, space, .. } = &mut *st;
+        ksm.discard_range(space, id, pages, how).map_err(Error::Space)?;
+        self.shared.publish(&st);
+        Ok(())
+    }
+
+    /// The pages of region `id` the engine stays away from, as byte ranges,
+    /// with the attribute that keeps it away (see the README's merged-memory
+    /// section).
+    pub fn exclusions(&self, id: RegionId) -> Result<Vec<(Range<usize>, String)>, Error> {
+        let st = self.shared.lock()?;
+        let &(start, _) = st.regions.get(&id).ok_or(Error::UnknownRegion(id.0))?;
+        Ok(st
+            .excluded
+            .get(&id)
+            .map(|v| {
+                v.iter()
+                    .map(|(r, why)| {
+                        (start + r.start as usize * PAGE_SIZE..start + r.end as usize * PAGE_SIZE, why.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     /// Engine-wide counters, kernel names (as of the last batch).
@@ -365,6 +437,11 @@ impl Shared {
     fn publish(&self, st: &State) {
         let mut snap = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
         snap.counters = st.ksm.counters();
+        // The page space's bookkeeping is metadata too, charged as the core's is.
+        let extra = st.space.metadata_bytes();
+        snap.counters.metadata_bytes += extra;
+        snap.counters.general_profit -= extra as i64;
+        snap.counters.pages_excluded = st.excluded.values().flatten().map(|(r, _)| r.end - r.start).sum::<u64>();
         snap.regions.clear();
         for id in st.regions.keys() {
             if let Some(c) = st.ksm.region_counters(*id) {
@@ -383,6 +460,7 @@ impl Shared {
         ksm.remove_region(space, id).map_err(Error::Unmerge)?;
         st.space.remove_region(id);
         st.regions.remove(&id);
+        st.excluded.remove(&id);
         self.publish(&st);
         mem::trim_heap();
         Ok(())
@@ -461,15 +539,19 @@ fn scanner(shared: Arc<Shared>) {
 }
 
 /// Refuses ranges that are not entirely private anonymous read-write memory.
-fn check_anonymous(addr: usize, end: usize) -> Result<(), Error> {
+/// Private mappings of the engine's own pool count as anonymous: they are
+/// what is left of merged pages written to (pool copies) after an earlier
+/// registration, the program's own memory.
+fn check_anonymous(addr: usize, end: usize, pool_inode: u64) -> Result<(), Error> {
     let maps = mem::maps_in(addr, end)?;
     let mut pos = addr;
     for m in &maps {
         if m.start > pos {
             return Err(Error::NotAnonymous { addr, end, why: format!("{pos:#x}..{:#x} is not mapped", m.start) });
         }
+        let ours = pool_inode != 0 && m.inode == pool_inode;
         let anon_name = m.path.is_empty() || m.path == "[heap]" || m.path.starts_with("[anon:");
-        if m.perms != "rw-p" || m.inode != 0 || !anon_name {
+        if m.perms != "rw-p" || !(ours || m.inode == 0 && anon_name) {
             let kind = if m.perms.ends_with('s') {
                 "shared"
             } else if m.inode != 0 {

@@ -63,8 +63,30 @@ pub enum Error {
     /// EAGAIN/ENOMEM); nothing was lost and the region is still registered.
     #[error("unmerge failed, nothing lost, region still registered: {0}")]
     Unmerge(SpaceError),
+    /// The page space refused (for example `EINVAL` discarding locked memory).
+    #[error("{0}")]
+    Space(SpaceError),
     /// The engine thread panicked. Merged pages stay correct (they are
     /// ordinary copy-on-write mappings) but nothing merges any more.
     #[error("the engine thread failed ({0}); merged memory stays correct but no merging happens")]
     EngineFailed(String),
+}
+
+impl Error {
+    /// The kernel's error number behind the error, as the kernel's own
+    /// interface would have answered: `EINVAL` for a value a tunable refuses,
+    /// `EBUSY` for `max_page_sharing` while pages are shared, `ENOMEM` or
+    /// `EAGAIN` when unmerging lacks memory, the system call's own errno
+    /// otherwise; `None` where no system call or tunable is involved.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Tunable(t) => Some(t.errno()),
+            Error::Unaligned { .. } | Error::NotAnonymous { .. } | Error::Overlap { .. } => Some(libc::EINVAL),
+            Error::NotRegistered { .. } | Error::UnknownRegion(_) => Some(libc::EINVAL),
+            Error::RegionIdsExhausted => Some(libc::ENOMEM),
+            Error::Sys(e) => Some(e.errno.raw_os_error()),
+            Error::Unmerge(e) | Error::Space(e) => e.errno(),
+            Error::EngineFailed(_) => None,
+        }
+    }
 }

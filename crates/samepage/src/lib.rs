@@ -28,11 +28,17 @@ pub mod kernel;
 pub mod procfs;
 mod region;
 #[allow(unsafe_code)]
-pub mod sys;
+mod sys;
+#[cfg(feature = "testing")]
+#[allow(unsafe_code)]
+pub mod testing;
 
 pub use engine::{Engine, EngineInfo};
 pub use error::Error;
 pub use region::Region;
 pub use samepage_core as core;
-pub use samepage_core::{Counters, Domain, RegionCounters, RegionId, Run, Tunables};
+pub use samepage_core::{Counters, Discard, Domain, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
+pub use sys::mapping::OutOfBounds;
+pub use sys::space::SpaceStats;
 pub use sys::uffd::UffdMode;
+pub use sys::SysError;

@@ -1,5 +1,5 @@
 //! Faults: the scanner thread panicking, the engine's own `mmap` and
-//! `UFFDIO_WRITEPROTECT` failing (injected with `samepage::sys::fault`),
+//! `UFFDIO_WRITEPROTECT` failing (injected with `samepage::testing`),
 //! unmerging with too little memory (injected, and for real under
 //! `RLIMIT_AS`), and the program exiting or calling `exec` while the engine
 //! works. Each test checks that nothing is lost and nothing is left behind.
@@ -8,7 +8,7 @@ mod common;
 use common::assert_content as check;
 use common::*;
 use rustix::io::Errno;
-use samepage::sys::fault::{self, Point};
+use samepage::testing::{self as fault, Point};
 use samepage::{Engine, Error, Run, Tunables};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use std::time::Duration;
 struct Faults;
 impl Drop for Faults {
     fn drop(&mut self) {
-        fault::clear();
+        fault::clear_faults();
     }
 }
 
@@ -55,7 +55,7 @@ fn a_panicking_scanner_is_reported_and_merged_memory_stays_correct() {
     while engine.failure().is_none() {
         std::thread::sleep(Duration::from_millis(2));
     }
-    fault::clear();
+    fault::clear_faults();
     assert!(matches!(engine.counters(), Err(Error::EngineFailed(_))));
     assert!(matches!(engine.set_run(Run::Unmerge), Err(Error::EngineFailed(_))));
     // Merged pages are plain copy-on-write mappings: reads and writes work
@@ -136,7 +136,7 @@ fn failed_maps_and_protections_are_skipped_and_counted() {
     t.run = Run::Merge;
     engine.set_tunables(t).unwrap();
     let c = converge(&engine, 3);
-    fault::clear();
+    fault::clear_faults();
     engine.set_run(Run::Stop).unwrap();
     let _ = c;
     let c = engine.counters().unwrap();
@@ -173,7 +173,7 @@ fn unmerging_without_memory_fails_cleanly_and_loses_nothing() {
     assert!(e.to_string().contains("Cannot allocate memory"), "{e}");
     let e = engine.set_run(Run::Unmerge).unwrap_err();
     assert!(matches!(e, Error::Unmerge(_)), "{e}");
-    fault::clear();
+    fault::clear_faults();
     check(&region, want);
     assert!(engine.region_counters(region.id()).is_ok(), "still registered");
 

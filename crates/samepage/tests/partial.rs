@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use samepage::sys::mem;
+use samepage::testing as mem;
 use samepage::{Engine, Error};
 
 const N: usize = 1024;
@@ -37,7 +37,7 @@ fn released_parts_can_be_unmapped_moved_and_protected_while_the_rest_merges() {
     let _g = serial();
     let engine = Engine::new(fast(256, false)).unwrap();
     // SAFETY: a fresh mapping of this test.
-    let base = unsafe { mem::map_anon(0, N * PAGE, false) }.unwrap();
+    let base = mem::map_anon(N * PAGE).unwrap();
     fill(base, 0..N);
     // SAFETY: the test keeps the mapping until it unregisters; parts are
     // released with unregister_range before they are unmapped, moved or protected.
@@ -90,7 +90,7 @@ fn released_parts_can_be_unmapped_moved_and_protected_while_the_rest_merges() {
     // SAFETY: the released range is the test's; `moved` is its own mapping.
     unsafe {
         mem::move_mapping(moved, 64 * PAGE, part(320)).unwrap();
-        mem::map_anon(part(256), 64 * PAGE, true).unwrap();
+        mem::map_anon_fixed(part(256), 64 * PAGE).unwrap();
         mem::protect(part(384), 128 * PAGE, true, true).unwrap();
     }
     fill(base, 256..320);

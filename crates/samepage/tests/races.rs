@@ -115,7 +115,7 @@ fn kernel_writes_into_merged_pages_land() {
         // The kernel writes straight into the page; no Rust reference to
         // memory the engine remaps is made.
         let dst = region.as_ptr() as usize + p * PAGE + off;
-        let n = samepage::sys::mem::read_into(&r, dst, len).unwrap();
+        let n = unsafe { samepage::testing::read_into(&r, dst, len) }.unwrap();
         assert_eq!(n, len);
         expected[p][off..off + len].copy_from_slice(&data);
         if rng.bool() {
@@ -176,7 +176,7 @@ fn fork_after_merge_gives_independent_memory() {
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child saw wrong memory");
     // The parent's pages: its own write, not the child's.
     let want = |i: usize| {
-        let mut want = if i % 4 == 0 { [0u8; PAGE] } else { content(i as u64 % 3) };
+        let mut want = if i.is_multiple_of(4) { [0u8; PAGE] } else { content(i as u64 % 3) };
         if i == 1 {
             want[8] = 0xAA;
         }

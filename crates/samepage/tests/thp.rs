@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use samepage::sys::mapping::AnonMapping;
+use samepage::testing::AnonMapping;
 use samepage::{Engine, Tunables};
 
 const FRAMES: usize = 16;
@@ -38,7 +38,8 @@ struct Outcome {
     c: samepage::Counters,
     huge: u64,
     anon_freed: u64,
-    deferred_splits: u64,
+    /// Huge pages the kernel split into small pages (`thp_split_page`).
+    splits: u64,
 }
 
 fn run(threshold: u32) -> Option<Outcome> {
@@ -58,33 +59,34 @@ fn run(threshold: u32) -> Option<Outcome> {
         m.len() as u64,
         "the kernel gave no huge pages to a MADV_HUGEPAGE mapping"
     );
-    let (anon_before, deferred_before) = (smaps_sum_in("Anonymous", start, end), vmstat("thp_deferred_split_page"));
+    let (anon_before, splits_before) = (smaps_sum_in("Anonymous", start, end), vmstat("thp_split_page"));
     // SAFETY: the mapping outlives its registration.
     let id = unsafe { engine.register(m.as_ptr(), m.len()) }.unwrap();
     let c = converge(&engine, 3);
     let huge = smaps_sum_in("AnonHugePages", start, end);
     let anon_freed = anon_before - smaps_sum_in("Anonymous", start, end);
-    let deferred_splits = vmstat("thp_deferred_split_page") - deferred_before;
+    let splits = vmstat("thp_split_page") - splits_before;
     let mut buf = [0u8; PAGE];
     for i in 0..FRAMES * SUB {
         m.read(i * PAGE, &mut buf).unwrap();
         assert!(buf == want(i), "page {i} differs");
     }
     engine.unregister(id).unwrap();
-    Some(Outcome { c, huge, anon_freed, deferred_splits })
+    Some(Outcome { c, huge, anon_freed, splits })
 }
 
 #[test]
 fn threshold_one_splits_every_huge_page_with_a_duplicate() {
     let _g = serial();
-    let Some(Outcome { c, huge, anon_freed, deferred_splits }) = run(1) else { return };
+    let Some(Outcome { c, huge, anon_freed, splits }) = run(1) else { return };
     // 2 x 496 copies of 16 contents (62 each) and 14 copies of one: the kernel's figures.
     assert_eq!((c.pages_shared, c.pages_sharing), (17, 16 * 61 + 13), "{c:?}");
     assert_eq!(huge, 0, "huge pages left");
-    // Every merged page's memory is freed, and no huge page was left
-    // half-mapped on the kernel's deferred-split list (holding all 2 MiB).
+    // Every merged page's memory is freed: the huge pages were really split
+    // (UFFDIO_MOVE splits the folio it takes a subpage from), not left
+    // half-mapped on the kernel's deferred-split list holding all 2 MiB.
     assert!(anon_freed >= (c.pages_shared + c.pages_sharing) * PAGE as u64, "freed {anon_freed} {c:?}");
-    assert_eq!(deferred_splits, 0, "huge pages left for the deferred split");
+    assert!(splits >= FRAMES as u64, "only {splits} huge pages split into small pages");
     assert_eq!((c.thp_split, c.thp_kept_whole), (FRAMES as u64, 0), "{c:?}");
 }
 
@@ -112,17 +114,17 @@ fn huge_pages_split_under_racing_writes_lose_nothing() {
         let shadow = std::thread::scope(|s| {
             let writer = s.spawn(|| {
                 // The unique subpages of the two mostly-duplicate huge pages:
-                // the others stay duplicates, so the huge pages are copied
-                // into small pages and merged while these are written.
+                // the others stay duplicates, so the huge pages are split
+                // (UFFDIO_MOVE splits them) and merged while these are written.
                 let mut shadow: Vec<[u8; PAGE]> = (0..FRAMES * SUB).map(want).collect();
                 let mut rng = fastrand::Rng::with_seed(threshold as u64);
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     started.store(true, std::sync::atomic::Ordering::Relaxed);
                     n += 1;
-                    // Stop right after both huge pages were copied: a write
+                    // Stop right after both huge pages were split: a write
                     // lost then is not overwritten by a later one.
-                    if n % 64 == 0 && engine.space_stats().huge_splits >= 2 {
+                    if n.is_multiple_of(64) && engine.counters().unwrap().thp_split >= 2 {
                         break;
                     }
                     let i = rng.usize(..2) * SUB + 31 + 32 * rng.usize(..16);
@@ -139,7 +141,7 @@ fn huge_pages_split_under_racing_writes_lose_nothing() {
             // SAFETY: the mapping outlives its registration.
             id = Some(unsafe { engine.register(m.as_ptr(), m.len()) }.unwrap());
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while engine.space_stats().huge_splits < 2 && std::time::Instant::now() < deadline {
+            while engine.counters().unwrap().thp_split < 2 && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -152,7 +154,7 @@ fn huge_pages_split_under_racing_writes_lose_nothing() {
             assert!(buf == *want, "threshold {threshold}: page {i} lost a write");
         }
         assert!(engine.counters().unwrap().thp_split > 0);
-        assert!(engine.space_stats().huge_splits >= 2);
+        assert!(engine.counters().unwrap().thp_split >= 2);
 
         engine.unregister(id.unwrap()).unwrap();
     }

@@ -32,6 +32,7 @@ static INJECTED: [AtomicU64; POINTS] = [const { AtomicU64::new(0) }; POINTS];
 
 /// Makes every `every`-th call at `point` fail with `errno` (`every == 0`
 /// turns the point off; 1 fails every call).
+#[cfg(feature = "testing")]
 pub fn inject(point: Point, every: u64, errno: Errno) {
     let p = point as usize;
     ERRNO[p].store(errno.raw_os_error() as u64, Ordering::Relaxed);
@@ -40,6 +41,7 @@ pub fn inject(point: Point, every: u64, errno: Errno) {
 }
 
 /// Turns every point off.
+#[cfg(feature = "testing")]
 pub fn clear() {
     for every in &EVERY {
         every.store(0, Ordering::Relaxed);
@@ -47,6 +49,7 @@ pub fn clear() {
 }
 
 /// Faults injected at `point` so far.
+#[cfg(feature = "testing")]
 pub fn injected(point: Point) -> u64 {
     INJECTED[point as usize].load(Ordering::Relaxed)
 }
@@ -55,7 +58,7 @@ pub fn injected(point: Point) -> u64 {
 pub(crate) fn check(point: Point, op: &'static str) -> Result<(), SysError> {
     let p = point as usize;
     let every = EVERY[p].load(Ordering::Relaxed);
-    if every == 0 || (CALLS[p].fetch_add(1, Ordering::Relaxed) + 1) % every != 0 {
+    if every == 0 || !(CALLS[p].fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(every) {
         return Ok(());
     }
     INJECTED[p].fetch_add(1, Ordering::Relaxed);

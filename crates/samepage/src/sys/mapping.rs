@@ -1,5 +1,6 @@
 //! Owned anonymous memory with volatile access, for regions the engine allocates.
 
+use super::addr::{PageAddr, PageRange};
 use super::mem;
 use super::SysError;
 use samepage_core::PAGE_SIZE;
@@ -37,38 +38,39 @@ pub struct OutOfBounds {
 impl AnonMapping {
     /// Maps `len` bytes (rounded up to whole pages) of fresh zeroed memory.
     pub fn new(len: usize) -> Result<AnonMapping, SysError> {
-        let len = len.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
-        // SAFETY: not MAP_FIXED: the kernel picks an unused range.
-        let addr = unsafe { mem::map_anon(0, len, false) }?;
-        Ok(AnonMapping { addr, len })
+        let r = mem::map_anon(len.div_ceil(PAGE_SIZE).max(1))?;
+        Ok(AnonMapping { addr: r.start().get(), len: r.len_bytes() })
     }
 
     /// Maps `len` bytes (rounded up to 2 MiB) of fresh zeroed memory at a
     /// 2 MiB-aligned address, with `MADV_HUGEPAGE`: transparent huge pages
     /// back it wherever the kernel's THP mode (`always` or `madvise`) allows.
+    #[cfg(feature = "testing")]
     pub fn new_huge(len: usize) -> Result<AnonMapping, SysError> {
         const HUGE: usize = 2 << 20;
         let len = len.div_ceil(HUGE).max(1) * HUGE;
-        // SAFETY: not MAP_FIXED: the kernel picks an unused range.
-        let raw = unsafe { mem::map_anon(0, len + HUGE, false) }?;
-        let addr = raw.next_multiple_of(HUGE);
+        let raw = mem::map_anon((len + HUGE) / PAGE_SIZE)?;
+        let addr = raw.start().get().next_multiple_of(HUGE);
+        let head = (addr - raw.start().get()) / PAGE_SIZE;
+        let body = len / PAGE_SIZE;
         // SAFETY: the head and tail of the range just mapped, nobody else's.
         unsafe {
-            if addr > raw {
-                mem::unmap(raw, addr - raw)?;
+            if head > 0 {
+                mem::unmap(raw.sub(0, head))?;
             }
-            if raw + len + HUGE > addr + len {
-                mem::unmap(addr + len, raw + len + HUGE - (addr + len))?;
+            if head + body < raw.pages() {
+                mem::unmap(raw.sub(head + body, raw.pages()))?;
             }
         }
         let m = AnonMapping { addr, len };
-        m.advise_hugepage()?;
+        mem::advise(m.range(), mem::Hint::HugePage)?;
         Ok(m)
     }
 
     /// Reads the 8 bytes at `offset` (volatile).
+    #[cfg(feature = "testing")]
     pub fn read_u64(&self, offset: usize) -> Result<u64, OutOfBounds> {
-        if offset.checked_add(8).is_none_or(|e| e > self.len) || offset % 8 != 0 {
+        if offset.checked_add(8).is_none_or(|e| e > self.len) || !offset.is_multiple_of(8) {
             return Err(OutOfBounds { offset, len: 8, size: self.len });
         }
         // SAFETY: inside the mapping and aligned; volatile, as other threads
@@ -81,12 +83,23 @@ impl AnonMapping {
         self.addr as *mut u8
     }
 
+    /// Start address, page aligned.
+    pub fn start(&self) -> PageAddr {
+        PageAddr::new(self.addr).expect("mappings are page aligned")
+    }
+
+    /// The mapping's pages.
+    pub fn range(&self) -> PageRange {
+        PageRange::new(self.start(), self.len / PAGE_SIZE)
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Whether the length is zero (never: at least one page).
+    #[cfg(feature = "testing")]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -102,7 +115,7 @@ impl AnonMapping {
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), OutOfBounds> {
         self.check(offset, data.len())?;
         let dst = self.addr + offset;
-        if dst % 8 == 0 && data.len() % 8 == 0 {
+        if dst.is_multiple_of(8) && data.len().is_multiple_of(8) {
             for (i, chunk) in data.chunks_exact(8).enumerate() {
                 let v = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
                 // SAFETY: inside the mapping (checked), 8-aligned.
@@ -121,7 +134,7 @@ impl AnonMapping {
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), OutOfBounds> {
         self.check(offset, buf.len())?;
         let src = self.addr + offset;
-        if src % 8 == 0 && buf.len() % 8 == 0 {
+        if src.is_multiple_of(8) && buf.len().is_multiple_of(8) {
             for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
                 // SAFETY: inside the mapping (checked), 8-aligned.
                 let v = unsafe { (src as *const u64).add(i).read_volatile() };
@@ -140,23 +153,20 @@ impl AnonMapping {
 impl Drop for AnonMapping {
     fn drop(&mut self) {
         // SAFETY: we own the range; nothing refers to it after drop.
-        let _ = unsafe { mem::unmap(self.addr, self.len) };
+        let _ = unsafe { mem::unmap(self.range()) };
     }
 }
 
+#[cfg(feature = "testing")]
 impl AnonMapping {
     /// `madvise(MADV_MERGEABLE)`: hands the mapping to the kernel's own KSM
     /// (for side-by-side comparisons with ksmd).
     pub fn advise_kernel_mergeable(&self) -> Result<(), SysError> {
-        // SAFETY: advice on our own mapping; MERGEABLE never changes content.
-        unsafe { rustix::mm::madvise(self.addr as *mut std::ffi::c_void, self.len, rustix::mm::Advice::LinuxMergeable) }
-            .map_err(|e| SysError::new("madvise(MADV_MERGEABLE)", e))
+        mem::advise(self.range(), mem::Hint::KernelMergeable)
     }
 
     /// `madvise(MADV_HUGEPAGE)`.
     pub fn advise_hugepage(&self) -> Result<(), SysError> {
-        // SAFETY: advice on our own mapping; HUGEPAGE never changes content.
-        unsafe { rustix::mm::madvise(self.addr as *mut std::ffi::c_void, self.len, rustix::mm::Advice::LinuxHugepage) }
-            .map_err(|e| SysError::new("madvise(MADV_HUGEPAGE)", e))
+        mem::advise(self.range(), mem::Hint::HugePage)
     }
 }

@@ -1,15 +1,20 @@
-//! Mappings and volatile access to memory other threads may write.
+//! Mappings, advice and raw access to memory other threads may write.
 //!
 //! Registered memory belongs to the program: any of its threads may write a
 //! page while the engine reads it. Such memory is never turned into a `&[u8]`
 //! (that would be a data race in Rust's model): a page is copied with a raw
 //! `copy_nonoverlapping` (memcpy) into an engine-owned buffer, and all hashing
 //! and comparing works on the copy. A copy that raced a writer may mix old and
-//! new bytes; the callers hash or compare again under write protection before
-//! anything merges.
+//! new bytes; the callers hash or compare again, where no one can write the
+//! page, before anything merges.
+//!
+//! Functions that replace or drop memory are `unsafe` with the contract
+//! spelled out; advice that never changes content is safe.
 
+use super::addr::{PageAddr, PageRange};
 use super::{Op, SysError};
-use samepage_core::PAGE_SIZE;
+use crate::PAGE_SIZE;
+use rustix::mm::{Advice, MapFlags, ProtFlags};
 use std::ffi::c_void;
 
 /// A page-sized, page-aligned buffer owned by the engine.
@@ -29,43 +34,86 @@ impl PageBuf {
     }
 }
 
-/// Copies the page at `src` into `dst` with volatile loads.
+fn c(addr: PageAddr) -> *mut c_void {
+    addr.ptr().cast()
+}
+
+/// Copies the page at `src` into `dst`.
 ///
 /// # Safety
-/// `src` must be page-aligned and point to a readable mapped page for the
-/// whole call. Concurrent writes are allowed: the copy may then mix old and
-/// new bytes, which the callers detect by hashing or comparing again.
-pub unsafe fn read_page(src: *const u8, dst: &mut PageBuf) {
+/// `src` must be a readable mapped page for the whole call. Concurrent writes
+/// are allowed: the copy may then mix old and new bytes, which the callers
+/// detect by hashing or comparing again.
+pub unsafe fn read_page(src: PageAddr, dst: &mut PageBuf) {
     // SAFETY: `src` is readable for PAGE_SIZE bytes (caller), `dst` is our
     // own buffer of PAGE_SIZE bytes; they cannot overlap (ours is on the heap,
-    // theirs in a registered region).
-    unsafe { std::ptr::copy_nonoverlapping(src, dst.0.as_mut_ptr(), PAGE_SIZE) };
+    // theirs in mapped memory the engine does not own).
+    unsafe { std::ptr::copy_nonoverlapping(src.ptr().cast_const(), dst.0.as_mut_ptr(), PAGE_SIZE) };
 }
 
-/// Whether a buffer is all zeros.
-pub fn is_zero(buf: &PageBuf) -> bool {
-    buf.0.chunks_exact(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+/// Fresh private anonymous memory where the kernel picks, zeroed.
+pub fn map_anon(pages: usize) -> Result<PageRange, SysError> {
+    // SAFETY: without MAP_FIXED the kernel picks an unused range: nothing is replaced.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            pages * PAGE_SIZE,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    }
+    .op("mmap(MAP_ANONYMOUS)")?;
+    let start = PageAddr::new(p as usize).expect("mmap returns page-aligned addresses");
+    Ok(PageRange::new(start, pages))
 }
 
-/// Maps `len` bytes of `fd` at `offset` over `[addr, addr+len)`, private and
+/// As [`map_anon`], reserving no swap (`MAP_NORESERVE`): for large scratch
+/// areas of which only a little is ever populated at a time.
+pub fn map_anon_noreserve(pages: usize) -> Result<PageRange, SysError> {
+    // SAFETY: as in `map_anon`: nothing is replaced.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            pages * PAGE_SIZE,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    }
+    .op("mmap(MAP_ANONYMOUS|MAP_NORESERVE)")?;
+    let start = PageAddr::new(p as usize).expect("mmap returns page-aligned addresses");
+    Ok(PageRange::new(start, pages))
+}
+
+/// Maps fresh zeroed anonymous memory over `range`.
+///
+/// # Safety
+/// `range` must be memory the engine may replace: whatever it held is gone.
+pub unsafe fn map_anon_fixed(range: PageRange) -> Result<(), SysError> {
+    // SAFETY: MAP_FIXED replaces exactly `range`, which the caller may replace.
+    unsafe {
+        rustix::mm::mmap_anonymous(
+            c(range.start()),
+            range.len_bytes(),
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE | MapFlags::FIXED,
+        )
+    }
+    .op("mmap(MAP_ANONYMOUS|MAP_FIXED)")?;
+    Ok(())
+}
+
+/// Maps `range.pages()` pages of `fd` from `offset` over `range`, private and
 /// writable: reads share the file's pages, a write gets a private copy.
 ///
 /// # Safety
-/// `[addr, addr+len)` must be memory the engine may replace: a registered
-/// range whose content equals the file's range (checked under write protection).
-pub unsafe fn map_file_private_fixed(
-    addr: usize,
-    len: usize,
-    fd: impl rustix::fd::AsFd,
-    offset: u64,
-) -> Result<(), SysError> {
-    use rustix::mm::{MapFlags, ProtFlags};
-    // SAFETY: MAP_FIXED replaces exactly the caller's range, which the caller
-    // guarantees may be replaced.
+/// `range` must be memory the engine may replace: its content must equal the
+/// file's (checked where no one could write it), or be unused.
+pub unsafe fn map_file_private_fixed(range: PageRange, fd: impl rustix::fd::AsFd, offset: u64) -> Result<(), SysError> {
+    // SAFETY: MAP_FIXED replaces exactly `range`, which the caller may replace.
     unsafe {
         rustix::mm::mmap(
-            addr as *mut c_void,
-            len,
+            c(range.start()),
+            range.len_bytes(),
             ProtFlags::READ | ProtFlags::WRITE,
             MapFlags::PRIVATE | MapFlags::FIXED,
             fd,
@@ -76,94 +124,141 @@ pub unsafe fn map_file_private_fixed(
     Ok(())
 }
 
-/// Maps fresh anonymous memory: over `[addr, addr+len)` when `fixed`, anywhere otherwise.
+/// Moves the mapping `from` over `to` (`mremap` with `MREMAP_FIXED`): the
+/// pages move, nothing is copied, and whatever `to` held is gone.
 ///
 /// # Safety
-/// With `fixed`, the range must be memory the engine may replace.
-pub unsafe fn map_anon(addr: usize, len: usize, fixed: bool) -> Result<usize, SysError> {
-    use rustix::mm::{MapFlags, ProtFlags};
-    let flags = if fixed { MapFlags::PRIVATE | MapFlags::FIXED } else { MapFlags::PRIVATE };
-    // SAFETY: without MAP_FIXED the kernel picks an unused range; with it the
-    // caller guarantees the range may be replaced.
-    let p = unsafe { rustix::mm::mmap_anonymous(addr as *mut c_void, len, ProtFlags::READ | ProtFlags::WRITE, flags) }
-        .op("mmap(MAP_ANONYMOUS)")?;
-    Ok(p as usize)
-}
-
-/// Moves the mapping at `[from, from+len)` over `[to, to+len)` (`mremap`
-/// with `MREMAP_FIXED`): the pages move, nothing is copied.
-///
-/// # Safety
-/// `from` must be one mapping the engine owns; `to` a range it may replace.
-pub unsafe fn move_mapping(from: usize, len: usize, to: usize) -> Result<(), SysError> {
+/// `from` must be one mapping the engine owns and nothing uses afterwards;
+/// `to` a range the engine may replace.
+pub unsafe fn move_mapping(from: PageRange, to: PageAddr) -> Result<(), SysError> {
     // SAFETY: the caller owns `from` and may replace `to`.
     unsafe {
-        rustix::mm::mremap_fixed(from as *mut c_void, len, len, rustix::mm::MremapFlags::MAYMOVE, to as *mut c_void)
+        rustix::mm::mremap_fixed(
+            c(from.start()),
+            from.len_bytes(),
+            from.len_bytes(),
+            rustix::mm::MremapFlags::MAYMOVE,
+            c(to),
+        )
     }
     .op("mremap(MREMAP_FIXED)")?;
     Ok(())
 }
 
-/// `madvise(MADV_DONTNEED)`: drops the pages of an anonymous range; they
-/// read as zeros afterwards.
+/// Unmaps `range`.
 ///
 /// # Safety
-/// The range must be anonymous memory whose content is zeros (or may be discarded).
-pub unsafe fn discard(addr: usize, len: usize) -> Result<(), SysError> {
+/// Nothing may use the range afterwards.
+pub unsafe fn unmap(range: PageRange) -> Result<(), SysError> {
     // SAFETY: guaranteed by the caller.
-    unsafe { rustix::mm::madvise(addr as *mut c_void, len, rustix::mm::Advice::LinuxDontNeed) }
+    unsafe { rustix::mm::munmap(c(range.start()), range.len_bytes()) }.op("munmap")
+}
+
+/// `madvise(MADV_DONTNEED)`: drops the pages of `range`; anonymous memory
+/// reads as zeros afterwards, a private file mapping reads the file again.
+///
+/// # Safety
+/// The range's content may be discarded.
+pub unsafe fn dont_need(range: PageRange) -> Result<(), SysError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { rustix::mm::madvise(c(range.start()), range.len_bytes(), Advice::LinuxDontNeed) }
         .op("madvise(MADV_DONTNEED)")
 }
 
-/// `madvise(MADV_POPULATE_WRITE)`: breaks copy-on-write (of zero pages and
-/// shared pages) without changing content.
-pub fn populate_write(addr: usize, len: usize) -> Result<(), SysError> {
+/// `madvise(MADV_FREE)`: the pages of anonymous `range` may be freed lazily
+/// (they read as zeros or their old content until written).
+///
+/// # Safety
+/// The range's content may be discarded.
+pub unsafe fn free_lazily(range: PageRange) -> Result<(), SysError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { rustix::mm::madvise(c(range.start()), range.len_bytes(), Advice::LinuxFree) }.op("madvise(MADV_FREE)")
+}
+
+/// `madvise(MADV_POPULATE_WRITE)`: a write fault on every page without
+/// changing content: breaks copy-on-write (of zero pages and shared pages),
+/// and makes a page shared with a forked child this process's own again.
+pub fn populate_write(range: PageRange) -> Result<(), SysError> {
     // SAFETY: POPULATE_WRITE never changes the content of a mapping; it only
     // makes each page private and writable, like a write of the same bytes.
-    unsafe { rustix::mm::madvise(addr as *mut c_void, len, rustix::mm::Advice::LinuxPopulateWrite) }
+    unsafe { rustix::mm::madvise(c(range.start()), range.len_bytes(), Advice::LinuxPopulateWrite) }
         .op("madvise(MADV_POPULATE_WRITE)")
 }
 
-/// `mprotect`: `read`/`write` access to `[addr, addr+len)`; neither is `PROT_NONE`.
+/// `madvise(MADV_POPULATE_READ)`: maps every page for reading (a file
+/// mapping's pages are mapped, not copied).
+pub fn populate_read(range: PageRange) -> Result<(), SysError> {
+    // SAFETY: POPULATE_READ never changes content; it only fills page tables.
+    unsafe { rustix::mm::madvise(c(range.start()), range.len_bytes(), Advice::LinuxPopulateRead) }
+        .op("madvise(MADV_POPULATE_READ)")
+}
+
+/// Advice that changes no content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hint {
+    /// `MADV_DONTFORK`.
+    DontFork,
+    /// `MADV_DONTDUMP`.
+    DontDump,
+    /// `MADV_HUGEPAGE`.
+    HugePage,
+    /// `MADV_NOHUGEPAGE`.
+    NoHugePage,
+    /// `MADV_MERGEABLE` (hands the range to the kernel's KSM).
+    #[cfg(feature = "testing")]
+    KernelMergeable,
+}
+
+/// `madvise` with advice that changes no content.
+pub fn advise(range: PageRange, hint: Hint) -> Result<(), SysError> {
+    let (advice, op) = match hint {
+        Hint::DontFork => (Advice::LinuxDontFork, "madvise(MADV_DONTFORK)"),
+        Hint::DontDump => (Advice::LinuxDontDump, "madvise(MADV_DONTDUMP)"),
+        Hint::HugePage => (Advice::LinuxHugepage, "madvise(MADV_HUGEPAGE)"),
+        Hint::NoHugePage => (Advice::LinuxNoHugepage, "madvise(MADV_NOHUGEPAGE)"),
+        #[cfg(feature = "testing")]
+        Hint::KernelMergeable => (Advice::LinuxMergeable, "madvise(MADV_MERGEABLE)"),
+    };
+    // SAFETY: these advices change flags of the mapping, never its content.
+    unsafe { rustix::mm::madvise(c(range.start()), range.len_bytes(), advice) }.op(op)
+}
+
+/// `mlock2(MLOCK_ONFAULT)`: pages of `range` are locked as they are faulted
+/// in (no populate, so a private file mapping is not copied).
+pub fn lock_on_fault(range: PageRange) -> Result<(), SysError> {
+    // SAFETY: locking changes no content.
+    unsafe { rustix::mm::mlock_with(c(range.start()), range.len_bytes(), rustix::mm::MlockFlags::ONFAULT) }
+        .op("mlock2(MLOCK_ONFAULT)")
+}
+
+/// `munlock`.
+pub fn unlock(range: PageRange) -> Result<(), SysError> {
+    // SAFETY: munlock changes no content.
+    unsafe { rustix::mm::munlock(c(range.start()), range.len_bytes()) }.op("munlock")
+}
+
+/// `mprotect(range, prot)`.
 ///
 /// # Safety
 /// Nothing may access the range in a way the new protection forbids.
-pub unsafe fn protect(addr: usize, len: usize, read: bool, write: bool) -> Result<(), SysError> {
-    use rustix::mm::MprotectFlags;
-    let mut prot = MprotectFlags::empty();
-    if read {
-        prot |= MprotectFlags::READ;
-    }
-    if write {
-        prot |= MprotectFlags::WRITE;
-    }
+#[cfg(feature = "testing")]
+pub unsafe fn protect(range: PageRange, prot: rustix::mm::MprotectFlags) -> Result<(), SysError> {
     // SAFETY: guaranteed by the caller.
-    unsafe { rustix::mm::mprotect(addr as *mut c_void, len, prot) }.op("mprotect")
+    unsafe { rustix::mm::mprotect(c(range.start()), range.len_bytes(), prot) }.op("mprotect")
 }
 
-/// Moves the mapping at `[from, from+len)` to a fresh range the kernel picks
-/// (reserved with `mmap`, then `mremap` with `MREMAP_FIXED`: a same-size
-/// `MREMAP_MAYMOVE` alone never moves); returns the new address.
-///
-/// # Safety
-/// Nothing may use `from` afterwards.
-pub unsafe fn remap_anywhere(from: usize, len: usize) -> Result<usize, SysError> {
-    // SAFETY: a fresh range of our own, replaced right below.
-    let to = unsafe { map_anon(0, len, false) }?;
-    // SAFETY: `to` is ours; the caller gives up `from`.
-    if let Err(e) = unsafe { move_mapping(from, len, to) } {
-        // SAFETY: `to` is still ours and unused.
-        let _ = unsafe { unmap(to, len) };
-        return Err(e);
+/// Whether every page of `range` is resident (`mincore`).
+pub fn resident(range: PageRange) -> Result<bool, SysError> {
+    let mut vec = vec![0u8; range.pages()];
+    // SAFETY: mincore writes one byte per page into `vec`, which has one per page.
+    let r = unsafe { libc::mincore(c(range.start()), range.len_bytes(), vec.as_mut_ptr()) };
+    if r != 0 {
+        return Err(SysError::new(
+            "mincore",
+            rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)),
+        ));
     }
-    Ok(to)
-}
-
-/// `madvise(MADV_NOHUGEPAGE)`: no transparent huge page will back the range.
-pub fn no_hugepage(addr: usize, len: usize) -> Result<(), SysError> {
-    // SAFETY: advice only; it never changes content.
-    unsafe { rustix::mm::madvise(addr as *mut c_void, len, rustix::mm::Advice::LinuxNoHugepage) }
-        .op("madvise(MADV_NOHUGEPAGE)")
+    Ok(vec.iter().all(|b| b & 1 == 1))
 }
 
 /// Returns the free memory at the top of malloc's heaps and inside them to
@@ -177,15 +272,6 @@ pub fn trim_heap() {
     }
 }
 
-/// Unmaps a range the engine owns.
-///
-/// # Safety
-/// Nothing may use the range afterwards.
-pub unsafe fn unmap(addr: usize, len: usize) -> Result<(), SysError> {
-    // SAFETY: guaranteed by the caller.
-    unsafe { rustix::mm::munmap(addr as *mut c_void, len) }.op("munmap")
-}
-
 /// One line of `/proc/self/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapsLine {
@@ -195,6 +281,8 @@ pub struct MapsLine {
     pub end: usize,
     /// Permissions, e.g. `rw-p`.
     pub perms: String,
+    /// File offset of the start (for file mappings).
+    pub offset: u64,
     /// Inode number (0 for anonymous memory).
     pub inode: u64,
     /// Path or pseudo-path (`[heap]`), empty for anonymous memory.
@@ -209,7 +297,7 @@ pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
+        let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
             (f.next(), f.next(), f.next(), f.next(), f.next())
         else {
             continue;
@@ -224,24 +312,14 @@ pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
         if b <= start || a >= end {
             continue;
         }
-        out.push(MapsLine { start: a, end: b, perms: perms.to_string(), inode: inode.parse().unwrap_or(0), path });
+        out.push(MapsLine {
+            start: a,
+            end: b,
+            perms: perms.to_string(),
+            offset: u64::from_str_radix(off, 16).unwrap_or(0),
+            inode: inode.parse().unwrap_or(0),
+            path,
+        });
     }
     Ok(out)
-}
-
-/// `read(2)` from `fd` straight into memory at `dst` (the kernel writes
-/// into the page for the program, as a real program's I/O does).
-pub fn read_into(fd: impl rustix::fd::AsFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
-    // SAFETY: the kernel checks the destination itself (EFAULT if unmapped);
-    // the slice is only handed to the syscall and never read by Rust code.
-    // Callers pass memory they own and that no Rust reference points to.
-    let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
-    rustix::io::read(fd, buf)
-}
-
-/// `recv(2)` from `fd` straight into memory at `dst`.
-pub fn recv_into(fd: impl rustix::fd::AsFd, dst: usize, len: usize) -> rustix::io::Result<usize> {
-    // SAFETY: as in `read_into`.
-    let buf = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
-    rustix::net::recv(fd, buf, rustix::net::RecvFlags::empty()).map(|(n, _)| n)
 }

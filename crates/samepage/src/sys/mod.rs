@@ -11,12 +11,16 @@
 //! * [`fault`]: fault injection for tests.
 //! * [`space`]: [`space::LinuxPageSpace`], the core's page space on real memory.
 
+pub mod addr;
+pub mod attrs;
+pub mod breaker;
 pub mod fault;
 pub mod forkguard;
 pub mod mapping;
 pub mod mem;
 pub mod pagemap;
 pub mod pool;
+#[cfg(feature = "testing")]
 pub mod process;
 pub mod space;
 pub mod uffd;
@@ -42,7 +46,7 @@ impl SysError {
 
 impl From<SysError> for samepage_core::SpaceError {
     fn from(e: SysError) -> Self {
-        samepage_core::SpaceError::Os { op: e.op, errno: e.errno.to_string() }
+        samepage_core::SpaceError::Os { op: e.op, errno: e.errno.raw_os_error() }
     }
 }
 

@@ -17,14 +17,13 @@
 //! mapped") tells the pool whether anything besides its own view still maps a
 //! pool page, before it frees it.
 
-use super::uffd::call;
+use super::addr::PageAddr;
 use super::{Op, SysError};
+use bitflags::bitflags;
 use linux_raw_sys::general as g;
 use rustix::fd::OwnedFd;
-use rustix::ioctl::Opcode;
-
-/// `PAGEMAP_SCAN`, `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: Opcode = rustix::ioctl::opcode::read_write::<g::pm_scan_arg>(b'f', 16);
+use rustix::ioctl::{self, Ioctl, IoctlOutput, Opcode};
+use std::ffi::c_void;
 
 /// pagemap entry bits.
 pub const PM_PRESENT: u64 = 1 << 63;
@@ -33,6 +32,21 @@ pub const PM_FILE: u64 = 1 << 61;
 /// Page is mapped exactly once.
 pub const PM_MMAP_EXCLUSIVE: u64 = 1 << 56;
 
+bitflags! {
+    /// `PAGE_IS_*`: the categories `PAGEMAP_SCAN` reports a page in.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Category: u64 {
+        /// `PAGE_IS_PRESENT`: a page is mapped.
+        const PRESENT = g::PAGE_IS_PRESENT as u64;
+        /// `PAGE_IS_FILE`: the page is a file's (for samepage: a pool page).
+        const FILE = g::PAGE_IS_FILE as u64;
+        /// `PAGE_IS_PFNZERO`: the kernel's shared zero page.
+        const PFNZERO = g::PAGE_IS_PFNZERO as u64;
+        /// `PAGE_IS_HUGE`: part of a transparent huge page.
+        const HUGE = g::PAGE_IS_HUGE as u64;
+    }
+}
+
 /// A run of pages with the same categories.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
@@ -40,18 +54,30 @@ pub struct Run {
     pub start: usize,
     /// One past the last byte.
     pub end: usize,
-    /// `PAGE_IS_*` bits.
-    pub categories: u64,
+    /// What the pages are.
+    pub categories: Category,
 }
 
-/// `PAGE_IS_PRESENT`.
-pub const PAGE_IS_PRESENT: u64 = g::PAGE_IS_PRESENT as u64;
-/// `PAGE_IS_FILE`.
-pub const PAGE_IS_FILE: u64 = g::PAGE_IS_FILE as u64;
-/// `PAGE_IS_PFNZERO`.
-pub const PAGE_IS_PFNZERO: u64 = g::PAGE_IS_PFNZERO as u64;
-/// `PAGE_IS_HUGE`.
-pub const PAGE_IS_HUGE: u64 = g::PAGE_IS_HUGE as u64;
+/// `PAGEMAP_SCAN`, `_IOWR('f', 16, struct pm_scan_arg)`.
+struct Scan<'a>(&'a mut g::pm_scan_arg);
+
+// SAFETY: the opcode is `_IOWR('f', 16, struct pm_scan_arg)` as in
+// <linux/fs.h>, computed from the argument's size; `as_ptr` points to a live,
+// exclusively borrowed `pm_scan_arg` whose `vec`/`vec_len` the caller sets to
+// memory it owns; the output is the integer return value.
+unsafe impl Ioctl for Scan<'_> {
+    type Output = IoctlOutput;
+    const IS_MUTATING: bool = true;
+    fn opcode(&self) -> Opcode {
+        ioctl::opcode::read_write::<g::pm_scan_arg>(b'f', 16)
+    }
+    fn as_ptr(&mut self) -> *mut c_void {
+        std::ptr::from_mut(self.0).cast()
+    }
+    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
+        Ok(out)
+    }
+}
 
 /// `/proc/self/pagemap`.
 #[derive(Debug)]
@@ -64,6 +90,12 @@ pub struct PageMap {
 impl PageMap {
     /// Opens `/proc/self/pagemap` and probes for `PAGEMAP_SCAN`.
     pub fn open() -> Result<PageMap, SysError> {
+        Self::open_with(true)
+    }
+
+    /// As [`PageMap::open`]; `use_scan = false` forces the `/proc/self/pagemap`
+    /// reads that kernels before 6.7 get.
+    pub fn open_with(use_scan: bool) -> Result<PageMap, SysError> {
         let fd = rustix::fs::open(
             "/proc/self/pagemap",
             rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
@@ -75,7 +107,7 @@ impl PageMap {
         let probe = Box::new([0u8; 4096]);
         let addr = probe.as_ptr() as usize & !4095;
         let mut out = Vec::new();
-        if pm.scan(addr, addr + 4096, 1, &mut out).is_err() {
+        if !use_scan || pm.scan(addr, addr + 4096, 1, &mut out).is_err() {
             pm.has_scan = false;
         }
         Ok(pm)
@@ -108,18 +140,22 @@ impl PageMap {
                 max_pages: left,
                 // Present pages that do not map a file: a page still mapping
                 // its pool page cannot have changed and is not reported at all.
-                category_inverted: PAGE_IS_FILE,
-                category_mask: PAGE_IS_FILE,
-                category_anyof_mask: PAGE_IS_PRESENT,
-                return_mask: PAGE_IS_PRESENT | PAGE_IS_FILE | PAGE_IS_PFNZERO | PAGE_IS_HUGE,
+                category_inverted: Category::FILE.bits(),
+                category_mask: Category::FILE.bits(),
+                category_anyof_mask: Category::PRESENT.bits(),
+                return_mask: (Category::PRESENT | Category::FILE | Category::PFNZERO | Category::HUGE).bits(),
             };
-            // SAFETY: PAGEMAP_SCAN takes a `struct pm_scan_arg`; `vec` points to
+            // SAFETY: PAGEMAP_SCAN on /proc/self/pagemap; `vec` points to
             // `vec_len` writable `page_region`s owned by `self.regions`, which
             // outlives the call.
-            let n = unsafe { call::<PAGEMAP_SCAN, _>(&self.fd, &mut arg) }.op("ioctl(PAGEMAP_SCAN)")? as usize;
+            let n = unsafe { ioctl::ioctl(&self.fd, Scan(&mut arg)) }.op("ioctl(PAGEMAP_SCAN)")? as usize;
             for r in &self.regions[..n] {
                 left -= (r.end - r.start) / 4096;
-                out.push(Run { start: r.start as usize, end: r.end as usize, categories: r.categories });
+                out.push(Run {
+                    start: r.start as usize,
+                    end: r.end as usize,
+                    categories: Category::from_bits_truncate(r.categories),
+                });
             }
             if arg.walk_end as usize <= pos {
                 break;
@@ -150,6 +186,7 @@ impl PageMap {
             }
             for (i, e) in buf[..got / 8].iter().enumerate() {
                 let addr = pos + i * 4096;
+                // Present pages that map no file, as PAGEMAP_SCAN is asked.
                 if e & PM_PRESENT == 0 || e & PM_FILE != 0 {
                     continue;
                 }
@@ -157,7 +194,7 @@ impl PageMap {
                     return Ok(addr);
                 }
                 found += 1;
-                let cat = PAGE_IS_PRESENT | if e & PM_FILE != 0 { PAGE_IS_FILE } else { 0 };
+                let cat = Category::PRESENT;
                 match out.last_mut() {
                     Some(r) if r.end == addr && r.categories == cat => r.end += 4096,
                     _ => out.push(Run { start: addr, end: addr + 4096, categories: cat }),
@@ -169,9 +206,9 @@ impl PageMap {
     }
 
     /// The pagemap entry of the page at `addr` (bits: [`PM_PRESENT`], [`PM_FILE`], [`PM_MMAP_EXCLUSIVE`]).
-    pub fn entry(&self, addr: usize) -> Result<u64, SysError> {
+    pub fn entry(&self, addr: PageAddr) -> Result<u64, SysError> {
         let mut b = [0u8; 8];
-        rustix::io::pread(&self.fd, &mut b, (addr / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
+        rustix::io::pread(&self.fd, &mut b, (addr.get() / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
         Ok(u64::from_ne_bytes(b))
     }
 }

@@ -14,18 +14,18 @@
 //! (`fallocate(PUNCH_HOLE)`): punching a page that something still maps would
 //! zap that mapping, and it would read zeros.
 
+use super::addr::{PageAddr, PageRange};
 use super::mem::{self, PageBuf};
 use super::pagemap::{PageMap, PM_MMAP_EXCLUSIVE, PM_PRESENT};
 use super::{Op, SysError};
 use rustix::fd::{AsFd, OwnedFd};
 use samepage_core::{page_hash, Slot, PAGE_SIZE};
-use std::ffi::c_void;
 
 /// The memfd pool and the engine's view of it.
 #[derive(Debug)]
 pub struct MemfdPool {
     fd: OwnedFd,
-    view: usize,
+    view: PageRange,
     slots: u64,
 }
 
@@ -50,9 +50,9 @@ impl MemfdPool {
             )
         }
         .op("mmap(pool view)")? as usize;
-        // SAFETY: advice on our own mapping; DONTFORK keeps children from inheriting the view.
-        unsafe { rustix::mm::madvise(view as *mut c_void, len as usize, rustix::mm::Advice::LinuxDontFork) }
-            .op("madvise(pool view, MADV_DONTFORK)")?;
+        let view = PageRange::new(PageAddr::new(view).expect("mmap returns page-aligned addresses"), slots as usize);
+        // DONTFORK keeps children from inheriting the view.
+        mem::advise(view, mem::Hint::DontFork)?;
         super::forkguard::install();
         Ok(MemfdPool { fd, view, slots })
     }
@@ -69,10 +69,15 @@ impl MemfdPool {
         format!(" {ino} ")
     }
 
+    /// The memfd's inode number (how `/proc/self/maps` names its mappings).
+    pub fn inode(&self) -> u64 {
+        rustix::fs::fstat(&self.fd).map(|st| st.st_ino).unwrap_or(0)
+    }
+
     /// Address of a slot in the engine's view.
-    pub fn slot_addr(&self, slot: Slot) -> usize {
+    pub fn slot_addr(&self, slot: Slot) -> PageAddr {
         assert!(slot.0 < self.slots, "slot {} outside the pool", slot.0);
-        self.view + slot.0 as usize * PAGE_SIZE
+        self.view.page(slot.0 as usize)
     }
 
     /// Copies the page at `src` into the empty `slot`; returns the hash of
@@ -80,11 +85,11 @@ impl MemfdPool {
     ///
     /// # Safety
     /// `src` must be a readable mapped page for the duration of the call.
-    pub unsafe fn fill(&mut self, slot: Slot, src: *const u8, buf: &mut PageBuf) -> u64 {
+    pub unsafe fn fill(&mut self, slot: Slot, src: PageAddr, buf: &mut PageBuf) -> u64 {
         // SAFETY: guaranteed by the caller.
         unsafe { mem::read_page(src, buf) };
         let h = page_hash(&buf.0);
-        let dst = self.slot_addr(slot) as *mut u8;
+        let dst = self.slot_addr(slot).ptr();
         // SAFETY: the slot is empty (no mapping shares it yet) and lies inside
         // our view; the buffer is our own.
         unsafe { std::ptr::copy_nonoverlapping(buf.0.as_ptr(), dst, PAGE_SIZE) };
@@ -96,7 +101,7 @@ impl MemfdPool {
         // SAFETY: inside our view; a filled pool page is never written again
         // (only `fill` writes, into empty slots, through `&mut self`, which
         // cannot happen while this borrow lives).
-        unsafe { std::slice::from_raw_parts(self.slot_addr(slot) as *const u8, PAGE_SIZE) }
+        unsafe { std::slice::from_raw_parts(self.slot_addr(slot).ptr().cast_const(), PAGE_SIZE) }
     }
 
     /// Frees a slot's page if nothing but the view maps it; returns whether it did.
@@ -106,7 +111,7 @@ impl MemfdPool {
         if e & PM_PRESENT == 0 {
             // Fault the view's mapping in, so that bit 56 speaks for the page.
             // SAFETY: inside our view; a read never changes the page.
-            let _ = unsafe { (addr as *const u8).read_volatile() };
+            let _ = unsafe { addr.ptr().cast_const().read_volatile() };
             e = pagemap.entry(addr)?;
         }
         if e & PM_PRESENT != 0 && e & PM_MMAP_EXCLUSIVE == 0 {
@@ -126,6 +131,6 @@ impl MemfdPool {
 impl Drop for MemfdPool {
     fn drop(&mut self) {
         // SAFETY: the view is ours and nothing uses it after drop.
-        let _ = unsafe { mem::unmap(self.view, self.slots as usize * PAGE_SIZE) };
+        let _ = unsafe { mem::unmap(self.view) };
     }
 }

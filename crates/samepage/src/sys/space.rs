@@ -1,177 +1,491 @@
 //! [`LinuxPageSpace`]: the core's page space on this process's real memory.
 //!
-//! A merge, for a window of nearby pages that the scanner wants merged:
+//! **A merge** (the kernel's `try_to_merge_one_page`: `write_protect_page`
+//! then `replace_page`), for a window of nearby pages the scanner wants
+//! merged:
 //!
-//! 1. write-protect the window (one `UFFDIO_WRITEPROTECT`): from now on a
-//!    writer to any of its pages blocks in the kernel;
-//! 2. compare each page with its target (pool slot or zeros), in full;
-//! 3. replace each run of equal pages with one call: `mmap(MAP_FIXED)` of the
-//!    run's consecutive pool slots, or `MADV_DONTNEED` for empty pages in
-//!    anonymous memory (anonymous memory mapped over them where the range
-//!    already maps the pool, whose `MADV_DONTNEED` would read the pool page
-//!    again rather than zeros);
-//! 4. lift the protection of the window, which wakes the blocked writers:
-//!    they retry and land in the new mapping (a private copy of the pool
-//!    page, or a fresh zeroed page), so no write is lost.
+//! 1. register the window `UFFDIO_REGISTER_MODE_MISSING` with the engine's
+//!    userfaultfd: from now on a thread (or the kernel for it) touching a
+//!    page that is not there waits instead of faulting in a zero page;
+//! 2. move each run of candidate pages into the engine's scratch area with
+//!    one `UFFDIO_MOVE`. The kernel refuses (`EBUSY`) a page that a device
+//!    pins or that another process shares, atomically with the move: such a
+//!    page stays where it is. A writer now finds no page and waits;
+//! 3. compare each moved page with its target (pool slot or zeros), in full,
+//!    where nobody else can write it;
+//! 4. map each run of equal pages' pool slots over them with one
+//!    `mmap(MAP_FIXED)` (empty pages need nothing: the range reads zeros),
+//!    and put back the attributes the program gave that memory
+//!    ([`super::attrs::Keep`]);
+//! 5. move the other pages back;
+//! 6. unregister and wake the window: waiting threads retry and find the
+//!    pool page (a write gets a private copy by the kernel's copy-on-write)
+//!    or their own page back. No read sees a page that is not the program's,
+//!    and no write, by a thread or a device, is lost;
+//! 7. free the duplicates left in the scratch area.
 //!
-//! If anything fails in between, [`Window`]'s drop lifts the protection, so a
-//! writer never stays blocked, even on a panic.
+//! A page refused in step 2 gets one write fault (`MADV_POPULATE_WRITE`, no
+//! content change) that makes a page once shared with a forked child this
+//! process's own, and one more try; if the kernel still refuses, it is
+//! pinned ([`IntentResult::Pinned`]).
+//!
+//! **Pool copies.** A write to a merged page gets a private copy inside the
+//! pool mapping (the kernel's copy-on-write). `UFFDIO_MOVE` cannot take a
+//! page out of a file mapping, so nothing can tell whether a device pins such
+//! a copy: the engine never replaces one ([`PageState::PoolCopy`]). Pages
+//! that still map their pool page can be pinned only for reading (a pin for
+//! writing copies the page first), so moving them to another pool slot
+//! (defragmentation) or to a private copy (unmerging) loses nothing; that
+//! happens under write protection (`UFFDIO_WRITEPROTECT`), with the pool
+//! copies found after the protection is set left in place. A pool copy
+//! keeps its slot's file offset in its mapping, so such a slot is
+//! [`SlotRelease::Retired`] rather than reused: discarding the copy later
+//! reads the hole, zeros, and never another page.
 
-use super::fault::Point;
+use super::addr::{PageAddr, PageRange};
+use super::attrs::{self, Exclusion, Keep};
+use super::breaker::Breaker;
+use super::fault::{self, Point};
 use super::mem::{self, PageBuf};
-use super::pagemap::{self, PageMap, PAGE_IS_FILE, PAGE_IS_HUGE, PAGE_IS_PFNZERO};
+use super::pagemap::{self, Category, PageMap};
 use super::pool::MemfdPool;
-use super::uffd::{Uffd, UffdMode};
+use super::uffd::{RegisterMode, Uffd, UffdMode};
 use super::vma::VmaBudget;
 use super::SysError;
+use rustix::io::Errno;
 use samepage_core::{
-    page_hash, Intent, IntentResult, PageRef, PageSpace, PageState, RegionId, Sample, Slot, SpaceError, Target,
-    PAGE_SIZE,
+    page_hash, Discard, Intent, IntentResult, PageRef, PageSpace, PageState, RegionId, Sample, Slot, SlotRelease,
+    SpaceError, Target, PAGE_SIZE,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// A transparent huge page.
-const HUGE_SIZE: usize = 2 << 20;
-
-/// Pages closer than this share one write-protect window.
+/// Pages closer than this share one window.
 const WINDOW_GAP: u64 = 16;
+
+/// Pages of a scratch area: the most pages one window moves out.
+const SCRATCH_PAGES: usize = 4096;
+
+/// Pages per chunk of a region's [`PoolSlots`].
+const CHUNK: u64 = 512;
+
+/// Which pool slot each page of a region maps (merged pages, and pool
+/// copies made by writes to them), in chunks allocated where merges happen.
+#[derive(Debug, Default)]
+struct PoolSlots {
+    chunks: Vec<Option<Box<[u32; CHUNK as usize]>>>,
+    live: Vec<u16>,
+}
+
+impl PoolSlots {
+    fn new(npages: u64) -> Self {
+        let n = npages.div_ceil(CHUNK) as usize;
+        PoolSlots { chunks: (0..n).map(|_| None).collect(), live: vec![0; n] }
+    }
+
+    fn get(&self, i: u64) -> Option<Slot> {
+        let c = self.chunks[(i / CHUNK) as usize].as_ref()?;
+        match c[(i % CHUNK) as usize] {
+            0 => None,
+            s => Some(Slot(u64::from(s) - 1)),
+        }
+    }
+
+    fn set(&mut self, i: u64, slot: Option<Slot>) {
+        let (c, o) = ((i / CHUNK) as usize, (i % CHUNK) as usize);
+        if self.chunks[c].is_none() {
+            if slot.is_none() {
+                return;
+            }
+            self.chunks[c] = Some(Box::new([0; CHUNK as usize]));
+        }
+        let chunk = self.chunks[c].as_mut().expect("allocated above");
+        let v = slot.map_or(0, |s| u32::try_from(s.0 + 1).expect("pool slots fit in 32 bits"));
+        match (chunk[o] == 0, v == 0) {
+            (true, false) => self.live[c] += 1,
+            (false, true) => self.live[c] -= 1,
+            _ => {}
+        }
+        chunk[o] = v;
+        if self.live[c] == 0 {
+            self.chunks[c] = None;
+        }
+    }
+
+    /// Whether any page in `from..to` is in a pool mapping.
+    fn any_in(&self, from: u64, to: u64) -> bool {
+        (from..to).any(|i| self.chunks[(i / CHUNK) as usize].is_some() && self.get(i).is_some())
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.chunks.iter().flatten().count() * CHUNK as usize * 4
+            + self.chunks.capacity() * 8
+            + self.live.capacity() * 2) as u64
+    }
+}
+
+/// A stretch of a region with one set of attributes.
+#[derive(Clone, Debug)]
+struct Segment {
+    pages: Range<u64>,
+    keep: Keep,
+    excluded: Option<Exclusion>,
+}
 
 #[derive(Debug)]
 struct RegionMap {
-    base: usize,
+    base: PageAddr,
     npages: u64,
-    /// Pages inside a mapping of the pool (merged, or copied-on-write since).
-    pool_vma: Vec<u64>,
+    slots: PoolSlots,
     /// Page ranges the program took back, sorted and disjoint: never touched.
     released: Vec<Range<u64>>,
+    /// The region's attributes, sorted, covering it.
+    segments: Vec<Segment>,
 }
 
 impl RegionMap {
-    /// The region's address ranges minus the released ones.
-    fn pieces(&self) -> Vec<(usize, usize)> {
+    fn addr(&self, index: u64) -> PageAddr {
+        self.base.add_pages(index as usize)
+    }
+
+    fn range(&self, pages: Range<u64>) -> PageRange {
+        PageRange::new(self.addr(pages.start), (pages.end - pages.start) as usize)
+    }
+
+    /// The region's page ranges minus the released ones.
+    fn pieces(&self, within: Range<u64>) -> Vec<Range<u64>> {
         let mut out = Vec::with_capacity(self.released.len() + 1);
-        let mut pos = 0;
+        let mut pos = within.start;
         for r in &self.released {
+            if r.end <= pos || r.start >= within.end {
+                continue;
+            }
             if r.start > pos {
-                out.push((self.addr(pos), (r.start - pos) as usize * PAGE_SIZE));
+                out.push(pos..r.start);
             }
             pos = pos.max(r.end);
         }
-        if pos < self.npages {
-            out.push((self.addr(pos), (self.npages - pos) as usize * PAGE_SIZE));
+        if pos < within.end {
+            out.push(pos..within.end);
         }
         out
     }
 
-    /// Whether a released range meets pages `a..b`.
+    /// Whether a released range meets pages `a..=b`.
     fn released_between(&self, a: u64, b: u64) -> bool {
-        self.released.iter().any(|r| r.start < b && a < r.end)
+        self.released.iter().any(|r| r.start <= b && a < r.end)
     }
 
-    /// Registers the region's pieces with the userfaultfd (whole mappings,
-    /// so nothing splits); mappings made since registration need it.
-    fn register(&self, uffd: &Uffd) -> Result<(), SysError> {
-        for (start, len) in self.pieces() {
-            uffd.register(start, len)?;
-        }
-        Ok(())
+    fn segment(&self, i: u64) -> &Segment {
+        let k = self.segments.partition_point(|s| s.pages.end <= i);
+        &self.segments[k.min(self.segments.len() - 1)]
     }
 
-    fn addr(&self, index: u64) -> usize {
-        self.base + index as usize * PAGE_SIZE
-    }
-    fn in_pool_vma(&self, i: u64) -> bool {
-        self.pool_vma[(i / 64) as usize] & (1 << (i % 64)) != 0
-    }
-    fn set_pool_vma(&mut self, from: u64, to: u64, v: bool) {
-        for i in from..to {
-            let w = &mut self.pool_vma[(i / 64) as usize];
-            if v {
-                *w |= 1 << (i % 64)
-            } else {
-                *w &= !(1 << (i % 64))
-            }
-        }
+    fn excluded(&self, i: u64) -> bool {
+        self.segment(i).excluded.is_some()
     }
 }
 
 /// System calls made, for benchmarks and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpaceStats {
-    /// `UFFDIO_WRITEPROTECT` calls.
+    /// `UFFDIO_MOVE` calls (pages out of a window, and back).
+    pub moves: u64,
+    /// Pages moved out to be merged.
+    pub pages_moved: u64,
+    /// Windows opened (`UFFDIO_REGISTER` + `UFFDIO_UNREGISTER` pairs).
+    pub windows: u64,
+    /// `UFFDIO_WRITEPROTECT` calls (refiles and unmerges).
     pub write_protects: u64,
     /// `mmap` calls mapping pool runs.
     pub pool_maps: u64,
-    /// `MADV_DONTNEED` calls (zero pages).
-    pub discards: u64,
+    /// Pages given one write fault to make them this process's own again
+    /// after `UFFDIO_MOVE` refused them.
+    pub unshares: u64,
     /// `PAGEMAP_SCAN` (or pagemap read) calls.
     pub pagemap_scans: u64,
     /// Pages hashed.
     pub pages_hashed: u64,
-    /// Transparent huge pages replaced by small pages before merging (see
-    /// [`LinuxPageSpace`]'s `split_huge`).
-    pub huge_splits: u64,
+    /// Writes to merged pages the copy-on-write breaker served by moving the
+    /// page into anonymous memory (where it can merge again).
+    pub cow_breaks: u64,
+    /// Writes to merged pages it could not serve (no memory, or no mapping
+    /// left under the VMA budget): they got the kernel's copy-on-write in
+    /// place and became pool copies.
+    pub cow_fallbacks: u64,
 }
 
-/// A write-protected range; dropping it lifts the protection and wakes writers.
-struct Window<'a> {
-    uffd: &'a Uffd,
-    start: usize,
-    len: usize,
+/// The engine's scratch area: where a window's pages wait while they are
+/// compared. Registered with the userfaultfd (`UFFDIO_MOVE` needs its
+/// destination registered), never touched by anyone else, not inherited.
+#[derive(Clone, Copy, Debug)]
+struct Scratch {
+    range: PageRange,
+    locked: bool,
 }
 
-impl Drop for Window<'_> {
-    fn drop(&mut self) {
-        // Lifting the protection also wakes the range's waiters.
-        if self.uffd.write_protect(self.start, self.len, false).is_err() {
-            // Part of the range changed mappings (a run whose registration
-            // failed): unprotect page by page, then wake the whole range.
-            for p in (self.start..self.start + self.len).step_by(PAGE_SIZE) {
-                let _ = self.uffd.write_protect(p, PAGE_SIZE, false);
+impl Scratch {
+    fn new(uffd: &Uffd, locked: bool) -> Result<Scratch, SysError> {
+        let range = mem::map_anon_noreserve(SCRATCH_PAGES)?;
+        let made = (|| {
+            mem::advise(range, mem::Hint::NoHugePage)?;
+            mem::advise(range, mem::Hint::DontFork)?;
+            if locked {
+                // UFFDIO_MOVE wants both ends equally locked.
+                mem::lock_on_fault(range)?;
             }
-            let _ = self.uffd.wake(self.start, self.len);
+            uffd.register(range, RegisterMode::MISSING)
+        })();
+        if let Err(e) = made {
+            // SAFETY: our own fresh mapping, unused.
+            let _ = unsafe { mem::unmap(range) };
+            return Err(e);
+        }
+        Ok(Scratch { range, locked })
+    }
+
+    /// Frees the first `used` pages.
+    fn clear(&self, used: usize) {
+        if used == 0 {
+            return;
+        }
+        let r = self.range.sub(0, used);
+        if self.locked {
+            // MADV_DONTNEED refuses locked memory.
+            let _ = mem::unlock(r);
+            // SAFETY: scratch pages hold only duplicates the engine merged away.
+            let _ = unsafe { mem::dont_need(r) };
+            let _ = mem::lock_on_fault(r);
+        } else {
+            // SAFETY: as above.
+            let _ = unsafe { mem::dont_need(r) };
         }
     }
+}
+
+/// What the page space shares with its copy-on-write breaker
+/// ([`super::breaker`]): which pages map the pool, the VMA budget, and the
+/// ranges whose pool mappings the page space is replacing right now.
+#[derive(Debug)]
+pub struct Registry {
+    regions: HashMap<RegionId, RegionMap>,
+    /// Pages in pool mappings (merged pages, and pool copies, in any region
+    /// or left behind by one) per slot: a slot some mapping refers to is never
+    /// handed out again.
+    slot_refs: HashMap<Slot, u32>,
+    budget: VmaBudget,
+    /// Ranges whose pool mappings the page space is replacing: the breaker
+    /// leaves a write fault there waiting; the page space wakes it after.
+    busy: Vec<PageRange>,
+    /// Merged pages the breaker moved into anonymous memory on a write.
+    cow_breaks: u64,
+    /// Writes to merged pages the breaker could not serve (no memory, no
+    /// mapping left under the VMA budget): those got the kernel's
+    /// copy-on-write in place and are pool copies.
+    cow_fallbacks: u64,
+}
+
+impl Registry {
+    /// Whether the page space is replacing pool mappings at `addr`.
+    pub(super) fn is_busy(&self, addr: PageAddr) -> bool {
+        self.busy.iter().any(|r| r.contains(addr.get()))
+    }
+
+    /// The runs of pages of `range` (in region `id`) that map the pool.
+    fn pool_runs_in(&self, id: RegionId, range: PageRange) -> Vec<PageRange> {
+        let Some(r) = self.regions.get(&id) else { return Vec::new() };
+        let first = range.start().pages_since(r.base) as u64;
+        let mut out = Vec::new();
+        let mut i = first;
+        let end = first + range.pages() as u64;
+        while i < end {
+            if r.slots.get(i).is_none() {
+                i += 1;
+                continue;
+            }
+            let from = i;
+            while i < end && r.slots.get(i).is_some() {
+                i += 1;
+            }
+            out.push(r.range(from..i));
+        }
+        out
+    }
+
+    fn region_at(&self, addr: PageAddr) -> Option<(RegionId, u64)> {
+        self.regions.iter().find_map(|(id, r)| {
+            let end = r.addr(r.npages);
+            (r.base <= addr && addr < end).then(|| (*id, addr.pages_since(r.base) as u64))
+        })
+    }
+
+    /// Serves a write to a write-protected page at `addr` (see
+    /// [`super::breaker`]): if it is a merged page, copies it into fresh
+    /// anonymous memory moved over it. Returns false when the page should
+    /// just lose its protection instead (not a page the engine merged, or
+    /// no memory for the copy), true when done or when the page space is
+    /// replacing that range (it wakes the writer itself).
+    pub(super) fn break_cow(&mut self, uffd: &Uffd, addr: PageAddr) -> bool {
+        if self.is_busy(addr) {
+            return true;
+        }
+        let Some((id, index)) = self.region_at(addr) else { return false };
+        let r = &self.regions[&id];
+        let Some(slot) = r.slots.get(index) else { return false };
+        let keep = r.segment(index).keep;
+        let page = PageRange::new(addr, 1);
+        if !self.budget.allows(2) {
+            self.cow_fallbacks += 1;
+            return false;
+        }
+        let moved = (|| {
+            let tmp = mem::map_anon(1)?;
+            // SAFETY: the page is write-protected and maps the pool (or a copy
+            // the kernel made in place for the waiting write, not yet
+            // written): it holds still; `tmp` is our own fresh page.
+            unsafe { std::ptr::copy_nonoverlapping(addr.ptr().cast_const(), tmp.start().ptr(), PAGE_SIZE) };
+            // SAFETY: `tmp` is ours; the page holds the same bytes and no
+            // write pin (a pin for writing faults here first and waits).
+            if let Err(e) = unsafe { mem::move_mapping(tmp, addr) } {
+                // SAFETY: still ours.
+                let _ = unsafe { mem::unmap(tmp) };
+                return Err(e);
+            }
+            put_back(page, keep)
+        })();
+        if moved.is_err() {
+            self.cow_fallbacks += 1;
+            return false;
+        }
+        let _ = uffd; // the caller wakes the writer
+        self.budget.spent(2);
+        self.regions.get_mut(&id).expect("found above").slots.set(index, None);
+        release_ref(&mut self.slot_refs, slot);
+        self.cow_breaks += 1;
+        true
+    }
+}
+
+/// Marks a range busy in the registry until dropped (then wakes it).
+struct Busy<'a> {
+    registry: &'a Mutex<Registry>,
+    uffd: &'a Uffd,
+    range: PageRange,
+}
+
+impl<'a> Busy<'a> {
+    fn new(registry: &'a Mutex<Registry>, uffd: &'a Uffd, range: PageRange) -> Self {
+        lock(registry).busy.push(range);
+        Busy { registry, uffd, range }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut reg = lock(self.registry);
+        if let Some(p) = reg.busy.iter().position(|r| *r == self.range) {
+            reg.busy.swap_remove(p);
+        }
+        drop(reg);
+        let _ = self.uffd.wake(self.range);
+    }
+}
+
+fn lock(m: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The page space of this process.
 #[derive(Debug)]
 pub struct LinuxPageSpace {
-    regions: HashMap<RegionId, RegionMap>,
+    registry: Arc<Mutex<Registry>>,
+    uffd: Arc<Uffd>,
     pool: MemfdPool,
-    uffd: Uffd,
     pagemap: PageMap,
-    budget: VmaBudget,
     buf: Box<PageBuf>,
     runs: Vec<pagemap::Run>,
     order: Vec<usize>,
     stats: SpaceStats,
-    /// 2 MiB frames last sampled as transparent huge pages.
-    huge: std::collections::HashSet<usize>,
+    scratch: Scratch,
+    scratch_locked: Option<Scratch>,
+    /// Pool mappings stay write-protected and the breaker serves writes to
+    /// them (full-mode userfaultfd); without it, a write copies the page in
+    /// place and it becomes a pool copy.
+    breaker: Option<Breaker>,
+}
+
+impl Drop for LinuxPageSpace {
+    fn drop(&mut self) {
+        // Registrations go with the userfaultfd when its last holder (the
+        // breaker's thread) lets go: the kernel then lifts every protection
+        // and wakes every waiter, so merged pages stay ordinary mappings.
+        self.breaker = None;
+    }
 }
 
 impl LinuxPageSpace {
-    /// Opens the userfaultfd, `/proc/self/pagemap` and a pool of `pool_slots` pages.
-    /// `vma_share` is the share of the `vm.max_map_count` headroom the engine may use.
+    /// Opens the userfaultfd, `/proc/self/pagemap`, a pool of `pool_slots`
+    /// pages and the scratch area, and starts the copy-on-write breaker
+    /// (full-mode userfaultfd only). `vma_share` is the share of the
+    /// `vm.max_map_count` headroom the engine may use.
     pub fn new(pool_slots: u64, vma_share: f64) -> Result<Self, SysError> {
-        Ok(LinuxPageSpace {
+        Self::with_options(pool_slots, vma_share, true)
+    }
+
+    /// As [`LinuxPageSpace::new`]; `break_cow = false` leaves writes to
+    /// merged pages to the kernel's copy-on-write in place (pool copies).
+    pub fn with_options(pool_slots: u64, vma_share: f64, break_cow: bool) -> Result<Self, SysError> {
+        let uffd = Arc::new(Uffd::open()?);
+        let scratch = Scratch::new(&uffd, false)?;
+        let registry = Arc::new(Mutex::new(Registry {
             regions: HashMap::new(),
-            pool: MemfdPool::new(pool_slots)?,
-            uffd: Uffd::open()?,
-            pagemap: PageMap::open()?,
+            slot_refs: HashMap::new(),
             budget: VmaBudget::new(vma_share),
+            busy: Vec::new(),
+            cow_breaks: 0,
+            cow_fallbacks: 0,
+        }));
+        let breaker = if break_cow && uffd.mode() == UffdMode::Full {
+            let b = Breaker::start(uffd.clone(), registry.clone())
+                .map_err(|e| SysError::new("spawn(samepage-cow)", Errno::from_io_error(&e).unwrap_or(Errno::AGAIN)))?;
+            Some(b)
+        } else {
+            None
+        };
+        Ok(LinuxPageSpace {
+            registry,
+            uffd,
+            pool: MemfdPool::new(pool_slots)?,
+            pagemap: PageMap::open()?,
             buf: PageBuf::new(),
             runs: Vec::new(),
             order: Vec::new(),
             stats: SpaceStats::default(),
-            huge: std::collections::HashSet::new(),
+            scratch,
+            scratch_locked: None,
+            breaker,
         })
+    }
+
+    fn reg(&self) -> MutexGuard<'_, Registry> {
+        lock(&self.registry)
     }
 
     /// The userfaultfd's kind.
     pub fn uffd_mode(&self) -> UffdMode {
         self.uffd.mode()
+    }
+
+    /// Whether writes to merged pages are served by the breaker (see
+    /// [`super::breaker`]), so written pages can merge again.
+    pub fn breaks_cow(&self) -> bool {
+        self.breaker.is_some()
+    }
+
+    /// The pool memfd's inode (how `/proc/self/maps` shows its mappings).
+    pub fn pool_inode(&self) -> u64 {
+        self.pool.inode()
     }
 
     /// Whether `PAGEMAP_SCAN` is used (else `/proc/self/pagemap` reads).
@@ -180,253 +494,682 @@ impl LinuxPageSpace {
     }
 
     /// System calls made so far.
-    pub fn stats(&self) -> &SpaceStats {
-        &self.stats
+    pub fn stats(&self) -> SpaceStats {
+        let reg = self.reg();
+        SpaceStats { cow_breaks: reg.cow_breaks, cow_fallbacks: reg.cow_fallbacks, ..self.stats.clone() }
     }
 
     /// The VMA limit the engine stays under.
     pub fn vma_limit(&self) -> u64 {
-        self.budget.limit()
+        self.reg().budget.limit()
     }
 
     /// Re-reads `vm.max_map_count` and the mapping count.
     pub fn recount_vmas(&mut self) {
-        self.budget.recount();
+        self.reg().budget.recount();
     }
 
-    /// Registers `[base, base + npages pages)` with the userfaultfd.
-    pub fn add_region(&mut self, id: RegionId, base: usize, npages: u64) -> Result<(), SysError> {
-        self.uffd.register(base, npages as usize * PAGE_SIZE)?;
-        self.regions.insert(
-            id,
-            RegionMap { base, npages, pool_vma: vec![0; npages.div_ceil(64) as usize], released: Vec::new() },
-        );
-        Ok(())
+    /// Bytes of the page space's own bookkeeping (which slot each merged page maps).
+    pub fn metadata_bytes(&self) -> u64 {
+        let reg = self.reg();
+        reg.regions.values().map(|r| r.slots.bytes()).sum::<u64>() + reg.slot_refs.capacity() as u64 * 16
     }
 
-    /// Forgets a region (after the core unmerged it) and unregisters it.
-    pub fn remove_region(&mut self, id: RegionId) {
-        if let Some(r) = self.regions.remove(&id) {
-            let (start, end) = (r.base, r.addr(r.npages));
-            self.huge.retain(|&f| f + HUGE_SIZE <= start || end <= f);
-            // Released ranges may hold another region by now: left alone.
-            for (start, len) in r.pieces() {
-                let _ = self.uffd.unregister(start, len);
+    /// Adds the region `[base, base + npages pages)`: reads its attributes
+    /// (`/proc/self/smaps`), excluding pages with one merged memory could
+    /// not keep, and registers it with the userfaultfd for write
+    /// protection. Returns the excluded page ranges and why.
+    pub fn add_region(
+        &mut self,
+        id: RegionId,
+        base: PageAddr,
+        npages: u64,
+    ) -> Result<Vec<(Range<u64>, Exclusion)>, SysError> {
+        let range = PageRange::new(base, npages as usize);
+        let segments = segments_of(range)?;
+        let mut slots = PoolSlots::new(npages);
+        // Pool mappings already there were left by an earlier registration
+        // (pool copies): known as such, and their slots are referenced already.
+        let ino = self.pool.inode();
+        for m in mem::maps_in(base.get(), range.end().get())? {
+            if m.inode == ino && ino != 0 {
+                let first = ((m.start.max(base.get()) - base.get()) / PAGE_SIZE) as u64;
+                let last = ((m.end.min(range.end().get()) - base.get()) / PAGE_SIZE) as u64;
+                let skip = (m.start.max(base.get()) - m.start) / PAGE_SIZE;
+                for (k, i) in (first..last).enumerate() {
+                    slots.set(i, Some(Slot(m.offset / PAGE_SIZE as u64 + (skip + k) as u64)));
+                }
             }
         }
-        self.budget.recount();
+        let map = RegionMap { base, npages, slots, released: Vec::new(), segments };
+        // Whole mappings at once, so nothing splits; excluded pieces (another
+        // userfaultfd's, say) are left alone.
+        for s in map.segments.iter().filter(|s| s.excluded.is_none()) {
+            self.uffd.register(map.range(s.pages.clone()), RegisterMode::WP)?;
+        }
+        let excluded = map.segments.iter().filter_map(|s| Some((s.pages.clone(), s.excluded.clone()?))).collect();
+        self.reg().regions.insert(id, map);
+        Ok(excluded)
     }
 
-    fn region(&self, id: RegionId) -> Result<&RegionMap, SpaceError> {
-        self.regions.get(&id).ok_or(SpaceError::UnknownRegion(id))
+    /// Forgets a region (after the core unmerged it). Pool copies left in it
+    /// keep their slots referenced for good: the program still maps them.
+    pub fn remove_region(&mut self, id: RegionId) {
+        let mut reg = self.reg();
+        if let Some(r) = reg.regions.remove(&id) {
+            for p in r.pieces(0..r.npages) {
+                let _ = self.uffd.unregister(r.range(p.clone()));
+                let _ = self.uffd.wake(r.range(p));
+            }
+        }
+        reg.slot_refs.shrink_to_fit();
+        reg.budget.recount();
     }
 
-    /// Merges the intents `idx` (sorted, one region) that fall in one window.
-    fn merge_window(&mut self, intents: &[Intent], idx: &[usize], results: &mut [IntentResult]) {
-        let region = intents[idx[0]].page.region;
-        let Some(r) = self.regions.get(&region) else {
-            return;
-        };
-        let first = intents[idx[0]].page.index;
-        let last = intents[*idx.last().expect("window not empty")].page.index;
-        let (start, len) = (r.addr(first), (last - first + 1) as usize * PAGE_SIZE);
-        self.stats.write_protects += 2;
-        let window = super::fault::check(Point::WriteProtect, "UFFDIO_WRITEPROTECT")
-            .and_then(|()| open_window(&self.uffd, r, start, len));
-        let Ok(_window) = window else {
+    fn scratch_for(&mut self, locked: bool) -> Result<Scratch, SysError> {
+        if !locked {
+            return Ok(self.scratch);
+        }
+        if let Some(s) = self.scratch_locked {
+            return Ok(s);
+        }
+        let s = Scratch::new(&self.uffd, true)?;
+        self.scratch_locked = Some(s);
+        Ok(s)
+    }
+
+    /// Carries out the sorted intents `order`, window by window; intents
+    /// whose page `UFFDIO_MOVE` refused go to `busy`.
+    fn merge_sorted(
+        &mut self,
+        intents: &[Intent],
+        order: &[usize],
+        results: &mut [IntentResult],
+        busy: &mut Vec<usize>,
+    ) {
+        let mut w = 0;
+        while w < order.len() {
+            let region = intents[order[w]].page.region;
+            // A window stays in one region and one attribute segment, never
+            // spans a released range, and takes one kind of page: anonymous
+            // pages move, pages in pool mappings are refiled.
+            let plan = {
+                let reg = self.reg();
+                reg.regions.get(&region).map(|r| {
+                    let first = intents[order[w]].page.index;
+                    let seg_end = r.segment(first).pages.end;
+                    let in_pool = r.slots.get(first).is_some();
+                    let mut end = w + 1;
+                    while end < order.len() && end - w < SCRATCH_PAGES {
+                        let (a, b) = (intents[order[end - 1]].page, intents[order[end]].page);
+                        if b.region != region
+                            || b.index - a.index > WINDOW_GAP
+                            || b.index >= seg_end
+                            || r.released_between(a.index, b.index)
+                            || r.slots.get(b.index).is_some() != in_pool
+                        {
+                            break;
+                        }
+                        end += 1;
+                    }
+                    (end, in_pool, r.base, r.segment(first).keep)
+                })
+            };
+            let Some((end, in_pool, base, keep)) = plan else {
+                w += 1;
+                continue;
+            };
+            if in_pool {
+                self.refile_window(region, base, keep, intents, &order[w..end], results);
+            } else {
+                self.move_window(region, base, keep, intents, &order[w..end], results, busy);
+            }
+            w = end;
+        }
+    }
+
+    /// Merges anonymous pages `idx` (sorted, one region and segment, the
+    /// region starting at `base`) by moving them out (see the module's
+    /// description).
+    #[allow(clippy::too_many_arguments, reason = "one window's inputs and outputs, all used")]
+    fn move_window(
+        &mut self,
+        region: RegionId,
+        base: PageAddr,
+        keep: Keep,
+        intents: &[Intent],
+        idx: &[usize],
+        results: &mut [IntentResult],
+        busy: &mut Vec<usize>,
+    ) {
+        let page = |k: usize| intents[idx[k]].page.index;
+        let addr = |i: u64| base.add_pages(i as usize);
+        let Ok(scratch) = self.scratch_for(keep.contains(Keep::LOCKED)) else { return };
+        let span = PageRange::new(addr(page(0)), (page(idx.len() - 1) - page(0) + 1) as usize);
+        // While pages are out, a forked child would inherit holes (reading
+        // zeros, with no window to wait for): fork() waits for the window.
+        let _no_fork = super::forkguard::hold();
+        if self.uffd.register(span, RegisterMode::MISSING | RegisterMode::WP).is_err() {
             return; // results stay Failed; nothing changed
-        };
-        // Compare, with writers held off.
+        }
+        self.stats.windows += 1;
+        let window =
+            Window { uffd: &self.uffd, registry: &self.registry, region, range: span, breaks: self.breaker.is_some() };
+
+        // Out: each run of consecutive pages with one UFFDIO_MOVE.
+        let mut at: Vec<Option<usize>> = vec![None; idx.len()];
+        let mut used = 0;
+        let mut k = 0;
+        while k < idx.len() {
+            let mut e = k + 1;
+            while e < idx.len() && page(e) == page(e - 1) + 1 {
+                e += 1;
+            }
+            let (mut pos, mut again, mut single) = (k, 0, false);
+            while pos < e {
+                let n = if single { 1 } else { e - pos };
+                // SAFETY: the pages are the program's, inside a MISSING window:
+                // anyone touching them waits until they are back or replaced;
+                // the scratch pages from `used` on are empty.
+                let m = unsafe { self.uffd.move_pages(scratch.range.page(used), addr(page(pos)), n) };
+                self.stats.moves += 1;
+                let got = m.bytes / PAGE_SIZE;
+                for (j, slot) in at[pos..pos + got].iter_mut().enumerate() {
+                    *slot = Some(used + j);
+                }
+                self.stats.pages_moved += got as u64;
+                (used, pos) = (used + got, pos + got);
+                single = false;
+                match m.stopped {
+                    None => {}
+                    // One call moves pages of one VMA only: where a run
+                    // crosses a mapping boundary, the page there goes alone.
+                    Some(Errno::INVAL) if got < n && n > 1 => single = true,
+                    Some(Errno::AGAIN) if again < 3 => again += 1,
+                    // Pinned, or shared with another process.
+                    Some(Errno::BUSY) => {
+                        busy.push(idx[pos]);
+                        pos += 1;
+                    }
+                    // No page there any more: the program discarded it.
+                    Some(Errno::NOENT) => {
+                        results[idx[pos]] = IntentResult::Mismatch;
+                        pos += 1;
+                    }
+                    Some(_) => pos += 1,
+                }
+            }
+            k = e;
+        }
+
+        // Compare, where nobody else can write.
         let mut equal = vec![false; idx.len()];
-        for (k, &i) in idx.iter().enumerate() {
-            let addr = r.addr(intents[i].page.index) as *const u8;
-            // SAFETY: `addr` is a page of a registered region (the program
-            // keeps it mapped while registered), write-protected: it holds still.
-            unsafe { mem::read_page(addr, &mut self.buf) };
-            equal[k] = match intents[i].target {
-                Target::Slot(s) => self.buf.0[..] == *self.pool.slot_bytes(s),
-                Target::Zero => mem::is_zero(&self.buf),
+        for k in 0..idx.len() {
+            let Some(s) = at[k] else { continue };
+            // SAFETY: a scratch page holding a page just moved in: only the
+            // engine maps it, and the move checked that no device pins it.
+            let moved = unsafe { std::slice::from_raw_parts(scratch.range.page(s).ptr().cast_const(), PAGE_SIZE) };
+            equal[k] = match intents[idx[k]].target {
+                Target::Slot(slot) => moved == self.pool.slot_bytes(slot),
+                Target::Zero => moved.iter().all(|&b| b == 0),
             };
             if !equal[k] {
-                results[i] = IntentResult::Mismatch;
+                results[idx[k]] = IntentResult::Mismatch;
             }
         }
-        // Replace each run of equal pages with one call.
-        let r = self.regions.get_mut(&region).expect("region checked above");
+
+        // Replace: runs of equal pages going to consecutive slots, one mmap each.
+        let mut mapped = Vec::new();
         let mut k = 0;
         while k < idx.len() {
             if !equal[k] {
                 k += 1;
                 continue;
             }
-            let mut end = k + 1;
-            while end < idx.len() && equal[end] && {
-                let (a, b) = (&intents[idx[end - 1]], &intents[idx[end]]);
-                b.page.index == a.page.index + 1
-                    && match (a.target, b.target) {
-                        (Target::Slot(x), Target::Slot(y)) => y.0 == x.0 + 1,
-                        (Target::Zero, Target::Zero) => r.in_pool_vma(a.page.index) == r.in_pool_vma(b.page.index),
-                        _ => false,
-                    }
-            } {
-                end += 1;
+            let mut e = k + 1;
+            while e < idx.len()
+                && equal[e]
+                && page(e) == page(e - 1) + 1
+                && match (intents[idx[e - 1]].target, intents[idx[e]].target) {
+                    (Target::Slot(a), Target::Slot(b)) => b.0 == a.0 + 1,
+                    (Target::Zero, Target::Zero) => true,
+                    _ => false,
+                }
+            {
+                e += 1;
             }
-            let from = intents[idx[k]].page.index;
-            let to = from + (end - k) as u64;
-            let (addr, rlen) = (r.addr(from), (to - from) as usize * PAGE_SIZE);
+            let run = PageRange::new(addr(page(k)), e - k);
             let outcome = match intents[idx[k]].target {
+                // The pages are out: the range already reads zeros.
+                Target::Zero => Ok(()),
+                Target::Slot(_) if !lock(&self.registry).budget.allows(2) => Err(IntentResult::OverBudget),
                 Target::Slot(s) => {
-                    if !self.budget.allows(2) {
-                        Err(IntentResult::OverBudget)
-                    } else {
-                        self.stats.pool_maps += 1;
-                        let mapped =
-                            super::fault::check(Point::MapPool, "mmap(pool, MAP_PRIVATE|MAP_FIXED)").and_then(|()| {
-                                // SAFETY: the run is write-protected and equals the
-                                // pool slots byte for byte: replacing it changes no
-                                // content the program can observe.
-                                unsafe {
-                                    mem::map_file_private_fixed(addr, rlen, self.pool.fd(), s.0 * PAGE_SIZE as u64)
-                                }
-                            });
-                        match mapped {
-                            Ok(()) => {
-                                // Not registered with the userfaultfd yet: that
-                                // happens lazily, if it is ever protected again.
-                                self.budget.spent(2);
-                                r.set_pool_vma(from, to, true);
-                                Ok(())
-                            }
-                            Err(_) => Err(IntentResult::Failed),
+                    self.stats.pool_maps += 1;
+                    let made = fault::check(Point::MapPool, "mmap(pool, MAP_PRIVATE|MAP_FIXED)").and_then(|()| {
+                        // SAFETY: the run's pages are out in the scratch area
+                        // and equal the pool slots byte for byte; anyone
+                        // touching the run waits for the window.
+                        unsafe { mem::map_file_private_fixed(run, self.pool.fd(), s.0 * PAGE_SIZE as u64) }
+                    });
+                    match made.and_then(|()| put_back(run, keep)) {
+                        Ok(()) => {
+                            lock(&self.registry).budget.spent(2);
+                            Ok(())
                         }
-                    }
-                }
-                Target::Zero if r.in_pool_vma(from) => {
-                    if !self.budget.allows(2) {
-                        Err(IntentResult::OverBudget)
-                    } else {
-                        // SAFETY: the run is write-protected and all zeros;
-                        // fresh anonymous memory reads as zeros too.
-                        match unsafe { mem::map_anon(addr, rlen, true) } {
-                            Ok(_) => {
-                                self.budget.spent(2);
-                                r.set_pool_vma(from, to, false);
-                                Ok(())
-                            }
-                            Err(_) => Err(IntentResult::Failed),
-                        }
-                    }
-                }
-                Target::Zero => {
-                    self.stats.discards += 1;
-                    // SAFETY: anonymous, write-protected and all zeros: after
-                    // MADV_DONTNEED it reads as zeros, the same content.
-                    match unsafe { mem::discard(addr, rlen) } {
-                        Ok(()) => Ok(()),
                         Err(_) => Err(IntentResult::Failed),
                     }
                 }
             };
-            for &i in &idx[k..end] {
-                results[i] = match outcome {
-                    Ok(()) => IntentResult::Merged,
-                    Err(e) => e,
-                };
+            match outcome {
+                Ok(()) => {
+                    for (j, &i) in idx[k..e].iter().enumerate() {
+                        results[i] = IntentResult::Merged;
+                        if let Target::Slot(s) = intents[i].target {
+                            mapped.push((page(k + j), s));
+                        }
+                    }
+                }
+                Err(why) => {
+                    for &i in &idx[k..e] {
+                        results[i] = why;
+                    }
+                    // A failed mmap of a pool run leaves the range as it was
+                    // (anonymous, pages out) or, if it failed after mapping
+                    // (putting an attribute back), mapping the pool: make it
+                    // anonymous again so the pages can go back.
+                    if matches!(intents[idx[k]].target, Target::Slot(_)) && why == IntentResult::Failed {
+                        // SAFETY: the run's pages are out in the scratch area.
+                        let _ = unsafe { mem::map_anon_fixed(run) }
+                            .and_then(|()| put_back(run, keep))
+                            .and_then(|()| self.uffd.register(run, RegisterMode::MISSING | RegisterMode::WP));
+                    }
+                    equal[k..e].iter_mut().for_each(|x| *x = false);
+                }
             }
-            k = end;
+            k = e;
         }
-        // `_window` drops here: protection lifted, writers woken.
+
+        // Back: the pages that were moved out and not merged.
+        let mut k = 0;
+        while k < idx.len() {
+            let Some(s) = at[k].filter(|_| !equal[k]) else {
+                k += 1;
+                continue;
+            };
+            let mut e = k + 1;
+            while e < idx.len() && !equal[e] && page(e) == page(e - 1) + 1 && at[e] == Some(s + (e - k)) {
+                e += 1;
+            }
+            let n = e - k;
+            let mut back = 0;
+            while back < n {
+                // SAFETY: the destination is the program's range these pages
+                // came from, emptied by the move and held by the window; the
+                // source is ours.
+                let m = unsafe { self.uffd.move_pages(addr(page(k + back)), scratch.range.page(s + back), n - back) };
+                self.stats.moves += 1;
+                let got = m.bytes / PAGE_SIZE;
+                back += got;
+                if m.stopped.is_none() {
+                    continue;
+                }
+                // A mapping boundary inside the run: the next page alone.
+                let single = (got == 0 && back < n)
+                    // SAFETY: as above, one page.
+                    && unsafe { self.uffd.move_pages(addr(page(k + back)), scratch.range.page(s + back), 1) }.stopped.is_none();
+                if single {
+                    back += 1;
+                    continue;
+                }
+                // Moving back cannot fail short of memory for page tables;
+                // if it does, the rest goes back as a copy moved into place.
+                let rest = PageRange::new(addr(page(k + back)), n - back);
+                restore_by_copy(scratch.range.sub(s + back, s + n), rest, keep);
+                break;
+            }
+            k = e;
+        }
+        {
+            let mut reg = self.reg();
+            for &(_, s) in &mapped {
+                *reg.slot_refs.entry(s).or_default() += 1;
+            }
+            let rm = reg.regions.get_mut(&region).expect("region");
+            for &(index, s) in &mapped {
+                rm.slots.set(index, Some(s));
+            }
+        }
+        drop(window);
+        scratch.clear(used);
     }
 
-    /// Replaces the transparent huge page at `frame` with small pages of the
-    /// same content before some of its subpages merge. Replacing one subpage
-    /// in place would only split its page-table entry: the 2 MiB folio would
-    /// stay allocated (on the kernel's deferred-split list, freed under
-    /// memory pressure), so merging would free nothing until then. The kernel's
-    /// KSM splits the folio itself; userspace copies it (see
-    /// [`LinuxPageSpace::replace_with_copy`]), which frees the huge page at
-    /// once. On any failure nothing changed and the merge goes on regardless
-    /// (the huge page then waits for the kernel's deferred split).
-    fn split_huge(&mut self, region: RegionId, frame: usize) {
-        let Some(r) = self.regions.get(&region) else { return };
-        if frame < r.base || frame + HUGE_SIZE > r.addr(r.npages) || !self.budget.allows(2) {
-            return;
-        }
-        let first = ((frame - r.base) / PAGE_SIZE) as u64;
-        let last = first + (HUGE_SIZE / PAGE_SIZE) as u64;
-        // Only plain anonymous memory: no released range, no pool mapping.
-        if r.released_between(first, last) || (first..last).any(|i| r.in_pool_vma(i)) {
-            return;
-        }
-        if self.replace_with_copy(region, frame, HUGE_SIZE, true).is_ok() {
-            self.budget.spent(2);
-            self.stats.huge_splits += 1;
-        }
-    }
-
-    /// Unmerges `[from, to)` of a region whose pages all lie in pool
-    /// mappings, by [`LinuxPageSpace::replace_with_copy`].
-    fn unmerge_pool_run(&mut self, region: RegionId, from: u64, to: u64) -> Result<(), SysError> {
-        let r = &self.regions[&region];
-        let (addr, len) = (r.addr(from), (to - from) as usize * PAGE_SIZE);
-        self.replace_with_copy(region, addr, len, false)?;
-        self.regions.get_mut(&region).expect("region").set_pool_vma(from, to, false);
-        Ok(())
-    }
-
-    /// Replaces `[addr, addr+len)` of `region` with a copy of itself in
-    /// fresh private anonymous memory (small pages only, with `small_pages`):
-    /// the copy is made under write protection and moved over the range with
-    /// one `mremap`, so no write is lost and whatever the range mapped before
-    /// (pool pages, a huge page) is gone. On an error nothing changed. The new
-    /// mapping is registered with the userfaultfd lazily, if it is ever
-    /// protected again.
-    fn replace_with_copy(
+    /// Moves pages `idx` that map the pool (sorted, one region and segment)
+    /// to other slots (defragmentation's refiles) while writers to them
+    /// wait. A page found to be a pool copy is left alone.
+    fn refile_window(
         &mut self,
         region: RegionId,
-        addr: usize,
-        len: usize,
-        small_pages: bool,
-    ) -> Result<(), SysError> {
-        super::fault::check(Point::MapAnon, "mmap(MAP_ANONYMOUS)")?;
-        // SAFETY: a fresh private mapping that only this function uses.
-        let tmp = unsafe { mem::map_anon(0, len, false) }?;
-        let result = (|| {
-            if small_pages {
-                mem::no_hugepage(tmp, len)?;
+        base: PageAddr,
+        keep: Keep,
+        intents: &[Intent],
+        idx: &[usize],
+        results: &mut [IntentResult],
+    ) {
+        let page = |k: usize| intents[idx[k]].page.index;
+        let addr = |i: u64| base.add_pages(i as usize);
+        let span = PageRange::new(addr(page(0)), (page(idx.len() - 1) - page(0) + 1) as usize);
+        self.stats.write_protects += 1;
+        let breaks = self.breaker.is_some();
+        let Ok(mut window) = open_wp_window(&self.uffd, &self.registry, breaks, span) else { return };
+        let copies = pool_copies_in(&mut self.pagemap, &mut self.runs, span);
+        let mut refiled = Vec::new();
+        let mut k = 0;
+        while k < idx.len() {
+            let Target::Slot(s) = intents[idx[k]].target else {
+                k += 1;
+                continue;
+            };
+            let mut e = k + 1;
+            while e < idx.len()
+                && page(e) == page(e - 1) + 1
+                && matches!(intents[idx[e]].target, Target::Slot(t) if t.0 == s.0 + (e - k) as u64)
+            {
+                e += 1;
             }
-            // Faulted in before the window opens, so writers wait less.
-            mem::populate_write(tmp, len)?;
-            let _window = open_window(&self.uffd, &self.regions[&region], addr, len)?;
-            // SAFETY: `addr..+len` is registered memory, write-protected, so
-            // it holds still; `tmp` is ours; both page aligned, no overlap.
-            unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, tmp as *mut u8, len) };
-            // SAFETY: `tmp` is our own single mapping; the target holds the
-            // same bytes, so replacing it changes nothing the program sees.
-            unsafe { mem::move_mapping(tmp, len, addr) }
-        })();
-        if result.is_err() {
-            // SAFETY: `tmp` is still ours (moving it is the last step).
-            let _ = unsafe { mem::unmap(tmp, len) };
+            // Pool copies stay; the others are pool pages (which never change).
+            let mut j = k;
+            while j < e {
+                let is_copy = |x: usize| copies.contains(&addr(page(x)).get());
+                if is_copy(j) {
+                    results[idx[j]] = IntentResult::Mismatch;
+                    j += 1;
+                    continue;
+                }
+                let mut f = j + 1;
+                while f < e && !is_copy(f) {
+                    f += 1;
+                }
+                let run = PageRange::new(addr(page(j)), f - j);
+                let slot = Slot(s.0 + (j - k) as u64);
+                let ok = lock(&self.registry).budget.allows(2)
+                    && (0..f - j).all(|x| {
+                        // SAFETY: a page of the run, write-protected and mapping the pool: it holds still.
+                        unsafe { mem::read_page(run.page(x), &mut self.buf) };
+                        self.buf.0[..] == *self.pool.slot_bytes(Slot(slot.0 + x as u64))
+                    });
+                // SAFETY: the run maps pool pages equal to the target slots
+                // byte for byte, write-protected.
+                let mapped = ok
+                    && unsafe { mem::map_file_private_fixed(run, self.pool.fd(), slot.0 * PAGE_SIZE as u64) }
+                        .and_then(|()| put_back(run, keep))
+                        .is_ok();
+                for x in j..f {
+                    results[idx[x]] = if mapped { IntentResult::Merged } else { IntentResult::Failed };
+                }
+                if mapped {
+                    lock(&self.registry).budget.spent(2);
+                    self.stats.pool_maps += 1;
+                    window.protect.push(run);
+                    for x in 0..f - j {
+                        refiled.push((page(j + x), Slot(slot.0 + x as u64)));
+                    }
+                }
+                j = f;
+            }
+            k = e;
         }
-        result
+        {
+            let mut reg = self.reg();
+            for &(index, new) in &refiled {
+                let old = reg.regions.get(&region).and_then(|r| r.slots.get(index));
+                if let Some(old) = old {
+                    release_ref(&mut reg.slot_refs, old);
+                }
+                *reg.slot_refs.entry(new).or_default() += 1;
+                if let Some(rm) = reg.regions.get_mut(&region) {
+                    rm.slots.set(index, Some(new));
+                }
+            }
+        }
+        drop(window);
+    }
+
+    /// Makes `pages` (a range of region `region` in pool mappings) private
+    /// with their content intact: the runs of pages that map the pool are
+    /// copied and the copy moved over them while writers wait; pool copies
+    /// are left where they are.
+    fn unmerge_pool_run(
+        &mut self,
+        region: RegionId,
+        base: PageAddr,
+        keep: Keep,
+        pages: Range<u64>,
+    ) -> Result<(), SysError> {
+        let span = PageRange::new(base.add_pages(pages.start as usize), (pages.end - pages.start) as usize);
+        fault::check(Point::MapAnon, "mmap(MAP_ANONYMOUS)")?;
+        let tmp = mem::map_anon(span.pages())?;
+        let breaks = self.breaker.is_some();
+        let result = (|| {
+            mem::advise(tmp, mem::Hint::NoHugePage)?;
+            // Faulted in before the window opens, so writers wait less.
+            mem::populate_write(tmp)?;
+            self.stats.write_protects += 1;
+            let _window = open_wp_window(&self.uffd, &self.registry, breaks, span)?;
+            let copies = pool_copies_in(&mut self.pagemap, &mut self.runs, span);
+            let mut replaced = Vec::new();
+            let mut j = 0;
+            while j < span.pages() {
+                if copies.contains(&span.page(j).get()) {
+                    j += 1;
+                    continue;
+                }
+                let mut f = j + 1;
+                while f < span.pages() && !copies.contains(&span.page(f).get()) {
+                    f += 1;
+                }
+                // SAFETY: `span` is registered memory mapping pool pages,
+                // with writers held off, so it holds still; `tmp` is ours.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        span.page(j).ptr().cast_const(),
+                        tmp.page(j).ptr(),
+                        (f - j) * PAGE_SIZE,
+                    )
+                };
+                // SAFETY: `tmp`'s part is our own; the target holds the same
+                // bytes and only pool pages (pinned, if at all, for reading).
+                unsafe { mem::move_mapping(tmp.sub(j, f), span.page(j)) }?;
+                put_back(span.sub(j, f), keep)?;
+                replaced.push(j..f);
+                j = f;
+            }
+            Ok(replaced)
+        })();
+        // What was not moved over the range (the parts facing pool copies,
+        // or all of it after an error) is still ours.
+        let replaced = match result {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                // SAFETY: `tmp` is ours; moved parts are no longer in it.
+                let _ = unsafe { mem::unmap(tmp) };
+                return Err(e);
+            }
+        };
+        let mut pos = 0;
+        for part in replaced.iter().chain(std::iter::once(&(span.pages()..span.pages()))) {
+            if part.start > pos {
+                // SAFETY: parts of `tmp` not moved: still ours, unused.
+                let _ = unsafe { mem::unmap(tmp.sub(pos, part.start)) };
+            }
+            pos = part.end;
+        }
+        let mut reg = self.reg();
+        for part in replaced {
+            for x in part {
+                let index = pages.start + x as u64;
+                let slot = reg.regions.get(&region).and_then(|r| r.slots.get(index));
+                if let Some(s) = slot {
+                    release_ref(&mut reg.slot_refs, s);
+                    if let Some(rm) = reg.regions.get_mut(&region) {
+                        rm.slots.set(index, None);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-/// Write-protects `[start, start+len)` of region `r` and returns the guard
-/// that lifts the protection. Mappings made since the region was registered
-/// are registered lazily: on a first failure the whole region is registered
-/// (whole mappings, so nothing splits) and the protection tried once more.
-/// The guard exists before the first attempt: a protection that fails part
-/// way (at a mapping that is not registered) has protected the mappings
-/// before it, and the guard lifts those too.
-fn open_window<'a>(uffd: &'a Uffd, r: &RegionMap, start: usize, len: usize) -> Result<Window<'a>, SysError> {
-    let window = Window { uffd, start, len };
-    if uffd.write_protect(start, len, true).is_err() {
-        r.register(uffd)?;
-        uffd.write_protect(start, len, true)?;
+/// A merge window, registered `MISSING` (and for write protection). Closing
+/// it (drop) drops the `MISSING` mode, which only unregistering does (a
+/// registration with fewer modes keeps the old ones), and unregistering
+/// also lifts write protection in the range: so the range is registered
+/// again for write protection and, when a breaker serves writes to merged
+/// pages, every pool run in it (those mapped in this window and those there
+/// before) is protected again before the window wakes its waiters.
+struct Window<'a> {
+    uffd: &'a Uffd,
+    registry: &'a Mutex<Registry>,
+    region: RegionId,
+    range: PageRange,
+    breaks: bool,
+}
+
+impl Drop for Window<'_> {
+    fn drop(&mut self) {
+        let _ = self.uffd.unregister(self.range);
+        let _ = self.uffd.register(self.range, RegisterMode::WP);
+        if self.breaks {
+            let runs = lock(self.registry).pool_runs_in(self.region, self.range);
+            for run in runs {
+                let _ = self.uffd.write_protect(run, true);
+            }
+        }
+        let _ = self.uffd.wake(self.range);
+    }
+}
+
+/// Holds writers to the pool pages of `range` off (see [`WpWindow`]).
+fn open_wp_window<'a>(
+    uffd: &'a Uffd,
+    registry: &'a Mutex<Registry>,
+    breaks: bool,
+    range: PageRange,
+) -> Result<WpWindow<'a>, SysError> {
+    // Mappings made since (pool runs) are registered too.
+    uffd.register(range, RegisterMode::WP)?;
+    let busy = Busy::new(registry, uffd, range);
+    let window = WpWindow { uffd, range, breaks, protect: Vec::new(), _busy: busy };
+    fault::check(Point::WriteProtect, "UFFDIO_WRITEPROTECT")?;
+    if !breaks {
+        uffd.write_protect(range, true)?;
     }
     Ok(window)
+}
+
+/// A window in which pool pages are replaced while their writers wait:
+/// marked busy, so the breaker leaves writes there waiting, and, without a
+/// breaker (pool pages then not kept protected), write-protected. Closing it
+/// re-registers the range (new mappings are new VMAs), protects the pool
+/// runs mapped in it (with a breaker) or lifts the protection (without),
+/// then drops the busy mark, which wakes the range.
+struct WpWindow<'a> {
+    uffd: &'a Uffd,
+    range: PageRange,
+    breaks: bool,
+    /// Pool runs mapped in the window.
+    protect: Vec<PageRange>,
+    _busy: Busy<'a>,
+}
+
+impl Drop for WpWindow<'_> {
+    fn drop(&mut self) {
+        let _ = self.uffd.register(self.range, RegisterMode::WP);
+        if self.breaks {
+            for run in &self.protect {
+                let _ = self.uffd.write_protect(*run, true);
+            }
+        } else {
+            let _ = self.uffd.write_protect(self.range, false);
+        }
+    }
+}
+
+/// Drops one reference of `slot`.
+fn release_ref(refs: &mut HashMap<Slot, u32>, slot: Slot) {
+    if let Some(n) = refs.get_mut(&slot) {
+        *n -= 1;
+        if *n == 0 {
+            refs.remove(&slot);
+        }
+    }
+}
+
+/// Puts the attributes `keep` back on a range the engine just mapped.
+fn put_back(range: PageRange, keep: Keep) -> Result<(), SysError> {
+    for (flag, hint) in [
+        (Keep::DONTFORK, mem::Hint::DontFork),
+        (Keep::DONTDUMP, mem::Hint::DontDump),
+        (Keep::HUGEPAGE, mem::Hint::HugePage),
+        (Keep::NOHUGEPAGE, mem::Hint::NoHugePage),
+    ] {
+        if keep.contains(flag) {
+            mem::advise(range, hint)?;
+        }
+    }
+    if keep.contains(Keep::LOCKED) {
+        // Locked as it is faulted in, then faulted in for reading: resident
+        // and locked like the memory it replaced, and still merged (a plain
+        // mlock would populate with write faults and copy every page).
+        mem::lock_on_fault(range)?;
+        mem::populate_read(range)?;
+    }
+    Ok(())
+}
+
+/// Last resort when pages cannot be moved back into the program's range:
+/// copies them into fresh memory and moves that over the range.
+fn restore_by_copy(from: PageRange, to: PageRange, keep: Keep) {
+    let Ok(tmp) = mem::map_anon(from.pages()) else { return };
+    // SAFETY: `from` is ours (scratch pages nobody else maps), `tmp` fresh.
+    unsafe { std::ptr::copy_nonoverlapping(from.start().ptr().cast_const(), tmp.start().ptr(), from.len_bytes()) };
+    // SAFETY: `tmp` is ours; `to` is the emptied range the pages came from.
+    if unsafe { mem::move_mapping(tmp, to.start()) }.is_ok() {
+        let _ = put_back(to, keep);
+    } else {
+        // SAFETY: `tmp` is still ours.
+        let _ = unsafe { mem::unmap(tmp) };
+    }
+}
+
+/// Addresses of the present private pages in `range` (pool copies, where
+/// `range` is in pool mappings).
+fn pool_copies_in(pagemap: &mut PageMap, runs: &mut Vec<pagemap::Run>, range: PageRange) -> HashSet<usize> {
+    runs.clear();
+    let _ = pagemap.scan(range.start().get(), range.end().get(), range.pages(), runs);
+    runs.iter().flat_map(|r| (r.start..r.end).step_by(PAGE_SIZE)).collect()
+}
+
+/// The attribute segments of `range`, covering it.
+fn segments_of(range: PageRange) -> Result<Vec<Segment>, SysError> {
+    let vmas = attrs::read(range)?;
+    let lock_all = attrs::lock_all_future();
+    let mut out: Vec<Segment> = Vec::new();
+    let page_of = |a: PageAddr| a.pages_since(range.start()) as u64;
+    for v in vmas {
+        let pages = page_of(v.range.start())..page_of(v.range.end());
+        let excluded = if lock_all { Some(Exclusion::LockAllFuture) } else { v.exclusion };
+        match out.last_mut() {
+            Some(last) if last.pages.end == pages.start && last.keep == v.keep && last.excluded == excluded => {
+                last.pages.end = pages.end;
+            }
+            _ => out.push(Segment { pages, keep: v.keep, excluded }),
+        }
+    }
+    if out.is_empty() {
+        out.push(Segment { pages: 0..range.pages() as u64, keep: Keep::empty(), excluded: None });
+    }
+    Ok(out)
 }
 
 impl PageSpace for LinuxPageSpace {
@@ -438,28 +1181,32 @@ impl PageSpace for LinuxPageSpace {
         max_present: usize,
         out: &mut Vec<Sample>,
     ) -> Result<u64, SpaceError> {
-        let r = self.region(region)?;
-        let base = r.base;
+        let reg = lock(&self.registry);
+        let r = reg.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
         let end = end.min(r.npages);
-        let (from, to) = (r.addr(start), r.addr(end));
+        let (from, to) = (r.addr(start).get(), r.addr(end).get());
         self.runs.clear();
         self.stats.pagemap_scans += 1;
         let walk_end = self.pagemap.scan(from, to, max_present, &mut self.runs)?;
+        let base = r.base.get();
+        let exclusions = r.segments.iter().any(|s| s.excluded.is_some());
         for run in &self.runs {
             for addr in (run.start..run.end).step_by(PAGE_SIZE) {
                 let index = ((addr - base) / PAGE_SIZE) as u64;
-                let state = if run.categories & PAGE_IS_PFNZERO != 0 {
+                if exclusions && r.excluded(index) {
+                    continue;
+                }
+                let state = if run.categories.contains(Category::PFNZERO) {
                     PageState::ZeroPfn
-                } else if run.categories & PAGE_IS_FILE != 0 {
+                } else if run.categories.contains(Category::FILE) {
                     PageState::Pool
+                } else if r.slots.get(index).is_some() {
+                    PageState::PoolCopy
                 } else {
                     PageState::Private
                 };
                 // A transparent huge page is keyed by its 2 MiB frame.
-                let huge = (run.categories & PAGE_IS_HUGE != 0).then_some((addr >> 21) as u64);
-                if huge.is_some() && addr % HUGE_SIZE == 0 {
-                    self.huge.insert(addr);
-                }
+                let huge = run.categories.contains(Category::HUGE).then_some((addr >> 21) as u64);
                 out.push(Sample { index, state, huge });
             }
         }
@@ -467,17 +1214,25 @@ impl PageSpace for LinuxPageSpace {
     }
 
     fn hash_page(&mut self, page: PageRef) -> Result<u64, SpaceError> {
-        let addr = self.region(page.region)?.addr(page.index);
+        let addr = lock(&self.registry)
+            .regions
+            .get(&page.region)
+            .ok_or(SpaceError::UnknownRegion(page.region))?
+            .addr(page.index);
         // SAFETY: a page of a registered region, mapped while registered.
-        unsafe { mem::read_page(addr as *const u8, &mut self.buf) };
+        unsafe { mem::read_page(addr, &mut self.buf) };
         self.stats.pages_hashed += 1;
         Ok(page_hash(&self.buf.0))
     }
 
     fn fill_slot(&mut self, page: PageRef, slot: Slot) -> Result<u64, SpaceError> {
-        let addr = self.region(page.region)?.addr(page.index);
+        let addr = lock(&self.registry)
+            .regions
+            .get(&page.region)
+            .ok_or(SpaceError::UnknownRegion(page.region))?
+            .addr(page.index);
         // SAFETY: a page of a registered region, mapped while registered.
-        Ok(unsafe { self.pool.fill(slot, addr as *const u8, &mut self.buf) })
+        Ok(unsafe { self.pool.fill(slot, addr, &mut self.buf) })
     }
 
     fn merge(&mut self, intents: &[Intent], results: &mut Vec<IntentResult>) {
@@ -487,111 +1242,174 @@ impl PageSpace for LinuxPageSpace {
         order.clear();
         order.extend(0..intents.len());
         order.sort_unstable_by_key(|&i| (intents[i].page.region, intents[i].page.index));
-        if !self.huge.is_empty() {
-            for &i in &order {
-                let page = intents[i].page;
-                let Some(r) = self.regions.get(&page.region) else { continue };
-                let frame = r.addr(page.index) & !(HUGE_SIZE - 1);
-                if self.huge.remove(&frame) {
-                    self.split_huge(page.region, frame);
+        let mut busy = Vec::new();
+        self.merge_sorted(intents, &order, results, &mut busy);
+        if !busy.is_empty() {
+            // A page once shared with a forked child is not the process's
+            // own (PageAnonExclusive) until written: one write fault, which
+            // changes no content, makes it so, copying it if the child still
+            // maps it. A pinned page is its own already: it stays refused.
+            for &i in &busy {
+                let p = intents[i].page;
+                let page = lock(&self.registry).regions.get(&p.region).map(|r| r.range(p.index..p.index + 1));
+                if let Some(page) = page {
+                    let _ = mem::populate_write(page);
+                    self.stats.unshares += 1;
                 }
             }
-        }
-        let mut w = 0;
-        while w < order.len() {
-            // A window stays in one region and never spans a released range
-            // (it is not registered with the userfaultfd).
-            let region = intents[order[w]].page.region;
-            let r = self.regions.get(&region);
-            let mut end = w + 1;
-            while end < order.len() && {
-                let (a, b) = (intents[order[end - 1]].page, intents[order[end]].page);
-                b.region == region
-                    && b.index - a.index <= WINDOW_GAP
-                    && !r.is_some_and(|r| r.released_between(a.index, b.index))
-            } {
-                end += 1;
+            let retry = std::mem::take(&mut busy);
+            self.merge_sorted(intents, &retry, results, &mut busy);
+            for i in busy {
+                results[i] = IntentResult::Pinned;
             }
-            self.merge_window(intents, &order[w..end], results);
-            w = end;
         }
         self.order = order;
     }
 
     fn unmerge(&mut self, region: RegionId, range: Range<u64>, pages: &[u64]) -> Result<(), SpaceError> {
-        let r = self.region(region)?;
-        let end = range.end.min(r.npages);
-        // Pool mappings: every page inside one, merged or copied since, so
-        // that no mapping of the pool is left behind.
-        let mut pool_runs = Vec::new();
-        let mut i = range.start;
-        while i < end {
-            if r.pool_vma[(i / 64) as usize] == 0 {
-                i = (i / 64 + 1) * 64;
-                continue;
-            }
-            if r.in_pool_vma(i) {
-                let from = i;
-                while i < end && r.in_pool_vma(i) {
-                    i += 1;
+        let (base, pool_runs, zero) = {
+            let reg = lock(&self.registry);
+            let r = reg.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
+            let end = range.end.min(r.npages);
+            // Pool mappings: every page inside one, merged or copied since, so
+            // that no pool page is left mapped.
+            let mut pool_runs = Vec::new();
+            for piece in r.pieces(range.start..end) {
+                let mut i = piece.start;
+                while i < piece.end {
+                    if r.slots.get(i).is_none() {
+                        i += 1;
+                        continue;
+                    }
+                    let from = i;
+                    let keep = r.segment(i).keep;
+                    while i < piece.end
+                        && r.slots.get(i).is_some()
+                        && r.segment(i).keep == keep
+                        && i - from < SCRATCH_PAGES as u64
+                    {
+                        i += 1;
+                    }
+                    pool_runs.push((from..i, keep));
                 }
-                pool_runs.push((from, i));
-            } else {
-                i += 1;
             }
+            // Zero pages in anonymous memory: made private in place.
+            let zero: Vec<u64> = pages.iter().copied().filter(|&p| r.slots.get(p).is_none()).collect();
+            (r.base, pool_runs, zero)
+        };
+        for (run, keep) in pool_runs {
+            self.unmerge_pool_run(region, base, keep, run)?;
         }
-        // Zero pages in anonymous memory: made private in place.
-        let zero: Vec<u64> = pages.iter().copied().filter(|&p| !r.in_pool_vma(p)).collect();
-        if pool_runs.is_empty() && zero.is_empty() {
-            return Ok(());
-        }
-        for (from, to) in pool_runs {
-            self.unmerge_pool_run(region, from, to)?;
-        }
-        let r = self.region(region)?;
         let mut k = 0;
         while k < zero.len() {
             let mut end = k + 1;
             while end < zero.len() && zero[end] == zero[end - 1] + 1 {
                 end += 1;
             }
-            mem::populate_write(r.addr(zero[k]), (end - k) * PAGE_SIZE)?;
+            let r = PageRange::new(base.add_pages(zero[k] as usize), end - k);
+            mem::populate_write(r)?;
             k = end;
         }
-        self.budget.recount();
+        lock(&self.registry).budget.recount();
         Ok(())
     }
 
     fn release_range(&mut self, region: RegionId, range: Range<u64>) {
-        let Some(r) = self.regions.get_mut(&region) else {
+        let mut reg = lock(&self.registry);
+        let Some(r) = reg.regions.get_mut(&region) else {
             return;
         };
         let range = range.start..range.end.min(r.npages);
-        // Nothing of the engine's stays behind: the range was unmerged (no
-        // pool mapping left) and leaves the userfaultfd, so what the program
-        // does with it next (munmap, mremap, mprotect, register it again)
-        // meets plain anonymous memory.
-        let (start, end) = (r.addr(range.start), r.addr(range.end));
-        let _ = self.uffd.unregister(start, end - start);
+        // Nothing of the engine's stays behind but pool copies (which keep
+        // their slots referenced): the range was unmerged and no window is
+        // open, so what the program does with it next meets its own memory.
+        let _ = self.uffd.unregister(r.range(range.clone()));
+        let _ = self.uffd.wake(r.range(range.clone()));
         r.released.push(range);
         r.released.sort_by_key(|x| x.start);
-        // Huge pages of the released part are the program's now.
-        self.huge.retain(|&f| f + HUGE_SIZE <= start || end <= f);
-        self.budget.recount();
+        reg.budget.recount();
     }
 
-    fn release_slots(&mut self, slots: &[Slot], freed: &mut Vec<bool>) {
+    fn release_slots(&mut self, slots: &[Slot], out: &mut Vec<SlotRelease>) {
         // Forks wait while slots are freed, and slots stay while a child (or
         // any descendant) still maps the pool: its mappings are invisible to
         // the mapcount when the child has not touched the page yet.
         let _no_fork = super::forkguard::hold();
         if super::forkguard::descendants_map(&self.pool.identity()) {
-            freed.extend(slots.iter().map(|_| false));
+            out.extend(slots.iter().map(|_| SlotRelease::Kept));
             return;
         }
+        let reg = lock(&self.registry);
         for &slot in slots {
-            freed.push(self.pool.release(slot, &self.pagemap).unwrap_or(false));
+            out.push(match self.pool.release(slot, &self.pagemap) {
+                Ok(true) if reg.slot_refs.contains_key(&slot) => SlotRelease::Retired,
+                Ok(true) => SlotRelease::Freed,
+                Ok(false) | Err(_) => SlotRelease::Kept,
+            });
         }
+    }
+
+    fn discard(&mut self, region: RegionId, range: Range<u64>, how: Discard) -> Result<(), SpaceError> {
+        let (pieces, base) = {
+            let reg = lock(&self.registry);
+            let r = reg.regions.get(&region).ok_or(SpaceError::UnknownRegion(region))?;
+            let range = range.start..range.end.min(r.npages);
+            if r.segments
+                .iter()
+                .any(|s| s.keep.contains(Keep::LOCKED) && s.pages.start < range.end && range.start < s.pages.end)
+            {
+                // The kernel's MADV_DONTNEED and MADV_FREE refuse locked memory.
+                return Err(SysError::new("madvise(MADV_DONTNEED) on locked memory", Errno::INVAL).into());
+            }
+            (r.pieces(range), r.base)
+        };
+        for piece in pieces {
+            let span = PageRange::new(base.add_pages(piece.start as usize), (piece.end - piece.start) as usize);
+            let (in_pool, segments) = {
+                let reg = lock(&self.registry);
+                let r = &reg.regions[&region];
+                let segs: Vec<(Range<u64>, Keep)> = r
+                    .segments
+                    .iter()
+                    .filter(|s| s.pages.start < piece.end && piece.start < s.pages.end)
+                    .map(|s| (s.pages.start.max(piece.start)..s.pages.end.min(piece.end), s.keep))
+                    .collect();
+                (r.slots.any_in(piece.start, piece.end), segs)
+            };
+            if in_pool {
+                // A pool mapping would read its pool page again after
+                // MADV_DONTNEED: fresh anonymous memory reads zeros. Writers
+                // there wait (busy) until it is done.
+                let _busy = Busy::new(&self.registry, &self.uffd, span);
+                // SAFETY: the program discards the range: its content may go.
+                unsafe { mem::map_anon_fixed(span) }?;
+                for (part, keep) in &segments {
+                    put_back(
+                        PageRange::new(base.add_pages(part.start as usize), (part.end - part.start) as usize),
+                        *keep,
+                    )?;
+                }
+                self.uffd.register(span, RegisterMode::WP)?;
+                let mut reg = lock(&self.registry);
+                reg.budget.spent(2);
+                for i in piece {
+                    let slot = reg.regions.get(&region).and_then(|r| r.slots.get(i));
+                    if let Some(s) = slot {
+                        release_ref(&mut reg.slot_refs, s);
+                        if let Some(rm) = reg.regions.get_mut(&region) {
+                            rm.slots.set(i, None);
+                        }
+                    }
+                }
+            } else {
+                // SAFETY: the program discards the range: its content may go.
+                match how {
+                    Discard::DontNeed | Discard::Remove => unsafe { mem::dont_need(span) }?,
+                    Discard::Free => unsafe { mem::free_lazily(span) }?,
+                }
+            }
+        }
+        Ok(())
     }
 
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {

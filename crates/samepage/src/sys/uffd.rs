@@ -1,92 +1,204 @@
-//! userfaultfd, reduced to what the merge window needs.
+//! userfaultfd, reduced to what merging and unmerging need, one typed
+//! wrapper per ioctl request.
 //!
-//! The engine registers every mergeable range in write-protect mode. To merge
-//! a page it write-protects it (`UFFDIO_WRITEPROTECT`), compares it with the
-//! stable page, maps the stable page over it, and then lifts the protection of
-//! the range, which wakes any writer that faulted meanwhile. A woken writer
-//! retries its fault and, finding the pool page mapped `MAP_PRIVATE`, gets a
-//! private copy from the kernel's copy-on-write: its write lands, after the
-//! merge, never lost.
+//! **Merging** moves the candidate pages out of the program's memory with
+//! `UFFDIO_MOVE` (Linux 6.8), compares them where nobody else can write them,
+//! maps the pool over the ones that match and moves the others back. The
+//! move is the kernel's own atomic check that no device holds the page:
+//! `mm/userfaultfd.c`'s `move_present_ptes()` refuses with `EBUSY` a folio
+//! that `folio_maybe_dma_pinned()` (O_DIRECT or io_uring I/O in flight, an
+//! io_uring fixed buffer, VFIO, RDMA) or that is not `PageAnonExclusive`
+//! (shared with a forked child), and checks the pin again after clearing the
+//! page-table entry. A write-protect window cannot do this: it only stops
+//! *new* write faults, while a device that pinned the page earlier writes
+//! straight into it, and replacing the page would send that write to a page
+//! nobody reads (`mm/ksm.c`'s `write_protect_page()` refuses such pages by
+//! comparing the folio's mapcount with its refcount). While its pages are
+//! out, the window is registered `UFFDIO_REGISTER_MODE_MISSING`: a thread
+//! that touches one of them, or the kernel on its behalf (`read(2)` into it,
+//! a pin being taken), waits in the kernel until the window closes, instead
+//! of finding an empty anonymous page and reading zeros.
+//!
+//! **Unmerging** copies pages that map the pool into fresh memory and moves
+//! the copy over them (`mremap`), inside a write-protect window
+//! (`UFFDIO_WRITEPROTECT`) so that a writer waits instead of writing to a page
+//! being copied. Pool pages can only be pinned for reading (a pin for writing
+//! copies the page first), so replacing them loses nothing.
 //!
 //! Two kinds of userfaultfd exist:
 //!
-//! * **full**: also catches writes the kernel makes on the program's behalf
+//! * **full**: also catches accesses the kernel makes on the program's behalf
 //!   (`read(2)` into the page, KVM's vCPU writes through get_user_pages): they
-//!   block during the window like a thread's write. Needs root,
+//!   wait for the window like a thread's access. Needs root,
 //!   `CAP_SYS_PTRACE`, read-write access to `/dev/userfaultfd` (root-only by
 //!   default), or `vm.unprivileged_userfaultfd=1`.
 //! * **user-mode-only** (`UFFD_USER_MODE_ONLY`, what an unprivileged process
-//!   gets): a kernel-mode write into a page inside its window is not delivered
+//!   gets): a kernel-mode access to a page inside its window is not delivered
 //!   and fails with `EFAULT` (measured: `read(2)` returned EFAULT). samepage
 //!   uses it only as a fallback that [`UffdMode`] reports.
 //!
-//! Features asked for: `UFFD_FEATURE_WP_UNPOPULATED` (6.4: protection also
-//! covers page-table entries that are not populated) and
-//! `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (so that ranges mapping the memfd pool can
-//! be registered too: a copy-on-write page there may merge again later).
+//! Features asked for: `UFFD_FEATURE_MOVE` (6.8), `UFFD_FEATURE_WP_UNPOPULATED`
+//! (6.4: protection also covers page-table entries that are not populated)
+//! and `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` (so that ranges mapping the memfd pool
+//! can be write-protected while they are copied).
 
+use super::addr::{PageAddr, PageRange};
 use super::{Op, SysError};
+use bitflags::bitflags;
 use linux_raw_sys::general as g;
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{FromRawFd, OwnedFd};
+use rustix::io::Errno;
 use rustix::ioctl::{self, Ioctl, IoctlOutput, Opcode};
 use std::ffi::c_void;
 
 /// Which kind of userfaultfd the engine holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UffdMode {
-    /// Full mode: writes by the kernel on the program's behalf wait for the window too.
+    /// Full mode: accesses by the kernel on the program's behalf wait for the window too.
     Full,
-    /// `UFFD_USER_MODE_ONLY`: a syscall writing into a page during its merge
+    /// `UFFD_USER_MODE_ONLY`: a syscall touching a page during its merge
     /// window fails with `EFAULT`. A fallback for unprivileged processes.
     UserModeOnly,
 }
 
-/// An ioctl that passes a pointer to `T` and returns the ioctl's return value.
-struct Call<'a, const OPCODE: Opcode, T> {
-    arg: &'a mut T,
-}
-
-// SAFETY: `as_ptr` returns a pointer to a live, exclusively borrowed `T` of
-// the layout the opcode expects (callers pick `T` from linux-raw-sys for
-// exactly that opcode), and the output is only the integer return value.
-unsafe impl<const OPCODE: Opcode, T> Ioctl for Call<'_, OPCODE, T> {
-    type Output = IoctlOutput;
-    const IS_MUTATING: bool = true;
-    fn opcode(&self) -> Opcode {
-        OPCODE
-    }
-    fn as_ptr(&mut self) -> *mut c_void {
-        (self.arg as *mut T).cast()
-    }
-    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
-        Ok(out)
+bitflags! {
+    /// `UFFDIO_REGISTER_MODE_*`: which faults of a range are delivered.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RegisterMode: u64 {
+        /// Faults on pages with no page-table entry wait for the monitor.
+        const MISSING = g::UFFDIO_REGISTER_MODE_MISSING as u64;
+        /// Writes to write-protected entries wait for the monitor.
+        const WP = g::UFFDIO_REGISTER_MODE_WP as u64;
     }
 }
 
-/// Runs ioctl `OPCODE` on `fd` with `arg`.
-///
-/// # Safety
-/// `T` must be the argument type the kernel expects for `OPCODE`.
-pub(crate) unsafe fn call<const OPCODE: Opcode, T>(fd: impl AsFd, arg: &mut T) -> rustix::io::Result<IoctlOutput> {
-    // SAFETY: the caller guarantees `T` matches `OPCODE`; `arg` is valid for
-    // reads and writes for the duration of the call.
-    unsafe { ioctl::ioctl(fd, Call::<OPCODE, T> { arg }) }
+/// The ioctl requests of a userfaultfd, each a type whose argument struct
+/// fixes its opcode (the opcode is computed from the struct's size, so a
+/// request cannot be paired with the wrong argument).
+mod request {
+    use super::*;
+
+    /// Declares a read-write ioctl request taking `&mut $arg`.
+    macro_rules! rw_request {
+        ($(#[$doc:meta])* $name:ident, $nr:expr, $arg:ty) => {
+            $(#[$doc])*
+            pub(super) struct $name<'a>(pub(super) &'a mut $arg);
+
+            // SAFETY: the opcode is `_IOWR(0xAA, nr, $arg)` as in
+            // <linux/userfaultfd.h>, computed from `$arg`'s size; `as_ptr`
+            // points to a live, exclusively borrowed `$arg` that the kernel
+            // may read and write for the duration of the call; the output is
+            // the integer return value only.
+            unsafe impl Ioctl for $name<'_> {
+                type Output = IoctlOutput;
+                const IS_MUTATING: bool = true;
+                fn opcode(&self) -> Opcode {
+                    ioctl::opcode::read_write::<$arg>(0xAA, $nr)
+                }
+                fn as_ptr(&mut self) -> *mut c_void {
+                    std::ptr::from_mut(self.0).cast()
+                }
+                unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
+                    Ok(out)
+                }
+            }
+        };
+    }
+
+    /// Declares a read-only (`_IOR`) ioctl request taking `&mut $arg`.
+    macro_rules! r_request {
+        ($(#[$doc:meta])* $name:ident, $nr:expr, $arg:ty) => {
+            $(#[$doc])*
+            pub(super) struct $name<'a>(pub(super) &'a mut $arg);
+
+            // SAFETY: the opcode is `_IOR(0xAA, nr, $arg)` as in
+            // <linux/userfaultfd.h>, computed from `$arg`'s size; the kernel
+            // reads the `$arg` that `as_ptr` points to, live for the call.
+            unsafe impl Ioctl for $name<'_> {
+                type Output = IoctlOutput;
+                const IS_MUTATING: bool = true;
+                fn opcode(&self) -> Opcode {
+                    ioctl::opcode::read::<$arg>(0xAA, $nr)
+                }
+                fn as_ptr(&mut self) -> *mut c_void {
+                    std::ptr::from_mut(self.0).cast()
+                }
+                unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
+                    Ok(out)
+                }
+            }
+        };
+    }
+
+    rw_request!(
+        /// `UFFDIO_API`: the handshake, features in and out.
+        Api, 0x3F, g::uffdio_api
+    );
+    rw_request!(
+        /// `UFFDIO_REGISTER`: start delivering a range's faults.
+        Register, 0x00, g::uffdio_register
+    );
+    r_request!(
+        /// `UFFDIO_UNREGISTER`: stop delivering a range's faults (wakes its MISSING waiters).
+        Unregister, 0x01, g::uffdio_range
+    );
+    r_request!(
+        /// `UFFDIO_WAKE`: wake the threads waiting on a range.
+        Wake, 0x02, g::uffdio_range
+    );
+    rw_request!(
+        /// `UFFDIO_WRITEPROTECT`: set or lift write protection.
+        WriteProtect, 0x06, g::uffdio_writeprotect
+    );
+    rw_request!(
+        /// `UFFDIO_MOVE`: move pages between two anonymous ranges of this
+        /// process, refusing pinned or shared ones.
+        Move, 0x05, g::uffdio_move
+    );
+
+    /// `USERFAULTFD_IOC_NEW` (`_IO(0xAA, 0x00)` on `/dev/userfaultfd`): its
+    /// argument is the flags integer itself, not a pointer.
+    pub(super) struct NewFd(pub(super) usize);
+
+    // SAFETY: the kernel takes the integer passed in the pointer slot as
+    // flags and never dereferences it (IS_MUTATING is false); the output is
+    // the new file descriptor, returned as the integer return value.
+    unsafe impl Ioctl for NewFd {
+        type Output = IoctlOutput;
+        const IS_MUTATING: bool = false;
+        fn opcode(&self) -> Opcode {
+            ioctl::opcode::none(0xAA, 0x00)
+        }
+        fn as_ptr(&mut self) -> *mut c_void {
+            self.0 as *mut c_void
+        }
+        unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
+            Ok(out)
+        }
+    }
 }
 
-const UFFDIO_API: Opcode = linux_raw_sys::ioctl::UFFDIO_API as Opcode;
-const UFFDIO_REGISTER: Opcode = linux_raw_sys::ioctl::UFFDIO_REGISTER as Opcode;
-const UFFDIO_UNREGISTER: Opcode = linux_raw_sys::ioctl::UFFDIO_UNREGISTER as Opcode;
-const UFFDIO_WRITEPROTECT: Opcode = linux_raw_sys::ioctl::UFFDIO_WRITEPROTECT as Opcode;
-const UFFDIO_WAKE: Opcode = linux_raw_sys::ioctl::UFFDIO_WAKE as Opcode;
-/// `USERFAULTFD_IOC_NEW`, `_IO(0xAA, 0x00)` on `/dev/userfaultfd`.
-const USERFAULTFD_IOC_NEW: Opcode = ioctl::opcode::none(0xAA, 0x00);
-
+/// `UFFDIO_MOVE_MODE_DONTWAKE`: leave the range's waiters asleep (the window
+/// wakes them when it closes).
+const MOVE_MODE_DONTWAKE: u64 = 1;
 /// `UFFDIO_WRITEPROTECT_MODE_WP` (`1 << 0` in linux/userfaultfd.h).
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+const WRITEPROTECT_MODE_WP: u64 = 1;
 
-const FEATURES: u64 = (g::UFFD_FEATURE_WP_UNPOPULATED | g::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) as u64;
+const FEATURES: u64 =
+    (g::UFFD_FEATURE_MOVE | g::UFFD_FEATURE_WP_UNPOPULATED | g::UFFD_FEATURE_WP_HUGETLBFS_SHMEM) as u64;
 
-/// A userfaultfd in write-protect mode.
+/// What a [`Uffd::move_pages`] call did: `moved` bytes from the start, then,
+/// if it stopped early, the error at the first page not moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Moved {
+    /// Bytes moved from the start of the range.
+    pub bytes: usize,
+    /// Why it stopped before the end (`EBUSY`: pinned or shared; `ENOENT`:
+    /// no page there; `EAGAIN`: try again), `None` when everything moved.
+    pub stopped: Option<Errno>,
+}
+
+/// A userfaultfd.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
@@ -105,18 +217,12 @@ impl Uffd {
             rustix::fs::Mode::empty(),
         ) {
             let arg = (g::O_CLOEXEC | g::O_NONBLOCK) as usize;
-            // SAFETY: USERFAULTFD_IOC_NEW takes its flags as the integer
-            // argument itself; rustix passes `as_ptr()` through unchanged, so
-            // we hand the value cast to a pointer, never dereferenced. It
-            // returns a new file descriptor, which we take ownership of.
-            let r = unsafe { ioctl::ioctl(&dev, IntArg::<USERFAULTFD_IOC_NEW>(arg as *mut c_void)) };
-            match r {
-                // SAFETY: a successful USERFAULTFD_IOC_NEW returns a fresh fd that nothing else owns.
+            // SAFETY: USERFAULTFD_IOC_NEW on /dev/userfaultfd only creates a descriptor.
+            match unsafe { ioctl::ioctl(&dev, request::NewFd(arg)) } {
                 Ok(fd) => {
-                    return Self::handshake(
-                        unsafe { <OwnedFd as rustix::fd::FromRawFd>::from_raw_fd(fd) },
-                        UffdMode::Full,
-                    )
+                    // SAFETY: a successful USERFAULTFD_IOC_NEW returns a fresh fd that nothing else owns.
+                    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                    return Self::handshake(fd, UffdMode::Full);
                 }
                 Err(e) => last = Some(SysError::new("ioctl(USERFAULTFD_IOC_NEW)", e)),
             }
@@ -135,17 +241,11 @@ impl Uffd {
     }
 
     fn handshake(fd: OwnedFd, mode: UffdMode) -> Result<Uffd, SysError> {
-        // SAFETY: uffdio_api is plain data; all-zero is a valid value.
-        let mut api: g::uffdio_api = unsafe { std::mem::zeroed() };
-        api.api = g::UFFD_API as u64;
-        api.features = FEATURES;
-        // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
-        unsafe { call::<UFFDIO_API, _>(&fd, &mut api) }.op("ioctl(UFFDIO_API)")?;
+        let mut api = g::uffdio_api { api: g::UFFD_API.into(), features: FEATURES, ioctls: 0 };
+        // SAFETY: UFFDIO_API on a userfaultfd; the request type fixes the argument.
+        unsafe { ioctl::ioctl(&fd, request::Api(&mut api)) }.op("ioctl(UFFDIO_API)")?;
         if api.features & FEATURES != FEATURES {
-            return Err(SysError::new(
-                "ioctl(UFFDIO_API): WP_UNPOPULATED and WP_HUGETLBFS_SHMEM",
-                rustix::io::Errno::NOSYS,
-            ));
+            return Err(SysError::new("ioctl(UFFDIO_API): MOVE, WP_UNPOPULATED and WP_HUGETLBFS_SHMEM", Errno::NOSYS));
         }
         Ok(Uffd { fd, mode })
     }
@@ -155,63 +255,75 @@ impl Uffd {
         self.mode
     }
 
-    /// Registers `[start, start+len)` for write-protect faults.
-    pub fn register(&self, start: usize, len: usize) -> Result<(), SysError> {
-        let mut reg = g::uffdio_register {
-            range: g::uffdio_range { start: start as u64, len: len as u64 },
-            mode: g::UFFDIO_REGISTER_MODE_WP as u64,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`.
-        unsafe { call::<UFFDIO_REGISTER, _>(&self.fd, &mut reg) }.op("ioctl(UFFDIO_REGISTER)")?;
+    /// The descriptor (to poll and read messages from).
+    pub fn fd(&self) -> rustix::fd::BorrowedFd<'_> {
+        use rustix::fd::AsFd;
+        self.fd.as_fd()
+    }
+
+    /// Registers `range` for the faults of `mode` (a range already
+    /// registered with this userfaultfd takes the new mode). `EBUSY` when
+    /// another userfaultfd has part of it.
+    pub fn register(&self, range: PageRange, mode: RegisterMode) -> Result<(), SysError> {
+        let mut reg = g::uffdio_register { range: uffd_range(range), mode: mode.bits(), ioctls: 0 };
+        // SAFETY: UFFDIO_REGISTER on our userfaultfd; the request type fixes the argument.
+        unsafe { ioctl::ioctl(&self.fd, request::Register(&mut reg)) }.op("ioctl(UFFDIO_REGISTER)")?;
         Ok(())
     }
 
-    /// Unregisters a range.
-    pub fn unregister(&self, start: usize, len: usize) -> Result<(), SysError> {
-        let mut range = g::uffdio_range { start: start as u64, len: len as u64 };
-        // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`.
-        unsafe { call::<UFFDIO_UNREGISTER, _>(&self.fd, &mut range) }.op("ioctl(UFFDIO_UNREGISTER)")?;
+    /// Unregisters `range`; threads waiting on a missing page there wake up.
+    pub fn unregister(&self, range: PageRange) -> Result<(), SysError> {
+        let mut r = uffd_range(range);
+        // SAFETY: UFFDIO_UNREGISTER on our userfaultfd; the request type fixes the argument.
+        unsafe { ioctl::ioctl(&self.fd, request::Unregister(&mut r)) }.op("ioctl(UFFDIO_UNREGISTER)")?;
         Ok(())
     }
 
-    /// Sets (`protect`) or lifts write protection on a range. Lifting wakes
+    /// Sets (`protect`) or lifts write protection on `range`. Lifting wakes
     /// the writers that faulted on it.
-    pub fn write_protect(&self, start: usize, len: usize, protect: bool) -> Result<(), SysError> {
-        let mut wp = g::uffdio_writeprotect {
-            range: g::uffdio_range { start: start as u64, len: len as u64 },
-            mode: if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
-        };
-        // SAFETY: UFFDIO_WRITEPROTECT takes a `struct uffdio_writeprotect`.
-        unsafe { call::<UFFDIO_WRITEPROTECT, _>(&self.fd, &mut wp) }.op("ioctl(UFFDIO_WRITEPROTECT)")?;
+    pub fn write_protect(&self, range: PageRange, protect: bool) -> Result<(), SysError> {
+        let mut wp =
+            g::uffdio_writeprotect { range: uffd_range(range), mode: if protect { WRITEPROTECT_MODE_WP } else { 0 } };
+        // SAFETY: UFFDIO_WRITEPROTECT on our userfaultfd; the request type fixes the argument.
+        unsafe { ioctl::ioctl(&self.fd, request::WriteProtect(&mut wp)) }.op("ioctl(UFFDIO_WRITEPROTECT)")?;
         Ok(())
     }
 
-    /// Wakes writers waiting on a range (after the range was remapped).
-    pub fn wake(&self, start: usize, len: usize) -> Result<(), SysError> {
-        let mut range = g::uffdio_range { start: start as u64, len: len as u64 };
-        // SAFETY: UFFDIO_WAKE takes a `struct uffdio_range`.
-        unsafe { call::<UFFDIO_WAKE, _>(&self.fd, &mut range) }.op("ioctl(UFFDIO_WAKE)")?;
+    /// Wakes the threads waiting on `range`.
+    pub fn wake(&self, range: PageRange) -> Result<(), SysError> {
+        let mut r = uffd_range(range);
+        // SAFETY: UFFDIO_WAKE on our userfaultfd; the request type fixes the argument.
+        unsafe { ioctl::ioctl(&self.fd, request::Wake(&mut r)) }.op("ioctl(UFFDIO_WAKE)")?;
         Ok(())
+    }
+
+    /// Moves the pages of `src` to `dst` (same length), without waking
+    /// anyone. `dst` must be registered with this userfaultfd and hold no
+    /// page; both private anonymous memory with the same protection and
+    /// mlock state. Stops at the first page it cannot move and says why.
+    ///
+    /// # Safety
+    /// The pages of `src` leave it: `src` must be memory the engine may
+    /// empty (a range of a registered region inside a `MISSING` window, or
+    /// the engine's own scratch), and `dst` memory whose pages it may fill.
+    pub unsafe fn move_pages(&self, dst: PageAddr, src: PageAddr, pages: usize) -> Moved {
+        let len = pages * crate::PAGE_SIZE;
+        let mut mv = g::uffdio_move {
+            dst: dst.get() as u64,
+            src: src.get() as u64,
+            len: len as u64,
+            mode: MOVE_MODE_DONTWAKE,
+            move_: 0,
+        };
+        // SAFETY: UFFDIO_MOVE on our userfaultfd; the request type fixes the
+        // argument; the caller may empty `src` and fill `dst`.
+        match unsafe { ioctl::ioctl(&self.fd, request::Move(&mut mv)) } {
+            Ok(_) => Moved { bytes: len, stopped: None },
+            Err(e) => Moved { bytes: usize::try_from(mv.move_).unwrap_or(0).min(len), stopped: Some(e) },
+        }
     }
 }
 
-/// An ioctl whose argument is an integer passed in the pointer slot, and whose
-/// return value is the output.
-struct IntArg<const OPCODE: Opcode>(*mut c_void);
-
-// SAFETY: the pointer is an integer argument the kernel never dereferences
-// (IS_MUTATING is false); the output is the integer return value.
-unsafe impl<const OPCODE: Opcode> Ioctl for IntArg<OPCODE> {
-    type Output = IoctlOutput;
-    const IS_MUTATING: bool = false;
-    fn opcode(&self) -> Opcode {
-        OPCODE
-    }
-    fn as_ptr(&mut self) -> *mut c_void {
-        self.0
-    }
-    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
-        Ok(out)
-    }
+fn uffd_range(range: PageRange) -> g::uffdio_range {
+    g::uffdio_range { start: range.start().get() as u64, len: range.len_bytes() as u64 }
 }

@@ -1,0 +1,125 @@
+//! The copy-on-write breaker: the thread that takes a merged page out of the
+//! pool when the program writes to it (the kernel's `break_cow`).
+//!
+//! A write to a merged page would normally get a private copy from the
+//! kernel's copy-on-write *inside* the pool mapping. Such a page can never
+//! be merged again safely: `UFFDIO_MOVE`, the only atomic check that no
+//! device pins a page, refuses pages of file mappings. So with a full-mode
+//! userfaultfd, pool mappings stay write-protected (`UFFDIO_WRITEPROTECT`),
+//! and the first write to a merged page waits in the kernel while this
+//! thread copies the pool page into fresh anonymous memory and moves that
+//! over it (`mremap`). The writer then retries and writes its own anonymous
+//! page, which later scans can merge again like any other. A device that
+//! pins the page for writing faults the same way first (`FOLL_WRITE` on a
+//! write-protected entry), so nothing it writes is lost.
+//!
+//! The thread never waits on the scanner: it shares only the page space's
+//! registry (which pages map the pool), under a lock held for one page.
+//! Where the page space is itself replacing pool mappings (moving them to
+//! other slots, unmerging, discarding), the thread leaves the writer waiting;
+//! the page space wakes it when done, and it faults again.
+
+use super::addr::PageAddr;
+use super::space::Registry;
+use super::uffd::Uffd;
+use linux_raw_sys::general as g;
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// The running breaker thread; dropping it stops the thread.
+#[derive(Debug)]
+pub struct Breaker {
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Breaker {
+    /// Starts the thread serving `uffd`'s write-protect faults.
+    pub fn start(uffd: Arc<Uffd>, registry: Arc<Mutex<Registry>>) -> std::io::Result<Breaker> {
+        let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
+        let stop2 = stop.try_clone()?;
+        let thread =
+            std::thread::Builder::new().name("samepage-cow".into()).spawn(move || serve(&uffd, &registry, &stop2))?;
+        Ok(Breaker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Breaker {
+    fn drop(&mut self) {
+        let _ = rustix::io::write(&self.stop, &1u64.to_ne_bytes());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `struct uffd_msg` as a page fault reports it (the layout of
+/// <linux/userfaultfd.h>: an event byte, 7 reserved bytes, then the union,
+/// whose `pagefault` member is flags, address and the thread id).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(super) struct FaultMsg {
+    event: u8,
+    reserved: [u8; 7],
+    flags: u64,
+    address: u64,
+    feat: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<FaultMsg>() == std::mem::size_of::<g::uffd_msg>());
+
+/// Reads the userfaultfd's messages until told to stop.
+fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
+    let mut msgs = [FaultMsg::default(); 32];
+    loop {
+        let ufd = uffd.fd();
+        let mut fds = [PollFd::new(&ufd, PollFlags::IN), PollFd::new(stop, PollFlags::IN)];
+        if poll(&mut fds, None).is_err() {
+            continue;
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        let n = uffd.read_messages(&mut msgs);
+        for m in &msgs[..n] {
+            if m.event != g::UFFD_EVENT_PAGEFAULT as u8 {
+                continue;
+            }
+            // A fault on a missing page is a merge window's: it wakes it.
+            if m.flags & u64::from(g::UFFD_PAGEFAULT_FLAG_WP) == 0 {
+                continue;
+            }
+            let addr = PageAddr::containing(m.address as usize);
+            let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
+                reg.break_cow(uffd, addr)
+            }));
+            // A write must never stay blocked: if breaking failed, the
+            // protection goes and the kernel copies the page in place.
+            if !matches!(handled, Ok(true)) {
+                let page = super::addr::PageRange::new(addr, 1);
+                let busy = registry.lock().map(|r| r.is_busy(addr)).unwrap_or(false);
+                if !busy {
+                    let _ = uffd.write_protect(page, false);
+                }
+            }
+            let _ = uffd.wake(super::addr::PageRange::new(addr, 1));
+        }
+    }
+}
+
+impl Uffd {
+    /// Reads pending messages into `out` without blocking; returns how many.
+    pub(super) fn read_messages(&self, out: &mut [FaultMsg]) -> usize {
+        // SAFETY: `FaultMsg` is plain old data of integers: any bytes the
+        // kernel writes are a valid value; the buffer is ours, `out`'s size.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(out)) };
+        match rustix::io::read(self.fd(), bytes) {
+            Ok(n) => n / std::mem::size_of::<FaultMsg>(),
+            Err(_) => 0,
+        }
+    }
+}
