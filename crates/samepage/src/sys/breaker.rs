@@ -20,7 +20,7 @@
 //! the page space wakes it when done, and it faults again.
 
 use super::addr::PageAddr;
-use super::space::Registry;
+use super::space::{Broken, Registry};
 use super::uffd::Uffd;
 use linux_raw_sys::general as g;
 use rustix::event::{poll, PollFd, PollFlags};
@@ -92,20 +92,29 @@ fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
                 continue;
             }
             let addr = PageAddr::containing(m.address as usize);
+            let page = super::addr::PageRange::new(addr, 1);
             let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
-                reg.break_cow(uffd, addr)
-            }));
-            // A write must never stay blocked: if breaking failed, the
-            // protection goes and the kernel copies the page in place.
-            if !matches!(handled, Ok(true)) {
-                let page = super::addr::PageRange::new(addr, 1);
-                let busy = registry.lock().map(|r| r.is_busy(addr)).unwrap_or(false);
-                if !busy {
+                let what = reg.break_cow(uffd, addr);
+                // A write must never stay blocked: where the page is not
+                // moved, the protection goes (the kernel then copies in place)
+                // before the registry lets anyone look again.
+                if matches!(what, Broken::PoolCopy | Broken::NotMerged) {
                     let _ = uffd.write_protect(page, false);
                 }
+                what
+            }));
+            match handled {
+                // The page space wakes the range when it is done there.
+                Ok(Broken::Busy) => {}
+                Ok(_) => {
+                    let _ = uffd.wake(page);
+                }
+                Err(_) => {
+                    let _ = uffd.write_protect(page, false);
+                    let _ = uffd.wake(page);
+                }
             }
-            let _ = uffd.wake(super::addr::PageRange::new(addr, 1));
         }
     }
 }

@@ -67,8 +67,19 @@ const WINDOW_GAP: u64 = 16;
 /// Pages of a scratch area: the most pages one window moves out.
 const SCRATCH_PAGES: usize = 4096;
 
+/// Pages of the scratch area for locked memory (`UFFDIO_MOVE` wants both
+/// ends equally locked): small, since locking it counts in the process's
+/// `VmLck` against `RLIMIT_MEMLOCK` whether its pages are there or not.
+const LOCKED_SCRATCH_PAGES: usize = 64;
+
 /// Pages per chunk of a region's [`PoolSlots`].
 const CHUNK: u64 = 512;
+
+/// A pool copy that may be pinned: made by the kernel's copy-on-write while
+/// its pool page was not write-protected (in the moment between mapping a
+/// pool run and protecting it, or after the breaker gave up on a write). The
+/// breaker never moves such a page; it stays a pool copy.
+const TAINTED: u32 = 1 << 31;
 
 /// Which pool slot each page of a region maps (merged pages, and pool
 /// copies made by writes to them), in chunks allocated where merges happen.
@@ -86,9 +97,23 @@ impl PoolSlots {
 
     fn get(&self, i: u64) -> Option<Slot> {
         let c = self.chunks[(i / CHUNK) as usize].as_ref()?;
-        match c[(i % CHUNK) as usize] {
+        match c[(i % CHUNK) as usize] & !TAINTED {
             0 => None,
             s => Some(Slot(u64::from(s) - 1)),
+        }
+    }
+
+    /// Whether page `i` is a pool copy that may be pinned ([`TAINTED`]).
+    fn tainted(&self, i: u64) -> bool {
+        self.chunks[(i / CHUNK) as usize].as_ref().is_some_and(|c| c[(i % CHUNK) as usize] & TAINTED != 0)
+    }
+
+    /// Marks page `i` (in a pool mapping) as a pool copy that may be pinned.
+    fn taint(&mut self, i: u64) {
+        if let Some(c) = self.chunks[(i / CHUNK) as usize].as_mut() {
+            if c[(i % CHUNK) as usize] != 0 {
+                c[(i % CHUNK) as usize] |= TAINTED;
+            }
         }
     }
 
@@ -101,7 +126,9 @@ impl PoolSlots {
             self.chunks[c] = Some(Box::new([0; CHUNK as usize]));
         }
         let chunk = self.chunks[c].as_mut().expect("allocated above");
-        let v = slot.map_or(0, |s| u32::try_from(s.0 + 1).expect("pool slots fit in 32 bits"));
+        let v = slot.map_or(0, |s| {
+            u32::try_from(s.0 + 1).ok().filter(|v| v & TAINTED == 0).expect("pool slots fit in 31 bits")
+        });
         match (chunk[o] == 0, v == 0) {
             (true, false) => self.live[c] += 1,
             (false, true) => self.live[c] -= 1,
@@ -227,7 +254,7 @@ struct Scratch {
 
 impl Scratch {
     fn new(uffd: &Uffd, locked: bool) -> Result<Scratch, SysError> {
-        let range = mem::map_anon_noreserve(SCRATCH_PAGES)?;
+        let range = mem::map_anon_noreserve(if locked { LOCKED_SCRATCH_PAGES } else { SCRATCH_PAGES })?;
         let made = (|| {
             mem::advise(range, mem::Hint::NoHugePage)?;
             mem::advise(range, mem::Hint::DontFork)?;
@@ -292,27 +319,6 @@ impl Registry {
         self.busy.iter().any(|r| r.contains(addr.get()))
     }
 
-    /// The runs of pages of `range` (in region `id`) that map the pool.
-    fn pool_runs_in(&self, id: RegionId, range: PageRange) -> Vec<PageRange> {
-        let Some(r) = self.regions.get(&id) else { return Vec::new() };
-        let first = range.start().pages_since(r.base) as u64;
-        let mut out = Vec::new();
-        let mut i = first;
-        let end = first + range.pages() as u64;
-        while i < end {
-            if r.slots.get(i).is_none() {
-                i += 1;
-                continue;
-            }
-            let from = i;
-            while i < end && r.slots.get(i).is_some() {
-                i += 1;
-            }
-            out.push(r.range(from..i));
-        }
-        out
-    }
-
     fn region_at(&self, addr: PageAddr) -> Option<(RegionId, u64)> {
         self.regions.iter().find_map(|(id, r)| {
             let end = r.addr(r.npages);
@@ -326,27 +332,37 @@ impl Registry {
     /// just lose its protection instead (not a page the engine merged, or
     /// no memory for the copy), true when done or when the page space is
     /// replacing that range (it wakes the writer itself).
-    pub(super) fn break_cow(&mut self, uffd: &Uffd, addr: PageAddr) -> bool {
+    pub(super) fn break_cow(&mut self, uffd: &Uffd, addr: PageAddr) -> Broken {
         if self.is_busy(addr) {
-            return true;
+            return Broken::Busy;
         }
-        let Some((id, index)) = self.region_at(addr) else { return false };
+        let Some((id, index)) = self.region_at(addr) else { return Broken::NotMerged };
         let r = &self.regions[&id];
-        let Some(slot) = r.slots.get(index) else { return false };
+        let Some(slot) = r.slots.get(index) else { return Broken::NotMerged };
+        if r.slots.tainted(index) {
+            // A pool copy that may be pinned: never replaced.
+            return Broken::PoolCopy;
+        }
         let keep = r.segment(index).keep;
         let page = PageRange::new(addr, 1);
         if !self.budget.allows(2) {
             self.cow_fallbacks += 1;
-            return false;
+            self.regions.get_mut(&id).expect("found above").slots.taint(index);
+            return Broken::PoolCopy;
         }
         let moved = (|| {
+            // The fault may be an old one, the page's protection lifted since
+            // (by a window over it): protect it again before copying, so no
+            // write lands in it meanwhile.
+            uffd.write_protect(page, true)?;
             let tmp = mem::map_anon(1)?;
-            // SAFETY: the page is write-protected and maps the pool (or a copy
-            // the kernel made in place for the waiting write, not yet
-            // written): it holds still; `tmp` is our own fresh page.
+            // SAFETY: the page is write-protected and maps the pool (or holds
+            // a copy the kernel made in place for a waiting write, not yet
+            // written, and not pinned for writing: a pin for writing faults
+            // on the protection and waits): it holds still; `tmp` is ours.
             unsafe { std::ptr::copy_nonoverlapping(addr.ptr().cast_const(), tmp.start().ptr(), PAGE_SIZE) };
             // SAFETY: `tmp` is ours; the page holds the same bytes and no
-            // write pin (a pin for writing faults here first and waits).
+            // write pin.
             if let Err(e) = unsafe { mem::move_mapping(tmp, addr) } {
                 // SAFETY: still ours.
                 let _ = unsafe { mem::unmap(tmp) };
@@ -356,15 +372,29 @@ impl Registry {
         })();
         if moved.is_err() {
             self.cow_fallbacks += 1;
-            return false;
+            self.regions.get_mut(&id).expect("found above").slots.taint(index);
+            return Broken::PoolCopy;
         }
-        let _ = uffd; // the caller wakes the writer
         self.budget.spent(2);
         self.regions.get_mut(&id).expect("found above").slots.set(index, None);
         release_ref(&mut self.slot_refs, slot);
         self.cow_breaks += 1;
-        true
+        Broken::Moved
     }
+}
+
+/// What the breaker did with a write fault ([`Registry::break_cow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Broken {
+    /// The merged page was moved into anonymous memory: wake the writer.
+    Moved,
+    /// The page space is replacing that range: it wakes the writer after.
+    Busy,
+    /// A pool copy (or a page the breaker could not move): lift the
+    /// protection, the kernel copies in place, the page stays a pool copy.
+    PoolCopy,
+    /// Not a page the engine merged: lift the protection.
+    NotMerged,
 }
 
 /// Marks a range busy in the registry until dropped (then wakes it).
@@ -599,14 +629,19 @@ impl LinuxPageSpace {
                     let first = intents[order[w]].page.index;
                     let seg_end = r.segment(first).pages.end;
                     let in_pool = r.slots.get(first).is_some();
+                    let most =
+                        if r.segment(first).keep.contains(Keep::LOCKED) { LOCKED_SCRATCH_PAGES } else { SCRATCH_PAGES };
                     let mut end = w + 1;
-                    while end < order.len() && end - w < SCRATCH_PAGES {
+                    while end < order.len() && end - w < most {
                         let (a, b) = (intents[order[end - 1]].page, intents[order[end]].page);
                         if b.region != region
                             || b.index - a.index > WINDOW_GAP
                             || b.index >= seg_end
                             || r.released_between(a.index, b.index)
                             || r.slots.get(b.index).is_some() != in_pool
+                            // A merge window never covers pool mappings: closing
+                            // it lifts write protection in its range.
+                            || !in_pool && r.slots.any_in(a.index + 1, b.index)
                         {
                             break;
                         }
@@ -653,8 +688,7 @@ impl LinuxPageSpace {
             return; // results stay Failed; nothing changed
         }
         self.stats.windows += 1;
-        let window =
-            Window { uffd: &self.uffd, registry: &self.registry, region, range: span, breaks: self.breaker.is_some() };
+        let window = Window { uffd: &self.uffd, range: span, open: true };
 
         // Out: each run of consecutive pages with one UFFDIO_MOVE.
         let mut at: Vec<Option<usize>> = vec![None; idx.len()];
@@ -720,6 +754,7 @@ impl LinuxPageSpace {
 
         // Replace: runs of equal pages going to consecutive slots, one mmap each.
         let mut mapped = Vec::new();
+        let mut new_runs = Vec::new();
         let mut k = 0;
         while k < idx.len() {
             if !equal[k] {
@@ -754,6 +789,7 @@ impl LinuxPageSpace {
                     match made.and_then(|()| put_back(run, keep)) {
                         Ok(()) => {
                             lock(&self.registry).budget.spent(2);
+                            new_runs.push(run);
                             Ok(())
                         }
                         Err(_) => Err(IntentResult::Failed),
@@ -839,7 +875,11 @@ impl LinuxPageSpace {
                 rm.slots.set(index, Some(s));
             }
         }
-        drop(window);
+        if self.breaker.is_some() {
+            window.close(&self.registry, region, &mut self.pagemap, &new_runs);
+        } else {
+            drop(window);
+        }
         scratch.clear(used);
     }
 
@@ -1021,31 +1061,60 @@ impl LinuxPageSpace {
 }
 
 /// A merge window, registered `MISSING` (and for write protection). Closing
-/// it (drop) drops the `MISSING` mode, which only unregistering does (a
-/// registration with fewer modes keeps the old ones), and unregistering
-/// also lifts write protection in the range: so the range is registered
-/// again for write protection and, when a breaker serves writes to merged
-/// pages, every pool run in it (those mapped in this window and those there
-/// before) is protected again before the window wakes its waiters.
+/// it drops the `MISSING` mode, which only unregistering does (a
+/// registration with fewer modes keeps the old ones); unregistering also
+/// lifts write protection in the range, which is why a window never covers
+/// pool mappings made before it. The range is registered again for write
+/// protection; then (with a breaker, [`Window::close`]) the pool runs mapped
+/// in the window are protected, and the pages of theirs the kernel copied in
+/// place meanwhile (a write in the moment between the mapping and its
+/// protection) are marked as possibly pinned pool copies, all under the
+/// registry's lock so the breaker sees the marks; finally the range's
+/// waiters are woken.
 struct Window<'a> {
     uffd: &'a Uffd,
-    registry: &'a Mutex<Registry>,
-    region: RegionId,
     range: PageRange,
-    breaks: bool,
+    open: bool,
+}
+
+impl Window<'_> {
+    fn reregister(&self) {
+        let _ = self.uffd.unregister(self.range);
+        let _ = self.uffd.register(self.range, RegisterMode::WP);
+    }
+
+    /// Closes the window, protecting `runs` (pool runs mapped in it) in
+    /// between.
+    fn close(mut self, registry: &Mutex<Registry>, region: RegionId, pagemap: &mut PageMap, runs: &[PageRange]) {
+        self.reregister();
+        if !runs.is_empty() {
+            let mut reg = lock(registry);
+            for run in runs {
+                let _ = self.uffd.write_protect(*run, true);
+            }
+            let mut found = Vec::new();
+            for run in runs {
+                found.clear();
+                let _ = pagemap.scan(run.start().get(), run.end().get(), run.pages(), &mut found);
+                for addr in found.iter().flat_map(|f| (f.start..f.end).step_by(PAGE_SIZE)) {
+                    if let Some(r) = reg.regions.get_mut(&region) {
+                        let i = PageAddr::containing(addr).pages_since(r.base) as u64;
+                        r.slots.taint(i);
+                    }
+                }
+            }
+        }
+        let _ = self.uffd.wake(self.range);
+        self.open = false;
+    }
 }
 
 impl Drop for Window<'_> {
     fn drop(&mut self) {
-        let _ = self.uffd.unregister(self.range);
-        let _ = self.uffd.register(self.range, RegisterMode::WP);
-        if self.breaks {
-            let runs = lock(self.registry).pool_runs_in(self.region, self.range);
-            for run in runs {
-                let _ = self.uffd.write_protect(run, true);
-            }
+        if self.open {
+            self.reregister();
+            let _ = self.uffd.wake(self.range);
         }
-        let _ = self.uffd.wake(self.range);
     }
 }
 

@@ -145,3 +145,61 @@ pub fn smaps_sum_in(field: &str, start: usize, end: usize) -> u64 {
     }
     sum
 }
+
+/// The `VmFlags` of every mapping inside `[start, end)`, one string each.
+pub fn vm_flags_in(start: usize, end: usize) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut out, mut inside) = (Vec::new(), false);
+    for l in text.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (a, b) = (usize::from_str_radix(a, 16).unwrap(), usize::from_str_radix(b, 16).unwrap());
+            inside = a >= start && b <= end;
+        } else if let Some(v) = l.strip_prefix("VmFlags:").filter(|_| inside) {
+            out.push(v.trim().to_string());
+        }
+    }
+    out
+}
+
+/// A file of `pages` pages of deterministic content (page `i` holds
+/// `content(seed + i)`), for O_DIRECT and io_uring reads.
+pub fn data_file(name: &str, pages: usize, seed: u64) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("samepage-{name}-{}", std::process::id()));
+    let data: Vec<u8> = (0..pages).flat_map(|i| content(seed + i as u64)).collect();
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+/// Forks a child that runs `check` (raw memory reads only, no allocation)
+/// and exits 0 if it returns true; returns whether it did.
+pub fn in_child(check: impl FnOnce() -> bool) -> bool {
+    // SAFETY: the child only runs `check`, which touches raw memory, then
+    // leaves with _exit: no locks, no destructors.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let ok = check();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+}
+
+/// Whether `[addr, addr + len)` is mapped at all (`mincore` fails with ENOMEM otherwise).
+pub fn is_mapped(addr: usize, len: usize) -> bool {
+    let mut v = vec![0u8; len.div_ceil(PAGE)];
+    // SAFETY: mincore only reports on the range and writes one byte per page into `v`.
+    unsafe { libc::mincore(addr as *mut libc::c_void, len, v.as_mut_ptr()) == 0 }
+}
+
+/// A field of /proc/self/status, in kB.
+pub fn status_kb(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
