@@ -349,6 +349,20 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         Ok(())
     }
 
+    /// Drops the links of pages the page space saw the program discard
+    /// ([`PageSpace::drain_discarded`]): they read zeros now.
+    fn forget_discarded(&mut self, space: &mut impl PageSpace) {
+        let mut pages = Vec::new();
+        space.drain_discarded(&mut pages);
+        for page in pages {
+            if let Link::Stable(n) = self.item(page).link() {
+                self.node_dec(n);
+            }
+            self.relink(page, RmapItem::default());
+        }
+        self.free_dead_slots(space);
+    }
+
     /// The program discards pages `range` of region `id` (`MADV_DONTNEED`,
     /// `MADV_FREE`, `MADV_REMOVE`): the page space makes them read as zeros
     /// (pages mapping the pool included, which the kernel's `MADV_DONTNEED`
@@ -559,6 +573,7 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         if self.tunables.run != Run::Merge || self.regions.is_empty() {
             return report;
         }
+        self.forget_discarded(space);
         let mut budget = self.tunables.pages_to_scan.max(1) as usize;
         self.last_new_slot = None;
         // Bound the empty-region walking of one batch: a full pass at most.

@@ -194,4 +194,12 @@ pub trait PageSpace {
     /// Whether two pool slots hold the same bytes (stable pages never change,
     /// so this needs no window).
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError>;
+
+    /// Pages the program discarded behind the scanner's back (a plain
+    /// `madvise(MADV_DONTNEED)` the page space noticed and served by making
+    /// them read zeros), appended to `out` and forgotten by the page space.
+    /// The scanner drops their links. The default has none.
+    fn drain_discarded(&mut self, out: &mut Vec<PageRef>) {
+        let _ = out;
+    }
 }

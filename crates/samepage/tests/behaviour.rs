@@ -325,3 +325,34 @@ fn forks_during_merging_see_every_page() {
     assert!(forks > 8 && engine.counters().unwrap().merges > 0);
     engine.unregister(id).unwrap();
 }
+
+/// A plain `madvise(MADV_DONTNEED)` by the program, not through the engine,
+/// on merged pages: the engine notices it (`UFFD_EVENT_REMOVE`) and the pages
+/// read zeros afterwards, as anonymous memory does. Without it they would
+/// read their merged content again.
+#[test]
+fn a_plain_madvise_dontneed_on_merged_pages_reads_zeros() {
+    let _g = serial();
+    let engine = Engine::new(fast(256, false)).unwrap();
+    if !engine.info().breaks_cow {
+        eprintln!("skipped: no full-mode userfaultfd (not root): plain MADV_DONTNEED is not noticed there");
+        return;
+    }
+    let (m, id) = registered(&engine, |_| {});
+    let c = converge(&engine, 1);
+    assert_eq!(c.pages_shared + c.pages_sharing, PAGES as u64, "{c:?}");
+    for round in 0..3 {
+        // SAFETY: the test's own registered memory; no Rust reference to it.
+        unsafe { samepage::testing::dont_need(m.as_ptr() as usize + 32 * PAGE, 64 * PAGE) }.unwrap();
+        assert_pages(&m, 32..96, |_| [0; PAGE], "after MADV_DONTNEED");
+        assert_pages(&m, 0..32, |i| content(i as u64 % 4), "before the range");
+        assert_pages(&m, 96..PAGES, |i| content(i as u64 % 4), "after the range");
+        for i in 32..96 {
+            m.write(i * PAGE, &content(i as u64 % 4)).unwrap();
+        }
+        let c = converge(&engine, 2);
+        assert_eq!(c.pages_shared + c.pages_sharing, PAGES as u64, "round {round}: merged again: {c:?}");
+    }
+    assert!(engine.space_stats().plain_discards >= 3);
+    engine.unregister(id).unwrap();
+}

@@ -70,9 +70,44 @@ pub(super) struct FaultMsg {
 
 const _: () = assert!(std::mem::size_of::<FaultMsg>() == std::mem::size_of::<g::uffd_msg>());
 
+/// The `madvise` calls that discard memory (`MADV_DONTNEED`, `MADV_FREE`,
+/// `MADV_REMOVE`) the process's threads are in right now, as `(start, end)`:
+/// read from `/proc/self/task/*/syscall`, which shows the arguments of a
+/// thread blocked in a system call (28 is `madvise` on x86_64).
+fn discards_in_progress() -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
+    for t in tasks.flatten() {
+        let Ok(line) = std::fs::read_to_string(t.path().join("syscall")) else { continue };
+        let mut f = line.split_whitespace();
+        if f.next() != Some("28") {
+            continue;
+        }
+        let arg = |s: Option<&str>| s.and_then(|v| usize::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+        let (Some(addr), Some(len), Some(advice)) = (arg(f.next()), arg(f.next()), arg(f.next())) else { continue };
+        let discards = [libc::MADV_DONTNEED, libc::MADV_FREE, libc::MADV_REMOVE].map(|a| a as usize);
+        if discards.contains(&advice) {
+            out.push((addr, addr.saturating_add(len)));
+        }
+    }
+    out
+}
+
 /// Reads the userfaultfd's messages until told to stop.
+///
+/// A `madvise(MADV_DONTNEED)` on a merged page would bring its pool page back
+/// instead of zeros: the kernel's `MADV_DONTNEED` on a private file mapping
+/// drops the private copy and reads the file again. The pool mappings'
+/// userfaultfd asks for `UFFD_EVENT_REMOVE`, which the kernel sends *before*
+/// it discards, making the caller wait until the event is read; the event
+/// tells the range only once read, but the waiting caller's arguments show
+/// in `/proc/self/task/*/syscall`. So before each message is read, the pool
+/// mappings inside every such range become fresh anonymous memory (zeros);
+/// then the caller goes on and discards anonymous memory, as it would have
+/// without samepage. Messages are read one at a time: the one read was
+/// queued before the threads were looked at, so its caller was seen.
 fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
-    let mut msgs = [FaultMsg::default(); 32];
+    let mut msgs = [FaultMsg::default(); 1];
     loop {
         let ufd = uffd.fd();
         let mut fds = [PollFd::new(&ufd, PollFlags::IN), PollFd::new(stop, PollFlags::IN)];
@@ -82,8 +117,22 @@ fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
         if !fds[1].revents().is_empty() {
             return;
         }
+        let discards = discards_in_progress();
+        if !discards.is_empty() {
+            let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
+            for (start, end) in discards {
+                reg.noticed_discard(start, end);
+            }
+        }
         let n = uffd.read_messages(&mut msgs);
         for m in &msgs[..n] {
+            if m.event == g::UFFD_EVENT_REMOVE as u8 {
+                // Served above; a range not seen there (it cannot be) is
+                // served now, late.
+                let (start, end) = (m.flags as usize, m.address as usize);
+                registry.lock().unwrap_or_else(|e| e.into_inner()).noticed_discard(start, end);
+                continue;
+            }
             if m.event != g::UFFD_EVENT_PAGEFAULT as u8 {
                 continue;
             }

@@ -241,6 +241,9 @@ pub struct SpaceStats {
     /// left under the VMA budget): they got the kernel's copy-on-write in
     /// place and became pool copies.
     pub cow_fallbacks: u64,
+    /// The program's own `madvise(MADV_DONTNEED/FREE/REMOVE)` calls on
+    /// merged pages that the engine noticed and made read zeros.
+    pub plain_discards: u64,
 }
 
 /// The engine's scratch area: where a window's pages wait while they are
@@ -311,9 +314,77 @@ pub struct Registry {
     /// mapping left under the VMA budget): those got the kernel's
     /// copy-on-write in place and are pool copies.
     cow_fallbacks: u64,
+    /// Merged pages the program discarded with a plain `madvise` (noticed by
+    /// the breaker), made anonymous zeros; the scanner drops their links.
+    discarded: Vec<PageRef>,
+    /// `madvise` calls of the program on merged pages the breaker noticed.
+    plain_discards: u64,
 }
 
 impl Registry {
+    /// Makes the pool mappings in `[start, end)` (any region) fresh
+    /// anonymous memory, which reads zeros, with the attributes the program
+    /// gave that memory: what `MADV_DONTNEED` does to anonymous memory, and
+    /// what it does not do to a private file mapping (which would read its
+    /// pool page again). Skips ranges the page space is busy with. Returns
+    /// the pages made anonymous (for the scanner to forget).
+    fn zero_pool_pieces(&mut self, start: usize, end: usize) -> Result<Vec<PageRef>, SysError> {
+        let mut out = Vec::new();
+        let ids: Vec<RegionId> = self.regions.keys().copied().collect();
+        for id in ids {
+            let r = &self.regions[&id];
+            let (rs, re) = (r.base.get(), r.addr(r.npages).get());
+            if end <= rs || re <= start {
+                continue;
+            }
+            let from = ((start.max(rs) - rs) / PAGE_SIZE) as u64;
+            let to = (end.min(re) - rs).div_ceil(PAGE_SIZE) as u64;
+            let mut runs = Vec::new();
+            for piece in r.pieces(from..to) {
+                let mut i = piece.start;
+                while i < piece.end {
+                    if r.slots.get(i).is_none() || self.busy.iter().any(|b| b.contains(r.addr(i).get())) {
+                        i += 1;
+                        continue;
+                    }
+                    let (a, keep) = (i, r.segment(i).keep);
+                    while i < piece.end && r.slots.get(i).is_some() && r.segment(i).keep == keep {
+                        i += 1;
+                    }
+                    runs.push((a..i, keep));
+                }
+            }
+            for (run, keep) in runs {
+                let r = &self.regions[&id];
+                let span = r.range(run.clone());
+                // SAFETY: the program discards this range: its content may go.
+                unsafe { mem::map_anon_fixed(span) }?;
+                put_back(span, keep)?;
+                self.budget.spent(2);
+                let rm = self.regions.get_mut(&id).expect("region");
+                for i in run {
+                    if let Some(s) = rm.slots.get(i) {
+                        rm.slots.set(i, None);
+                        release_ref(&mut self.slot_refs, s);
+                    }
+                    out.push(PageRef { region: id, index: i });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Serves the program's `madvise(MADV_DONTNEED/FREE/REMOVE)` of
+    /// `[start, end)` before the kernel discards it (see [`super::breaker`]).
+    pub(super) fn noticed_discard(&mut self, start: usize, end: usize) {
+        if let Ok(pages) = self.zero_pool_pieces(start, end) {
+            if !pages.is_empty() {
+                self.plain_discards += 1;
+            }
+            self.discarded.extend(pages);
+        }
+    }
+
     /// Whether the page space is replacing pool mappings at `addr`.
     pub(super) fn is_busy(&self, addr: PageAddr) -> bool {
         self.busy.iter().any(|r| r.contains(addr.get()))
@@ -430,7 +501,12 @@ fn lock(m: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
 #[derive(Debug)]
 pub struct LinuxPageSpace {
     registry: Arc<Mutex<Registry>>,
+    /// The merge windows' userfaultfd (`MISSING` windows, the scratch areas,
+    /// `UFFDIO_MOVE`); it asks for no events, so nothing waits on its reader.
     uffd: Arc<Uffd>,
+    /// The pool mappings' userfaultfd (full mode: write protection, served by
+    /// the breaker, and remove events); the merge windows' one without it.
+    pool_uffd: Arc<Uffd>,
     pool: MemfdPool,
     pagemap: PageMap,
     buf: Box<PageBuf>,
@@ -475,17 +551,21 @@ impl LinuxPageSpace {
             busy: Vec::new(),
             cow_breaks: 0,
             cow_fallbacks: 0,
+            discarded: Vec::new(),
+            plain_discards: 0,
         }));
-        let breaker = if break_cow && uffd.mode() == UffdMode::Full {
-            let b = Breaker::start(uffd.clone(), registry.clone())
+        let (pool_uffd, breaker) = if break_cow && uffd.mode() == UffdMode::Full {
+            let pool_uffd = Arc::new(Uffd::open_with(true)?);
+            let b = Breaker::start(pool_uffd.clone(), registry.clone())
                 .map_err(|e| SysError::new("spawn(samepage-cow)", Errno::from_io_error(&e).unwrap_or(Errno::AGAIN)))?;
-            Some(b)
+            (pool_uffd, Some(b))
         } else {
-            None
+            (uffd.clone(), None)
         };
         Ok(LinuxPageSpace {
             registry,
             uffd,
+            pool_uffd,
             pool: MemfdPool::new(pool_slots)?,
             pagemap: PageMap::open()?,
             buf: PageBuf::new(),
@@ -526,7 +606,12 @@ impl LinuxPageSpace {
     /// System calls made so far.
     pub fn stats(&self) -> SpaceStats {
         let reg = self.reg();
-        SpaceStats { cow_breaks: reg.cow_breaks, cow_fallbacks: reg.cow_fallbacks, ..self.stats.clone() }
+        SpaceStats {
+            cow_breaks: reg.cow_breaks,
+            cow_fallbacks: reg.cow_fallbacks,
+            plain_discards: reg.plain_discards,
+            ..self.stats.clone()
+        }
     }
 
     /// The VMA limit the engine stays under.
@@ -568,15 +653,12 @@ impl LinuxPageSpace {
                 let skip = (m.start.max(base.get()) - m.start) / PAGE_SIZE;
                 for (k, i) in (first..last).enumerate() {
                     slots.set(i, Some(Slot(m.offset / PAGE_SIZE as u64 + (skip + k) as u64)));
+                    // Their history is unknown: never moved.
+                    slots.taint(i);
                 }
             }
         }
         let map = RegionMap { base, npages, slots, released: Vec::new(), segments };
-        // Whole mappings at once, so nothing splits; excluded pieces (another
-        // userfaultfd's, say) are left alone.
-        for s in map.segments.iter().filter(|s| s.excluded.is_none()) {
-            self.uffd.register(map.range(s.pages.clone()), RegisterMode::WP)?;
-        }
         let excluded = map.segments.iter().filter_map(|s| Some((s.pages.clone(), s.excluded.clone()?))).collect();
         self.reg().regions.insert(id, map);
         Ok(excluded)
@@ -588,8 +670,10 @@ impl LinuxPageSpace {
         let mut reg = self.reg();
         if let Some(r) = reg.regions.remove(&id) {
             for p in r.pieces(0..r.npages) {
-                let _ = self.uffd.unregister(r.range(p.clone()));
-                let _ = self.uffd.wake(r.range(p));
+                for u in [&self.uffd, &self.pool_uffd] {
+                    let _ = u.unregister(r.range(p.clone()));
+                    let _ = u.wake(r.range(p.clone()));
+                }
             }
         }
         reg.slot_refs.shrink_to_fit();
@@ -684,7 +768,7 @@ impl LinuxPageSpace {
         // While pages are out, a forked child would inherit holes (reading
         // zeros, with no window to wait for): fork() waits for the window.
         let _no_fork = super::forkguard::hold();
-        if self.uffd.register(span, RegisterMode::MISSING | RegisterMode::WP).is_err() {
+        if self.uffd.register(span, RegisterMode::MISSING).is_err() {
             return; // results stay Failed; nothing changed
         }
         self.stats.windows += 1;
@@ -817,7 +901,7 @@ impl LinuxPageSpace {
                         // SAFETY: the run's pages are out in the scratch area.
                         let _ = unsafe { mem::map_anon_fixed(run) }
                             .and_then(|()| put_back(run, keep))
-                            .and_then(|()| self.uffd.register(run, RegisterMode::MISSING | RegisterMode::WP));
+                            .and_then(|()| self.uffd.register(run, RegisterMode::MISSING));
                     }
                     equal[k..e].iter_mut().for_each(|x| *x = false);
                 }
@@ -876,7 +960,7 @@ impl LinuxPageSpace {
             }
         }
         if self.breaker.is_some() {
-            window.close(&self.registry, region, &mut self.pagemap, &new_runs);
+            window.close(&self.pool_uffd, &self.registry, region, &mut self.pagemap, &new_runs);
         } else {
             drop(window);
         }
@@ -900,7 +984,7 @@ impl LinuxPageSpace {
         let span = PageRange::new(addr(page(0)), (page(idx.len() - 1) - page(0) + 1) as usize);
         self.stats.write_protects += 1;
         let breaks = self.breaker.is_some();
-        let Ok(mut window) = open_wp_window(&self.uffd, &self.registry, breaks, span) else { return };
+        let Ok(mut window) = open_wp_window(&self.pool_uffd, &self.registry, breaks, span) else { return };
         let copies = pool_copies_in(&mut self.pagemap, &mut self.runs, span);
         let mut refiled = Vec::new();
         let mut k = 0;
@@ -994,7 +1078,7 @@ impl LinuxPageSpace {
             // Faulted in before the window opens, so writers wait less.
             mem::populate_write(tmp)?;
             self.stats.write_protects += 1;
-            let _window = open_wp_window(&self.uffd, &self.registry, breaks, span)?;
+            let _window = open_wp_window(&self.pool_uffd, &self.registry, breaks, span)?;
             let copies = pool_copies_in(&mut self.pagemap, &mut self.runs, span);
             let mut replaced = Vec::new();
             let mut j = 0;
@@ -1060,13 +1144,10 @@ impl LinuxPageSpace {
     }
 }
 
-/// A merge window, registered `MISSING` (and for write protection). Closing
-/// it drops the `MISSING` mode, which only unregistering does (a
-/// registration with fewer modes keeps the old ones); unregistering also
-/// lifts write protection in the range, which is why a window never covers
-/// pool mappings made before it. The range is registered again for write
-/// protection; then (with a breaker, [`Window::close`]) the pool runs mapped
-/// in the window are protected, and the pages of theirs the kernel copied in
+/// A merge window, registered `MISSING` with the merge windows' userfaultfd.
+/// Closing it unregisters the range; then (with a breaker, [`Window::close`])
+/// the pool runs mapped in it are registered with the pool mappings'
+/// userfaultfd and protected, and the pages of theirs the kernel copied in
 /// place meanwhile (a write in the moment between the mapping and its
 /// protection) are marked as possibly pinned pool copies, all under the
 /// registry's lock so the breaker sees the marks; finally the range's
@@ -1078,19 +1159,22 @@ struct Window<'a> {
 }
 
 impl Window<'_> {
-    fn reregister(&self) {
-        let _ = self.uffd.unregister(self.range);
-        let _ = self.uffd.register(self.range, RegisterMode::WP);
-    }
-
     /// Closes the window, protecting `runs` (pool runs mapped in it) in
     /// between.
-    fn close(mut self, registry: &Mutex<Registry>, region: RegionId, pagemap: &mut PageMap, runs: &[PageRange]) {
-        self.reregister();
+    fn close(
+        mut self,
+        pool_uffd: &Uffd,
+        registry: &Mutex<Registry>,
+        region: RegionId,
+        pagemap: &mut PageMap,
+        runs: &[PageRange],
+    ) {
+        let _ = self.uffd.unregister(self.range);
         if !runs.is_empty() {
             let mut reg = lock(registry);
             for run in runs {
-                let _ = self.uffd.write_protect(*run, true);
+                let _ = pool_uffd.register(*run, RegisterMode::WP);
+                let _ = pool_uffd.write_protect(*run, true);
             }
             let mut found = Vec::new();
             for run in runs {
@@ -1112,21 +1196,23 @@ impl Window<'_> {
 impl Drop for Window<'_> {
     fn drop(&mut self) {
         if self.open {
-            self.reregister();
+            let _ = self.uffd.unregister(self.range);
             let _ = self.uffd.wake(self.range);
         }
     }
 }
 
-/// Holds writers to the pool pages of `range` off (see [`WpWindow`]).
+/// Holds writers to the pool pages of `range` off (see [`WpWindow`]);
+/// `uffd` is the pool mappings' userfaultfd.
 fn open_wp_window<'a>(
     uffd: &'a Uffd,
     registry: &'a Mutex<Registry>,
     breaks: bool,
     range: PageRange,
 ) -> Result<WpWindow<'a>, SysError> {
-    // Mappings made since (pool runs) are registered too.
-    uffd.register(range, RegisterMode::WP)?;
+    if !breaks {
+        uffd.register(range, RegisterMode::WP)?;
+    }
     let busy = Busy::new(registry, uffd, range);
     let window = WpWindow { uffd, range, breaks, protect: Vec::new(), _busy: busy };
     fault::check(Point::WriteProtect, "UFFDIO_WRITEPROTECT")?;
@@ -1137,11 +1223,11 @@ fn open_wp_window<'a>(
 }
 
 /// A window in which pool pages are replaced while their writers wait:
-/// marked busy, so the breaker leaves writes there waiting, and, without a
-/// breaker (pool pages then not kept protected), write-protected. Closing it
-/// re-registers the range (new mappings are new VMAs), protects the pool
-/// runs mapped in it (with a breaker) or lifts the protection (without),
-/// then drops the busy mark, which wakes the range.
+/// marked busy, so the breaker leaves writes there waiting (pool pages are
+/// write-protected already), or, without a breaker, write-protected for the
+/// window. Closing it registers and protects the pool runs mapped in it
+/// (with a breaker) or unregisters the range, which lifts the protection
+/// (without); the busy mark then goes, which wakes the range.
 struct WpWindow<'a> {
     uffd: &'a Uffd,
     range: PageRange,
@@ -1153,13 +1239,13 @@ struct WpWindow<'a> {
 
 impl Drop for WpWindow<'_> {
     fn drop(&mut self) {
-        let _ = self.uffd.register(self.range, RegisterMode::WP);
         if self.breaks {
             for run in &self.protect {
+                let _ = self.uffd.register(*run, RegisterMode::WP);
                 let _ = self.uffd.write_protect(*run, true);
             }
         } else {
-            let _ = self.uffd.write_protect(self.range, false);
+            let _ = self.uffd.unregister(self.range);
         }
     }
 }
@@ -1392,8 +1478,10 @@ impl PageSpace for LinuxPageSpace {
         // Nothing of the engine's stays behind but pool copies (which keep
         // their slots referenced): the range was unmerged and no window is
         // open, so what the program does with it next meets its own memory.
-        let _ = self.uffd.unregister(r.range(range.clone()));
-        let _ = self.uffd.wake(r.range(range.clone()));
+        for u in [&self.uffd, &self.pool_uffd] {
+            let _ = u.unregister(r.range(range.clone()));
+            let _ = u.wake(r.range(range.clone()));
+        }
         r.released.push(range);
         r.released.sort_by_key(|x| x.start);
         reg.budget.recount();
@@ -1434,48 +1522,17 @@ impl PageSpace for LinuxPageSpace {
         };
         for piece in pieces {
             let span = PageRange::new(base.add_pages(piece.start as usize), (piece.end - piece.start) as usize);
-            let (in_pool, segments) = {
-                let reg = lock(&self.registry);
-                let r = &reg.regions[&region];
-                let segs: Vec<(Range<u64>, Keep)> = r
-                    .segments
-                    .iter()
-                    .filter(|s| s.pages.start < piece.end && piece.start < s.pages.end)
-                    .map(|s| (s.pages.start.max(piece.start)..s.pages.end.min(piece.end), s.keep))
-                    .collect();
-                (r.slots.any_in(piece.start, piece.end), segs)
-            };
-            if in_pool {
+            {
                 // A pool mapping would read its pool page again after
                 // MADV_DONTNEED: fresh anonymous memory reads zeros. Writers
-                // there wait (busy) until it is done.
-                let _busy = Busy::new(&self.registry, &self.uffd, span);
-                // SAFETY: the program discards the range: its content may go.
-                unsafe { mem::map_anon_fixed(span) }?;
-                for (part, keep) in &segments {
-                    put_back(
-                        PageRange::new(base.add_pages(part.start as usize), (part.end - part.start) as usize),
-                        *keep,
-                    )?;
-                }
-                self.uffd.register(span, RegisterMode::WP)?;
-                let mut reg = lock(&self.registry);
-                reg.budget.spent(2);
-                for i in piece {
-                    let slot = reg.regions.get(&region).and_then(|r| r.slots.get(i));
-                    if let Some(s) = slot {
-                        release_ref(&mut reg.slot_refs, s);
-                        if let Some(rm) = reg.regions.get_mut(&region) {
-                            rm.slots.set(i, None);
-                        }
-                    }
-                }
-            } else {
-                // SAFETY: the program discards the range: its content may go.
-                match how {
-                    Discard::DontNeed | Discard::Remove => unsafe { mem::dont_need(span) }?,
-                    Discard::Free => unsafe { mem::free_lazily(span) }?,
-                }
+                // to its pages wait (busy) until it is done.
+                let _busy = Busy::new(&self.registry, &self.pool_uffd, span);
+                lock(&self.registry).zero_pool_pieces(span.start().get(), span.end().get())?;
+            }
+            // SAFETY: the program discards the range: its content may go.
+            match how {
+                Discard::DontNeed | Discard::Remove => unsafe { mem::dont_need(span) }?,
+                Discard::Free => unsafe { mem::free_lazily(span) }?,
             }
         }
         Ok(())
@@ -1483,5 +1540,12 @@ impl PageSpace for LinuxPageSpace {
 
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {
         Ok(self.pool.slot_bytes(a) == self.pool.slot_bytes(b))
+    }
+
+    fn drain_discarded(&mut self, out: &mut Vec<PageRef>) {
+        let mut reg = lock(&self.registry);
+        if !reg.discarded.is_empty() {
+            out.append(&mut reg.discarded);
+        }
     }
 }

@@ -209,6 +209,15 @@ impl Uffd {
     /// Opens the best userfaultfd this process may have: full mode through
     /// `/dev/userfaultfd` or the syscall, else user-mode-only.
     pub fn open() -> Result<Uffd, SysError> {
+        Self::open_with(false)
+    }
+
+    /// As [`Uffd::open`]; with `remove_events`, also asks for
+    /// `UFFD_FEATURE_EVENT_REMOVE`: a `madvise(MADV_DONTNEED)` (or `FREE`,
+    /// `REMOVE`) on a registered range waits until the event is read. Only a
+    /// userfaultfd with a reader may ask for it.
+    pub fn open_with(remove_events: bool) -> Result<Uffd, SysError> {
+        let features = FEATURES | if remove_events { u64::from(g::UFFD_FEATURE_EVENT_REMOVE) } else { 0 };
         let flags = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
         let mut last = None;
         if let Ok(dev) = rustix::fs::open(
@@ -222,29 +231,29 @@ impl Uffd {
                 Ok(fd) => {
                     // SAFETY: a successful USERFAULTFD_IOC_NEW returns a fresh fd that nothing else owns.
                     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                    return Self::handshake(fd, UffdMode::Full);
+                    return Self::handshake(fd, UffdMode::Full, features);
                 }
                 Err(e) => last = Some(SysError::new("ioctl(USERFAULTFD_IOC_NEW)", e)),
             }
         }
         // SAFETY: userfaultfd(2) with valid flags only creates a descriptor.
         match unsafe { rustix::mm::userfaultfd(flags) } {
-            Ok(fd) => return Self::handshake(fd, UffdMode::Full),
+            Ok(fd) => return Self::handshake(fd, UffdMode::Full, features),
             Err(e) => last = last.or(Some(SysError::new("userfaultfd", e))),
         }
         let umo = flags | rustix::mm::UserfaultfdFlags::from_bits_retain(g::UFFD_USER_MODE_ONLY);
         // SAFETY: as above, with UFFD_USER_MODE_ONLY added.
         match unsafe { rustix::mm::userfaultfd(umo) } {
-            Ok(fd) => Self::handshake(fd, UffdMode::UserModeOnly),
+            Ok(fd) => Self::handshake(fd, UffdMode::UserModeOnly, features),
             Err(e) => Err(last.unwrap_or(SysError::new("userfaultfd(UFFD_USER_MODE_ONLY)", e))),
         }
     }
 
-    fn handshake(fd: OwnedFd, mode: UffdMode) -> Result<Uffd, SysError> {
-        let mut api = g::uffdio_api { api: g::UFFD_API.into(), features: FEATURES, ioctls: 0 };
+    fn handshake(fd: OwnedFd, mode: UffdMode, features: u64) -> Result<Uffd, SysError> {
+        let mut api = g::uffdio_api { api: g::UFFD_API.into(), features, ioctls: 0 };
         // SAFETY: UFFDIO_API on a userfaultfd; the request type fixes the argument.
         unsafe { ioctl::ioctl(&fd, request::Api(&mut api)) }.op("ioctl(UFFDIO_API)")?;
-        if api.features & FEATURES != FEATURES {
+        if api.features & features != features {
             return Err(SysError::new("ioctl(UFFDIO_API): MOVE, WP_UNPOPULATED and WP_HUGETLBFS_SHMEM", Errno::NOSYS));
         }
         Ok(Uffd { fd, mode })
