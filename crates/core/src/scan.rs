@@ -355,10 +355,11 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         let mut pages = Vec::new();
         space.drain_discarded(&mut pages);
         for page in pages {
+            // Only merged pages: a zero page stays one when discarded.
             if let Link::Stable(n) = self.item(page).link() {
                 self.node_dec(n);
+                self.relink(page, RmapItem::default());
             }
-            self.relink(page, RmapItem::default());
         }
         self.free_dead_slots(space);
     }
@@ -399,6 +400,21 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
     /// The ranges of region `id` released so far, sorted and disjoint.
     pub fn released_ranges(&self, id: RegionId) -> Option<&[Range<u64>]> {
         self.regions.get(&id).map(|r| &r.released[..])
+    }
+
+    /// Makes the merged pages of `range` of region `id` private again (the
+    /// kernel's `MADV_UNMERGEABLE`) while the region stays registered: for a
+    /// range the engine must stay away from from now on. `range` is clipped
+    /// to the region.
+    pub fn unmerge_range(
+        &mut self,
+        space: &mut impl PageSpace,
+        id: RegionId,
+        range: Range<u64>,
+    ) -> Result<(), SpaceError> {
+        self.unmerge_region(space, id, range)?;
+        self.free_dead_slots(space);
+        Ok(())
     }
 
     fn unmerge_region(

@@ -19,6 +19,44 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Attributes [`Engine::advise`] gives registered memory, with the kernel's
+/// `madvise` meanings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_DONTFORK`: a forked child does not get the memory.
+    DontFork,
+    /// `MADV_DOFORK`: undoes `DontFork`.
+    DoFork,
+    /// `MADV_DONTDUMP`: left out of core dumps.
+    DontDump,
+    /// `MADV_DODUMP`: undoes `DontDump`.
+    DoDump,
+    /// `MADV_HUGEPAGE`.
+    HugePage,
+    /// `MADV_NOHUGEPAGE`.
+    NoHugePage,
+    /// `MADV_WIPEONFORK`: a forked child reads zeros there. Merged memory
+    /// cannot keep it: the engine unmerges the range and stays away.
+    WipeOnFork,
+    /// `MADV_KEEPONFORK`: undoes `WipeOnFork` (the engine merges there again).
+    KeepOnFork,
+}
+
+impl Advice {
+    fn hint(self) -> mem::Hint {
+        match self {
+            Advice::DontFork => mem::Hint::DontFork,
+            Advice::DoFork => mem::Hint::DoFork,
+            Advice::DontDump => mem::Hint::DontDump,
+            Advice::DoDump => mem::Hint::DoDump,
+            Advice::HugePage => mem::Hint::HugePage,
+            Advice::NoHugePage => mem::Hint::NoHugePage,
+            Advice::WipeOnFork => mem::Hint::WipeOnFork,
+            Advice::KeepOnFork => mem::Hint::KeepOnFork,
+        }
+    }
+}
+
 /// What the engine runs with, fixed at start.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineInfo {
@@ -48,6 +86,21 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// Reads region `id`'s attributes again; unmerges what became excluded.
+    fn refresh(&mut self, id: RegionId) -> Result<(), Error> {
+        let excluded = self.space.refresh_attributes(id)?;
+        let State { ksm, space, .. } = self;
+        for (pages, _) in &excluded {
+            ksm.unmerge_range(space, id, pages.clone()).map_err(Error::Unmerge)?;
+        }
+        if excluded.is_empty() {
+            self.excluded.remove(&id);
+        } else {
+            self.excluded.insert(id, excluded);
+        }
+        Ok(())
+    }
+
     /// The region whose live pages hold all of `[addr, addr + len)`, and
     /// that range as page indices.
     fn pages_of(&self, addr: usize, len: usize) -> Result<(RegionId, Range<u64>), Error> {
@@ -331,6 +384,56 @@ impl Engine {
         Ok(())
     }
 
+    /// Gives registered memory an attribute, as `madvise` would, so that
+    /// merged memory keeps it (see [`Advice`]): use this instead of a plain
+    /// `madvise` for attributes set after registering. The engine applies
+    /// the advice to its pool mappings in the range too, reads the region's
+    /// attributes again, and stays away from (unmerges) memory given an
+    /// attribute merged memory cannot keep (`MADV_WIPEONFORK`).
+    pub fn advise(&self, addr: *mut u8, len: usize, advice: Advice) -> Result<(), Error> {
+        let mut st = self.shared.lock()?;
+        let (id, pages) = st.pages_of(addr as usize, len)?;
+        let State { ksm, space, .. } = &mut *st;
+        if advice == Advice::WipeOnFork {
+            // A file mapping cannot wipe on fork: the range goes back to
+            // anonymous memory first, then stays excluded.
+            ksm.unmerge_range(space, id, pages.clone()).map_err(Error::Unmerge)?;
+        }
+        space.advise(id, pages, advice.hint())?;
+        st.refresh(id)?;
+        self.shared.publish(&st);
+        Ok(())
+    }
+
+    /// Locks registered memory (`mlock`), merged pages included: they stay
+    /// merged, resident and locked (a plain `mlock` would populate a merged
+    /// page's private file mapping with a write fault, copying it, and the
+    /// copy would not be locked). `unlock = true` is `munlock`.
+    pub fn lock(&self, addr: *mut u8, len: usize, unlock: bool) -> Result<(), Error> {
+        let mut st = self.shared.lock()?;
+        let (id, pages) = st.pages_of(addr as usize, len)?;
+        st.space.lock(id, pages, unlock)?;
+        st.refresh(id)?;
+        self.shared.publish(&st);
+        Ok(())
+    }
+
+    /// Reads the attributes of every region again (`/proc/self/smaps`), after
+    /// the program changed them without [`Engine::advise`] or
+    /// [`Engine::lock`]: merged memory then gets them for later merges, and
+    /// memory that got one merged memory cannot keep is unmerged and left
+    /// alone. (A merge that finds a page's lock state or protection key
+    /// changed, or its memory sealed, does this for its region by itself.)
+    pub fn refresh_attributes(&self) -> Result<(), Error> {
+        let mut st = self.shared.lock()?;
+        let ids: Vec<RegionId> = st.regions.keys().copied().collect();
+        for id in ids {
+            st.refresh(id)?;
+        }
+        self.shared.publish(&st);
+        Ok(())
+    }
+
     /// The pages of region `id` the engine stays away from, as byte ranges,
     /// with the attribute that keeps it away (see the README's merged-memory
     /// section).
@@ -518,6 +621,10 @@ fn scanner(shared: Arc<Shared>) {
                 return;
             }
         };
+        // Attributes a merge found changed behind the engine's back.
+        for id in st.space.stale_regions() {
+            let _ = st.refresh(id);
+        }
         // Memory the indexes gave back (a hash table that grew, a region
         // that left) returns to the system, not just to malloc: at the end of
         // a full scan, at most four times a second.

@@ -33,7 +33,7 @@ mod sys;
 #[allow(unsafe_code)]
 pub mod testing;
 
-pub use engine::{Engine, EngineInfo};
+pub use engine::{Advice, Engine, EngineInfo};
 pub use error::Error;
 pub use region::Region;
 pub use samepage_core as core;

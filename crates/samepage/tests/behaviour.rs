@@ -356,3 +356,67 @@ fn a_plain_madvise_dontneed_on_merged_pages_reads_zeros() {
     assert!(engine.space_stats().plain_discards >= 3);
     engine.unregister(id).unwrap();
 }
+
+/// Attributes given after registering, through `Engine::advise` and
+/// `Engine::lock`: merged memory keeps them; `MADV_WIPEONFORK` makes the
+/// engine unmerge the range and stay away.
+#[test]
+fn attributes_given_after_registering_are_kept_or_the_engine_stays_away() {
+    use samepage::Advice;
+    let _g = serial();
+    let engine = Engine::new(fast(256, false)).unwrap();
+    let (m, id) = registered(&engine, |_| {});
+    converge(&engine, 1);
+    let (start, end) = (m.as_ptr() as usize, m.as_ptr() as usize + m.len());
+    let half = m.len() / 2;
+    engine.advise(m.as_ptr(), half, Advice::DontFork).unwrap();
+    engine.advise(m.as_ptr(), half, Advice::DontDump).unwrap();
+    engine.lock(m.as_ptr(), half, false).unwrap();
+    engine.advise(m.as_ptr().wrapping_add(half), half, Advice::WipeOnFork).unwrap();
+    // Written and merged again: the new pool mappings get the attributes too.
+    for i in 0..PAGES {
+        m.write(i * PAGE, &content(100 + i as u64 % 4)).unwrap();
+    }
+    for i in 0..PAGES {
+        m.write(i * PAGE, &content(i as u64 % 4)).unwrap();
+    }
+    let c = converge(&engine, 2);
+    assert_eq!(c.pages_shared + c.pages_sharing, (PAGES / 2) as u64, "the first half merges: {c:?}");
+    assert_eq!(c.pages_excluded, (PAGES / 2) as u64, "{c:?}");
+    let first = vm_flags_in(start, start + half);
+    assert!(
+        first.len() > 1 && first.iter().all(|f| ["dc", "dd", "lo"].iter().all(|x| f.split(' ').any(|y| y == *x))),
+        "{first:?}"
+    );
+    assert_eq!(smaps_sum_in("Rss", start, start + half), half as u64, "locked half resident");
+    assert!(vm_flags_in(start + half, end).iter().all(|f| f.contains("wf")));
+    let (a, b) = (start, start + half);
+    assert!(
+        in_child(|| !is_mapped(a, half)
+            && (0..half).step_by(64).all(|o| {
+                // SAFETY: the child's copy of the wiped half.
+                unsafe { ((b + o) as *const u8).read_volatile() == 0 }
+            })),
+        "the child saw DONTFORK memory or WIPEONFORK memory not wiped"
+    );
+    engine.unregister(id).unwrap();
+}
+
+/// `mlock` behind the engine's back, after registering: the first merge the
+/// kernel refuses for the lock state (`UFFDIO_MOVE` wants both ends equally
+/// locked) makes the engine read the attributes again; it then merges the
+/// memory and keeps it locked.
+#[test]
+fn an_mlock_behind_the_engines_back_is_found_and_kept() {
+    let _g = serial();
+    let engine = Engine::new(Tunables { run: Run::Stop, ..fast(256, false) }).unwrap();
+    let (m, id) = registered(&engine, |_| {});
+    // SAFETY: locking the test's own mapping changes no content.
+    assert_eq!(unsafe { libc::mlock(m.as_ptr().cast(), m.len()) }, 0);
+    engine.set_run(Run::Merge).unwrap();
+    let c = converge(&engine, 2);
+    assert_eq!(c.pages_shared + c.pages_sharing, PAGES as u64, "{c:?}");
+    let (start, end) = (m.as_ptr() as usize, m.as_ptr() as usize + m.len());
+    assert!(vm_flags_in(start, end).iter().all(|f| f.contains("lo")), "{:?}", vm_flags_in(start, end));
+    engine.unregister(id).unwrap();
+}

@@ -89,11 +89,13 @@ pub struct VmaAttrs {
 }
 
 /// The attributes of the VMAs inside `range`, in address order (pages no
-/// VMA covers are left out).
-pub fn read(range: PageRange) -> Result<Vec<VmaAttrs>, SysError> {
+/// VMA covers are left out). Mappings of the file with inode `own_inode`
+/// (the engine's pool) carry the engine's own userfaultfd registration,
+/// which is no reason to stay away.
+pub fn read(range: PageRange, own_inode: u64) -> Result<Vec<VmaAttrs>, SysError> {
     let smaps = read_proc("/proc/self/smaps")?;
     let numa = std::fs::read_to_string("/proc/self/numa_maps").unwrap_or_default();
-    Ok(parse(&smaps, &numa, range))
+    Ok(parse(&smaps, &numa, range, own_inode))
 }
 
 fn read_proc(path: &'static str) -> Result<String, SysError> {
@@ -102,18 +104,19 @@ fn read_proc(path: &'static str) -> Result<String, SysError> {
 }
 
 /// [`read`] on given `smaps` and `numa_maps` texts.
-pub fn parse(smaps: &str, numa_maps: &str, range: PageRange) -> Vec<VmaAttrs> {
+pub fn parse(smaps: &str, numa_maps: &str, range: PageRange, own_inode: u64) -> Vec<VmaAttrs> {
     let (lo, hi) = (range.start().get(), range.end().get());
     let mut out = Vec::new();
-    let mut cur: Option<(usize, usize, String)> = None;
+    let mut cur: Option<(usize, usize, String, bool)> = None;
     let mut pkey = 0u32;
     for line in smaps.lines() {
-        if let Some((a, b, name)) = header(line) {
-            cur = (b > lo && a < hi).then(|| (a.max(lo), b.min(hi), name));
+        if let Some((a, b, inode, name)) = header(line) {
+            let ours = own_inode != 0 && inode == own_inode;
+            cur = (b > lo && a < hi).then(|| (a.max(lo), b.min(hi), name, ours));
             pkey = 0;
             continue;
         }
-        let Some((start, end, name)) = &cur else { continue };
+        let Some((start, end, name, ours)) = &cur else { continue };
         if let Some(v) = line.strip_prefix("ProtectionKey:") {
             pkey = v.trim().parse().unwrap_or(0);
         } else if let Some(flags) = line.strip_prefix("VmFlags:") {
@@ -128,14 +131,14 @@ pub fn parse(smaps: &str, numa_maps: &str, range: PageRange) -> Vec<VmaAttrs> {
                     "lo" => keep |= Keep::LOCKED,
                     "wf" => exclusion = Some(Exclusion::WipeOnFork),
                     "sl" => exclusion = exclusion.or(Some(Exclusion::Sealed)),
-                    "um" | "uw" | "ui" => exclusion = exclusion.or(Some(Exclusion::OtherUserfaultfd)),
+                    "um" | "uw" | "ui" if !*ours => exclusion = exclusion.or(Some(Exclusion::OtherUserfaultfd)),
                     _ => {}
                 }
             }
             if exclusion.is_none() && pkey != 0 {
                 exclusion = Some(Exclusion::ProtectionKey(pkey));
             }
-            if exclusion.is_none() && name.starts_with("[anon:") {
+            if exclusion.is_none() && !*ours && name.starts_with("[anon:") {
                 exclusion = Some(Exclusion::Named(name.clone()));
             }
             if exclusion.is_none() {
@@ -153,14 +156,14 @@ pub fn parse(smaps: &str, numa_maps: &str, range: PageRange) -> Vec<VmaAttrs> {
     out
 }
 
-/// `start-end perms offset dev inode [name]`: the VMA's bounds and name.
-fn header(line: &str) -> Option<(usize, usize, String)> {
+/// `start-end perms offset dev inode [name]`: the VMA's bounds, inode and name.
+fn header(line: &str) -> Option<(usize, usize, u64, String)> {
     let mut f = line.split_whitespace();
     let (a, b) = f.next()?.split_once('-')?;
     let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
     let _perms = f.next().filter(|p| p.len() == 4)?;
-    let (_off, _dev, _inode) = (f.next()?, f.next()?, f.next()?);
-    Some((a, b, f.collect::<Vec<_>>().join(" ")))
+    let (_off, _dev, inode) = (f.next()?, f.next()?, f.next()?.parse().ok()?);
+    Some((a, b, inode, f.collect::<Vec<_>>().join(" ")))
 }
 
 /// The memory policy `numa_maps` gives the VMA starting at or containing
@@ -184,7 +187,7 @@ pub fn lock_all_future() -> bool {
     let Ok(m) = super::mapping::AnonMapping::new(crate::PAGE_SIZE) else { return false };
     let range = PageRange::new(m.start(), 1);
     let Ok(smaps) = read_proc("/proc/self/smaps") else { return false };
-    let locked = parse(&smaps, "", range).iter().any(|a| a.keep.contains(Keep::LOCKED));
+    let locked = parse(&smaps, "", range, 0).iter().any(|a| a.keep.contains(Keep::LOCKED));
     // Populated at once (not MCL_ONFAULT): its Rss shows without a touch.
     locked && super::mem::resident(range).unwrap_or(false)
 }
@@ -214,7 +217,7 @@ VmFlags: rd wr mr mw me ac hg
     fn flags_map_to_keep_and_exclusions_and_clip_to_the_range() {
         let range = PageRange::new(PageAddr::new(0x7f00_0000_2000).unwrap(), 10);
         let numa = "7f000000a000 bind:0 anon=2\n";
-        let a = parse(SMAPS, numa, range);
+        let a = parse(SMAPS, numa, range, 0);
         assert_eq!(a.len(), 4);
         assert_eq!((a[0].range.start().get(), a[0].range.pages()), (0x7f00_0000_2000, 2), "clipped to the range");
         assert_eq!(a[0].keep, Keep::DONTFORK | Keep::DONTDUMP);

@@ -126,13 +126,9 @@ fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
         }
         let n = uffd.read_messages(&mut msgs);
         for m in &msgs[..n] {
-            if m.event == g::UFFD_EVENT_REMOVE as u8 {
-                // Served above; a range not seen there (it cannot be) is
-                // served now, late.
-                let (start, end) = (m.flags as usize, m.address as usize);
-                registry.lock().unwrap_or_else(|e| e.into_inner()).noticed_discard(start, end);
-                continue;
-            }
+            // A remove event was served above, before its caller could go
+            // on (serving it now, after, could zero pages the program has
+            // written since).
             if m.event != g::UFFD_EVENT_PAGEFAULT as u8 {
                 continue;
             }

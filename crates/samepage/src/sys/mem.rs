@@ -204,6 +204,14 @@ pub enum Hint {
     HugePage,
     /// `MADV_NOHUGEPAGE`.
     NoHugePage,
+    /// `MADV_DOFORK`.
+    DoFork,
+    /// `MADV_DODUMP`.
+    DoDump,
+    /// `MADV_WIPEONFORK` (anonymous memory only).
+    WipeOnFork,
+    /// `MADV_KEEPONFORK`.
+    KeepOnFork,
     /// `MADV_MERGEABLE` (hands the range to the kernel's KSM).
     #[cfg(feature = "testing")]
     KernelMergeable,
@@ -216,6 +224,10 @@ pub fn advise(range: PageRange, hint: Hint) -> Result<(), SysError> {
         Hint::DontDump => (Advice::LinuxDontDump, "madvise(MADV_DONTDUMP)"),
         Hint::HugePage => (Advice::LinuxHugepage, "madvise(MADV_HUGEPAGE)"),
         Hint::NoHugePage => (Advice::LinuxNoHugepage, "madvise(MADV_NOHUGEPAGE)"),
+        Hint::DoFork => (Advice::LinuxDoFork, "madvise(MADV_DOFORK)"),
+        Hint::DoDump => (Advice::LinuxDoDump, "madvise(MADV_DODUMP)"),
+        Hint::WipeOnFork => (Advice::LinuxWipeOnFork, "madvise(MADV_WIPEONFORK)"),
+        Hint::KeepOnFork => (Advice::LinuxKeepOnFork, "madvise(MADV_KEEPONFORK)"),
         #[cfg(feature = "testing")]
         Hint::KernelMergeable => (Advice::LinuxMergeable, "madvise(MADV_MERGEABLE)"),
     };

@@ -319,6 +319,10 @@ pub struct Registry {
     discarded: Vec<PageRef>,
     /// `madvise` calls of the program on merged pages the breaker noticed.
     plain_discards: u64,
+    /// Regions whose attributes changed behind the engine's back, as a merge
+    /// found (`UFFDIO_MOVE` refusing a page for its lock state or protection
+    /// key, `mmap` refusing sealed memory): to be read again.
+    stale: HashSet<RegionId>,
 }
 
 impl Registry {
@@ -553,6 +557,7 @@ impl LinuxPageSpace {
             cow_fallbacks: 0,
             discarded: Vec::new(),
             plain_discards: 0,
+            stale: HashSet::new(),
         }));
         let (pool_uffd, breaker) = if break_cow && uffd.mode() == UffdMode::Full {
             let pool_uffd = Arc::new(Uffd::open_with(true)?);
@@ -641,7 +646,7 @@ impl LinuxPageSpace {
         npages: u64,
     ) -> Result<Vec<(Range<u64>, Exclusion)>, SysError> {
         let range = PageRange::new(base, npages as usize);
-        let segments = segments_of(range)?;
+        let segments = segments_of(range, self.pool.inode())?;
         let mut slots = PoolSlots::new(npages);
         // Pool mappings already there were left by an earlier registration
         // (pool copies): known as such, and their slots are referenced already.
@@ -662,6 +667,56 @@ impl LinuxPageSpace {
         let excluded = map.segments.iter().filter_map(|s| Some((s.pages.clone(), s.excluded.clone()?))).collect();
         self.reg().regions.insert(id, map);
         Ok(excluded)
+    }
+
+    /// Reads the attributes of region `id` again (`/proc/self/smaps`): the
+    /// program changed them since registration. Returns the ranges now
+    /// excluded, and why (the caller unmerges what was merged there).
+    pub fn refresh_attributes(&mut self, id: RegionId) -> Result<Vec<(Range<u64>, Exclusion)>, SysError> {
+        let range = {
+            let reg = self.reg();
+            let Some(r) = reg.regions.get(&id) else { return Ok(Vec::new()) };
+            PageRange::new(r.base, r.npages as usize)
+        };
+        let segments = segments_of(range, self.pool.inode())?;
+        let mut reg = self.reg();
+        reg.stale.remove(&id);
+        let Some(r) = reg.regions.get_mut(&id) else { return Ok(Vec::new()) };
+        r.segments = segments;
+        Ok(r.segments.iter().filter_map(|s| Some((s.pages.clone(), s.excluded.clone()?))).collect())
+    }
+
+    /// Regions whose attributes a merge found changed (see `Registry::stale`).
+    pub fn stale_regions(&self) -> Vec<RegionId> {
+        self.reg().stale.iter().copied().collect()
+    }
+
+    /// Applies `hint` to `[start, start + pages)` of region `id`, merged
+    /// pages included (they are mappings of their own inside the range).
+    pub fn advise(&mut self, id: RegionId, pages: Range<u64>, hint: mem::Hint) -> Result<(), SysError> {
+        let span = {
+            let reg = self.reg();
+            let Some(r) = reg.regions.get(&id) else { return Ok(()) };
+            r.range(pages)
+        };
+        mem::advise(span, hint)
+    }
+
+    /// Locks `pages` of region `id` (`mlock`), merged pages included, without
+    /// the write fault a plain `mlock` of a private file mapping takes (which
+    /// would copy every merged page): `MLOCK_ONFAULT`, then a read fault on
+    /// every page, so all of it is resident and locked. `unlock` reverses it.
+    pub fn lock(&mut self, id: RegionId, pages: Range<u64>, unlock: bool) -> Result<(), SysError> {
+        let span = {
+            let reg = self.reg();
+            let Some(r) = reg.regions.get(&id) else { return Ok(()) };
+            r.range(pages)
+        };
+        if unlock {
+            return mem::unlock(span);
+        }
+        mem::lock_on_fault(span)?;
+        mem::populate_read(span)
     }
 
     /// Forgets a region (after the core unmerged it). Pool copies left in it
@@ -804,6 +859,12 @@ impl LinuxPageSpace {
                     // crosses a mapping boundary, the page there goes alone.
                     Some(Errno::INVAL) if got < n && n > 1 => single = true,
                     Some(Errno::AGAIN) if again < 3 => again += 1,
+                    // One page refused for its mapping's flags: the program
+                    // changed them (mlock, a protection key) since.
+                    Some(Errno::INVAL) => {
+                        lock(&self.registry).stale.insert(region);
+                        pos += 1;
+                    }
                     // Pinned, or shared with another process.
                     Some(Errno::BUSY) => {
                         busy.push(idx[pos]);
@@ -870,6 +931,10 @@ impl LinuxPageSpace {
                         // touching the run waits for the window.
                         unsafe { mem::map_file_private_fixed(run, self.pool.fd(), s.0 * PAGE_SIZE as u64) }
                     });
+                    if matches!(&made, Err(e) if e.errno == Errno::PERM) {
+                        // Sealed since (mseal).
+                        lock(&self.registry).stale.insert(region);
+                    }
                     match made.and_then(|()| put_back(run, keep)) {
                         Ok(()) => {
                             lock(&self.registry).budget.spent(2);
@@ -1305,9 +1370,10 @@ fn pool_copies_in(pagemap: &mut PageMap, runs: &mut Vec<pagemap::Run>, range: Pa
     runs.iter().flat_map(|r| (r.start..r.end).step_by(PAGE_SIZE)).collect()
 }
 
-/// The attribute segments of `range`, covering it.
-fn segments_of(range: PageRange) -> Result<Vec<Segment>, SysError> {
-    let vmas = attrs::read(range)?;
+/// The attribute segments of `range`, covering it (pool mappings, inode
+/// `pool_inode`, are the engine's own: their userfaultfd is ours).
+fn segments_of(range: PageRange, pool_inode: u64) -> Result<Vec<Segment>, SysError> {
+    let vmas = attrs::read(range, pool_inode)?;
     let lock_all = attrs::lock_all_future();
     let mut out: Vec<Segment> = Vec::new();
     let page_of = |a: PageAddr| a.pages_since(range.start()) as u64;
@@ -1544,8 +1610,13 @@ impl PageSpace for LinuxPageSpace {
 
     fn drain_discarded(&mut self, out: &mut Vec<PageRef>) {
         let mut reg = lock(&self.registry);
-        if !reg.discarded.is_empty() {
-            out.append(&mut reg.discarded);
+        if reg.discarded.is_empty() {
+            return;
         }
+        // A page merged again since is not discarded any more.
+        let pages = std::mem::take(&mut reg.discarded);
+        out.extend(
+            pages.into_iter().filter(|p| reg.regions.get(&p.region).is_some_and(|r| r.slots.get(p.index).is_none())),
+        );
     }
 }
