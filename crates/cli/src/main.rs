@@ -5,6 +5,7 @@ mod demo;
 mod measure;
 mod sysctl;
 mod torture;
+mod torture_io;
 mod workload;
 
 use clap::{Parser, Subcommand};

@@ -383,6 +383,7 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
     }
     let stop = AtomicBool::new(false);
     let tally = Tally::default();
+    let io = crate::torture_io::IoTally::default();
     let mut peak = Counters::default();
     let start = Instant::now();
     let mut rng = fastrand::Rng::with_seed(a.seed);
@@ -395,6 +396,23 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
             let (engine, stop, tally, seed) = (&engine, &stop, &tally, a.seed);
             s.spawn(move || remapper(engine, seed, stop, tally))
         };
+        use crate::torture_io as tio;
+        type Activity = fn(&Engine, u64, &AtomicBool, &tio::IoTally) -> Result<()>;
+        let activities: [(&str, Activity); 5] = [
+            ("O_DIRECT reads", tio::direct_io),
+            ("io_uring fixed buffers", tio::fixed_buffers),
+            ("vmsplice", tio::splicer),
+            ("attributes", tio::attributes),
+            ("discards", tio::discarder),
+        ];
+        let handles: Vec<_> = activities
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, f))| {
+                let (engine, stop, io, seed) = (&engine, &stop, &io, a.seed * 100 + k as u64);
+                (name, s.spawn(move || f(engine, seed, stop, io)))
+            })
+            .collect();
         let mut next_event = Instant::now();
         while start.elapsed() < Duration::from_secs(a.seconds) {
             std::thread::sleep(Duration::from_millis(20));
@@ -433,6 +451,13 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
             }
         }
         stop.store(true, Ordering::Relaxed);
+        for (name, h) in handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tally.errors.lock().unwrap().push(format!("{name}: {e:#}")),
+                Err(_) => tally.errors.lock().unwrap().push(format!("{name}: the thread panicked")),
+            }
+        }
         match remap.join() {
             Ok(r) => r,
             Err(_) => bail!("the remapping thread panicked"),
@@ -469,6 +494,17 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
         "cow_fallbacks": stats.cow_fallbacks,
         "pages_pool_copies": end.pages_pool_copies,
         "pages_pinned": end.pages_pinned,
+        "direct_reads": io.direct_reads.load(Ordering::Relaxed),
+        "fixed_reads": io.fixed_reads.load(Ordering::Relaxed),
+        "fixed_registrations": io.fixed_registrations.load(Ordering::Relaxed),
+        "splices": io.splices.load(Ordering::Relaxed),
+        "reads_lost": io.reads_lost.load(Ordering::Relaxed),
+        "attribute_forks": io.attribute_forks.load(Ordering::Relaxed),
+        "attribute_violations": io.attribute_violations.load(Ordering::Relaxed),
+        "discards": io.discards.load(Ordering::Relaxed),
+        "plain_dontneeds": io.plain_dontneeds.load(Ordering::Relaxed),
+        "discard_violations": io.discard_violations.load(Ordering::Relaxed),
+        "plain_dontneeds_noticed": stats.plain_discards,
         "forks": tally.forks.load(Ordering::Relaxed),
         "child_failures": child_failures,
         "reregisters": tally.reregisters.load(Ordering::Relaxed),
@@ -505,13 +541,37 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
             out["checkpoints"]
         );
         println!(
+            "devices and attributes: {} O_DIRECT reads, {} io_uring READ_FIXED ({} buffer registrations), {} vmsplice, \
+             {} forks checking DONTFORK/WIPEONFORK/DONTDUMP/mlock memory, {} discards and {} plain MADV_DONTNEED of merged pages",
+            out["direct_reads"],
+            out["fixed_reads"],
+            out["fixed_registrations"],
+            out["splices"],
+            out["attribute_forks"],
+            out["discards"],
+            out["plain_dontneeds"]
+        );
+        println!(
             "lost writes: {lost}; corrupted bytes: {corrupted}; children that saw wrong memory: {child_failures}; \
+             device reads lost: {}; attribute violations: {}; discarded pages not reading zeros: {}; \
              pool pages left after unregistering: {}",
+            out["reads_lost"],
+            out["attribute_violations"],
+            out["discard_violations"],
             out["pool_pages_after_unregister"]
         );
     }
-    if lost > 0 || corrupted > 0 || child_failures > 0 || !errors.is_empty() {
-        bail!("torture found {lost} lost writes, {corrupted} corrupted bytes, {child_failures} failed children, {} errors", errors.len());
+    let (reads_lost, attr, disc) = (
+        io.reads_lost.load(Ordering::Relaxed),
+        io.attribute_violations.load(Ordering::Relaxed),
+        io.discard_violations.load(Ordering::Relaxed),
+    );
+    if lost > 0 || corrupted > 0 || child_failures > 0 || reads_lost > 0 || attr > 0 || disc > 0 || !errors.is_empty() {
+        bail!(
+            "torture found {lost} lost writes, {corrupted} corrupted bytes, {child_failures} failed children, \
+             {reads_lost} lost device reads, {attr} attribute violations, {disc} discard violations, {} errors: {errors:?}",
+            errors.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

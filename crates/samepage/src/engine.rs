@@ -73,6 +73,8 @@ pub struct EngineInfo {
     /// merge again; without it a written page stays a private copy inside
     /// the pool mapping and is never merged again (`pages_pool_copies`).
     pub breaks_cow: bool,
+    /// The inode of the pool's memfd (how `/proc/PID/maps` shows merged pages).
+    pub pool_inode: u64,
 }
 
 pub(crate) struct State {
@@ -192,6 +194,7 @@ impl Engine {
             pagemap_scan: space.has_pagemap_scan(),
             vma_limit: space.vma_limit(),
             breaks_cow: space.breaks_cow(),
+            pool_inode: space.pool_inode(),
         };
         let mut ksm = Ksm::new(tunables.clone())?;
         if tunables.run == Run::Unmerge {
@@ -306,20 +309,24 @@ impl Engine {
             return Err(Error::Unaligned { addr, len });
         }
         let end = addr.checked_add(len).ok_or(Error::Unaligned { addr, len })?;
+        let base = PageAddr::new(addr).ok_or(Error::Unaligned { addr, len })?;
+        // Read from /proc before taking the lock: slow with many mappings.
+        // The engine maps nothing into memory it does not have registered,
+        // and memory it has is refused below.
+        let pool_inode = self.info.pool_inode;
+        check_anonymous(addr, end, pool_inode)?;
+        let prepared = LinuxPageSpace::prepare_region(base, (len / PAGE_SIZE) as u64, pool_inode)?;
         let mut st = self.shared.lock()?;
         // Released parts of a region are the program's again: they may be registered anew.
         if let Some((id, (s, e))) = st.regions.iter().find(|(id, _)| st.live_overlap(**id, addr, end)) {
             return Err(Error::Overlap { addr, end, region: id.0, rstart: *s, rend: *e });
         }
-        // Under the lock: no merge maps anything into the range meanwhile.
-        check_anonymous(addr, end, st.space.pool_inode())?;
         if st.next_id >= 1 << 24 {
             return Err(Error::RegionIdsExhausted);
         }
         let id = RegionId(st.next_id);
         st.next_id += 1;
-        let base = PageAddr::new(addr).ok_or(Error::Unaligned { addr, len })?;
-        let excluded = st.space.add_region(id, base, (len / PAGE_SIZE) as u64)?;
+        let excluded = st.space.add_region(id, prepared);
         st.ksm.add_region_in(id, (len / PAGE_SIZE) as u64, domain);
         st.regions.insert(id, (addr, end));
         if !excluded.is_empty() {

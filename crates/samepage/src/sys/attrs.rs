@@ -93,14 +93,31 @@ pub struct VmaAttrs {
 /// (the engine's pool) carry the engine's own userfaultfd registration,
 /// which is no reason to stay away.
 pub fn read(range: PageRange, own_inode: u64) -> Result<Vec<VmaAttrs>, SysError> {
-    let smaps = read_proc("/proc/self/smaps")?;
-    let numa = std::fs::read_to_string("/proc/self/numa_maps").unwrap_or_default();
+    let smaps = read_until("/proc/self/smaps", range.end().get())?;
+    let numa = read_until("/proc/self/numa_maps", range.end().get()).unwrap_or_default();
     Ok(parse(&smaps, &numa, range, own_inode))
 }
 
-fn read_proc(path: &'static str) -> Result<String, SysError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| SysError::new(path, rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)))
+/// The start of a `/proc/self` file listing mappings in address order, up to
+/// the first mapping at or past `end`: the kernel formats (and, for `smaps`,
+/// walks the page tables of) only the mappings read, which matters with the
+/// many mappings merged memory makes.
+fn read_until(path: &'static str, end: usize) -> Result<String, SysError> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(path)
+        .map_err(|e| SysError::new(path, rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)))?;
+    let mut out = String::new();
+    for line in std::io::BufReader::with_capacity(1 << 16, f).lines() {
+        let Ok(line) = line else { break };
+        let first = line.split_whitespace().next().unwrap_or("");
+        let start = first.split_once('-').map_or(first, |(a, _)| a);
+        if !first.ends_with(':') && usize::from_str_radix(start, 16).is_ok_and(|a| a >= end) {
+            break;
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 /// [`read`] on given `smaps` and `numa_maps` texts.
@@ -182,14 +199,11 @@ fn policy(numa_maps: &str, addr: usize) -> Option<String> {
 }
 
 /// Whether `mlockall(MCL_FUTURE)` without `MCL_ONFAULT` is in force: a fresh
-/// mapping comes out locked and already populated.
+/// mapping comes out populated (locked) without being touched, which nothing
+/// else does to fresh anonymous memory.
 pub fn lock_all_future() -> bool {
     let Ok(m) = super::mapping::AnonMapping::new(crate::PAGE_SIZE) else { return false };
-    let range = PageRange::new(m.start(), 1);
-    let Ok(smaps) = read_proc("/proc/self/smaps") else { return false };
-    let locked = parse(&smaps, "", range, 0).iter().any(|a| a.keep.contains(Keep::LOCKED));
-    // Populated at once (not MCL_ONFAULT): its Rss shows without a touch.
-    locked && super::mem::resident(range).unwrap_or(false)
+    super::mem::resident(m.range()).unwrap_or(false)
 }
 
 #[cfg(test)]

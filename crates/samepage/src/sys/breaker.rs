@@ -70,27 +70,69 @@ pub(super) struct FaultMsg {
 
 const _: () = assert!(std::mem::size_of::<FaultMsg>() == std::mem::size_of::<g::uffd_msg>());
 
-/// The `madvise` calls that discard memory (`MADV_DONTNEED`, `MADV_FREE`,
-/// `MADV_REMOVE`) the process's threads are in right now, as `(start, end)`:
-/// read from `/proc/self/task/*/syscall`, which shows the arguments of a
-/// thread blocked in a system call (28 is `madvise` on x86_64).
-fn discards_in_progress() -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return out };
-    for t in tasks.flatten() {
-        let Ok(line) = std::fs::read_to_string(t.path().join("syscall")) else { continue };
-        let mut f = line.split_whitespace();
-        if f.next() != Some("28") {
-            continue;
+/// Looks at the `madvise` calls that discard memory (`MADV_DONTNEED`,
+/// `MADV_FREE`, `MADV_REMOVE`) the process's threads are in right now: read
+/// from `/proc/self/task/*/syscall`, which shows the arguments of a thread
+/// blocked in a system call (28 is `madvise` on x86_64). The files stay open
+/// (one `pread` per thread a look); the thread list is read again when a
+/// thread is gone and at least every 100 ms, so new threads are seen.
+struct Peeker {
+    files: Vec<std::fs::File>,
+    listed: std::time::Instant,
+    buf: Vec<u8>,
+}
+
+impl Peeker {
+    fn new() -> Self {
+        let mut p = Peeker { files: Vec::new(), listed: std::time::Instant::now(), buf: vec![0; 256] };
+        p.relist();
+        p
+    }
+
+    fn relist(&mut self) {
+        self.files.clear();
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            self.files.extend(tasks.flatten().filter_map(|t| std::fs::File::open(t.path().join("syscall")).ok()));
         }
-        let arg = |s: Option<&str>| s.and_then(|v| usize::from_str_radix(v.trim_start_matches("0x"), 16).ok());
-        let (Some(addr), Some(len), Some(advice)) = (arg(f.next()), arg(f.next()), arg(f.next())) else { continue };
-        let discards = [libc::MADV_DONTNEED, libc::MADV_FREE, libc::MADV_REMOVE].map(|a| a as usize);
-        if discards.contains(&advice) {
-            out.push((addr, addr.saturating_add(len)));
+        self.listed = std::time::Instant::now();
+    }
+
+    /// The `(start, end)` of every discarding `madvise` in progress.
+    fn discards(&mut self) -> Vec<(usize, usize)> {
+        if self.listed.elapsed() > std::time::Duration::from_millis(100) {
+            self.relist();
+        }
+        match self.look() {
+            Some(out) => out,
+            // A thread is gone: list them again (new ones are seen too).
+            None => {
+                self.relist();
+                self.look().unwrap_or_default()
+            }
         }
     }
-    out
+
+    /// One look at every listed thread; `None` if one of them is gone.
+    fn look(&mut self) -> Option<Vec<(usize, usize)>> {
+        use std::os::unix::fs::FileExt;
+        let discards = [libc::MADV_DONTNEED, libc::MADV_FREE, libc::MADV_REMOVE].map(|a| a as usize);
+        let hex = |s: Option<&str>| s.and_then(|v| usize::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+        let mut out = Vec::new();
+        for f in &self.files {
+            let n = f.read_at(&mut self.buf, 0).ok()?;
+            let line = std::str::from_utf8(&self.buf[..n]).unwrap_or("");
+            let mut w = line.split_whitespace();
+            if w.next() != Some("28") {
+                continue;
+            }
+            if let (Some(addr), Some(len), Some(advice)) = (hex(w.next()), hex(w.next()), hex(w.next())) {
+                if discards.contains(&advice) {
+                    out.push((addr, addr.saturating_add(len)));
+                }
+            }
+        }
+        Some(out)
+    }
 }
 
 /// Reads the userfaultfd's messages until told to stop.
@@ -108,16 +150,25 @@ fn discards_in_progress() -> Vec<(usize, usize)> {
 /// queued before the threads were looked at, so its caller was seen.
 fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
     let mut msgs = [FaultMsg::default(); 1];
+    let mut peeker = Peeker::new();
+    // Faults to serve again once the event in the way is read.
+    let mut later: Vec<PageAddr> = Vec::new();
     loop {
+        let retry = std::mem::take(&mut later);
+        for addr in retry {
+            serve_fault(uffd, registry, addr, &mut later);
+        }
         let ufd = uffd.fd();
         let mut fds = [PollFd::new(&ufd, PollFlags::IN), PollFd::new(stop, PollFlags::IN)];
-        if poll(&mut fds, None).is_err() {
+        let timeout =
+            if later.is_empty() { None } else { Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 1_000_000 }) };
+        if poll(&mut fds, timeout).is_err() {
             continue;
         }
         if !fds[1].revents().is_empty() {
             return;
         }
-        let discards = discards_in_progress();
+        let discards = peeker.discards();
         if !discards.is_empty() {
             let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
             for (start, end) in discards {
@@ -136,30 +187,36 @@ fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
             if m.flags & u64::from(g::UFFD_PAGEFAULT_FLAG_WP) == 0 {
                 continue;
             }
-            let addr = PageAddr::containing(m.address as usize);
-            let page = super::addr::PageRange::new(addr, 1);
-            let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
-                let what = reg.break_cow(uffd, addr);
-                // A write must never stay blocked: where the page is not
-                // moved, the protection goes (the kernel then copies in place)
-                // before the registry lets anyone look again.
-                if matches!(what, Broken::PoolCopy | Broken::NotMerged) {
-                    let _ = uffd.write_protect(page, false);
-                }
-                what
-            }));
-            match handled {
-                // The page space wakes the range when it is done there.
-                Ok(Broken::Busy) => {}
-                Ok(_) => {
-                    let _ = uffd.wake(page);
-                }
-                Err(_) => {
-                    let _ = uffd.write_protect(page, false);
-                    let _ = uffd.wake(page);
-                }
-            }
+            serve_fault(uffd, registry, PageAddr::containing(m.address as usize), &mut later);
+        }
+    }
+}
+
+/// Serves a write fault at `addr` (see [`Registry::break_cow`]); a fault
+/// that must wait for an event to be read goes to `later`.
+fn serve_fault(uffd: &Uffd, registry: &Mutex<Registry>, addr: PageAddr, later: &mut Vec<PageAddr>) {
+    let page = super::addr::PageRange::new(addr, 1);
+    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
+        let what = reg.break_cow(uffd, addr);
+        // A write must never stay blocked: where the page is not moved, the
+        // protection goes (the kernel then copies in place) before the
+        // registry lets anyone look again.
+        if matches!(what, Broken::PoolCopy | Broken::NotMerged) && uffd.try_write_protect(page, false).is_err() {
+            return Broken::Later;
+        }
+        what
+    }));
+    match handled {
+        // The page space wakes the range when it is done there.
+        Ok(Broken::Busy) => {}
+        Ok(Broken::Later) => later.push(addr),
+        Ok(_) => {
+            let _ = uffd.wake(page);
+        }
+        Err(_) => {
+            let _ = uffd.try_write_protect(page, false);
+            let _ = uffd.wake(page);
         }
     }
 }

@@ -301,13 +301,19 @@ pub struct MapsLine {
     pub path: String,
 }
 
-/// The mappings overlapping `[start, end)`, from `/proc/self/maps`.
+/// The mappings overlapping `[start, end)`, from `/proc/self/maps` (read
+/// only up to `end`: the kernel formats only what is read).
 pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
-    let text = std::fs::read_to_string("/proc/self/maps").map_err(|e| {
-        SysError::new("read(/proc/self/maps)", rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
+    use std::io::BufRead;
+    let f = std::fs::File::open("/proc/self/maps").map_err(|e| {
+        SysError::new("open(/proc/self/maps)", rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
     })?;
     let mut out = Vec::new();
-    for line in text.lines() {
+    for line in std::io::BufReader::with_capacity(1 << 16, f).lines() {
+        let Ok(line) = line else { break };
+        if line.split('-').next().and_then(|a| usize::from_str_radix(a, 16).ok()).is_some_and(|a| a >= end) {
+            break;
+        }
         let mut f = line.split_whitespace();
         let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
             (f.next(), f.next(), f.next(), f.next(), f.next())

@@ -429,7 +429,7 @@ impl Registry {
             // The fault may be an old one, the page's protection lifted since
             // (by a window over it): protect it again before copying, so no
             // write lands in it meanwhile.
-            uffd.write_protect(page, true)?;
+            uffd.try_write_protect(page, true)?;
             let tmp = mem::map_anon(1)?;
             // SAFETY: the page is write-protected and maps the pool (or holds
             // a copy the kernel made in place for a waiting write, not yet
@@ -445,10 +445,15 @@ impl Registry {
             }
             put_back(page, keep)
         })();
-        if moved.is_err() {
-            self.cow_fallbacks += 1;
-            self.regions.get_mut(&id).expect("found above").slots.taint(index);
-            return Broken::PoolCopy;
+        match moved {
+            Ok(()) => {}
+            // An event waits to be read (by the caller of this): later.
+            Err(e) if e.errno == Errno::AGAIN => return Broken::Later,
+            Err(_) => {
+                self.cow_fallbacks += 1;
+                self.regions.get_mut(&id).expect("found above").slots.taint(index);
+                return Broken::PoolCopy;
+            }
         }
         self.budget.spent(2);
         self.regions.get_mut(&id).expect("found above").slots.set(index, None);
@@ -470,6 +475,8 @@ pub(super) enum Broken {
     PoolCopy,
     /// Not a page the engine merged: lift the protection.
     NotMerged,
+    /// An event waits to be read first: try again after reading it.
+    Later,
 }
 
 /// Marks a range busy in the registry until dropped (then wakes it).
@@ -500,6 +507,10 @@ impl Drop for Busy<'_> {
 fn lock(m: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// A region read from `/proc`, ready to add ([`LinuxPageSpace::prepare_region`]).
+#[derive(Debug)]
+pub struct PreparedRegion(RegionMap);
 
 /// The page space of this process.
 #[derive(Debug)]
@@ -635,24 +646,18 @@ impl LinuxPageSpace {
         reg.regions.values().map(|r| r.slots.bytes()).sum::<u64>() + reg.slot_refs.capacity() as u64 * 16
     }
 
-    /// Adds the region `[base, base + npages pages)`: reads its attributes
-    /// (`/proc/self/smaps`), excluding pages with one merged memory could
-    /// not keep, and registers it with the userfaultfd for write
-    /// protection. Returns the excluded page ranges and why.
-    pub fn add_region(
-        &mut self,
-        id: RegionId,
-        base: PageAddr,
-        npages: u64,
-    ) -> Result<Vec<(Range<u64>, Exclusion)>, SysError> {
+    /// Reads what adding the region `[base, base + npages pages)` needs
+    /// from `/proc` (its attributes, and pool mappings left there by an
+    /// earlier registration): slow with many mappings, so done before the
+    /// engine's lock is taken. The range must not be registered yet.
+    pub fn prepare_region(base: PageAddr, npages: u64, pool_inode: u64) -> Result<PreparedRegion, SysError> {
         let range = PageRange::new(base, npages as usize);
-        let segments = segments_of(range, self.pool.inode())?;
+        let segments = segments_of(range, pool_inode)?;
         let mut slots = PoolSlots::new(npages);
         // Pool mappings already there were left by an earlier registration
         // (pool copies): known as such, and their slots are referenced already.
-        let ino = self.pool.inode();
         for m in mem::maps_in(base.get(), range.end().get())? {
-            if m.inode == ino && ino != 0 {
+            if m.inode == pool_inode && pool_inode != 0 {
                 let first = ((m.start.max(base.get()) - base.get()) / PAGE_SIZE) as u64;
                 let last = ((m.end.min(range.end().get()) - base.get()) / PAGE_SIZE) as u64;
                 let skip = (m.start.max(base.get()) - m.start) / PAGE_SIZE;
@@ -663,10 +668,16 @@ impl LinuxPageSpace {
                 }
             }
         }
-        let map = RegionMap { base, npages, slots, released: Vec::new(), segments };
+        Ok(PreparedRegion(RegionMap { base, npages, slots, released: Vec::new(), segments }))
+    }
+
+    /// Adds a region prepared by [`LinuxPageSpace::prepare_region`]; returns
+    /// the page ranges excluded for their attributes, and why.
+    pub fn add_region(&mut self, id: RegionId, prepared: PreparedRegion) -> Vec<(Range<u64>, Exclusion)> {
+        let map = prepared.0;
         let excluded = map.segments.iter().filter_map(|s| Some((s.pages.clone(), s.excluded.clone()?))).collect();
         self.reg().regions.insert(id, map);
-        Ok(excluded)
+        excluded
     }
 
     /// Reads the attributes of region `id` again (`/proc/self/smaps`): the
@@ -1225,7 +1236,11 @@ struct Window<'a> {
 
 impl Window<'_> {
     /// Closes the window, protecting `runs` (pool runs mapped in it) in
-    /// between.
+    /// between. The range is marked busy meanwhile, so the breaker leaves a
+    /// write there waiting until the copies the kernel made in place before
+    /// the protection (a write in the moment between a mapping and its
+    /// protection) are marked; the registry is not held while protecting
+    /// (that waits for pending events, which the breaker reads).
     fn close(
         mut self,
         pool_uffd: &Uffd,
@@ -1236,22 +1251,24 @@ impl Window<'_> {
     ) {
         let _ = self.uffd.unregister(self.range);
         if !runs.is_empty() {
-            let mut reg = lock(registry);
+            let busy = Busy::new(registry, pool_uffd, self.range);
             for run in runs {
                 let _ = pool_uffd.register(*run, RegisterMode::WP);
                 let _ = pool_uffd.write_protect(*run, true);
             }
             let mut found = Vec::new();
             for run in runs {
-                found.clear();
                 let _ = pagemap.scan(run.start().get(), run.end().get(), run.pages(), &mut found);
+            }
+            let mut reg = lock(registry);
+            if let Some(r) = reg.regions.get_mut(&region) {
                 for addr in found.iter().flat_map(|f| (f.start..f.end).step_by(PAGE_SIZE)) {
-                    if let Some(r) = reg.regions.get_mut(&region) {
-                        let i = PageAddr::containing(addr).pages_since(r.base) as u64;
-                        r.slots.taint(i);
-                    }
+                    let i = PageAddr::containing(addr).pages_since(r.base) as u64;
+                    r.slots.taint(i);
                 }
             }
+            drop(reg);
+            drop(busy);
         }
         let _ = self.uffd.wake(self.range);
         self.open = false;

@@ -298,6 +298,16 @@ impl Uffd {
         Ok(())
     }
 
+    /// As [`Uffd::write_protect`], one attempt: `EAGAIN` while an event is
+    /// waiting to be read (for the event's reader, which must not wait for itself).
+    pub fn try_write_protect(&self, range: PageRange, protect: bool) -> Result<(), SysError> {
+        let mut wp =
+            g::uffdio_writeprotect { range: uffd_range(range), mode: if protect { WRITEPROTECT_MODE_WP } else { 0 } };
+        // SAFETY: UFFDIO_WRITEPROTECT on our userfaultfd; the request type fixes the argument.
+        unsafe { ioctl::ioctl(&self.fd, request::WriteProtect(&mut wp)) }.op("ioctl(UFFDIO_WRITEPROTECT)")?;
+        Ok(())
+    }
+
     /// Wakes the threads waiting on `range`.
     pub fn wake(&self, range: PageRange) -> Result<(), SysError> {
         let mut r = uffd_range(range);
