@@ -504,6 +504,7 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
         "discards": io.discards.load(Ordering::Relaxed),
         "plain_dontneeds": io.plain_dontneeds.load(Ordering::Relaxed),
         "discard_violations": io.discard_violations.load(Ordering::Relaxed),
+        "plain_dontneed_misses": io.plain_dontneed_misses.load(Ordering::Relaxed),
         "plain_dontneeds_noticed": stats.plain_discards,
         "forks": tally.forks.load(Ordering::Relaxed),
         "child_failures": child_failures,
@@ -554,10 +555,11 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
         println!(
             "lost writes: {lost}; corrupted bytes: {corrupted}; children that saw wrong memory: {child_failures}; \
              device reads lost: {}; attribute violations: {}; discarded pages not reading zeros: {}; \
-             pool pages left after unregistering: {}",
+             plain MADV_DONTNEED missed: {}; pool pages left after unregistering: {}",
             out["reads_lost"],
             out["attribute_violations"],
             out["discard_violations"],
+            out["plain_dontneed_misses"],
             out["pool_pages_after_unregister"]
         );
     }

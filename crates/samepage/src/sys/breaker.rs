@@ -76,14 +76,16 @@ const _: () = assert!(std::mem::size_of::<FaultMsg>() == std::mem::size_of::<g::
 /// blocked in a system call (28 is `madvise` on x86_64). The files stay open
 /// (one `pread` per thread a look); the thread list is read again when a
 /// thread is gone and at least every 100 ms, so new threads are seen.
-struct Peeker {
+#[derive(Debug)]
+pub(super) struct Peeker {
     files: Vec<std::fs::File>,
     listed: std::time::Instant,
     buf: Vec<u8>,
 }
 
 impl Peeker {
-    fn new() -> Self {
+    /// Lists the process's threads.
+    pub(super) fn new() -> Self {
         let mut p = Peeker { files: Vec::new(), listed: std::time::Instant::now(), buf: vec![0; 256] };
         p.relist();
         p
@@ -98,7 +100,7 @@ impl Peeker {
     }
 
     /// The `(start, end)` of every discarding `madvise` in progress.
-    fn discards(&mut self) -> Vec<(usize, usize)> {
+    pub(super) fn discards(&mut self) -> Vec<(usize, usize)> {
         if self.listed.elapsed() > std::time::Duration::from_millis(100) {
             self.relist();
         }

@@ -52,6 +52,7 @@ use super::pool::MemfdPool;
 use super::uffd::{RegisterMode, Uffd, UffdMode};
 use super::vma::VmaBudget;
 use super::SysError;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 use samepage_core::{
     page_hash, Discard, Intent, IntentResult, PageRef, PageSpace, PageState, RegionId, Sample, Slot, SlotRelease,
@@ -307,7 +308,11 @@ pub struct Registry {
     budget: VmaBudget,
     /// Ranges whose pool mappings the page space is replacing: the breaker
     /// leaves a write fault there waiting; the page space wakes it after.
-    busy: Vec<PageRange>,
+    /// With `true`, the registry stays exact while the range is busy (a
+    /// merge window records each pool run as it maps it), so a discard there
+    /// is served at once; with `false` (refiles, unmerges, which replace
+    /// mappings outside the lock) it is left to the page space.
+    busy: Vec<(PageRange, bool)>,
     /// Merged pages the breaker moved into anonymous memory on a write.
     cow_breaks: u64,
     /// Writes to merged pages the breaker could not serve (no memory, no
@@ -347,7 +352,9 @@ impl Registry {
             for piece in r.pieces(from..to) {
                 let mut i = piece.start;
                 while i < piece.end {
-                    if r.slots.get(i).is_none() || self.busy.iter().any(|b| b.contains(r.addr(i).get())) {
+                    if r.slots.get(i).is_none()
+                        || self.busy.iter().any(|(b, exact)| !exact && b.contains(r.addr(i).get()))
+                    {
                         i += 1;
                         continue;
                     }
@@ -391,7 +398,7 @@ impl Registry {
 
     /// Whether the page space is replacing pool mappings at `addr`.
     pub(super) fn is_busy(&self, addr: PageAddr) -> bool {
-        self.busy.iter().any(|r| r.contains(addr.get()))
+        self.busy.iter().any(|(r, _)| r.contains(addr.get()))
     }
 
     fn region_at(&self, addr: PageAddr) -> Option<(RegionId, u64)> {
@@ -487,8 +494,9 @@ struct Busy<'a> {
 }
 
 impl<'a> Busy<'a> {
-    fn new(registry: &'a Mutex<Registry>, uffd: &'a Uffd, range: PageRange) -> Self {
-        lock(registry).busy.push(range);
+    /// `exact`: the registry stays exact meanwhile (see [`Registry::busy`]).
+    fn new(registry: &'a Mutex<Registry>, uffd: &'a Uffd, range: PageRange, exact: bool) -> Self {
+        lock(registry).busy.push((range, exact));
         Busy { registry, uffd, range }
     }
 }
@@ -496,7 +504,7 @@ impl<'a> Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let mut reg = lock(self.registry);
-        if let Some(p) = reg.busy.iter().position(|r| *r == self.range) {
+        if let Some(p) = reg.busy.iter().position(|(r, _)| *r == self.range) {
             reg.busy.swap_remove(p);
         }
         drop(reg);
@@ -516,9 +524,17 @@ pub struct PreparedRegion(RegionMap);
 #[derive(Debug)]
 pub struct LinuxPageSpace {
     registry: Arc<Mutex<Registry>>,
-    /// The merge windows' userfaultfd (`MISSING` windows, the scratch areas,
-    /// `UFFDIO_MOVE`); it asks for no events, so nothing waits on its reader.
+    /// The scratch areas' userfaultfd (`UFFDIO_MOVE` out of a window needs
+    /// its destination registered); it asks for no events, so the engine's
+    /// own `MADV_DONTNEED` of scratch pages never waits on a reader.
     uffd: Arc<Uffd>,
+    /// The merge windows' userfaultfd (`MISSING` windows, `UFFDIO_MOVE` back,
+    /// wake-ups), with remove events: a `madvise(MADV_DONTNEED)` by the
+    /// program on a window waits until the page space has seen it
+    /// ([`LinuxPageSpace::serve_window_events`]).
+    window_uffd: Arc<Uffd>,
+    /// Looks at the program's discarding `madvise` calls in progress.
+    peeker: super::breaker::Peeker,
     /// The pool mappings' userfaultfd (full mode: write protection, served by
     /// the breaker, and remove events); the merge windows' one without it.
     pool_uffd: Arc<Uffd>,
@@ -558,6 +574,10 @@ impl LinuxPageSpace {
     /// merged pages to the kernel's copy-on-write in place (pool copies).
     pub fn with_options(pool_slots: u64, vma_share: f64, break_cow: bool) -> Result<Self, SysError> {
         let uffd = Arc::new(Uffd::open()?);
+        let window_uffd = match Uffd::open_with(true) {
+            Ok(u) if u.mode() == uffd.mode() => Arc::new(u),
+            _ => uffd.clone(),
+        };
         let scratch = Scratch::new(&uffd, false)?;
         let registry = Arc::new(Mutex::new(Registry {
             regions: HashMap::new(),
@@ -581,6 +601,8 @@ impl LinuxPageSpace {
         Ok(LinuxPageSpace {
             registry,
             uffd,
+            window_uffd,
+            peeker: super::breaker::Peeker::new(),
             pool_uffd,
             pool: MemfdPool::new(pool_slots)?,
             pagemap: PageMap::open()?,
@@ -736,7 +758,7 @@ impl LinuxPageSpace {
         let mut reg = self.reg();
         if let Some(r) = reg.regions.remove(&id) {
             for p in r.pieces(0..r.npages) {
-                for u in [&self.uffd, &self.pool_uffd] {
+                for u in [&self.window_uffd, &self.pool_uffd] {
                     let _ = u.unregister(r.range(p.clone()));
                     let _ = u.wake(r.range(p.clone()));
                 }
@@ -834,11 +856,12 @@ impl LinuxPageSpace {
         // While pages are out, a forked child would inherit holes (reading
         // zeros, with no window to wait for): fork() waits for the window.
         let _no_fork = super::forkguard::hold();
-        if self.uffd.register(span, RegisterMode::MISSING).is_err() {
+        let wuffd = self.window_uffd.clone();
+        if wuffd.register(span, RegisterMode::MISSING).is_err() {
             return; // results stay Failed; nothing changed
         }
         self.stats.windows += 1;
-        let window = Window { uffd: &self.uffd, range: span, open: true };
+        let mut window = Window { uffd: &wuffd, range: span, open: true };
 
         // Out: each run of consecutive pages with one UFFDIO_MOVE.
         let mut at: Vec<Option<usize>> = vec![None; idx.len()];
@@ -908,8 +931,24 @@ impl LinuxPageSpace {
             }
         }
 
-        // Replace: runs of equal pages going to consecutive slots, one mmap each.
-        let mut mapped = Vec::new();
+        // The program may be discarding pages of the window right now
+        // (`madvise(MADV_DONTNEED)` waits on the window's remove event):
+        // those stay out, and the range reads zeros as it would have.
+        let mut gone = self.serve_window_events();
+        let is_gone = |gone: &[(usize, usize)], a: PageAddr| gone.iter().any(|&(s, e)| s <= a.get() && a.get() < e);
+        for k in 0..idx.len() {
+            if at[k].is_some() && is_gone(&gone, addr(page(k))) {
+                (at[k], equal[k]) = (None, false);
+                results[idx[k]] = IntentResult::Mismatch;
+            }
+        }
+
+        // Replace: runs of equal pages going to consecutive slots, one mmap
+        // each, recorded in the registry and write-protected at once (the
+        // span is busy meanwhile: writes to the new runs wait).
+        let (registry, pool_uffd) = (self.registry.clone(), self.pool_uffd.clone());
+        let breaks = self.breaker.is_some();
+        let busy = breaks.then(|| Busy::new(&registry, &pool_uffd, span, true));
         let mut new_runs = Vec::new();
         let mut k = 0;
         while k < idx.len() {
@@ -936,6 +975,10 @@ impl LinuxPageSpace {
                 Target::Slot(_) if !lock(&self.registry).budget.allows(2) => Err(IntentResult::OverBudget),
                 Target::Slot(s) => {
                     self.stats.pool_maps += 1;
+                    // Mapped, recorded and registered under the registry's
+                    // lock: the breaker, serving a discard, sees the run
+                    // either not there yet or registered with its events.
+                    let mut reg = lock(&registry);
                     let made = fault::check(Point::MapPool, "mmap(pool, MAP_PRIVATE|MAP_FIXED)").and_then(|()| {
                         // SAFETY: the run's pages are out in the scratch area
                         // and equal the pool slots byte for byte; anyone
@@ -944,11 +987,26 @@ impl LinuxPageSpace {
                     });
                     if matches!(&made, Err(e) if e.errno == Errno::PERM) {
                         // Sealed since (mseal).
-                        lock(&self.registry).stale.insert(region);
+                        reg.stale.insert(region);
                     }
                     match made.and_then(|()| put_back(run, keep)) {
                         Ok(()) => {
-                            lock(&self.registry).budget.spent(2);
+                            reg.budget.spent(2);
+                            for &i in &idx[k..e] {
+                                if let Target::Slot(s) = intents[i].target {
+                                    *reg.slot_refs.entry(s).or_default() += 1;
+                                    if let Some(rm) = reg.regions.get_mut(&region) {
+                                        rm.slots.set(intents[i].page.index, Some(s));
+                                    }
+                                }
+                            }
+                            if breaks {
+                                let _ = pool_uffd.register(run, RegisterMode::WP);
+                            }
+                            drop(reg);
+                            if breaks {
+                                protect(&pool_uffd, run);
+                            }
                             new_runs.push(run);
                             Ok(())
                         }
@@ -958,11 +1016,8 @@ impl LinuxPageSpace {
             };
             match outcome {
                 Ok(()) => {
-                    for (j, &i) in idx[k..e].iter().enumerate() {
+                    for &i in &idx[k..e] {
                         results[i] = IntentResult::Merged;
-                        if let Target::Slot(s) = intents[i].target {
-                            mapped.push((page(k + j), s));
-                        }
                     }
                 }
                 Err(why) => {
@@ -977,7 +1032,7 @@ impl LinuxPageSpace {
                         // SAFETY: the run's pages are out in the scratch area.
                         let _ = unsafe { mem::map_anon_fixed(run) }
                             .and_then(|()| put_back(run, keep))
-                            .and_then(|()| self.uffd.register(run, RegisterMode::MISSING));
+                            .and_then(|()| wuffd.register(run, RegisterMode::MISSING));
                     }
                     equal[k..e].iter_mut().for_each(|x| *x = false);
                 }
@@ -985,62 +1040,126 @@ impl LinuxPageSpace {
             k = e;
         }
 
-        // Back: the pages that were moved out and not merged.
+        // Back: the pages that were moved out and not merged. A move into
+        // the window waits for its remove events to be read (`EAGAIN`).
         let mut k = 0;
+        let mut waits = 0u32;
         while k < idx.len() {
             let Some(s) = at[k].filter(|_| !equal[k]) else {
                 k += 1;
                 continue;
             };
+            if is_gone(&gone, addr(page(k))) {
+                at[k] = None;
+                results[idx[k]] = IntentResult::Mismatch;
+                k += 1;
+                continue;
+            }
             let mut e = k + 1;
-            while e < idx.len() && !equal[e] && page(e) == page(e - 1) + 1 && at[e] == Some(s + (e - k)) {
+            while e < idx.len()
+                && !equal[e]
+                && page(e) == page(e - 1) + 1
+                && at[e] == Some(s + (e - k))
+                && !is_gone(&gone, addr(page(e)))
+            {
                 e += 1;
             }
-            let n = e - k;
-            let mut back = 0;
-            while back < n {
-                // SAFETY: the destination is the program's range these pages
-                // came from, emptied by the move and held by the window; the
-                // source is ours.
-                let m = unsafe { self.uffd.move_pages(addr(page(k + back)), scratch.range.page(s + back), n - back) };
-                self.stats.moves += 1;
-                let got = m.bytes / PAGE_SIZE;
-                back += got;
-                if m.stopped.is_none() {
-                    continue;
+            // SAFETY: the destination is the program's range these pages
+            // came from, emptied by the move and held by the window; the
+            // source is ours.
+            let m = unsafe { wuffd.move_pages(addr(page(k)), scratch.range.page(s), e - k) };
+            self.stats.moves += 1;
+            let got = m.bytes / PAGE_SIZE;
+            at[k..k + got].iter_mut().for_each(|x| *x = None);
+            k += got;
+            match m.stopped {
+                None => {}
+                Some(Errno::AGAIN) if waits < 100_000 => {
+                    waits += 1;
+                    let more = self.serve_window_events();
+                    if more.is_empty() {
+                        std::thread::yield_now();
+                    }
+                    gone.extend(more);
                 }
-                // A mapping boundary inside the run: the next page alone.
-                let single = (got == 0 && back < n)
-                    // SAFETY: as above, one page.
-                    && unsafe { self.uffd.move_pages(addr(page(k + back)), scratch.range.page(s + back), 1) }.stopped.is_none();
-                if single {
-                    back += 1;
-                    continue;
+                Some(_) => {
+                    // A mapping boundary inside the run: the page alone; if
+                    // even that fails (no memory for page tables), it goes
+                    // back as a copy moved into place.
+                    if let Some(from) = at[k].take() {
+                        // SAFETY: as above, one page.
+                        let single = unsafe { wuffd.move_pages(addr(page(k)), scratch.range.page(from), 1) };
+                        if single.stopped.is_some() {
+                            restore_by_copy(scratch.range.sub(from, from + 1), PageRange::new(addr(page(k)), 1), keep);
+                        }
+                    }
+                    k += 1;
                 }
-                // Moving back cannot fail short of memory for page tables;
-                // if it does, the rest goes back as a copy moved into place.
-                let rest = PageRange::new(addr(page(k + back)), n - back);
-                restore_by_copy(scratch.range.sub(s + back, s + n), rest, keep);
-                break;
             }
-            k = e;
         }
-        {
+
+        // Close: the range leaves the window (waiters wake and find their
+        // page or the merged one); remove events raised until then are
+        // served before their callers go on; pages the kernel copied in
+        // place between a run's mapping and its protection are marked.
+        // (UFFDIO_UNREGISTER refuses a range holding another userfaultfd's
+        // registration: the new pool runs are left out.)
+        let mut from = span.start();
+        for run in new_runs.iter().chain(std::iter::once(&PageRange::new(span.end(), 0))) {
+            if run.start() > from {
+                let _ = wuffd.unregister(PageRange::new(from, run.start().pages_since(from)));
+            }
+            from = run.end();
+        }
+        window.open = false;
+        let _ = self.serve_window_events();
+        if breaks && !new_runs.is_empty() {
+            let mut found = Vec::new();
+            for run in &new_runs {
+                let _ = self.pagemap.scan(run.start().get(), run.end().get(), run.pages(), &mut found);
+            }
             let mut reg = self.reg();
-            for &(_, s) in &mapped {
-                *reg.slot_refs.entry(s).or_default() += 1;
-            }
-            let rm = reg.regions.get_mut(&region).expect("region");
-            for &(index, s) in &mapped {
-                rm.slots.set(index, Some(s));
+            if let Some(r) = reg.regions.get_mut(&region) {
+                for a in found.iter().flat_map(|f| (f.start..f.end).step_by(PAGE_SIZE)) {
+                    let i = PageAddr::containing(a).pages_since(r.base) as u64;
+                    r.slots.taint(i);
+                }
             }
         }
-        if self.breaker.is_some() {
-            window.close(&self.pool_uffd, &self.registry, region, &mut self.pagemap, &new_runs);
-        } else {
-            drop(window);
-        }
+        drop(busy);
+        let _ = wuffd.wake(span);
         scratch.clear(used);
+    }
+
+    /// Serves the remove events of the merge windows' userfaultfd, if any:
+    /// first the pool mappings inside every discarding `madvise` in progress
+    /// become fresh anonymous memory (as the breaker does for the pool
+    /// mappings' own events), then the events are read, which lets their
+    /// callers go on. Returns the ranges being discarded: pages of the
+    /// window there must not be put back.
+    fn serve_window_events(&mut self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut msg = [super::breaker::FaultMsg::default(); 1];
+        loop {
+            let fd = self.window_uffd.fd();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            if !matches!(poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(n) if n > 0) {
+                return out;
+            }
+            // One message per look: the one read was queued before the
+            // look, so its caller (waiting in `madvise`) was seen.
+            let gone = self.peeker.discards();
+            if !gone.is_empty() {
+                let mut reg = self.reg();
+                for &(a, b) in &gone {
+                    reg.noticed_discard(a, b);
+                }
+            }
+            out.extend(gone);
+            if self.window_uffd.read_messages(&mut msg) == 0 {
+                return out;
+            }
+        }
     }
 
     /// Moves pages `idx` that map the pool (sorted, one region and segment)
@@ -1220,59 +1339,13 @@ impl LinuxPageSpace {
     }
 }
 
-/// A merge window, registered `MISSING` with the merge windows' userfaultfd.
-/// Closing it unregisters the range; then (with a breaker, [`Window::close`])
-/// the pool runs mapped in it are registered with the pool mappings'
-/// userfaultfd and protected, and the pages of theirs the kernel copied in
-/// place meanwhile (a write in the moment between the mapping and its
-/// protection) are marked as possibly pinned pool copies, all under the
-/// registry's lock so the breaker sees the marks; finally the range's
-/// waiters are woken.
+/// A merge window, registered `MISSING` with the merge windows' userfaultfd:
+/// anyone touching its range waits. Dropped while open (a window given up
+/// early), it unregisters the range, which wakes the waiters.
 struct Window<'a> {
     uffd: &'a Uffd,
     range: PageRange,
     open: bool,
-}
-
-impl Window<'_> {
-    /// Closes the window, protecting `runs` (pool runs mapped in it) in
-    /// between. The range is marked busy meanwhile, so the breaker leaves a
-    /// write there waiting until the copies the kernel made in place before
-    /// the protection (a write in the moment between a mapping and its
-    /// protection) are marked; the registry is not held while protecting
-    /// (that waits for pending events, which the breaker reads).
-    fn close(
-        mut self,
-        pool_uffd: &Uffd,
-        registry: &Mutex<Registry>,
-        region: RegionId,
-        pagemap: &mut PageMap,
-        runs: &[PageRange],
-    ) {
-        let _ = self.uffd.unregister(self.range);
-        if !runs.is_empty() {
-            let busy = Busy::new(registry, pool_uffd, self.range);
-            for run in runs {
-                let _ = pool_uffd.register(*run, RegisterMode::WP);
-                let _ = pool_uffd.write_protect(*run, true);
-            }
-            let mut found = Vec::new();
-            for run in runs {
-                let _ = pagemap.scan(run.start().get(), run.end().get(), run.pages(), &mut found);
-            }
-            let mut reg = lock(registry);
-            if let Some(r) = reg.regions.get_mut(&region) {
-                for addr in found.iter().flat_map(|f| (f.start..f.end).step_by(PAGE_SIZE)) {
-                    let i = PageAddr::containing(addr).pages_since(r.base) as u64;
-                    r.slots.taint(i);
-                }
-            }
-            drop(reg);
-            drop(busy);
-        }
-        let _ = self.uffd.wake(self.range);
-        self.open = false;
-    }
 }
 
 impl Drop for Window<'_> {
@@ -1295,7 +1368,7 @@ fn open_wp_window<'a>(
     if !breaks {
         uffd.register(range, RegisterMode::WP)?;
     }
-    let busy = Busy::new(registry, uffd, range);
+    let busy = Busy::new(registry, uffd, range, false);
     let window = WpWindow { uffd, range, breaks, protect: Vec::new(), _busy: busy };
     fault::check(Point::WriteProtect, "UFFDIO_WRITEPROTECT")?;
     if !breaks {
@@ -1343,6 +1416,25 @@ fn release_ref(refs: &mut HashMap<Slot, u32>, slot: Slot) {
 }
 
 /// Puts the attributes `keep` back on a range the engine just mapped.
+/// Write-protects a pool run just mapped (registered with the pool
+/// mappings' userfaultfd). `EAGAIN` means an event waits for the breaker,
+/// which never waits for this thread: try again. A run the breaker already
+/// made anonymous in part (a discard) is protected page by page.
+fn protect(uffd: &Uffd, run: PageRange) {
+    for _ in 0..10_000 {
+        match uffd.write_protect(run, true) {
+            Err(e) if e.errno == Errno::AGAIN => std::thread::yield_now(),
+            Err(_) if run.pages() > 1 => {
+                for i in 0..run.pages() {
+                    protect(uffd, run.sub(i, i + 1));
+                }
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
 fn put_back(range: PageRange, keep: Keep) -> Result<(), SysError> {
     for (flag, hint) in [
         (Keep::DONTFORK, mem::Hint::DontFork),
@@ -1561,7 +1653,7 @@ impl PageSpace for LinuxPageSpace {
         // Nothing of the engine's stays behind but pool copies (which keep
         // their slots referenced): the range was unmerged and no window is
         // open, so what the program does with it next meets its own memory.
-        for u in [&self.uffd, &self.pool_uffd] {
+        for u in [&self.window_uffd, &self.pool_uffd] {
             let _ = u.unregister(r.range(range.clone()));
             let _ = u.wake(r.range(range.clone()));
         }
@@ -1609,7 +1701,7 @@ impl PageSpace for LinuxPageSpace {
                 // A pool mapping would read its pool page again after
                 // MADV_DONTNEED: fresh anonymous memory reads zeros. Writers
                 // to its pages wait (busy) until it is done.
-                let _busy = Busy::new(&self.registry, &self.pool_uffd, span);
+                let _busy = Busy::new(&self.registry, &self.pool_uffd, span, true);
                 lock(&self.registry).zero_pool_pieces(span.start().get(), span.end().get())?;
             }
             // SAFETY: the program discards the range: its content may go.
