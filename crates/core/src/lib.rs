@@ -1,8 +1,8 @@
 //! The pure core of samepage: Kernel Samepage Merging's algorithm with no
 //! system calls and no `unsafe`.
 //!
-//! The names follow the kernel's `mm/ksm.c` and its documentation (the seeds
-//! in `shared/seeds/`):
+//! The names follow the kernel's `mm/ksm.c` and
+//! `Documentation/admin-guide/mm/ksm.rst`:
 //!
 //! * [`rmap`]: one [`rmap::RmapItem`] per scanned page (8 bytes, allocated
 //!   in chunks of 512 pages only where pages exist), holding the page's

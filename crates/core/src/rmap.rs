@@ -7,7 +7,8 @@
 //! ([`crate::stable::StableNode::rmap_hlist_len`]); the pages themselves are found by
 //! walking the tables (defragmentation and unmerge do that, rarely).
 //!
-//! Zero pages placed with `use_zero_pages` carry no rmap item (seed 004):
+//! Zero pages placed with `use_zero_pages` carry no rmap item (as in the
+//! kernel since "ksm: support tracking KSM-placed zero-pages", 2023):
 //! their link is [`Link::Zero`] and they count neither in `rmap_items` nor in
 //! `pages_volatile`.
 

@@ -705,7 +705,8 @@ impl<I: StableIndex, P: StablePool> Ksm<I, P> {
         self.free_dead_slots(space);
     }
 
-    /// Defragmentation of dups (seed 001's "proper defrag"): in each chain,
+    /// Defragmentation of dups (the "proper defrag" Andrea Arcangeli names as
+    /// future work in the `max_page_sharing` thread on LKML, April 2016): in each chain,
     /// keep the `ceil(mappings / max_page_sharing)` busiest dups and refile
     /// the mappings of the others into their room. A refile is a merge of a
     /// page into another copy of the same content, under the same

@@ -4,10 +4,12 @@
 //! lookup is O(1) plus the dups of a chain. A hash match is only a candidate:
 //! the page space compares full contents before any merge.
 //!
-//! Chains and dups (seed 003): once a stable node has `max_page_sharing`
+//! Chains and dups (`Documentation/admin-guide/mm/ksm.rst`,
+//! `max_page_sharing`): once a stable node has `max_page_sharing`
 //! mappings, the next pages with its content form a new copy, a *dup*, and
 //! the entry becomes a *chain*. Lookups pick the busiest dup that still has
-//! room (seed 001's heuristic), so dups fill before new ones appear. A chain
+//! room (the heuristic of the commit "ksm: introduce ksm_max_page_sharing
+//! per page deduplication limit"), so dups fill before new ones appear. A chain
 //! left with one dup collapses back into a plain node at the next prune,
 //! as the kernel's `stable_node_chains_prune_millisecs` pass does.
 //!
@@ -136,7 +138,7 @@ impl StableIndex for LocalStableIndex {
             Some(&e) => {
                 // The dup at the head took the last mapping; while it has
                 // room it takes the next one (O(1)). When it fills up, the
-                // busiest dup with room moves to the head (seed 001).
+                // busiest dup with room moves to the head (as `stable_node_dup` does).
                 let c = (e & !CHAIN) as usize;
                 let dups = &self.chain_dups[c];
                 if let Some(head) = dups.first().filter(|d| len(d) < max_page_sharing) {

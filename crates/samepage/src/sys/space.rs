@@ -52,7 +52,6 @@ use super::pool::MemfdPool;
 use super::uffd::{RegisterMode, Uffd, UffdMode};
 use super::vma::VmaBudget;
 use super::SysError;
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 use samepage_core::{
     page_hash, Discard, Intent, IntentResult, PageRef, PageSpace, PageState, RegionId, Sample, Slot, SlotRelease,
@@ -308,11 +307,9 @@ pub struct Registry {
     budget: VmaBudget,
     /// Ranges whose pool mappings the page space is replacing: the breaker
     /// leaves a write fault there waiting; the page space wakes it after.
-    /// With `true`, the registry stays exact while the range is busy (a
-    /// merge window records each pool run as it maps it), so a discard there
-    /// is served at once; with `false` (refiles, unmerges, which replace
-    /// mappings outside the lock) it is left to the page space.
-    busy: Vec<(PageRange, bool)>,
+    /// The registry stays exact meanwhile (every replacement is made and
+    /// recorded under its lock), so a discard there is served at once.
+    busy: Vec<PageRange>,
     /// Merged pages the breaker moved into anonymous memory on a write.
     cow_breaks: u64,
     /// Writes to merged pages the breaker could not serve (no memory, no
@@ -335,8 +332,8 @@ impl Registry {
     /// anonymous memory, which reads zeros, with the attributes the program
     /// gave that memory: what `MADV_DONTNEED` does to anonymous memory, and
     /// what it does not do to a private file mapping (which would read its
-    /// pool page again). Skips ranges the page space is busy with. Returns
-    /// the pages made anonymous (for the scanner to forget).
+    /// pool page again). Returns the pages made anonymous (for the scanner
+    /// to forget).
     fn zero_pool_pieces(&mut self, start: usize, end: usize) -> Result<Vec<PageRef>, SysError> {
         let mut out = Vec::new();
         let ids: Vec<RegionId> = self.regions.keys().copied().collect();
@@ -352,9 +349,7 @@ impl Registry {
             for piece in r.pieces(from..to) {
                 let mut i = piece.start;
                 while i < piece.end {
-                    if r.slots.get(i).is_none()
-                        || self.busy.iter().any(|(b, exact)| !exact && b.contains(r.addr(i).get()))
-                    {
+                    if r.slots.get(i).is_none() {
                         i += 1;
                         continue;
                     }
@@ -370,7 +365,8 @@ impl Registry {
                 let span = r.range(run.clone());
                 // SAFETY: the program discards this range: its content may go.
                 unsafe { mem::map_anon_fixed(span) }?;
-                put_back(span, keep)?;
+                // Anonymous now, whether or not an attribute goes back on.
+                let _ = put_back(span, keep);
                 self.budget.spent(2);
                 let rm = self.regions.get_mut(&id).expect("region");
                 for i in run {
@@ -398,7 +394,7 @@ impl Registry {
 
     /// Whether the page space is replacing pool mappings at `addr`.
     pub(super) fn is_busy(&self, addr: PageAddr) -> bool {
-        self.busy.iter().any(|(r, _)| r.contains(addr.get()))
+        self.busy.iter().any(|r| r.contains(addr.get()))
     }
 
     fn region_at(&self, addr: PageAddr) -> Option<(RegionId, u64)> {
@@ -494,9 +490,8 @@ struct Busy<'a> {
 }
 
 impl<'a> Busy<'a> {
-    /// `exact`: the registry stays exact meanwhile (see [`Registry::busy`]).
-    fn new(registry: &'a Mutex<Registry>, uffd: &'a Uffd, range: PageRange, exact: bool) -> Self {
-        lock(registry).busy.push((range, exact));
+    fn new(registry: &'a Mutex<Registry>, uffd: &'a Uffd, range: PageRange) -> Self {
+        lock(registry).busy.push(range);
         Busy { registry, uffd, range }
     }
 }
@@ -504,7 +499,7 @@ impl<'a> Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let mut reg = lock(self.registry);
-        if let Some(p) = reg.busy.iter().position(|(r, _)| *r == self.range) {
+        if let Some(p) = reg.busy.iter().position(|r| *r == self.range) {
             reg.busy.swap_remove(p);
         }
         drop(reg);
@@ -530,11 +525,13 @@ pub struct LinuxPageSpace {
     uffd: Arc<Uffd>,
     /// The merge windows' userfaultfd (`MISSING` windows, `UFFDIO_MOVE` back,
     /// wake-ups), with remove events: a `madvise(MADV_DONTNEED)` by the
-    /// program on a window waits until the page space has seen it
+    /// program on a window waits until the page space has read it
     /// ([`LinuxPageSpace::serve_window_events`]).
     window_uffd: Arc<Uffd>,
     /// Looks at the program's discarding `madvise` calls in progress.
     peeker: super::breaker::Peeker,
+    /// Faults waiting on the merge windows' userfaultfd.
+    window_pending: super::breaker::PendingFaults,
     /// The pool mappings' userfaultfd (full mode: write protection, served by
     /// the breaker, and remove events); the merge windows' one without it.
     pool_uffd: Arc<Uffd>,
@@ -601,8 +598,9 @@ impl LinuxPageSpace {
         Ok(LinuxPageSpace {
             registry,
             uffd,
-            window_uffd,
+            window_pending: super::breaker::PendingFaults::new(&window_uffd),
             peeker: super::breaker::Peeker::new(),
+            window_uffd,
             pool_uffd,
             pool: MemfdPool::new(pool_slots)?,
             pagemap: PageMap::open()?,
@@ -934,7 +932,7 @@ impl LinuxPageSpace {
         // The program may be discarding pages of the window right now
         // (`madvise(MADV_DONTNEED)` waits on the window's remove event):
         // those stay out, and the range reads zeros as it would have.
-        let mut gone = self.serve_window_events();
+        let mut gone = self.serve_window_events(false);
         let is_gone = |gone: &[(usize, usize)], a: PageAddr| gone.iter().any(|&(s, e)| s <= a.get() && a.get() < e);
         for k in 0..idx.len() {
             if at[k].is_some() && is_gone(&gone, addr(page(k))) {
@@ -948,7 +946,7 @@ impl LinuxPageSpace {
         // span is busy meanwhile: writes to the new runs wait).
         let (registry, pool_uffd) = (self.registry.clone(), self.pool_uffd.clone());
         let breaks = self.breaker.is_some();
-        let busy = breaks.then(|| Busy::new(&registry, &pool_uffd, span, true));
+        let busy = breaks.then(|| Busy::new(&registry, &pool_uffd, span));
         let mut new_runs = Vec::new();
         let mut k = 0;
         while k < idx.len() {
@@ -1076,7 +1074,7 @@ impl LinuxPageSpace {
                 None => {}
                 Some(Errno::AGAIN) if waits < 100_000 => {
                     waits += 1;
-                    let more = self.serve_window_events();
+                    let more = self.serve_window_events(!new_runs.is_empty());
                     if more.is_empty() {
                         std::thread::yield_now();
                     }
@@ -1112,7 +1110,7 @@ impl LinuxPageSpace {
             from = run.end();
         }
         window.open = false;
-        let _ = self.serve_window_events();
+        let _ = self.drain_window_events(!new_runs.is_empty());
         if breaks && !new_runs.is_empty() {
             let mut found = Vec::new();
             for run in &new_runs {
@@ -1131,35 +1129,61 @@ impl LinuxPageSpace {
         scratch.clear(used);
     }
 
-    /// Serves the remove events of the merge windows' userfaultfd, if any:
-    /// first the pool mappings inside every discarding `madvise` in progress
-    /// become fresh anonymous memory (as the breaker does for the pool
-    /// mappings' own events), then the events are read, which lets their
-    /// callers go on. Returns the ranges being discarded: pages of the
-    /// window there must not be put back.
-    fn serve_window_events(&mut self) -> Vec<(usize, usize)> {
+    /// Reads the merge windows' userfaultfd: a remove event is a
+    /// `madvise(MADV_DONTNEED)` (or `FREE`) of the program on a window's
+    /// range, waiting to go on. Once the event is read, the caller looks up
+    /// the mapping at the start of its range again and discards what it
+    /// finds there, up to that mapping's end, with no further event for it;
+    /// mappings after that send their own. So the pages of the range still
+    /// out must stay out (a hole reads zeros), and a pool run already mapped
+    /// at the start of the range must become anonymous before the event is
+    /// read: when pool runs were mapped in the window (`placed`), the
+    /// callers in `madvise` are looked at before each message (as the
+    /// breaker does), and the pool mappings in their ranges made fresh
+    /// anonymous memory. Returns the ranges discarded.
+    fn serve_window_events(&mut self, placed: bool) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         let mut msg = [super::breaker::FaultMsg::default(); 1];
         loop {
-            let fd = self.window_uffd.fd();
-            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-            if !matches!(poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(n) if n > 0) {
-                return out;
-            }
-            // One message per look: the one read was queued before the
-            // look, so its caller (waiting in `madvise`) was seen.
-            let gone = self.peeker.discards();
-            if !gone.is_empty() {
-                let mut reg = self.reg();
-                for &(a, b) in &gone {
-                    reg.noticed_discard(a, b);
+            if placed && !self.window_pending.any() {
+                let seen = self.peeker.discards();
+                if !seen.is_empty() {
+                    let mut reg = self.reg();
+                    for &(a, b) in &seen {
+                        reg.noticed_discard(a, b);
+                    }
                 }
             }
-            out.extend(gone);
             if self.window_uffd.read_messages(&mut msg) == 0 {
                 return out;
             }
+            out.extend(msg[0].removed());
         }
+    }
+
+    /// Serves the merge windows' remove events until none can still come
+    /// for a range just unregistered: the kernel counts a remove in
+    /// progress (`mmap_changing`) before it drops the caller's lock and
+    /// queues the event, so an event may arrive after the range left the
+    /// window. While one is in progress, `UFFDIO_WRITEPROTECT` on the
+    /// userfaultfd answers `EAGAIN` before it looks at the range. The probe
+    /// is a page of the scratch area, which is not registered for write
+    /// protection, so it changes nothing (`ENOENT`): the ioctl does not
+    /// check which userfaultfd a range is registered with, so a probe on a
+    /// pool mapping would lift that mapping's protection.
+    fn drain_window_events(&mut self, placed: bool) -> Vec<(usize, usize)> {
+        let probe = self.scratch.range.sub(0, 1);
+        let mut out = self.serve_window_events(placed);
+        for _ in 0..100_000 {
+            match self.window_uffd.try_write_protect(probe, false) {
+                Err(e) if e.errno == Errno::AGAIN => {
+                    std::thread::yield_now();
+                    out.extend(self.serve_window_events(placed));
+                }
+                _ => break,
+            }
+        }
+        out
     }
 
     /// Moves pages `idx` that map the pool (sorted, one region and segment)
@@ -1179,9 +1203,8 @@ impl LinuxPageSpace {
         let span = PageRange::new(addr(page(0)), (page(idx.len() - 1) - page(0) + 1) as usize);
         self.stats.write_protects += 1;
         let breaks = self.breaker.is_some();
-        let Ok(mut window) = open_wp_window(&self.pool_uffd, &self.registry, breaks, span) else { return };
+        let Ok(window) = open_wp_window(&self.pool_uffd, &self.registry, breaks, span) else { return };
         let copies = pool_copies_in(&mut self.pagemap, &mut self.runs, span);
-        let mut refiled = Vec::new();
         let mut k = 0;
         while k < idx.len() {
             let Target::Slot(s) = intents[idx[k]].target else {
@@ -1216,39 +1239,46 @@ impl LinuxPageSpace {
                         unsafe { mem::read_page(run.page(x), &mut self.buf) };
                         self.buf.0[..] == *self.pool.slot_bytes(Slot(slot.0 + x as u64))
                     });
+                // Replaced and recorded under the registry's lock, unless
+                // the breaker made part of the run anonymous meanwhile (the
+                // program discarded it).
+                let mut reg = lock(&self.registry);
+                let still = ok && (j..f).all(|x| reg.regions.get(&region).and_then(|r| r.slots.get(page(x))).is_some());
                 // SAFETY: the run maps pool pages equal to the target slots
                 // byte for byte, write-protected.
-                let mapped = ok
-                    && unsafe { mem::map_file_private_fixed(run, self.pool.fd(), slot.0 * PAGE_SIZE as u64) }
-                        .and_then(|()| put_back(run, keep))
-                        .is_ok();
+                let mapped = still
+                    && unsafe { mem::map_file_private_fixed(run, self.pool.fd(), slot.0 * PAGE_SIZE as u64) }.is_ok();
                 for x in j..f {
                     results[idx[x]] = if mapped { IntentResult::Merged } else { IntentResult::Failed };
                 }
                 if mapped {
-                    lock(&self.registry).budget.spent(2);
+                    // An attribute that cannot be put back leaves the run
+                    // merged all the same.
+                    let _ = put_back(run, keep);
+                    reg.budget.spent(2);
                     self.stats.pool_maps += 1;
-                    window.protect.push(run);
                     for x in 0..f - j {
-                        refiled.push((page(j + x), Slot(slot.0 + x as u64)));
+                        let (index, new) = (page(j + x), Slot(slot.0 + x as u64));
+                        let old = reg.regions.get(&region).and_then(|r| r.slots.get(index));
+                        if let Some(old) = old {
+                            release_ref(&mut reg.slot_refs, old);
+                        }
+                        *reg.slot_refs.entry(new).or_default() += 1;
+                        if let Some(rm) = reg.regions.get_mut(&region) {
+                            rm.slots.set(index, Some(new));
+                        }
                     }
+                    if breaks {
+                        let _ = self.pool_uffd.register(run, RegisterMode::WP);
+                    }
+                }
+                drop(reg);
+                if mapped && breaks {
+                    protect(&self.pool_uffd, run);
                 }
                 j = f;
             }
             k = e;
-        }
-        {
-            let mut reg = self.reg();
-            for &(index, new) in &refiled {
-                let old = reg.regions.get(&region).and_then(|r| r.slots.get(index));
-                if let Some(old) = old {
-                    release_ref(&mut reg.slot_refs, old);
-                }
-                *reg.slot_refs.entry(new).or_default() += 1;
-                if let Some(rm) = reg.regions.get_mut(&region) {
-                    rm.slots.set(index, Some(new));
-                }
-            }
         }
         drop(window);
     }
@@ -1268,6 +1298,8 @@ impl LinuxPageSpace {
         fault::check(Point::MapAnon, "mmap(MAP_ANONYMOUS)")?;
         let tmp = mem::map_anon(span.pages())?;
         let breaks = self.breaker.is_some();
+        // Parts of `tmp` moved over the range (no longer in `tmp`).
+        let mut replaced: Vec<Range<usize>> = Vec::new();
         let result = (|| {
             mem::advise(tmp, mem::Hint::NoHugePage)?;
             // Faulted in before the window opens, so writers wait less.
@@ -1275,15 +1307,24 @@ impl LinuxPageSpace {
             self.stats.write_protects += 1;
             let _window = open_wp_window(&self.pool_uffd, &self.registry, breaks, span)?;
             let copies = pool_copies_in(&mut self.pagemap, &mut self.runs, span);
-            let mut replaced = Vec::new();
+            let index = |x: usize| pages.start + x as u64;
             let mut j = 0;
             while j < span.pages() {
-                if copies.contains(&span.page(j).get()) {
+                // Copied, moved and recorded under the registry's lock: the
+                // breaker, serving a discard, finds each page either still
+                // merged or already private. Pages it made anonymous since
+                // the window opened (discarded) are left as they are.
+                let mut reg = lock(&self.registry);
+                let merged = |reg: &Registry, x: usize| {
+                    !copies.contains(&span.page(x).get())
+                        && reg.regions.get(&region).and_then(|r| r.slots.get(index(x))).is_some()
+                };
+                if !merged(&reg, j) {
                     j += 1;
                     continue;
                 }
                 let mut f = j + 1;
-                while f < span.pages() && !copies.contains(&span.page(f).get()) {
+                while f < span.pages() && merged(&reg, f) {
                     f += 1;
                 }
                 // SAFETY: `span` is registered memory mapping pool pages,
@@ -1298,22 +1339,22 @@ impl LinuxPageSpace {
                 // SAFETY: `tmp`'s part is our own; the target holds the same
                 // bytes and only pool pages (pinned, if at all, for reading).
                 unsafe { mem::move_mapping(tmp.sub(j, f), span.page(j)) }?;
-                put_back(span.sub(j, f), keep)?;
                 replaced.push(j..f);
+                for x in j..f {
+                    if let Some(s) = reg.regions.get(&region).and_then(|r| r.slots.get(index(x))) {
+                        release_ref(&mut reg.slot_refs, s);
+                        if let Some(rm) = reg.regions.get_mut(&region) {
+                            rm.slots.set(index(x), None);
+                        }
+                    }
+                }
+                put_back(span.sub(j, f), keep)?;
                 j = f;
             }
-            Ok(replaced)
+            Ok(())
         })();
-        // What was not moved over the range (the parts facing pool copies,
-        // or all of it after an error) is still ours.
-        let replaced = match result {
-            Ok(replaced) => replaced,
-            Err(e) => {
-                // SAFETY: `tmp` is ours; moved parts are no longer in it.
-                let _ = unsafe { mem::unmap(tmp) };
-                return Err(e);
-            }
-        };
+        // What was not moved over the range (the parts facing pool copies
+        // and discarded pages, or the rest after an error) is still ours.
         let mut pos = 0;
         for part in replaced.iter().chain(std::iter::once(&(span.pages()..span.pages()))) {
             if part.start > pos {
@@ -1322,19 +1363,7 @@ impl LinuxPageSpace {
             }
             pos = part.end;
         }
-        let mut reg = self.reg();
-        for part in replaced {
-            for x in part {
-                let index = pages.start + x as u64;
-                let slot = reg.regions.get(&region).and_then(|r| r.slots.get(index));
-                if let Some(s) = slot {
-                    release_ref(&mut reg.slot_refs, s);
-                    if let Some(rm) = reg.regions.get_mut(&region) {
-                        rm.slots.set(index, None);
-                    }
-                }
-            }
-        }
+        result?;
         Ok(())
     }
 }
@@ -1365,41 +1394,38 @@ fn open_wp_window<'a>(
     breaks: bool,
     range: PageRange,
 ) -> Result<WpWindow<'a>, SysError> {
-    if !breaks {
-        uffd.register(range, RegisterMode::WP)?;
-    }
-    let busy = Busy::new(registry, uffd, range, false);
-    let window = WpWindow { uffd, range, breaks, protect: Vec::new(), _busy: busy };
     fault::check(Point::WriteProtect, "UFFDIO_WRITEPROTECT")?;
-    if !breaks {
+    if breaks {
+        // Pool pages are protected already, except where the breaker lifted
+        // the protection (a write it could not serve) or protecting failed:
+        // protected again before anything is copied or compared, so no write
+        // lands unseen. Outside the busy mark, so a pending event is read.
+        protect(uffd, range);
+    } else {
+        uffd.register(range, RegisterMode::WP)?;
         uffd.write_protect(range, true)?;
     }
-    Ok(window)
+    let busy = Busy::new(registry, uffd, range);
+    Ok(WpWindow { uffd, range, breaks, _busy: busy })
 }
 
 /// A window in which pool pages are replaced while their writers wait:
-/// marked busy, so the breaker leaves writes there waiting (pool pages are
-/// write-protected already), or, without a breaker, write-protected for the
-/// window. Closing it registers and protects the pool runs mapped in it
-/// (with a breaker) or unregisters the range, which lifts the protection
-/// (without); the busy mark then goes, which wakes the range.
+/// write-protected and marked busy, so the breaker leaves writes there
+/// waiting. Each replacement is made and recorded under the registry's
+/// lock (so the breaker serving a discard sees the registry exact), and
+/// with a breaker registered and protected at once. Closing it unregisters
+/// the range without a breaker (lifting the protection); the busy mark then
+/// goes, which wakes the range.
 struct WpWindow<'a> {
     uffd: &'a Uffd,
     range: PageRange,
     breaks: bool,
-    /// Pool runs mapped in the window.
-    protect: Vec<PageRange>,
     _busy: Busy<'a>,
 }
 
 impl Drop for WpWindow<'_> {
     fn drop(&mut self) {
-        if self.breaks {
-            for run in &self.protect {
-                let _ = self.uffd.register(*run, RegisterMode::WP);
-                let _ = self.uffd.write_protect(*run, true);
-            }
-        } else {
+        if !self.breaks {
             let _ = self.uffd.unregister(self.range);
         }
     }
@@ -1701,7 +1727,7 @@ impl PageSpace for LinuxPageSpace {
                 // A pool mapping would read its pool page again after
                 // MADV_DONTNEED: fresh anonymous memory reads zeros. Writers
                 // to its pages wait (busy) until it is done.
-                let _busy = Busy::new(&self.registry, &self.pool_uffd, span, true);
+                let _busy = Busy::new(&self.registry, &self.pool_uffd, span);
                 lock(&self.registry).zero_pool_pieces(span.start().get(), span.end().get())?;
             }
             // SAFETY: the program discards the range: its content may go.
