@@ -5,9 +5,26 @@ use std::sync::OnceLock;
 /// The page size samepage works in (x86_64 base pages).
 pub const PAGE_SIZE: usize = 4096;
 
+/// Subpages of a transparent huge page (a PMD-mapped folio on x86_64).
+pub const HUGE_PAGE_SUBPAGES: u64 = 512;
+
+/// The size of a transparent huge page: 2 MiB.
+pub const HUGE_PAGE_SIZE: usize = PAGE_SIZE * HUGE_PAGE_SUBPAGES as usize;
+
 /// Identifies a registered region (the engine's `mm_slot`/VMA analogue).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegionId(pub u32);
+
+impl RegionId {
+    /// The largest region id: ids take 24 bits where a page is packed into
+    /// 8 bytes ([`PageRef::pack`]).
+    pub const MAX: u32 = (1 << 24) - 1;
+}
+
+/// A stable node's id (the kernel's `struct ksm_stable_node`, named by
+/// index): what an rmap item of a merged page links to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u32);
 
 /// A trust domain: pages of different domains never merge (merging is a
 /// timing side channel: a write to a merged page is slower, which tells the
@@ -35,6 +52,20 @@ pub struct PageRef {
     pub region: RegionId,
     /// Page index from the region's start.
     pub index: u64,
+}
+
+impl PageRef {
+    /// The page packed into 8 bytes: region (24 bits, at most
+    /// [`RegionId::MAX`]) and index (40 bits).
+    pub fn pack(self) -> u64 {
+        debug_assert!(self.region.0 <= RegionId::MAX && self.index < 1 << 40);
+        (self.region.0 as u64) << 40 | self.index
+    }
+
+    /// The page [`PageRef::pack`] packed.
+    pub fn unpack(v: u64) -> PageRef {
+        PageRef { region: RegionId((v >> 40) as u32), index: v & ((1 << 40) - 1) }
+    }
 }
 
 /// A page-sized slot of the stable pool (the file offset divided by the page size).

@@ -1,19 +1,36 @@
-//! The stable pool's slots: which pool pages are in use.
+//! The stable pool's slots: which pool pages are in use, and the slots of
+//! dead stable pages on their way back.
 //!
-//! Slots for pages that merge as a run are handed out consecutively (the
-//! caller passes the previous slot as a hint), so a run of pages maps a run of
-//! slots with one mapping. [`StablePool`] is the interface a pool shared by
-//! several processes will implement; [`LocalPool`] is the in-process one.
+//! Slots for pages that merge as a run are handed out consecutively (each
+//! request may ask for the slot after the previous one), so a run of pages
+//! maps a run of slots with one mapping. [`StablePool`] is batched, like the
+//! trees, so a pool shared by several processes can serve it; [`LocalPool`]
+//! is the in-process one. [`DeadSlots`] holds the slots whose stable page
+//! lost its last mapping until the page space has freed their memory.
 
+use crate::counters::Counters;
 use crate::page::Slot;
+use crate::space::{PageSpace, SlotRelease};
 use std::collections::BTreeSet;
+
+/// Which slot a request would like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotHint {
+    /// Any free slot.
+    Any,
+    /// This slot if it is free, else any.
+    Exactly(Slot),
+    /// The slot after the one handed to the previous request of the batch
+    /// if it is free, else any.
+    FollowPrevious,
+}
 
 /// Slot bookkeeping of the stable pool.
 pub trait StablePool {
-    /// A free slot: `hint` if it is free, else any. `None` when the pool is full.
-    fn alloc(&mut self, hint: Option<Slot>) -> Option<Slot>;
-    /// Returns a slot whose page has been freed.
-    fn free(&mut self, slot: Slot);
+    /// One slot per hint, written into `out` (`None` when the pool is full).
+    fn alloc(&mut self, hints: &[SlotHint], out: &mut Vec<Option<Slot>>);
+    /// Returns slots whose pages have been freed.
+    fn free(&mut self, slots: &[Slot]);
     /// Slots in use.
     fn in_use(&self) -> u64;
     /// Bytes of memory the bookkeeping uses.
@@ -33,10 +50,8 @@ impl LocalPool {
     pub fn new(capacity: u64) -> Self {
         LocalPool { capacity, bump: 0, freed: BTreeSet::new() }
     }
-}
 
-impl StablePool for LocalPool {
-    fn alloc(&mut self, hint: Option<Slot>) -> Option<Slot> {
+    fn alloc_one(&mut self, hint: Option<Slot>) -> Option<Slot> {
         if let Some(Slot(h)) = hint {
             if h == self.bump && h < self.capacity {
                 self.bump += 1;
@@ -56,7 +71,7 @@ impl StablePool for LocalPool {
         None
     }
 
-    fn free(&mut self, slot: Slot) {
+    fn free_one(&mut self, slot: Slot) {
         debug_assert!(slot.0 < self.bump && !self.freed.contains(&slot.0));
         if slot.0 + 1 == self.bump {
             self.bump -= 1;
@@ -71,6 +86,27 @@ impl StablePool for LocalPool {
             self.freed.insert(slot.0);
         }
     }
+}
+
+impl StablePool for LocalPool {
+    fn alloc(&mut self, hints: &[SlotHint], out: &mut Vec<Option<Slot>>) {
+        out.clear();
+        for hint in hints {
+            let wanted = match *hint {
+                SlotHint::Any => None,
+                SlotHint::Exactly(s) => Some(s),
+                SlotHint::FollowPrevious => out.last().copied().flatten().map(|s| Slot(s.0 + 1)),
+            };
+            let slot = self.alloc_one(wanted);
+            out.push(slot);
+        }
+    }
+
+    fn free(&mut self, slots: &[Slot]) {
+        for &s in slots {
+            self.free_one(s);
+        }
+    }
 
     fn in_use(&self) -> u64 {
         self.bump - self.freed.len() as u64
@@ -81,6 +117,74 @@ impl StablePool for LocalPool {
     }
 }
 
+/// Slots of stable pages that lost their last mapping: freed by the page
+/// space at the end of each step, or kept for a later prune while something
+/// outside the engine's knowledge (a forked child) still maps them.
+#[derive(Debug, Default)]
+pub struct DeadSlots {
+    dead: Vec<Slot>,
+    deferred: Vec<Slot>,
+    out: Vec<SlotRelease>,
+}
+
+impl DeadSlots {
+    /// A slot whose page can go.
+    pub fn push(&mut self, slot: Slot) {
+        self.dead.push(slot);
+    }
+
+    /// Slots kept for a later try.
+    pub fn pending(&self) -> u64 {
+        self.deferred.len() as u64
+    }
+
+    /// The kept slots are tried again at the next [`DeadSlots::reap`] (the prune).
+    pub fn retry_kept(&mut self) {
+        let kept = std::mem::take(&mut self.deferred);
+        self.dead.extend(kept);
+    }
+
+    /// Asks the page space to free the dead slots' pages and gives the freed
+    /// slots back to the pool, counting them.
+    pub fn reap(&mut self, space: &mut impl PageSpace, pool: &mut impl StablePool, c: &mut Counters) {
+        if self.dead.is_empty() {
+            return;
+        }
+        let dead = std::mem::take(&mut self.dead);
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        space.release_slots(&dead, &mut out);
+        out.resize(dead.len(), SlotRelease::Kept);
+        let mut freed = Vec::new();
+        for (&slot, what) in dead.iter().zip(&out) {
+            match what {
+                SlotRelease::Freed => {
+                    freed.push(slot);
+                    c.pool_slots_freed += 1;
+                }
+                // Its page is gone, but a pool copy still refers to it: the
+                // slot is never handed out again (it holds no memory).
+                SlotRelease::Retired => {
+                    c.pool_slots_freed += 1;
+                    c.pool_slots_retired += 1;
+                }
+                SlotRelease::Kept => self.deferred.push(slot),
+            }
+        }
+        pool.free(&freed);
+        self.out = out;
+        self.dead = dead;
+        self.dead.clear();
+    }
+
+    /// Gives memory back (no region left).
+    pub fn shrink(&mut self) {
+        self.dead.shrink_to_fit();
+        self.deferred.shrink_to_fit();
+        self.out = Vec::new();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,17 +192,24 @@ mod tests {
     #[test]
     fn hints_give_runs_and_frees_shrink_the_top() {
         let mut p = LocalPool::new(10);
-        let a = p.alloc(None).unwrap();
-        let b = p.alloc(Some(Slot(a.0 + 1))).unwrap();
-        assert_eq!((a, b), (Slot(0), Slot(1)));
-        let c = p.alloc(None).unwrap();
-        p.free(b);
+        let mut out = Vec::new();
+        p.alloc(&[SlotHint::Any, SlotHint::FollowPrevious, SlotHint::Any], &mut out);
+        assert_eq!(out, vec![Some(Slot(0)), Some(Slot(1)), Some(Slot(2))]);
+        p.free(&[Slot(1)]);
         assert_eq!(p.in_use(), 2);
-        assert_eq!(p.alloc(None), Some(Slot(1)), "freed slots are reused");
-        p.free(c);
-        p.free(Slot(1));
-        p.free(a);
+        p.alloc(&[SlotHint::Any], &mut out);
+        assert_eq!(out, vec![Some(Slot(1))], "freed slots are reused");
+        p.free(&[Slot(2), Slot(1), Slot(0)]);
         assert_eq!(p.in_use(), 0);
-        assert_eq!(p.alloc(None), Some(Slot(0)));
+        p.alloc(&[SlotHint::Exactly(Slot(5)), SlotHint::FollowPrevious], &mut out);
+        assert_eq!(out, vec![Some(Slot(0)), Some(Slot(1))], "a hint past the top is no hint");
+    }
+
+    #[test]
+    fn a_full_pool_says_so() {
+        let mut p = LocalPool::new(1);
+        let mut out = Vec::new();
+        p.alloc(&[SlotHint::Any, SlotHint::FollowPrevious], &mut out);
+        assert_eq!(out, vec![Some(Slot(0)), None]);
     }
 }

@@ -12,7 +12,7 @@
 //! their link is [`Link::Zero`] and they count neither in `rmap_items` nor in
 //! `pages_volatile`.
 
-use crate::stable::NodeId;
+use crate::page::NodeId;
 
 /// Pages per rmap chunk (one huge page's worth).
 pub const CHUNK_PAGES: usize = 512;

@@ -79,7 +79,7 @@ pub struct SimPageSpace {
 }
 
 /// Subpages of a transparent huge page.
-pub const HUGE_PAGES: u64 = 512;
+pub const HUGE_PAGES: u64 = crate::page::HUGE_PAGE_SUBPAGES;
 
 impl SimPageSpace {
     /// An empty space.
