@@ -32,13 +32,33 @@ pub struct Outcome {
     pub result: IntentResult,
 }
 
+/// A batch carried out: its intents, decisions and results, to walk with
+/// [`Carried::outcomes`] and give back with [`Batch::recycle`] (the batch
+/// keeps the allocations).
+#[derive(Debug, Default)]
+pub struct Carried {
+    intents: Vec<Intent>,
+    decisions: Vec<Decision>,
+    results: Vec<IntentResult>,
+}
+
+impl Carried {
+    /// Every intent with its decision and result.
+    pub fn outcomes(&self) -> impl Iterator<Item = Outcome> + '_ {
+        self.intents
+            .iter()
+            .zip(&self.decisions)
+            .zip(&self.results)
+            .map(|((&intent, &decision), &result)| Outcome { intent, decision, result })
+    }
+}
+
 /// Merges decided and not yet carried out.
 #[derive(Debug, Default)]
 pub struct Batch {
     intents: Vec<Intent>,
     decisions: Vec<Decision>,
     results: Vec<IntentResult>,
-    outcomes: Vec<Outcome>,
 }
 
 impl Batch {
@@ -77,38 +97,35 @@ impl Batch {
     }
 
     /// Carries out every decided merge with [`PageSpace::merge`] and returns
-    /// them with their results; the batch is empty afterwards. Give the
-    /// outcomes back with [`Batch::recycle`] to keep their allocation.
-    pub fn carry_out(&mut self, space: &mut impl PageSpace) -> Vec<Outcome> {
-        let mut outcomes = std::mem::take(&mut self.outcomes);
-        outcomes.clear();
-        if self.intents.is_empty() {
-            return outcomes;
+    /// them with their results; the batch is empty until the [`Carried`]
+    /// comes back with [`Batch::recycle`].
+    pub fn carry_out(&mut self, space: &mut impl PageSpace) -> Carried {
+        let mut results = std::mem::take(&mut self.results);
+        results.clear();
+        if !self.intents.is_empty() {
+            space.merge(&self.intents, &mut results);
+            results.resize(self.intents.len(), IntentResult::Failed);
         }
-        self.results.clear();
-        space.merge(&self.intents, &mut self.results);
-        self.results.resize(self.intents.len(), IntentResult::Failed);
-        outcomes.extend(
-            self.intents
-                .drain(..)
-                .zip(self.decisions.drain(..))
-                .zip(&self.results)
-                .map(|((intent, decision), &result)| Outcome { intent, decision, result }),
-        );
-        outcomes
+        Carried { intents: std::mem::take(&mut self.intents), decisions: std::mem::take(&mut self.decisions), results }
     }
 
-    /// Gives back the vector [`Batch::carry_out`] returned.
-    pub fn recycle(&mut self, outcomes: Vec<Outcome>) {
-        self.outcomes = outcomes;
+    /// Takes back the buffers of a carried-out batch (cleared); decisions
+    /// made meanwhile are kept.
+    pub fn recycle(&mut self, mut carried: Carried) {
+        carried.intents.clear();
+        carried.decisions.clear();
+        carried.intents.append(&mut self.intents);
+        carried.decisions.append(&mut self.decisions);
+        self.intents = carried.intents;
+        self.decisions = carried.decisions;
+        self.results = carried.results;
     }
 
     /// Bytes of the buffers.
     pub fn metadata_bytes(&self) -> u64 {
         (self.intents.capacity() * std::mem::size_of::<Intent>()
             + self.decisions.capacity() * std::mem::size_of::<Decision>()
-            + self.results.capacity() * std::mem::size_of::<IntentResult>()
-            + self.outcomes.capacity() * std::mem::size_of::<Outcome>()) as u64
+            + self.results.capacity() * std::mem::size_of::<IntentResult>()) as u64
     }
 
     /// Gives memory back (no region left).

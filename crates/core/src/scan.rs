@@ -678,9 +678,9 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
 
     /// Carries out the batch's merges and undoes the decisions of those that failed.
     pub(crate) fn flush(&mut self, space: &mut impl PageSpace, report: &mut BatchReport) {
-        let outcomes = self.batch.carry_out(space);
+        let carried = self.batch.carry_out(space);
         let mut released = Vec::new();
-        for &Outcome { intent, decision: Decision { node, refile_from, .. }, result } in &outcomes {
+        for Outcome { intent, decision: Decision { node, refile_from, .. }, result } in carried.outcomes() {
             if result == IntentResult::Merged {
                 match refile_from {
                     Some(old) => {
@@ -712,7 +712,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             };
             self.regions.relink(intent.page, RmapItem::new(item.oldchecksum, back));
         }
-        self.batch.recycle(outcomes);
+        self.batch.recycle(carried);
         self.release_nodes(&released);
         self.reap(space);
     }
