@@ -1,12 +1,10 @@
 //! Measurements shared by `demo` and `bench`.
 
+use crate::procfs;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use samepage::procfs;
 use std::time::{Duration, Instant};
 
-/// Polls until the counters hold still for two full scans; returns the time
-/// and CPU at the last change.
 /// What a poll of the merging side reports.
 pub struct Progress {
     /// `(pages_shared, pages_sharing, ksm_zero_pages)`: what merging has
@@ -22,6 +20,8 @@ pub struct Progress {
     pub cpu: Duration,
 }
 
+/// Polls until the counters hold still for two full scans; returns the time
+/// and CPU at the last change.
 pub fn converge(
     timeout: Duration,
     json: bool,
@@ -66,9 +66,27 @@ pub fn converge(
     Ok((t_change, cpu_change))
 }
 
-/// `AnonPages` and `Shmem` from /proc/meminfo, in bytes.
-pub fn anon_shmem() -> (u64, u64) {
-    (procfs::meminfo("AnonPages").unwrap_or(0), procfs::meminfo("Shmem").unwrap_or(0))
+/// Memory at one moment, before or after merging.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    /// System-wide `AnonPages` (/proc/meminfo), bytes.
+    pub anon: u64,
+    /// System-wide `Shmem` (/proc/meminfo; samepage's pool is a memfd), bytes.
+    pub shmem: u64,
+}
+
+impl Memory {
+    /// Memory now.
+    pub fn now() -> Memory {
+        Memory { anon: procfs::meminfo("AnonPages").unwrap_or(0), shmem: procfs::meminfo("Shmem").unwrap_or(0) }
+    }
+
+    /// Bytes freed system-wide from `self` to `after`: the drop of anonymous
+    /// memory net of the growth of shared memory (samepage's pool). Moves
+    /// when other processes allocate or free.
+    pub fn freed_system(&self, after: &Memory) -> i64 {
+        self.anon as i64 - after.anon as i64 - (after.shmem as i64 - self.shmem as i64)
+    }
 }
 
 /// Bytes of `vm_area_struct` slab in use (/proc/slabinfo, root only; 0 if unreadable).

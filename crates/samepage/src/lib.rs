@@ -24,8 +24,6 @@
 
 mod engine;
 mod error;
-pub mod kernel;
-pub mod procfs;
 mod region;
 #[allow(unsafe_code)]
 mod sys;

@@ -397,7 +397,11 @@ fn plain_madvise_dontneed_racing_merges_reads_zeros() {
         discarded += n as u64;
     }
     let c = engine.counters().unwrap();
-    eprintln!("{} of {discarded} discarded pages ({rounds} calls) read non-zero; {} merges raced", wrong.len(), c.merges);
+    eprintln!(
+        "{} of {discarded} discarded pages ({rounds} calls) read non-zero; {} merges raced",
+        wrong.len(),
+        c.merges
+    );
     assert!(
         wrong.len() as u64 * 1000 <= discarded,
         "{} of {discarded} discarded pages read non-zero: {:?}",
