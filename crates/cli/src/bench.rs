@@ -2,7 +2,8 @@
 //! one after the other in the same run.
 //!
 //! For each side: time and CPU to converge, counters, memory freed as
-//! /proc/meminfo reports it, metadata per page (samepage's own plus the
+//! /proc/meminfo reports it and in this process's own accounting
+//! (`/proc/self/smaps_rollup`, see `measure::Memory`), metadata per page (samepage's own plus the
 //! `vm_area_struct` slab its mappings take), CPU per full scan once converged,
 //! the latency of a first write to a merged page, and the throughput of an
 //! application thread writing to an extra tenth of the memory during
@@ -91,6 +92,8 @@ struct Figures {
     converge_cpu_seconds: f64,
     counters: BTreeMap<String, i64>,
     freed_bytes: i64,
+    /// Freed in this process's own accounting (see `measure::Memory`).
+    freed_bytes_process: i64,
     metadata_bytes_per_page: f64,
     mappings: u64,
     vma_slab_bytes: i64,
@@ -102,10 +105,11 @@ struct Figures {
     series: Vec<(f64, f64)>,
 }
 
-const RATIO_KEYS: [&str; 9] = [
+const RATIO_KEYS: [&str; 10] = [
     "converge_seconds",
     "converge_cpu_seconds",
     "freed_bytes",
+    "freed_bytes_process",
     "metadata_bytes_per_page",
     "steady_scan_cpu_seconds",
     "cow_fault_ns",
@@ -120,6 +124,7 @@ impl Figures {
             "converge_seconds" => self.converge_seconds,
             "converge_cpu_seconds" => self.converge_cpu_seconds,
             "freed_bytes" => self.freed_bytes as f64,
+            "freed_bytes_process" => self.freed_bytes_process as f64,
             "metadata_bytes_per_page" => self.metadata_bytes_per_page,
             "steady_scan_cpu_seconds" => self.steady_scan_cpu_seconds,
             "cow_fault_ns" => self.cow_fault_ns,
@@ -144,6 +149,7 @@ fn median(mut runs: Vec<Figures>) -> Figures {
     out.cow_fault_ns = pick(|s| s.cow_fault_ns, &runs);
     out.app_throughput_ratio = pick(|s| s.app_throughput_ratio, &runs);
     out.freed_bytes = pick(|s| s.freed_bytes as f64, &runs) as i64;
+    out.freed_bytes_process = pick(|s| s.freed_bytes_process as f64, &runs) as i64;
     out.integrity = runs.iter().all(|s| s.integrity);
     out.series = std::mem::take(&mut runs[0].series);
     out
@@ -382,6 +388,7 @@ fn measure(side: &mut dyn Side, w: &Workload, a: &BenchArgs) -> Result<Figures> 
     f.converge_seconds = t.as_secs_f64();
     f.converge_cpu_seconds = cpu.as_secs_f64();
     f.freed_bytes = before.freed_system(&after);
+    f.freed_bytes_process = before.freed_process(&after);
     f.app_throughput_ratio = rate / base;
     f.integrity = integrity(w, side.mem());
     f.cow_fault_ns = cow_fault_ns(side.mem(), &merged_candidates(w, 2000));
@@ -458,7 +465,7 @@ fn bench_one(kind: Kind, a: &BenchArgs) -> Result<serde_json::Value> {
 fn print_table(name: &str, k: Option<&Figures>, s: &Figures) {
     println!("\n{name}");
     println!("{:<28} {:>16} {:>16} {:>16}", "figure", "kernel ksmd", "samepage", "samepage/kernel");
-    let rows: [(&str, &str, f64); 12] = [
+    let rows: [(&str, &str, f64); 13] = [
         ("converge_seconds", "converge (s)", 1.0),
         ("converge_cpu_seconds", "CPU to converge (s)", 1.0),
         ("pages_shared", "pages_shared", 1.0),
@@ -466,6 +473,7 @@ fn print_table(name: &str, k: Option<&Figures>, s: &Figures) {
         ("ksm_zero_pages", "ksm_zero_pages", 1.0),
         ("stable_node_dups", "stable_node_dups", 1.0),
         ("freed_bytes", "freed (MiB, net)", 1.0 / (1 << 20) as f64),
+        ("freed_bytes_process", "freed (MiB, this process)", 1.0 / (1 << 20) as f64),
         ("metadata_bytes_per_page", "metadata (B/page)", 1.0),
         ("steady_scan_cpu_seconds", "CPU per full scan (ms)", 1000.0),
         ("cow_fault_ns", "first write, merged (us)", 0.001),

@@ -183,7 +183,8 @@ fn random_read_pass(m: &AnonMapping, n: u64) -> Duration {
 }
 
 fn anon_huge() -> u64 {
-    procfs::smaps_rollup("AnonHugePages").unwrap_or(0)
+    let [huge] = procfs::smaps_rollup(&["AnonHugePages"]);
+    huge.unwrap_or(0)
 }
 
 /// The bytes churn() writes into page `i` (unique to it).
@@ -435,6 +436,8 @@ struct Summary {
     dup_bytes: u64,
     /// Freed system-wide, net of the pool.
     net_freed: i64,
+    /// Freed in this process's own accounting (see [`Memory`]).
+    process_freed: i64,
     /// The counters reached what the content implies.
     matches: bool,
     left_unmerged: u64,
@@ -456,6 +459,7 @@ impl Summary {
         Summary {
             dup_bytes: (exp_sharing + exp_zero) * PAGE as u64,
             net_freed: o.before.freed_system(&o.after),
+            process_freed: o.before.freed_process(&o.after),
             matches: (shared, sharing, zero) == (exp_shared, exp_sharing, exp_zero),
             left_unmerged,
             integrity: o.integrity_bad_pages == 0,
@@ -487,8 +491,11 @@ fn print_json(
             "anon_after_bytes": o.after.anon,
             "shmem_before_bytes": o.before.shmem,
             "shmem_after_bytes": o.after.shmem,
+            "process_before_bytes": o.before.process,
+            "process_after_bytes": o.after.process,
         },
         "freed_bytes": s.net_freed,
+        "freed_bytes_process": s.process_freed,
         "duplicate_bytes": s.dup_bytes,
         "left_unmerged_pages": s.left_unmerged,
         "integrity": s.integrity,
@@ -548,10 +555,18 @@ fn print_text(
         mib(o.after.shmem)
     );
     println!(
-        "freed {:.1} MiB net of the pool = {:.1}% of the {:.1} MiB of duplicate pages",
+        "memory (this process, smaps_rollup Pss_Anon + Pss_Shmem): {:.1} -> {:.1} MiB",
+        mib(o.before.process),
+        mib(o.after.process)
+    );
+    let share = |b: i64| 100.0 * b as f64 / s.dup_bytes.max(1) as f64;
+    println!(
+        "freed {:.1} MiB net of the pool = {:.1}% of the {:.1} MiB of duplicate pages (this process: {:.1} MiB = {:.1}%)",
         s.net_freed as f64 / (1 << 20) as f64,
-        100.0 * s.net_freed as f64 / s.dup_bytes.max(1) as f64,
-        mib(s.dup_bytes)
+        share(s.net_freed),
+        mib(s.dup_bytes),
+        s.process_freed as f64 / (1 << 20) as f64,
+        share(s.process_freed)
     );
     if let Some(e) = &o.engine {
         let sp = &e.space;

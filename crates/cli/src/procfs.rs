@@ -16,9 +16,12 @@ pub fn meminfo(name: &str) -> Option<u64> {
     field(&fs::read_to_string("/proc/meminfo").ok()?, name)
 }
 
-/// A `/proc/self/smaps_rollup` field (such as `Anonymous`, `Rss`, `Shared_Clean`) in bytes.
-pub fn smaps_rollup(name: &str) -> Option<u64> {
-    field(&fs::read_to_string("/proc/self/smaps_rollup").ok()?, name)
+/// `/proc/self/smaps_rollup` fields (such as `Anonymous`, `Pss_Anon`,
+/// `AnonHugePages`) in bytes, read at one moment; `None` for a field that is
+/// missing (or all of them if the file cannot be read).
+pub fn smaps_rollup<const N: usize>(names: &[&str; N]) -> [Option<u64>; N] {
+    let text = fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    names.map(|n| field(&text, n))
 }
 
 /// Mappings of this process (lines of `/proc/self/maps`).
@@ -35,6 +38,8 @@ mod tests {
         assert_eq!(super::field(text, "Pss_Anon"), Some(8192));
         assert_eq!(super::field(text, "Pss"), None, "a prefix of another name is not that field");
         assert!(super::mappings() > 0);
+        let [rss, anon] = super::smaps_rollup(&["Rss", "Pss_Anon"]);
+        assert!(rss.is_some_and(|r| r > 0) && anon.is_some());
         assert!(super::meminfo("MemTotal").is_some_and(|b| b > 0));
     }
 }
