@@ -1,5 +1,5 @@
 //! Helpers shared by the Linux tests.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test file uses some of the helpers")]
 
 use samepage::{Counters, Engine, Run, Tunables};
 use std::sync::{Mutex, MutexGuard};
