@@ -2,20 +2,21 @@
 //! one after the other in the same run.
 //!
 //! For each side: time and CPU to converge, counters, memory freed as
-//! /proc/meminfo reports it, metadata per page (samepage's own plus the
+//! /proc/meminfo reports it and in this process's own accounting
+//! (`/proc/self/smaps_rollup`, see `measure::Memory`), metadata per page (samepage's own plus the
 //! `vm_area_struct` slab its mappings take), CPU per full scan once converged,
 //! the latency of a first write to a merged page, and the throughput of an
 //! application thread writing to an extra tenth of the memory during
 //! convergence against the same thread with no merging.
 
-use crate::measure::{anon_shmem, converge, vma_slab_bytes, Progress};
+use crate::args::UsageError;
+use crate::measure::{converge, vma_slab_bytes, Progress};
+use crate::procfs;
+use crate::side::{metadata_bytes, KernelSide, SamepageOptions, SamepageSide, Settings, Side};
 use crate::workload::{Content, Mem, Workload, PAGE};
-use crate::{sysctl, UsageError};
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use samepage::kernel::KernelKsm;
-use samepage::testing::AnonMapping;
-use samepage::{procfs, Engine, Run, Tunables};
+use samepage::{Run, Tunables};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,7 +44,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "mix")]
     workload: Kind,
     /// Size of the mix and unique workloads (bytes, or K, M, G suffix).
-    #[arg(long, default_value = "1G", value_parser = crate::demo::parse_size)]
+    #[arg(long, default_value = "1G", value_parser = crate::args::parse_size)]
     size: u64,
     /// Distinct contents of the mix workload.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -86,11 +87,13 @@ pub struct BenchArgs {
 
 /// One side's figures.
 #[derive(Serialize, Default, Clone)]
-struct Side {
+struct Figures {
     converge_seconds: f64,
     converge_cpu_seconds: f64,
     counters: BTreeMap<String, i64>,
     freed_bytes: i64,
+    /// Freed in this process's own accounting (see `measure::Memory`).
+    freed_bytes_process: i64,
     metadata_bytes_per_page: f64,
     mappings: u64,
     vma_slab_bytes: i64,
@@ -102,10 +105,11 @@ struct Side {
     series: Vec<(f64, f64)>,
 }
 
-const RATIO_KEYS: [&str; 9] = [
+const RATIO_KEYS: [&str; 10] = [
     "converge_seconds",
     "converge_cpu_seconds",
     "freed_bytes",
+    "freed_bytes_process",
     "metadata_bytes_per_page",
     "steady_scan_cpu_seconds",
     "cow_fault_ns",
@@ -114,12 +118,13 @@ const RATIO_KEYS: [&str; 9] = [
     "ksm_zero_pages",
 ];
 
-impl Side {
+impl Figures {
     fn figure(&self, k: &str) -> f64 {
         match k {
             "converge_seconds" => self.converge_seconds,
             "converge_cpu_seconds" => self.converge_cpu_seconds,
             "freed_bytes" => self.freed_bytes as f64,
+            "freed_bytes_process" => self.freed_bytes_process as f64,
             "metadata_bytes_per_page" => self.metadata_bytes_per_page,
             "steady_scan_cpu_seconds" => self.steady_scan_cpu_seconds,
             "cow_fault_ns" => self.cow_fault_ns,
@@ -131,12 +136,12 @@ impl Side {
 
 /// The median of each timing figure over repeated runs (counters and memory
 /// from the first run; they do not vary).
-fn median(mut runs: Vec<Side>) -> Side {
+fn median(mut runs: Vec<Figures>) -> Figures {
     fn med(mut v: Vec<f64>) -> f64 {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     }
-    let pick = |f: fn(&Side) -> f64, runs: &[Side]| med(runs.iter().map(f).collect());
+    let pick = |f: fn(&Figures) -> f64, runs: &[Figures]| med(runs.iter().map(f).collect());
     let mut out = runs[0].clone();
     out.converge_seconds = pick(|s| s.converge_seconds, &runs);
     out.converge_cpu_seconds = pick(|s| s.converge_cpu_seconds, &runs);
@@ -144,6 +149,7 @@ fn median(mut runs: Vec<Side>) -> Side {
     out.cow_fault_ns = pick(|s| s.cow_fault_ns, &runs);
     out.app_throughput_ratio = pick(|s| s.app_throughput_ratio, &runs);
     out.freed_bytes = pick(|s| s.freed_bytes as f64, &runs) as i64;
+    out.freed_bytes_process = pick(|s| s.freed_bytes_process as f64, &runs) as i64;
     out.integrity = runs.iter().all(|s| s.integrity);
     out.series = std::mem::take(&mut runs[0].series);
     out
@@ -266,19 +272,15 @@ fn cow_fault_ns(m: &dyn Mem, pages: &[usize]) -> f64 {
     ns.get(ns.len() / 2).copied().unwrap_or(0) as f64
 }
 
-struct Probe<'a> {
-    poll: &'a mut dyn FnMut() -> Result<Progress>,
-}
-
 /// Converges while the app thread writes; returns (converge time, CPU, ops/s during).
 fn converge_with_app(
-    m: &dyn Mem,
+    side: &dyn Side,
     first: usize,
     hot: usize,
     a: &BenchArgs,
     series: &mut Vec<(f64, f64)>,
-    probe: Probe<'_>,
 ) -> Result<(Duration, Duration, f64)> {
+    let m = side.mem();
     let stop = AtomicBool::new(false);
     let ops = AtomicU64::new(0);
     let start = Instant::now();
@@ -288,7 +290,7 @@ fn converge_with_app(
             .spawn_scoped(s, || app_writer(m, first, hot, &stop, &ops, 10))
             .expect("spawn the app thread");
         let r = converge(Duration::from_secs(a.timeout), a.json, || {
-            let p = (probe.poll)()?;
+            let p = side.poll()?;
             series.push((start.elapsed().as_secs_f64(), (p.key.1 + p.key.2) as f64 * PAGE as f64 / (1 << 20) as f64));
             Ok(p)
         });
@@ -300,129 +302,97 @@ fn converge_with_app(
     Ok((t, cpu, rate))
 }
 
-fn steady_cpu(mut poll: impl FnMut() -> Result<(u64, Duration)>) -> Result<f64> {
-    let (s0, c0) = poll()?;
+/// CPU per full scan once converged: over three more full scans (at most a minute).
+fn steady_cpu(side: &dyn Side) -> Result<f64> {
+    let Progress { full_scans: s0, cpu: c0, .. } = side.poll()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         std::thread::sleep(Duration::from_millis(20));
-        let (s, c) = poll()?;
+        let Progress { full_scans: s, cpu: c, .. } = side.poll()?;
         if s >= s0 + 3 || Instant::now() > deadline {
             return Ok((c - c0).as_secs_f64() / (s - s0).max(1) as f64);
         }
     }
 }
 
-fn run_kernel(w: &Workload, a: &BenchArgs) -> Result<Side> {
-    let hot = (w.pages.len() / 10).max(1);
-    let total = w.pages.len() + hot;
-    let m = AnonMapping::new(total * PAGE)?;
-    fill(w, hot, &m);
-    let base = baseline_rate(&m, w.pages.len(), hot);
-    let k = KernelKsm::take()?;
-    for (name, v) in [
-        ("pages_to_scan", a.pages_to_scan.to_string()),
-        ("sleep_millisecs", "0".to_string()),
-        ("max_page_sharing", a.max_page_sharing.to_string()),
-        ("use_zero_pages", u8::from(a.use_zero_pages).to_string()),
-    ] {
-        k.set(name, &v)?;
-    }
-    let (anon0, shmem0) = anon_shmem();
-    let (maps0, slab0) = (procfs::mappings(), vma_slab_bytes());
-    let (cpu0, scans0) = (k.ksmd_cpu(), k.get("full_scans")? as u64);
-    m.advise_kernel_mergeable()?;
-    k.set("run", "1")?;
-    let mut side = Side::default();
-    let mut poll = || -> Result<Progress> {
-        let g = |n| k.get(n).map(|v| v as u64);
-        Ok(Progress {
-            key: (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?),
-            unshared: g("pages_unshared")?,
-            full_scans: g("full_scans")? - scans0,
-            cpu: k.ksmd_cpu() - cpu0,
-        })
-    };
-    let (t, cpu, rate) = converge_with_app(&m, w.pages.len(), hot, a, &mut side.series, Probe { poll: &mut poll })?;
-    let (anon1, shmem1) = anon_shmem();
-    for (n, v) in k.counters()? {
-        side.counters.insert(n.to_string(), v);
-    }
-    side.steady_scan_cpu_seconds = steady_cpu(|| Ok((k.get("full_scans")? as u64, k.ksmd_cpu())))?;
-    k.set("run", "0")?;
-    let c = &side.counters;
-    let saved = (c["pages_sharing"] + c["ksm_zero_pages"]) * PAGE as i64;
-    // The kernel's own accounting: general_profit = saved - rmap_items * sizeof(rmap_item).
-    side.metadata_bytes_per_page = (saved - c["general_profit"]).max(0) as f64 / total as f64;
-    side.converge_seconds = t.as_secs_f64();
-    side.converge_cpu_seconds = cpu.as_secs_f64();
-    side.freed_bytes = anon0 as i64 - anon1 as i64 - (shmem1 as i64 - shmem0 as i64);
-    side.mappings = procfs::mappings().saturating_sub(maps0);
-    side.vma_slab_bytes = vma_slab_bytes() as i64 - slab0 as i64;
-    side.app_throughput_ratio = rate / base;
-    side.integrity = integrity(w, &m);
-    side.cow_fault_ns = cow_fault_ns(&m, &merged_candidates(w, 2000));
-    drop(k);
-    Ok(side)
-}
-
-fn run_samepage(w: &Workload, a: &BenchArgs) -> Result<Side> {
-    let hot = (w.pages.len() / 10).max(1);
-    let total = w.pages.len() + hot;
-    let (shared, sharing, zero) = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
-    let need = (shared + sharing + if a.use_zero_pages { 0 } else { zero }) * 2;
-    let _guard = sysctl::raise(procfs::mappings() + (need + 10_000) * 2).map(|(g, old)| {
-        if !a.json {
-            eprintln!("vm.max_map_count raised from {old} for samepage's run (restored after)");
-        }
-        g
-    });
-    let t = Tunables {
-        run: Run::Stop,
+/// The tunables both sides run with.
+fn settings(a: &BenchArgs) -> Settings {
+    Settings {
         pages_to_scan: a.pages_to_scan,
         sleep_millisecs: 0,
         max_page_sharing: a.max_page_sharing,
         use_zero_pages: a.use_zero_pages,
-        ..Tunables::default()
-    };
-    let engine = Engine::new(t)?;
-    let region = engine.alloc_region(total * PAGE)?;
-    fill(w, hot, &region);
-    let base = baseline_rate(&region, w.pages.len(), hot);
-    let (anon0, shmem0) = anon_shmem();
-    let (maps0, slab0) = (procfs::mappings(), vma_slab_bytes());
-    engine.set_run(Run::Merge)?;
-    let mut side = Side::default();
-    let mut poll = || -> Result<Progress> {
-        let c = engine.counters()?;
-        Ok(Progress {
-            key: (c.pages_shared, c.pages_sharing, c.ksm_zero_pages),
-            unshared: c.pages_unshared,
-            full_scans: c.full_scans,
-            cpu: engine.cpu_time(),
-        })
-    };
-    let (t, cpu, rate) =
-        converge_with_app(&region, w.pages.len(), hot, a, &mut side.series, Probe { poll: &mut poll })?;
-    let (anon1, shmem1) = anon_shmem();
-    let c = engine.counters()?;
-    for (k, v) in c.named() {
-        side.counters.insert(k.to_string(), v);
     }
-    side.steady_scan_cpu_seconds = steady_cpu(|| {
-        let c = engine.counters()?;
-        Ok((c.full_scans, engine.cpu_time()))
+}
+
+/// The workload, then `hot` more pages the app thread writes: pages of memory.
+fn hot_pages(w: &Workload) -> (usize, usize) {
+    let hot = (w.pages.len() / 10).max(1);
+    (hot, w.pages.len() + hot)
+}
+
+fn run_kernel(w: &Workload, a: &BenchArgs) -> Result<Figures> {
+    let (_, total) = hot_pages(w);
+    let mut side = KernelSide::new(total * PAGE, false, settings(a))?;
+    measure(&mut side, w, a)
+}
+
+fn run_samepage(w: &Workload, a: &BenchArgs) -> Result<Figures> {
+    let (_, total) = hot_pages(w);
+    let (shared, sharing, zero) = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
+    let s = settings(a);
+    let side = SamepageSide::new(SamepageOptions {
+        tunables: Tunables {
+            run: Run::Stop,
+            pages_to_scan: s.pages_to_scan,
+            sleep_millisecs: s.sleep_millisecs,
+            max_page_sharing: s.max_page_sharing,
+            use_zero_pages: s.use_zero_pages,
+            ..Tunables::default()
+        },
+        vma_share: 0.5,
+        len: total * PAGE,
+        thp: false,
+        raise_map_count_for: Some(shared + sharing + if a.use_zero_pages { 0 } else { zero }),
     })?;
-    engine.set_run(Run::Stop)?;
-    side.mappings = procfs::mappings().saturating_sub(maps0);
-    side.vma_slab_bytes = vma_slab_bytes() as i64 - slab0 as i64;
-    side.metadata_bytes_per_page = (c.metadata_bytes as f64 + side.vma_slab_bytes.max(0) as f64) / total as f64;
-    side.converge_seconds = t.as_secs_f64();
-    side.converge_cpu_seconds = cpu.as_secs_f64();
-    side.freed_bytes = anon0 as i64 - anon1 as i64 - (shmem1 as i64 - shmem0 as i64);
-    side.app_throughput_ratio = rate / base;
-    side.integrity = integrity(w, &region);
-    side.cow_fault_ns = cow_fault_ns(&region, &merged_candidates(w, 2000));
-    Ok(side)
+    if let (Some((old, _)), false) = (side.raised, a.json) {
+        eprintln!("vm.max_map_count raised from {old} for samepage's run (restored after)");
+    }
+    let mut side = side;
+    measure(&mut side, w, a)
+}
+
+/// One side's run: the workload and the app thread's pages written, the app
+/// thread's rate with no merging, then convergence with the app thread
+/// writing, CPU per full scan once converged, memory freed, metadata,
+/// integrity and the first write to merged pages.
+fn measure(side: &mut dyn Side, w: &Workload, a: &BenchArgs) -> Result<Figures> {
+    let (hot, total) = hot_pages(w);
+    fill(w, hot, side.mem());
+    let base = baseline_rate(side.mem(), w.pages.len(), hot);
+    side.ready()?;
+    let before = side.memory();
+    let (maps0, slab0) = (procfs::mappings(), vma_slab_bytes());
+    side.start()?;
+    let mut f = Figures::default();
+    let (t, cpu, rate) = converge_with_app(side, w.pages.len(), hot, a, &mut f.series)?;
+    let after = side.memory();
+    let counters = side.counters()?;
+    f.counters = counters.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+    f.steady_scan_cpu_seconds = steady_cpu(side)?;
+    side.stop()?;
+    f.mappings = procfs::mappings().saturating_sub(maps0);
+    f.vma_slab_bytes = vma_slab_bytes() as i64 - slab0 as i64;
+    let slab = if side.adds_mappings() { f.vma_slab_bytes.max(0) } else { 0 };
+    f.metadata_bytes_per_page = (metadata_bytes(&counters) + slab) as f64 / total as f64;
+    f.converge_seconds = t.as_secs_f64();
+    f.converge_cpu_seconds = cpu.as_secs_f64();
+    f.freed_bytes = before.freed_system(&after);
+    f.freed_bytes_process = before.freed_process(&after);
+    f.app_throughput_ratio = rate / base;
+    f.integrity = integrity(w, side.mem());
+    f.cow_fault_ns = cow_fault_ns(side.mem(), &merged_candidates(w, 2000));
+    Ok(f)
 }
 
 fn bench_one(kind: Kind, a: &BenchArgs) -> Result<serde_json::Value> {
@@ -492,10 +462,10 @@ fn bench_one(kind: Kind, a: &BenchArgs) -> Result<serde_json::Value> {
     }))
 }
 
-fn print_table(name: &str, k: Option<&Side>, s: &Side) {
+fn print_table(name: &str, k: Option<&Figures>, s: &Figures) {
     println!("\n{name}");
     println!("{:<28} {:>16} {:>16} {:>16}", "figure", "kernel ksmd", "samepage", "samepage/kernel");
-    let rows: [(&str, &str, f64); 12] = [
+    let rows: [(&str, &str, f64); 13] = [
         ("converge_seconds", "converge (s)", 1.0),
         ("converge_cpu_seconds", "CPU to converge (s)", 1.0),
         ("pages_shared", "pages_shared", 1.0),
@@ -503,13 +473,14 @@ fn print_table(name: &str, k: Option<&Side>, s: &Side) {
         ("ksm_zero_pages", "ksm_zero_pages", 1.0),
         ("stable_node_dups", "stable_node_dups", 1.0),
         ("freed_bytes", "freed (MiB, net)", 1.0 / (1 << 20) as f64),
+        ("freed_bytes_process", "freed (MiB, this process)", 1.0 / (1 << 20) as f64),
         ("metadata_bytes_per_page", "metadata (B/page)", 1.0),
         ("steady_scan_cpu_seconds", "CPU per full scan (ms)", 1000.0),
         ("cow_fault_ns", "first write, merged (us)", 0.001),
         ("app_throughput_ratio", "app throughput (x idle)", 1.0),
         ("mappings", "mappings added", 1.0),
     ];
-    let get = |side: &Side, key: &str| match key {
+    let get = |side: &Figures, key: &str| match key {
         "mappings" => side.mappings as f64,
         _ => side.figure(key),
     };
@@ -532,7 +503,7 @@ fn print_table(name: &str, k: Option<&Side>, s: &Side) {
     );
 }
 
-fn plot(path: &std::path::Path, name: &str, k: Option<&Side>, s: &Side) -> Result<()> {
+fn plot(path: &std::path::Path, name: &str, k: Option<&Figures>, s: &Figures) -> Result<()> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;

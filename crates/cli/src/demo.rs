@@ -1,14 +1,16 @@
 //! `samepage demo`.
 
-use crate::measure::{anon_shmem, converge, Progress};
+use crate::args::UsageError;
+use crate::measure::{converge, Memory};
+use crate::side::{KernelSide, SamepageOptions, SamepageSide, Settings, Side};
 use crate::workload::{Mem, Workload, PAGE};
-use crate::{sysctl, UsageError};
+use crate::{procfs, sysctl};
 use anyhow::{Context, Result};
 use clap::Args;
-use samepage::kernel::KernelKsm;
 use samepage::testing::AnonMapping;
-use samepage::{procfs, Counters, Engine, Run, Tunables, UffdMode};
+use samepage::{Run, SpaceStats, Tunables, UffdMode};
 use serde_json::json;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use std::time::Duration;
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Size of the synthetic workload (bytes, or with K, M, G suffix).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = crate::args::parse_size)]
     size: u64,
     /// Merge empty pages with the kernel's zero page.
     #[arg(long)]
@@ -100,43 +102,28 @@ pub struct DemoArgs {
     json: bool,
 }
 
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mul) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 1u64),
-        Some((i, _)) => {
-            let m = match t[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                other => return Err(format!("unknown size suffix {other:?} in {s:?}: use K, M, G or T")),
-            };
-            (&t[..i], m)
-        }
-    };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size: expected e.g. 4096, 64M, 1G"))?;
-    let bytes = n.checked_mul(mul).ok_or_else(|| format!("{s:?} is too large"))?;
-    if bytes < PAGE as u64 || bytes > 1 << 40 {
-        return Err(format!("size {s} is out of range: 4096 bytes to 1T"));
-    }
-    Ok(bytes)
-}
-
 /// What a side (samepage or the kernel) reached.
 struct Outcome {
     /// Every counter, kernel names.
     counters: Vec<(&'static str, i64)>,
     converge: Duration,
     cpu: Duration,
-    anon_before: u64,
-    anon_after: u64,
-    shmem_before: u64,
-    shmem_after: u64,
+    before: Memory,
+    after: Memory,
     integrity_bad_pages: u64,
     /// With --thp: (AnonHugePages before, after; random-read pass before, after merging).
     thp: Option<ThpOutcome>,
+    /// What only samepage's engine reports.
+    engine: Option<EngineFacts>,
+}
+
+/// samepage's engine at the end of its run.
+struct EngineFacts {
+    uffd_mode: UffdMode,
+    vma_limit: u64,
+    space: SpaceStats,
+    /// Mappings in the process.
+    mappings: u64,
 }
 
 impl Outcome {
@@ -196,7 +183,8 @@ fn random_read_pass(m: &AnonMapping, n: u64) -> Duration {
 }
 
 fn anon_huge() -> u64 {
-    procfs::smaps_rollup("AnonHugePages").unwrap_or(0)
+    let [huge] = procfs::smaps_rollup(&["AnonHugePages"]);
+    huge.unwrap_or(0)
 }
 
 /// The bytes churn() writes into page `i` (unique to it).
@@ -206,13 +194,13 @@ fn churn_mark(i: usize) -> [u8; 8] {
 
 /// Writes `percent` of the pages whose content has copies, making them
 /// unique; returns them.
-fn churn(w: &Workload, region: &dyn Mem, percent: u8) -> std::collections::HashSet<usize> {
+fn churn(w: &Workload, region: &dyn Mem, percent: u8) -> HashSet<usize> {
     let mut copies: std::collections::HashMap<crate::workload::Content, u64> = std::collections::HashMap::new();
     for c in &w.pages {
         *copies.entry(*c).or_default() += 1;
     }
     let mut rng = fastrand::Rng::with_seed(77);
-    let mut churned = std::collections::HashSet::new();
+    let mut churned = HashSet::new();
     for (i, c) in w.pages.iter().enumerate() {
         if copies[c] >= 2 && rng.u8(..100) < percent {
             region.write(i * PAGE + 100, &churn_mark(i));
@@ -222,12 +210,8 @@ fn churn(w: &Workload, region: &dyn Mem, percent: u8) -> std::collections::HashS
     churned
 }
 
-fn key(c: &Counters) -> (u64, u64, u64) {
-    (c.pages_shared, c.pages_sharing, c.ksm_zero_pages)
-}
-
 /// Pages that differ from the workload, the churned ones expected with their mark.
-fn check(w: &Workload, m: &dyn Mem, churned: Option<&std::collections::HashSet<usize>>) -> u64 {
+fn check(w: &Workload, m: &dyn Mem, churned: Option<&HashSet<usize>>) -> u64 {
     w.mismatches(m, |i, want| {
         if churned.is_some_and(|c| c.contains(&i)) {
             want[100..108].copy_from_slice(&churn_mark(i));
@@ -235,25 +219,61 @@ fn check(w: &Workload, m: &dyn Mem, churned: Option<&std::collections::HashSet<u
     })
 }
 
+/// `(pages_shared, pages_sharing, ksm_zero_pages)` once the content is fully merged.
+type Expected = (u64, u64, u64);
+
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
+    let w = workload(&a)?;
+    let tunables = tunables(&a)?;
+    let expected = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
+    let say = |s: String| {
+        if !a.json {
+            eprintln!("{s}");
+        }
+    };
+    say(header(&a, &w));
+    let mut notes = Vec::new();
+    let o = if a.kernel {
+        merge_with_kernel(&a, &w, &say)?
+    } else {
+        merge_with_samepage(&a, &w, tunables, expected, &say, &mut notes)?
+    };
+    let s = Summary::new(&o, expected, &mut notes);
+    if a.json {
+        print_json(&a, &w, &o, expected, &s, &notes)?;
+    } else {
+        print_text(&a, &w, &o, expected, &s, &notes);
+    }
+    if !s.integrity {
+        anyhow::bail!("integrity check failed: {} pages differ from what was written", o.integrity_bad_pages);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The workload the flags ask for (checking the flags that shape it).
+fn workload(a: &DemoArgs) -> Result<Workload> {
     if !(0.0..=1.0).contains(&a.vma_share) {
         return Err(UsageError(format!("--vma-share {} is out of range: 0 to 1", a.vma_share)).into());
     }
     if a.thp && !a.files.is_empty() {
         return Err(UsageError("--thp builds its own workload: it cannot be combined with --files".into()).into());
     }
-    let w = if a.thp {
-        Workload::thp(a.size, a.seed)
+    if a.thp {
+        Ok(Workload::thp(a.size, a.seed))
     } else if a.files.is_empty() {
-        Workload::mix(a.size, a.distinct, a.seed)
+        Ok(Workload::mix(a.size, a.distinct, a.seed))
     } else {
         for p in &a.files {
             if let Err(e) = std::fs::metadata(p) {
                 return Err(UsageError(format!("--files {}: {e}", p.display())).into());
             }
         }
-        Workload::files(&a.files, a.copies).map_err(|e| UsageError(format!("{e:#}")))?
-    };
+        Ok(Workload::files(&a.files, a.copies).map_err(|e| UsageError(format!("{e:#}")))?)
+    }
+}
+
+/// samepage's tunables from the flags, validated as the kernel's sysfs does.
+fn tunables(a: &DemoArgs) -> Result<Tunables> {
     let mut tunables = Tunables {
         run: Run::Stop,
         pages_to_scan: a.pages_to_scan,
@@ -275,13 +295,12 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
     if a.churn > 0 && a.kernel {
         return Err(UsageError("--churn is for samepage's own run (not --kernel)".into()).into());
     }
-    let (exp_shared, exp_sharing, exp_zero) = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
-    let say = |s: String| {
-        if !a.json {
-            eprintln!("{s}");
-        }
-    };
-    say(format!(
+    Ok(tunables)
+}
+
+/// The first line: what the workload is.
+fn header(a: &DemoArgs, w: &Workload) -> String {
+    format!(
         "samepage demo: {} ({} MiB, {} pages){}",
         w.name,
         w.bytes() >> 20,
@@ -293,272 +312,285 @@ pub fn run(a: DemoArgs) -> Result<ExitCode> {
         } else {
             ""
         }
-    ));
-    let mut notes = Vec::new();
-    let mut uffd_mode = None;
-    let mut vma_limit = None;
-    let mut space = None;
-    let o = if a.kernel {
-        run_kernel(&a, &w, &say)?
-    } else {
-        // Isolated merges take up to two mappings each: make room as root.
-        let mut _guard = None;
-        if !a.no_raise_map_count {
-            let need = (exp_shared + exp_sharing + if a.use_zero_pages { 0 } else { exp_zero }) * 2;
-            let want = procfs::mappings() + ((need + 10_000) as f64 / a.vma_share.max(0.01)) as u64;
-            if let Some((g, old)) = sysctl::raise(want) {
-                let msg = format!("vm.max_map_count raised {old} -> {want} for this run (restored at exit)");
-                say(msg.clone());
-                notes.push(msg);
-                _guard = Some(g);
-            }
-        }
-        let engine = Engine::with_vma_budget(tunables.clone(), a.vma_share)?;
-        let info = engine.info().clone();
-        uffd_mode = Some(info.uffd_mode);
-        vma_limit = Some(info.vma_limit);
-        if info.uffd_mode == UffdMode::UserModeOnly {
-            let msg = "userfaultfd: user-mode-only (no privilege for full mode): a system call writing into a page during its merge window fails with EFAULT".to_string();
-            say(format!("warning: {msg}"));
-            notes.push(msg);
-        }
-        // With --thp, huge-page memory the program registers; else a region the engine allocates.
-        let huge_mem = if a.thp { Some(AnonMapping::new_huge(w.bytes() as usize)?) } else { None };
-        let region = if a.thp { None } else { Some(engine.alloc_region(w.bytes() as usize)?) };
-        let mem: &dyn Mem = match &huge_mem {
-            Some(m) => m,
-            None => region.as_ref().expect("allocated above"),
-        };
-        w.write_into(mem);
-        let registered = match &huge_mem {
-            // SAFETY: the mapping outlives its registration (unregistered below).
-            Some(m) => Some(unsafe { engine.register(m.as_ptr(), m.len()) }?),
-            None => None,
-        };
-        let thp_before = huge_mem.as_ref().map(|m| ThpOutcome::measure(m, a.random_reads));
-        let (anon_before, shmem_before) = anon_shmem();
-        engine.set_run(Run::Merge)?;
-        let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
-            let c = engine.counters()?;
-            Ok(Progress { key: key(&c), unshared: c.pages_unshared, full_scans: c.full_scans, cpu: engine.cpu_time() })
-        })?;
-        let churned = if a.churn > 0 {
-            let r = churn(&w, mem, a.churn);
-            let before = engine.counters()?;
-            converge(Duration::from_secs(a.timeout), a.json, || {
-                let c = engine.counters()?;
-                Ok(Progress {
-                    key: key(&c),
-                    unshared: c.pages_unshared,
-                    full_scans: c.full_scans,
-                    cpu: engine.cpu_time(),
-                })
-            })?;
-            // Two prune intervals, so pruning and defragmentation have run.
-            std::thread::sleep(Duration::from_millis(2 * a.prune_ms as u64 + 100));
-            let after = engine.counters()?;
-            let needed = engine.stable_pages_needed()?;
-            let msg = format!(
-                "churn: wrote {} of the duplicate pages; stable pages (dups) {} -> {} for a minimum of {} \
-                 (ceil(mappings / max_page_sharing) per content), {} mappings refiled",
-                r.len(),
-                before.pages_shared,
-                after.pages_shared,
-                needed,
-                after.stable_node_refiled
-            );
-            say(msg.clone());
-            notes.push(msg);
-            Some(r)
-        } else {
-            None
-        };
-        engine.set_run(Run::Stop)?;
-        let (anon_after, shmem_after) = anon_shmem();
-        let c = engine.counters()?;
-        let thp = thp_before.zip(huge_mem.as_ref()).map(|(b, m)| ThpOutcome::after(b, m, a.random_reads));
-        let bad = check(&w, mem, churned.as_ref());
-        space = Some((engine.space_stats(), procfs::mappings()));
-        let o = Outcome {
-            counters: c.named(),
-            converge: converge_t,
-            cpu,
-            anon_before,
-            anon_after,
-            shmem_before,
-            shmem_after,
-            integrity_bad_pages: bad,
-            thp,
-        };
-        if let Some(id) = registered {
-            engine.unregister(id)?;
-        }
-        drop(region);
-        drop(huge_mem);
-        o
-    };
-
-    let dup_bytes = (exp_sharing + exp_zero) * PAGE as u64;
-    let anon_freed = o.anon_before.saturating_sub(o.anon_after);
-    let net_freed = anon_freed as i64 - o.shmem_after as i64 + o.shmem_before as i64;
-    let (shared, sharing, zero) = (o.counter("pages_shared"), o.counter("pages_sharing"), o.counter("ksm_zero_pages"));
-    let matches = (shared, sharing, zero) == (exp_shared, exp_sharing, exp_zero);
-    let left_unmerged = (exp_sharing + exp_zero).saturating_sub(sharing + zero);
-    let budget_skips = o.counter("vma_budget_skips");
-    if budget_skips > 0 {
-        notes.push(format!(
-            "the VMA budget (vm.max_map_count {}, engine limit {} mappings) left {left_unmerged} duplicate pages unmerged; as root, samepage demo raises the limit for its run (or: sysctl vm.max_map_count=N)",
-            sysctl::max_map_count(),
-            vma_limit.unwrap_or(0)
-        ));
-    }
-    let integrity = o.integrity_bad_pages == 0;
-    if a.json {
-        let counters: serde_json::Map<String, serde_json::Value> =
-            o.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-        let out = json!({
-            "workload": w.name,
-            "engine": if a.kernel { "kernel" } else { "samepage" },
-            "bytes": w.bytes(),
-            "uffd_mode": uffd_mode.map(|m| format!("{m:?}")),
-            "vma_limit": vma_limit,
-            "counters": counters,
-            "expected": { "pages_shared": exp_shared, "pages_sharing": exp_sharing, "ksm_zero_pages": exp_zero },
-            "counters_match_expected": matches,
-            "memory": {
-                "anon_before_bytes": o.anon_before,
-                "anon_after_bytes": o.anon_after,
-                "shmem_before_bytes": o.shmem_before,
-                "shmem_after_bytes": o.shmem_after,
-            },
-            "freed_bytes": net_freed,
-            "duplicate_bytes": dup_bytes,
-            "left_unmerged_pages": left_unmerged,
-            "integrity": integrity,
-            "converge_seconds": o.converge.as_secs_f64(),
-            "engine_cpu_seconds": o.cpu.as_secs_f64(),
-            "syscalls": space.as_ref().map(|(s, _)| json!({
-                "pool_maps": s.pool_maps, "moves": s.moves, "pages_moved": s.pages_moved, "windows": s.windows,
-                "write_protects": s.write_protects, "unshares": s.unshares,
-                "pagemap_scans": s.pagemap_scans, "pages_hashed": s.pages_hashed })),
-            "mappings_after": space.as_ref().map(|(_, m)| m),
-            "thp": o.thp.map(|t| json!({
-                "thp_split_min_subpages": if a.kernel { 1 } else { a.thp_split_min_subpages },
-                "anon_huge_bytes_before": t.huge_before,
-                "anon_huge_bytes_after": t.huge_after,
-                "random_reads": a.random_reads,
-                "random_read_seconds_before": t.read_before.as_secs_f64(),
-                "random_read_seconds_after": t.read_after.as_secs_f64(),
-            })),
-            "notes": notes,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        let who = if a.kernel { "kernel ksmd" } else { "samepage" };
-        println!("{who}: converged in {:.2} s, {:.2} s of CPU", o.converge.as_secs_f64(), o.cpu.as_secs_f64());
-        println!("counters:");
-        for (k, v) in &o.counters {
-            println!("  {k:<20} {v}");
-        }
-        if a.thp && a.thp_split_min_subpages > 1 && !a.kernel {
-            println!(
-                "with every huge page split (thp_split_min_subpages 1, the kernel's behaviour) the content gives \
-                 pages_shared {exp_shared}, pages_sharing {exp_sharing}; the threshold kept {} huge pages whole",
-                o.counter("thp_kept_whole")
-            );
-        } else if a.churn == 0 {
-            println!(
-                "expected from the content: pages_shared {exp_shared}, pages_sharing {exp_sharing}, ksm_zero_pages {exp_zero}: {}",
-                if matches { "reached" } else { "NOT reached" }
-            );
-        }
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        println!(
-            "memory (/proc/meminfo): AnonPages {:.1} -> {:.1} MiB, Shmem (the pool) {:.1} -> {:.1} MiB",
-            mib(o.anon_before),
-            mib(o.anon_after),
-            mib(o.shmem_before),
-            mib(o.shmem_after)
-        );
-        println!(
-            "freed {:.1} MiB net of the pool = {:.1}% of the {:.1} MiB of duplicate pages",
-            net_freed as f64 / (1 << 20) as f64,
-            100.0 * net_freed as f64 / dup_bytes.max(1) as f64,
-            mib(dup_bytes)
-        );
-        if let Some((s, maps)) = &space {
-            println!(
-                "system calls: {} windows, {} UFFDIO_MOVE ({} pages), {} pool mmaps, {} write-protect ioctls, {} PAGEMAP_SCAN; {} mappings in the process",
-                s.windows, s.moves, s.pages_moved, s.pool_maps, s.write_protects, s.pagemap_scans, maps
-            );
-        }
-        if let Some(t) = &o.thp {
-            println!(
-                "huge pages (smaps AnonHugePages): {:.0} -> {:.0} MiB; {} random reads: {:.0} ms before merging, {:.0} ms after",
-                mib(t.huge_before),
-                mib(t.huge_after),
-                a.random_reads,
-                t.read_before.as_secs_f64() * 1e3,
-                t.read_after.as_secs_f64() * 1e3
-            );
-        }
-        for n in &notes {
-            println!("note: {n}");
-        }
-        println!(
-            "integrity: {} pages checked byte for byte: {}",
-            w.pages.len(),
-            if integrity { "OK".to_string() } else { format!("{} pages DIFFER", o.integrity_bad_pages) }
-        );
-    }
-    if !integrity {
-        anyhow::bail!("integrity check failed: {} pages differ from what was written", o.integrity_bad_pages);
-    }
-    Ok(ExitCode::SUCCESS)
+    )
 }
 
-fn run_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcome> {
-    let m = if a.thp { AnonMapping::new_huge(w.bytes() as usize)? } else { AnonMapping::new(w.bytes() as usize)? };
-    w.write_into(&m);
-    let thp_before = a.thp.then(|| ThpOutcome::measure(&m, a.random_reads));
-    let k = KernelKsm::take().context("--kernel")?;
-    for (name, v) in [
-        ("pages_to_scan", a.pages_to_scan.to_string()),
-        ("sleep_millisecs", a.sleep_ms.to_string()),
-        ("max_page_sharing", a.max_page_sharing.to_string()),
-        ("use_zero_pages", u8::from(a.use_zero_pages).to_string()),
-    ] {
-        k.set(name, &v)?;
+/// Writes the workload into the side's memory, merges it until the counters
+/// hold still, runs `after_converging` (still merging), stops and checks
+/// every byte.
+fn merge<S: Side>(
+    side: &mut S,
+    a: &DemoArgs,
+    w: &Workload,
+    say: &dyn Fn(String),
+    after_converging: impl FnOnce(&S) -> Result<Option<HashSet<usize>>>,
+) -> Result<Outcome> {
+    w.write_into(side.mem());
+    let ready = side.ready();
+    if a.kernel {
+        ready.context("--kernel")?;
+    } else {
+        ready?;
     }
-    let (anon_before, shmem_before) = anon_shmem();
-    let cpu0 = k.ksmd_cpu();
-    let scans0 = k.get("full_scans")? as u64;
-    m.advise_kernel_mergeable()?;
-    k.set("run", "1")?;
-    say("kernel ksmd: merging".into());
-    let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || {
-        let g = |n| k.get(n).map(|v| v as u64);
-        Ok(Progress {
-            key: (g("pages_shared")?, g("pages_sharing")?, g("ksm_zero_pages")?),
-            unshared: g("pages_unshared")?,
-            full_scans: g("full_scans")? - scans0,
-            cpu: k.ksmd_cpu() - cpu0,
-        })
+    let thp_before = side.mapping().filter(|_| a.thp).map(|m| ThpOutcome::measure(m, a.random_reads));
+    let before = side.memory();
+    side.start()?;
+    say(format!("{}: merging", side.label()));
+    let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || side.poll())?;
+    let churned = after_converging(side)?;
+    side.stop()?;
+    let after = side.memory();
+    let counters = side.counters()?;
+    let thp = thp_before.zip(side.mapping()).map(|(b, m)| ThpOutcome::after(b, m, a.random_reads));
+    let integrity_bad_pages = check(w, side.mem(), churned.as_ref());
+    Ok(Outcome { counters, converge: converge_t, cpu, before, after, integrity_bad_pages, thp, engine: None })
+}
+
+/// The workload merged by the kernel's ksmd.
+fn merge_with_kernel(a: &DemoArgs, w: &Workload, say: &dyn Fn(String)) -> Result<Outcome> {
+    let settings = Settings {
+        pages_to_scan: a.pages_to_scan,
+        sleep_millisecs: a.sleep_ms,
+        max_page_sharing: a.max_page_sharing,
+        use_zero_pages: a.use_zero_pages,
+    };
+    let mut side = KernelSide::new(w.bytes() as usize, a.thp, settings)?;
+    merge(&mut side, a, w, say, |_| Ok(None))
+}
+
+/// The workload merged by samepage's engine (and churned with --churn).
+fn merge_with_samepage(
+    a: &DemoArgs,
+    w: &Workload,
+    tunables: Tunables,
+    (shared, sharing, zero): Expected,
+    say: &dyn Fn(String),
+    notes: &mut Vec<String>,
+) -> Result<Outcome> {
+    let mut side = SamepageSide::new(SamepageOptions {
+        tunables,
+        vma_share: a.vma_share,
+        len: w.bytes() as usize,
+        thp: a.thp,
+        raise_map_count_for: (!a.no_raise_map_count)
+            .then_some(shared + sharing + if a.use_zero_pages { 0 } else { zero }),
     })?;
-    k.set("run", "0")?;
-    let (anon_after, shmem_after) = anon_shmem();
-    let counters = k.counters()?;
-    let thp = thp_before.map(|b| ThpOutcome::after(b, &m, a.random_reads));
-    let bad = check(w, &m, None);
-    Ok(Outcome {
-        counters,
-        converge: converge_t,
-        cpu,
-        anon_before,
-        anon_after,
-        shmem_before,
-        shmem_after,
-        integrity_bad_pages: bad,
-        thp,
-    })
+    if let Some((old, want)) = side.raised {
+        let msg = format!("vm.max_map_count raised {old} -> {want} for this run (restored at exit)");
+        say(msg.clone());
+        notes.push(msg);
+    }
+    let info = side.engine().info().clone();
+    if info.uffd_mode == UffdMode::UserModeOnly {
+        let msg = "userfaultfd: user-mode-only (no privilege for full mode): a system call writing into a page during its merge window fails with EFAULT".to_string();
+        say(format!("warning: {msg}"));
+        notes.push(msg);
+    }
+    let mut o = merge(&mut side, a, w, say, |side| churn_and_converge(a, w, side, say, notes))?;
+    o.engine = Some(EngineFacts {
+        uffd_mode: info.uffd_mode,
+        vma_limit: info.vma_limit,
+        space: side.engine().space_stats(),
+        mappings: procfs::mappings(),
+    });
+    Ok(o)
+}
+
+/// With --churn: writes that share of the duplicate pages, converges again
+/// and waits for pruning and defragmentation; returns the pages written.
+fn churn_and_converge(
+    a: &DemoArgs,
+    w: &Workload,
+    side: &SamepageSide,
+    say: &dyn Fn(String),
+    notes: &mut Vec<String>,
+) -> Result<Option<HashSet<usize>>> {
+    if a.churn == 0 {
+        return Ok(None);
+    }
+    let engine = side.engine();
+    let r = churn(w, side.mem(), a.churn);
+    let before = engine.counters()?;
+    converge(Duration::from_secs(a.timeout), a.json, || side.poll())?;
+    // Two prune intervals, so pruning and defragmentation have run.
+    std::thread::sleep(Duration::from_millis(2 * a.prune_ms as u64 + 100));
+    let after = engine.counters()?;
+    let needed = engine.stable_pages_needed()?;
+    let msg = format!(
+        "churn: wrote {} of the duplicate pages; stable pages (dups) {} -> {} for a minimum of {} \
+         (ceil(mappings / max_page_sharing) per content), {} mappings refiled",
+        r.len(),
+        before.pages_shared,
+        after.pages_shared,
+        needed,
+        after.stable_node_refiled
+    );
+    say(msg.clone());
+    notes.push(msg);
+    Ok(Some(r))
+}
+
+/// What the outcome means against the content.
+struct Summary {
+    /// Bytes of pages that duplicate another (or are zero).
+    dup_bytes: u64,
+    /// Freed system-wide, net of the pool.
+    net_freed: i64,
+    /// Freed in this process's own accounting (see [`Memory`]).
+    process_freed: i64,
+    /// The counters reached what the content implies.
+    matches: bool,
+    left_unmerged: u64,
+    integrity: bool,
+}
+
+impl Summary {
+    fn new(o: &Outcome, (exp_shared, exp_sharing, exp_zero): Expected, notes: &mut Vec<String>) -> Summary {
+        let (shared, sharing, zero) =
+            (o.counter("pages_shared"), o.counter("pages_sharing"), o.counter("ksm_zero_pages"));
+        let left_unmerged = (exp_sharing + exp_zero).saturating_sub(sharing + zero);
+        if o.counter("vma_budget_skips") > 0 {
+            notes.push(format!(
+                "the VMA budget (vm.max_map_count {}, engine limit {} mappings) left {left_unmerged} duplicate pages unmerged; as root, samepage demo raises the limit for its run (or: sysctl vm.max_map_count=N)",
+                sysctl::max_map_count(),
+                o.engine.as_ref().map_or(0, |e| e.vma_limit)
+            ));
+        }
+        Summary {
+            dup_bytes: (exp_sharing + exp_zero) * PAGE as u64,
+            net_freed: o.before.freed_system(&o.after),
+            process_freed: o.before.freed_process(&o.after),
+            matches: (shared, sharing, zero) == (exp_shared, exp_sharing, exp_zero),
+            left_unmerged,
+            integrity: o.integrity_bad_pages == 0,
+        }
+    }
+}
+
+fn print_json(
+    a: &DemoArgs,
+    w: &Workload,
+    o: &Outcome,
+    (exp_shared, exp_sharing, exp_zero): Expected,
+    s: &Summary,
+    notes: &[String],
+) -> Result<()> {
+    let counters: serde_json::Map<String, serde_json::Value> =
+        o.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let out = json!({
+        "workload": w.name,
+        "engine": if a.kernel { "kernel" } else { "samepage" },
+        "bytes": w.bytes(),
+        "uffd_mode": o.engine.as_ref().map(|e| format!("{:?}", e.uffd_mode)),
+        "vma_limit": o.engine.as_ref().map(|e| e.vma_limit),
+        "counters": counters,
+        "expected": { "pages_shared": exp_shared, "pages_sharing": exp_sharing, "ksm_zero_pages": exp_zero },
+        "counters_match_expected": s.matches,
+        "memory": {
+            "anon_before_bytes": o.before.anon,
+            "anon_after_bytes": o.after.anon,
+            "shmem_before_bytes": o.before.shmem,
+            "shmem_after_bytes": o.after.shmem,
+            "process_before_bytes": o.before.process,
+            "process_after_bytes": o.after.process,
+        },
+        "freed_bytes": s.net_freed,
+        "freed_bytes_process": s.process_freed,
+        "duplicate_bytes": s.dup_bytes,
+        "left_unmerged_pages": s.left_unmerged,
+        "integrity": s.integrity,
+        "converge_seconds": o.converge.as_secs_f64(),
+        "engine_cpu_seconds": o.cpu.as_secs_f64(),
+        "syscalls": o.engine.as_ref().map(|e| { let s = &e.space; json!({
+            "pool_maps": s.pool_maps, "moves": s.moves, "pages_moved": s.pages_moved, "windows": s.windows,
+            "write_protects": s.write_protects, "unshares": s.unshares,
+            "pagemap_scans": s.pagemap_scans, "pages_hashed": s.pages_hashed })}),
+        "mappings_after": o.engine.as_ref().map(|e| e.mappings),
+        "thp": o.thp.map(|t| json!({
+            "thp_split_min_subpages": if a.kernel { 1 } else { a.thp_split_min_subpages },
+            "anon_huge_bytes_before": t.huge_before,
+            "anon_huge_bytes_after": t.huge_after,
+            "random_reads": a.random_reads,
+            "random_read_seconds_before": t.read_before.as_secs_f64(),
+            "random_read_seconds_after": t.read_after.as_secs_f64(),
+        })),
+        "notes": notes,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn print_text(
+    a: &DemoArgs,
+    w: &Workload,
+    o: &Outcome,
+    (exp_shared, exp_sharing, exp_zero): Expected,
+    s: &Summary,
+    notes: &[String],
+) {
+    let who = if a.kernel { "kernel ksmd" } else { "samepage" };
+    println!("{who}: converged in {:.2} s, {:.2} s of CPU", o.converge.as_secs_f64(), o.cpu.as_secs_f64());
+    println!("counters:");
+    for (k, v) in &o.counters {
+        println!("  {k:<20} {v}");
+    }
+    if a.thp && a.thp_split_min_subpages > 1 && !a.kernel {
+        println!(
+            "with every huge page split (thp_split_min_subpages 1, the kernel's behaviour) the content gives \
+             pages_shared {exp_shared}, pages_sharing {exp_sharing}; the threshold kept {} huge pages whole",
+            o.counter("thp_kept_whole")
+        );
+    } else if a.churn == 0 {
+        println!(
+            "expected from the content: pages_shared {exp_shared}, pages_sharing {exp_sharing}, ksm_zero_pages {exp_zero}: {}",
+            if s.matches { "reached" } else { "NOT reached" }
+        );
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "memory (/proc/meminfo): AnonPages {:.1} -> {:.1} MiB, Shmem (the pool) {:.1} -> {:.1} MiB",
+        mib(o.before.anon),
+        mib(o.after.anon),
+        mib(o.before.shmem),
+        mib(o.after.shmem)
+    );
+    println!(
+        "memory (this process, smaps_rollup Pss_Anon + Pss_Shmem): {:.1} -> {:.1} MiB",
+        mib(o.before.process),
+        mib(o.after.process)
+    );
+    let share = |b: i64| 100.0 * b as f64 / s.dup_bytes.max(1) as f64;
+    println!(
+        "freed {:.1} MiB net of the pool = {:.1}% of the {:.1} MiB of duplicate pages (this process: {:.1} MiB = {:.1}%)",
+        s.net_freed as f64 / (1 << 20) as f64,
+        share(s.net_freed),
+        mib(s.dup_bytes),
+        s.process_freed as f64 / (1 << 20) as f64,
+        share(s.process_freed)
+    );
+    if let Some(e) = &o.engine {
+        let sp = &e.space;
+        println!(
+            "system calls: {} windows, {} UFFDIO_MOVE ({} pages), {} pool mmaps, {} write-protect ioctls, {} PAGEMAP_SCAN; {} mappings in the process",
+            sp.windows, sp.moves, sp.pages_moved, sp.pool_maps, sp.write_protects, sp.pagemap_scans, e.mappings
+        );
+    }
+    if let Some(t) = &o.thp {
+        println!(
+            "huge pages (smaps AnonHugePages): {:.0} -> {:.0} MiB; {} random reads: {:.0} ms before merging, {:.0} ms after",
+            mib(t.huge_before),
+            mib(t.huge_after),
+            a.random_reads,
+            t.read_before.as_secs_f64() * 1e3,
+            t.read_after.as_secs_f64() * 1e3
+        );
+    }
+    for n in notes {
+        println!("note: {n}");
+    }
+    println!(
+        "integrity: {} pages checked byte for byte: {}",
+        w.pages.len(),
+        if s.integrity { "OK".to_string() } else { format!("{} pages DIFFER", o.integrity_bad_pages) }
+    );
 }

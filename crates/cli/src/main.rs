@@ -1,8 +1,12 @@
 //! `samepage`: the userspace KSM engine's command line.
 
+mod args;
 mod bench;
 mod demo;
+mod kernel;
 mod measure;
+mod procfs;
+mod side;
 mod sysctl;
 mod torture;
 mod torture_io;
@@ -34,22 +38,11 @@ enum Cmd {
     Torture(torture::TortureArgs),
 }
 
-/// A bad value on the command line or in its inputs: exit status 2.
-#[derive(Debug)]
-pub struct UsageError(pub String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for UsageError {}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Interrupted (Ctrl-C, SIGTERM): put the machine's settings back first.
     let _ = ctrlc::set_handler(|| {
-        samepage::kernel::restore_after_signal();
+        kernel::restore_after_signal();
         sysctl::restore_after_signal();
         eprintln!("interrupted: kernel KSM settings and vm.max_map_count restored");
         std::process::exit(130);
@@ -63,7 +56,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<UsageError>().is_some() {
+            if e.downcast_ref::<args::UsageError>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

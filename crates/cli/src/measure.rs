@@ -1,12 +1,10 @@
 //! Measurements shared by `demo` and `bench`.
 
+use crate::procfs;
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use samepage::procfs;
 use std::time::{Duration, Instant};
 
-/// Polls until the counters hold still for two full scans; returns the time
-/// and CPU at the last change.
 /// What a poll of the merging side reports.
 pub struct Progress {
     /// `(pages_shared, pages_sharing, ksm_zero_pages)`: what merging has
@@ -22,6 +20,8 @@ pub struct Progress {
     pub cpu: Duration,
 }
 
+/// Polls until the counters hold still for two full scans; returns the time
+/// and CPU at the last change.
 pub fn converge(
     timeout: Duration,
     json: bool,
@@ -66,9 +66,66 @@ pub fn converge(
     Ok((t_change, cpu_change))
 }
 
-/// `AnonPages` and `Shmem` from /proc/meminfo, in bytes.
-pub fn anon_shmem() -> (u64, u64) {
-    (procfs::meminfo("AnonPages").unwrap_or(0), procfs::meminfo("Shmem").unwrap_or(0))
+/// Memory at one moment, before or after merging: system-wide, and this
+/// process's own.
+///
+/// The system-wide figures move whenever another process allocates or frees,
+/// so on a busy machine they can say anything. The workload lives in this
+/// process, and so does everything either side merges, so this process's
+/// own accounting holds: `/proc/self/smaps_rollup`'s `Pss_Anon + Pss_Shmem`.
+/// Why those fields:
+///
+/// * The kernel's KSM pages are anonymous pages mapped many times
+///   (`Anonymous`, and `Rss`, count every mapping in full and barely move
+///   when ksmd merges: 257.4 -> 257.4 MiB for `demo --size 256M --kernel`).
+///   `Pss` divides each page by its mapcount, so all the mappings of one KSM
+///   page add up to one page. Zero pages (`use_zero_pages`, either side) are
+///   not counted at all.
+/// * samepage's merged pages are pages of its pool, a memfd mapped
+///   `MAP_PRIVATE` (and once more by the engine's own view): they are shmem
+///   pages, counted in `Pss_Shmem`, divided by mapcount the same way, so the
+///   pool counts once. Measured equal to the memfd's allocated size
+///   (`st_blocks`) after convergence; it would fall short of it only for
+///   pool pages nothing maps that are not freed yet (`pool_slots_pending`).
+/// * `Pss_Anon` also holds samepage's own metadata (rmap items, trees), so
+///   samepage's figure is net of it; the kernel's metadata is kernel memory
+///   (slab), outside the process.
+///
+/// Both assume no other process maps these pages (a forked child would take
+/// its share of the `Pss`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    /// System-wide `AnonPages` (/proc/meminfo), bytes.
+    pub anon: u64,
+    /// System-wide `Shmem` (/proc/meminfo; samepage's pool is a memfd), bytes.
+    pub shmem: u64,
+    /// This process: `Pss_Anon + Pss_Shmem` (/proc/self/smaps_rollup), bytes.
+    pub process: u64,
+}
+
+impl Memory {
+    /// Memory now.
+    pub fn now() -> Memory {
+        let rollup = procfs::smaps_rollup(&["Pss_Anon", "Pss_Shmem"]);
+        Memory {
+            anon: procfs::meminfo("AnonPages").unwrap_or(0),
+            shmem: procfs::meminfo("Shmem").unwrap_or(0),
+            process: rollup.iter().map(|v| v.unwrap_or(0)).sum(),
+        }
+    }
+
+    /// Bytes freed system-wide from `self` to `after`: the drop of anonymous
+    /// memory net of the growth of shared memory (samepage's pool). Moves
+    /// when other processes allocate or free.
+    pub fn freed_system(&self, after: &Memory) -> i64 {
+        self.anon as i64 - after.anon as i64 - (after.shmem as i64 - self.shmem as i64)
+    }
+
+    /// Bytes this process freed from `self` to `after`, pool and samepage's
+    /// metadata included.
+    pub fn freed_process(&self, after: &Memory) -> i64 {
+        self.process as i64 - after.process as i64
+    }
 }
 
 /// Bytes of `vm_area_struct` slab in use (/proc/slabinfo, root only; 0 if unreadable).

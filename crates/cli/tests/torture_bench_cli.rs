@@ -47,6 +47,7 @@ fn bench_samepage_only_reports_every_figure() {
         "converge_seconds",
         "converge_cpu_seconds",
         "freed_bytes",
+        "freed_bytes_process",
         "metadata_bytes_per_page",
         "steady_scan_cpu_seconds",
         "cow_fault_ns",

@@ -290,7 +290,7 @@ impl Engine {
     /// (or, for that part, [`Engine::unregister_range`]) returns. The engine
     /// replaces pages of the range by mappings of its pool, so `MADV_DONTNEED`
     /// on a merged page brings back its merged content instead of zeros.
-    #[allow(unsafe_code)] // declares the contract; the unsafe operations live in `sys`
+    #[allow(unsafe_code, reason = "declares the contract; the unsafe operations live in `sys`")]
     pub unsafe fn register(&self, addr: *mut u8, len: usize) -> Result<RegionId, Error> {
         self.add_region(addr as usize, len, Domain::default())
     }
@@ -299,7 +299,7 @@ impl Engine {
     ///
     /// # Safety
     /// As [`Engine::register`].
-    #[allow(unsafe_code)] // declares the contract; the unsafe operations live in `sys`
+    #[allow(unsafe_code, reason = "declares the contract; the unsafe operations live in `sys`")]
     pub unsafe fn register_in(&self, addr: *mut u8, len: usize, domain: Domain) -> Result<RegionId, Error> {
         self.add_region(addr as usize, len, domain)
     }

@@ -24,13 +24,11 @@
 
 mod engine;
 mod error;
-pub mod kernel;
-pub mod procfs;
 mod region;
-#[allow(unsafe_code)]
+#[allow(unsafe_code, reason = "the Linux layer: every unsafe block of samepage, each with its SAFETY comment")]
 mod sys;
 #[cfg(feature = "testing")]
-#[allow(unsafe_code)]
+#[allow(unsafe_code, reason = "typed entry points into `sys` whose contracts are the caller's")]
 pub mod testing;
 
 pub use engine::{Advice, Engine, EngineInfo};

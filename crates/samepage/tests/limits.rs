@@ -17,7 +17,7 @@ impl Drop for RestoreMapCount {
 fn the_programs_mmap_keeps_working_when_the_limit_is_low() {
     let _g = serial();
     let old: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count").unwrap().trim().parse().unwrap();
-    let now = samepage::procfs::mappings();
+    let now = mappings();
     let low = now + 4000;
     if std::fs::write("/proc/sys/vm/max_map_count", low.to_string()).is_err() {
         eprintln!("skipped: lowering vm.max_map_count needs root");
@@ -42,7 +42,7 @@ fn the_programs_mmap_keeps_working_when_the_limit_is_low() {
     let c = engine.counters().unwrap();
     assert!(c.vma_budget_skips > 0, "the budget stopped the engine: {c:?}");
     assert!(c.pages_sharing > 100, "it merged what fit: {c:?}");
-    assert!(samepage::procfs::mappings() < low, "the engine stayed under the limit");
+    assert!(mappings() < low, "the engine stayed under the limit");
     // The program's own mappings: 1000 separate ones (alternating protections
     // so neighbours cannot merge), all of which must succeed.
     let mut maps = Vec::new();

@@ -63,13 +63,13 @@ fn released_parts_can_be_unmapped_moved_and_protected_while_the_rest_merges() {
     assert!(matches!(overlap, Error::Overlap { .. }), "{overlap}");
 
     // SAFETY: released above; nothing of the test uses these pages meanwhile.
-    let moved = unsafe {
-        let moved = mem::remap_anywhere(part(320), 64 * PAGE).unwrap();
-        mem::unmap(part(256), 64 * PAGE).unwrap();
-        mem::protect(part(384), 64 * PAGE, false, false).unwrap();
-        mem::protect(part(448), 64 * PAGE, true, false).unwrap();
-        moved
-    };
+    let moved = unsafe { mem::remap_anywhere(part(320), 64 * PAGE) }.unwrap();
+    // SAFETY: as above.
+    unsafe { mem::unmap(part(256), 64 * PAGE) }.unwrap();
+    // SAFETY: as above.
+    unsafe { mem::protect(part(384), 64 * PAGE, false, false) }.unwrap();
+    // SAFETY: as above.
+    unsafe { mem::protect(part(448), 64 * PAGE, true, false) }.unwrap();
     // The engine scans on around the holes, the moved and the protected pages.
     let before = engine.counters().unwrap().full_scans;
     while engine.counters().unwrap().full_scans < before + 4 {
@@ -88,11 +88,11 @@ fn released_parts_can_be_unmapped_moved_and_protected_while_the_rest_merges() {
 
     // Everything back in place, registered again as a second region: it merges too.
     // SAFETY: the released range is the test's; `moved` is its own mapping.
-    unsafe {
-        mem::move_mapping(moved, 64 * PAGE, part(320)).unwrap();
-        mem::map_anon_fixed(part(256), 64 * PAGE).unwrap();
-        mem::protect(part(384), 128 * PAGE, true, true).unwrap();
-    }
+    unsafe { mem::move_mapping(moved, 64 * PAGE, part(320)) }.unwrap();
+    // SAFETY: the released range is the test's, unused.
+    unsafe { mem::map_anon_fixed(part(256), 64 * PAGE) }.unwrap();
+    // SAFETY: as above.
+    unsafe { mem::protect(part(384), 128 * PAGE, true, true) }.unwrap();
     fill(base, 256..320);
     // SAFETY: as above.
     let again = unsafe { engine.register(part(256) as *mut u8, 256 * PAGE) }.unwrap();

@@ -112,9 +112,10 @@ fn kernel_writes_into_merged_pages_land() {
         let data: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
         let (r, w) = rustix::pipe::pipe().unwrap();
         rustix::io::write(&w, &data).unwrap();
-        // The kernel writes straight into the page; no Rust reference to
-        // memory the engine remaps is made.
         let dst = region.as_ptr() as usize + p * PAGE + off;
+        // SAFETY: inside the region, which the test may write; the kernel
+        // writes straight into the page and no Rust reference to memory the
+        // engine remaps is made.
         let n = unsafe { samepage::testing::read_into(&r, dst, len) }.unwrap();
         assert_eq!(n, len);
         expected[p][off..off + len].copy_from_slice(&data);
@@ -157,13 +158,15 @@ fn fork_after_merge_gives_independent_memory() {
         for i in 0..pages {
             let want = if i % 4 == 0 { [0u8; PAGE] } else { content(i as u64 % 3) };
             for (j, w) in want.iter().enumerate() {
+                let p = base.wrapping_add(i * PAGE + j);
                 // SAFETY: inside the region, which the child inherited.
-                ok &= unsafe { base.add(i * PAGE + j).read_volatile() } == *w;
+                ok &= unsafe { p.read_volatile() } == *w;
             }
+            let p = base.wrapping_add(i * PAGE + 100);
             // SAFETY: as above.
-            unsafe { base.add(i * PAGE + 100).write_volatile(0xC5) };
+            unsafe { p.write_volatile(0xC5) };
             // SAFETY: as above.
-            ok &= unsafe { base.add(i * PAGE + 100).read_volatile() } == 0xC5;
+            ok &= unsafe { p.read_volatile() } == 0xC5;
         }
         // SAFETY: _exit ends the child without running the parent's destructors.
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
@@ -216,8 +219,9 @@ fn pool_pages_outlive_a_forked_child_that_has_not_touched_them() {
         for i in 0..pages {
             let want = content(i as u64 % 4);
             for (j, x) in want.iter().enumerate() {
+                let p = base.wrapping_add(i * PAGE + j);
                 // SAFETY: the region, inherited from the parent.
-                ok &= unsafe { base.add(i * PAGE + j).read_volatile() } == *x;
+                ok &= unsafe { p.read_volatile() } == *x;
             }
         }
         // SAFETY: ends the child without the parent's destructors.
@@ -228,11 +232,10 @@ fn pool_pages_outlive_a_forked_child_that_has_not_touched_them() {
     struct Reap(libc::pid_t);
     impl Drop for Reap {
         fn drop(&mut self) {
-            // SAFETY: our own child; killing and reaping it is harmless if it already exited.
-            unsafe {
-                libc::kill(self.0, libc::SIGKILL);
-                libc::waitpid(self.0, std::ptr::null_mut(), 0);
-            }
+            // SAFETY: our own child; killing it is harmless if it already exited.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+            // SAFETY: reaping our own child (no status wanted).
+            unsafe { libc::waitpid(self.0, std::ptr::null_mut(), 0) };
         }
     }
     let reap = Reap(pid);

@@ -53,14 +53,13 @@ impl AnonMapping {
         let addr = raw.start().get().next_multiple_of(HUGE);
         let head = (addr - raw.start().get()) / PAGE_SIZE;
         let body = len / PAGE_SIZE;
-        // SAFETY: the head and tail of the range just mapped, nobody else's.
-        unsafe {
-            if head > 0 {
-                mem::unmap(raw.sub(0, head))?;
-            }
-            if head + body < raw.pages() {
-                mem::unmap(raw.sub(head + body, raw.pages()))?;
-            }
+        if head > 0 {
+            // SAFETY: the head of the range just mapped, nobody else's.
+            unsafe { mem::unmap(raw.sub(0, head)) }?;
+        }
+        if head + body < raw.pages() {
+            // SAFETY: the tail of the range just mapped, nobody else's.
+            unsafe { mem::unmap(raw.sub(head + body, raw.pages())) }?;
         }
         let m = AnonMapping { addr, len };
         mem::advise(m.range(), mem::Hint::HugePage)?;
@@ -118,13 +117,15 @@ impl AnonMapping {
         if dst.is_multiple_of(8) && data.len().is_multiple_of(8) {
             for (i, chunk) in data.chunks_exact(8).enumerate() {
                 let v = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+                let p = (dst + i * 8) as *mut u64;
                 // SAFETY: inside the mapping (checked), 8-aligned.
-                unsafe { (dst as *mut u64).add(i).write_volatile(v) };
+                unsafe { p.write_volatile(v) };
             }
         } else {
             for (i, b) in data.iter().enumerate() {
+                let p = (dst + i) as *mut u8;
                 // SAFETY: inside the mapping (checked).
-                unsafe { (dst as *mut u8).add(i).write_volatile(*b) };
+                unsafe { p.write_volatile(*b) };
             }
         }
         Ok(())
@@ -136,14 +137,16 @@ impl AnonMapping {
         let src = self.addr + offset;
         if src.is_multiple_of(8) && buf.len().is_multiple_of(8) {
             for (i, chunk) in buf.chunks_exact_mut(8).enumerate() {
+                let p = (src + i * 8) as *const u64;
                 // SAFETY: inside the mapping (checked), 8-aligned.
-                let v = unsafe { (src as *const u64).add(i).read_volatile() };
+                let v = unsafe { p.read_volatile() };
                 chunk.copy_from_slice(&v.to_ne_bytes());
             }
         } else {
             for (i, b) in buf.iter_mut().enumerate() {
+                let p = (src + i) as *const u8;
                 // SAFETY: inside the mapping (checked).
-                *b = unsafe { (src as *const u8).add(i).read_volatile() };
+                *b = unsafe { p.read_volatile() };
             }
         }
         Ok(())

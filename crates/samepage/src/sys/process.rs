@@ -22,15 +22,17 @@ pub fn fork_check(pages: &[(usize, usize)], want: &[[u8; PAGE_SIZE]]) -> Result<
     if pid == 0 {
         let mut ok = true;
         for (&(base, index), w) in pages.iter().zip(want) {
-            let p = (base + index * PAGE_SIZE) as *mut u8;
+            let page = base + index * PAGE_SIZE;
             for (j, b) in w.iter().enumerate() {
+                let p = (page + j) as *const u8;
                 // SAFETY: a page of memory the parent had mapped, inherited.
-                ok &= unsafe { p.add(j).read_volatile() } == *b;
+                ok &= unsafe { p.read_volatile() } == *b;
             }
+            let p = (page + 17) as *mut u8;
             // SAFETY: as above; the child's copy is private to it.
-            unsafe { p.add(17).write_volatile(!w[17]) };
+            unsafe { p.write_volatile(!w[17]) };
             // SAFETY: as above.
-            ok &= unsafe { p.add(17).read_volatile() } == !w[17];
+            ok &= unsafe { p.read_volatile() } == !w[17];
         }
         // SAFETY: ends the child without running the parent's destructors.
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };

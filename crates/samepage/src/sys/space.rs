@@ -1730,9 +1730,10 @@ impl PageSpace for LinuxPageSpace {
                 let _busy = Busy::new(&self.registry, &self.pool_uffd, span);
                 lock(&self.registry).zero_pool_pieces(span.start().get(), span.end().get())?;
             }
-            // SAFETY: the program discards the range: its content may go.
             match how {
+                // SAFETY: the program discards the range: its content may go.
                 Discard::DontNeed | Discard::Remove => unsafe { mem::dont_need(span) }?,
+                // SAFETY: as above.
                 Discard::Free => unsafe { mem::free_lazily(span) }?,
             }
         }

@@ -2,7 +2,8 @@
 //! side-by-side comparisons on the same content.
 //!
 //! [`KernelKsm::take`] saves every tunable it may change; dropping it stops
-//! ksmd, unmerges (`run` 2 then 0) and puts the saved values back.
+//! ksmd, unmerges (`run` 2 then 0) and puts the saved values back. If a
+//! signal ends the process, [`restore_after_signal`] does the same.
 
 use std::fs;
 use std::io;
