@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 /// are indexes taken modulo the model's sizes, `offset` a byte offset modulo
 /// the page size, `which` one of [`common`]'s contents, `slot` an index into
 /// the slots mapped at the time.
-#[allow(missing_docs)] // the fields are described above
+#[allow(missing_docs, reason = "the fields are described above")]
 #[derive(Clone, Debug)]
 pub enum Op {
     /// Write one byte somewhere in a page.
