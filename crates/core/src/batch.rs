@@ -45,11 +45,11 @@ pub struct Carried {
 impl Carried {
     /// Every intent with its decision and result.
     pub fn outcomes(&self) -> impl Iterator<Item = Outcome> + '_ {
-        self.intents
-            .iter()
-            .zip(&self.decisions)
-            .zip(&self.results)
-            .map(|((&intent, &decision), &result)| Outcome { intent, decision, result })
+        self.intents.iter().zip(&self.decisions).zip(&self.results).map(|((&intent, &decision), &result)| Outcome {
+            intent,
+            decision,
+            result,
+        })
     }
 }
 

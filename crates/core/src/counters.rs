@@ -96,6 +96,41 @@ impl Counters {
         self.pages_sharing + self.ksm_zero_pages
     }
 
+    /// Adds `other`'s counters to these, field by field (to sum the
+    /// counters of several engines; derived ones need recomputing after).
+    pub fn add(&mut self, other: &Counters) {
+        self.pages_shared += other.pages_shared;
+        self.pages_sharing += other.pages_sharing;
+        self.pages_unshared += other.pages_unshared;
+        self.pages_volatile += other.pages_volatile;
+        self.pages_scanned += other.pages_scanned;
+        self.pages_skipped += other.pages_skipped;
+        self.full_scans += other.full_scans;
+        self.stable_node_chains += other.stable_node_chains;
+        self.stable_node_dups += other.stable_node_dups;
+        self.stable_node_refiled += other.stable_node_refiled;
+        self.ksm_zero_pages += other.ksm_zero_pages;
+        self.general_profit += other.general_profit;
+        self.rmap_items += other.rmap_items;
+        self.metadata_bytes += other.metadata_bytes;
+        self.merges += other.merges;
+        self.unmerges += other.unmerges;
+        self.cow_faults += other.cow_faults;
+        self.vma_budget_skips += other.vma_budget_skips;
+        self.merge_races += other.merge_races;
+        self.merge_errors += other.merge_errors;
+        self.pool_slots_freed += other.pool_slots_freed;
+        self.pool_slots_pending += other.pool_slots_pending;
+        self.pool_slots_retired += other.pool_slots_retired;
+        self.thp_scanned += other.thp_scanned;
+        self.thp_split += other.thp_split;
+        self.thp_kept_whole += other.thp_kept_whole;
+        self.thp_left_subpages += other.thp_left_subpages;
+        self.pages_pinned += other.pages_pinned;
+        self.pages_pool_copies += other.pages_pool_copies;
+        self.pages_excluded += other.pages_excluded;
+    }
+
     /// The counters as `(kernel name, value)` pairs, in sysfs order.
     pub fn named(&self) -> Vec<(&'static str, i64)> {
         vec![

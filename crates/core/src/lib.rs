@@ -55,6 +55,7 @@ pub mod pool;
 pub mod regions;
 pub mod rmap;
 pub mod scan;
+pub mod shared;
 pub mod sim;
 pub mod space;
 pub mod stable;

@@ -241,7 +241,8 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     pub fn counters(&self) -> Counters {
         let mut c = self.c.clone();
         self.regions.tally().fill(&mut c);
-        let s = self.stable.stats();
+        // This engine's view (the whole tree's when it has it alone).
+        let s = self.stable.held_stats();
         c.pages_shared = s.nodes;
         c.pages_sharing = s.mappings - s.nodes;
         c.pages_volatile = c.rmap_items.saturating_sub(s.mappings + c.pages_unshared);

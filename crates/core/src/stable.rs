@@ -141,6 +141,12 @@ pub trait StableTree {
     fn set_max_page_sharing(&mut self, max: u32) -> Result<(), TunableError>;
     /// Totals for the counters.
     fn stats(&self) -> StableStats;
+    /// The totals of what this tree's user holds: the nodes it maps and its
+    /// mappings (all of them for a tree used by one engine; a client's own
+    /// for a shared tree, whose [`StableTree::stats`] are system-wide).
+    fn held_stats(&self) -> StableStats {
+        self.stats()
+    }
     /// Every node, appended to `out`.
     fn nodes(&self, out: &mut Vec<NodeInfo>);
     /// The dups of every chain.
