@@ -88,9 +88,10 @@ pub struct PageMap {
 }
 
 impl PageMap {
-    /// Opens `/proc/self/pagemap` and probes for `PAGEMAP_SCAN`.
+    /// Opens `/proc/self/pagemap` and probes for `PAGEMAP_SCAN` (unless
+    /// tests force the fallback: `testing::force_pagemap_fallback`).
     pub fn open() -> Result<PageMap, SysError> {
-        Self::open_with(true)
+        Self::open_with(!super::fault::pagemap_fallback_forced())
     }
 
     /// As [`PageMap::open`]; `use_scan = false` forces the `/proc/self/pagemap`
@@ -194,10 +195,10 @@ impl PageMap {
                     return Ok(addr);
                 }
                 found += 1;
-                let cat = Category::PRESENT;
+                // Every run of the fallback is just PRESENT: no zero page, no huge page.
                 match out.last_mut() {
-                    Some(r) if r.end == addr && r.categories == cat => r.end += 4096,
-                    _ => out.push(Run { start: addr, end: addr + 4096, categories: cat }),
+                    Some(r) if r.end == addr => r.end += 4096,
+                    _ => out.push(Run { start: addr, end: addr + 4096, categories: Category::PRESENT }),
                 }
             }
             pos += got / 8 * 4096;
@@ -210,5 +211,83 @@ impl PageMap {
         let mut b = [0u8; 8];
         rustix::io::pread(&self.fd, &mut b, (addr.get() / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
         Ok(u64::from_ne_bytes(b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::addr::PageRange;
+    use crate::sys::mem;
+    use crate::sys::pool::MemfdPool;
+    use crate::PAGE_SIZE;
+
+    /// Four pages: written (private), read only (the zero page), never
+    /// touched, and a pool page mapped over the fourth.
+    struct Layout {
+        range: PageRange,
+        _pool: MemfdPool,
+    }
+
+    fn layout() -> Layout {
+        let range = mem::map_anon(4).unwrap();
+        // The pool mapping first: the three other pages stay one mapping of
+        // their own and are not merged into a huge page.
+        let mut pool = MemfdPool::new(4).unwrap();
+        let mut buf = mem::PageBuf::new();
+        // SAFETY: the first page of the test's own mapping, readable.
+        unsafe { pool.fill(samepage_core::Slot(1), range.start(), &mut buf) };
+        // SAFETY: the test's own page, replaced by the pool page.
+        unsafe { mem::map_file_private_fixed(range.sub(3, 4), pool.fd(), PAGE_SIZE as u64) }.unwrap();
+        mem::populate_write(range.sub(0, 1)).unwrap();
+        mem::populate_read(range.sub(1, 2)).unwrap();
+        mem::populate_read(range.sub(3, 4)).unwrap();
+        Layout { range, _pool: pool }
+    }
+
+    impl Drop for Layout {
+        fn drop(&mut self) {
+            // SAFETY: the test's own mapping, unused from here.
+            let _ = unsafe { mem::unmap(self.range) };
+        }
+    }
+
+    fn scan(pm: &mut PageMap, range: PageRange) -> Vec<(usize, Category)> {
+        let mut runs = Vec::new();
+        let end = pm.scan(range.start().get(), range.end().get(), 64, &mut runs).unwrap();
+        assert_eq!(end, range.end().get());
+        let base = range.start().get();
+        runs.iter()
+            .flat_map(|r| (r.start..r.end).step_by(PAGE_SIZE).map(move |a| ((a - base) / PAGE_SIZE, r.categories)))
+            .collect()
+    }
+
+    #[test]
+    fn pagemap_scan_tells_private_zero_and_pool_pages_apart() {
+        let mut pm = PageMap::open().unwrap();
+        assert!(pm.has_scan(), "PAGEMAP_SCAN (Linux 6.7) on this kernel");
+        let l = layout();
+        assert_eq!(
+            scan(&mut pm, l.range),
+            vec![(0, Category::PRESENT), (1, Category::PRESENT | Category::PFNZERO)],
+            "the pool page (file) and the untouched page are not reported"
+        );
+        let pool_entry = pm.entry(l.range.page(3)).unwrap();
+        assert!(pool_entry & PM_PRESENT != 0 && pool_entry & PM_FILE != 0, "{pool_entry:#x}");
+        assert_eq!(pm.entry(l.range.page(2)).unwrap() & PM_PRESENT, 0);
+    }
+
+    #[test]
+    fn the_pagemap_fallback_reads_what_it_can() {
+        let mut pm = PageMap::open_with(false).unwrap();
+        assert!(!pm.has_scan());
+        let l = layout();
+        // /proc/self/pagemap cannot tell the zero page: it reads as private.
+        assert_eq!(scan(&mut pm, l.range), vec![(0, Category::PRESENT), (1, Category::PRESENT)]);
+        // `max_pages` stops the walk at the page after the last one reported.
+        let mut runs = Vec::new();
+        let end = pm.scan(l.range.start().get(), l.range.end().get(), 1, &mut runs).unwrap();
+        assert_eq!(end, l.range.page(1).get());
+        assert_eq!(runs.len(), 1);
     }
 }

@@ -1552,10 +1552,12 @@ impl PageSpace for LinuxPageSpace {
                 if exclusions && r.excluded(index) {
                     continue;
                 }
+                // Pages still mapping their pool page are never reported
+                // (`PAGEMAP_SCAN` is asked for pages that map no file, the
+                // pagemap fallback skips `PM_FILE`): no sample is
+                // `PageState::Pool`, the scanner keeps their links as they are.
                 let state = if run.categories.contains(Category::PFNZERO) {
                     PageState::ZeroPfn
-                } else if run.categories.contains(Category::FILE) {
-                    PageState::Pool
                 } else if r.slots.get(index).is_some() {
                     PageState::PoolCopy
                 } else {
