@@ -1564,7 +1564,7 @@ impl PageSpace for LinuxPageSpace {
                     PageState::Private
                 };
                 // A transparent huge page is keyed by its 2 MiB frame.
-                let huge = run.categories.contains(Category::HUGE).then_some((addr >> 21) as u64);
+                let huge = run.categories.contains(Category::HUGE).then_some((addr / super::HUGE_PAGE_SIZE) as u64);
                 out.push(Sample { index, state, huge });
             }
         }
