@@ -3,7 +3,7 @@
 use crate::args::UsageError;
 use crate::measure::{converge, Memory};
 use crate::side::{KernelSide, SamepageOptions, SamepageSide, Settings, Side};
-use crate::workload::{Mem, Workload, PAGE};
+use crate::workload::{Mem, Workload, HUGE_SUBPAGES, PAGE};
 use crate::{procfs, sysctl};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -77,7 +77,7 @@ pub struct DemoArgs {
     thp: bool,
     /// thp_split_min_subpages: split a huge page only if this many of its
     /// 512 subpages would merge (1 = the kernel's behaviour).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=512))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=HUGE_SUBPAGES as i64))]
     thp_split_min_subpages: u32,
     /// Random 8-byte reads in the timed pass over the region (with --thp).
     #[arg(long, default_value_t = 4_000_000)]

@@ -17,20 +17,12 @@ static SAVED_FOR_SIGNAL: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::ne
 static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 const DIR: &str = "/sys/kernel/mm/ksm";
-/// The counters `/sys/kernel/mm/ksm` exposes (Linux 6.8).
-pub const COUNTERS: [&str; 11] = [
-    "pages_shared",
-    "pages_sharing",
-    "pages_unshared",
-    "pages_volatile",
-    "pages_scanned",
-    "full_scans",
-    "stable_node_chains",
-    "stable_node_dups",
-    "ksm_zero_pages",
-    "general_profit",
-    "pages_skipped",
-];
+/// The counters of `/sys/kernel/mm/ksm` this kernel has: samepage's
+/// counter names (which are the kernel's, in sysfs order, plus samepage's
+/// own) that exist as files there.
+fn sysfs_counters() -> Vec<&'static str> {
+    samepage::Counters::default().named().into_iter().map(|(n, _)| n).filter(|n| Path::new(&path(n)).exists()).collect()
+}
 const SAVED: [&str; 5] = ["pages_to_scan", "sleep_millisecs", "max_page_sharing", "use_zero_pages", "run"];
 
 /// Errors driving the kernel's KSM.
@@ -54,6 +46,8 @@ pub enum KernelKsmError {
 pub struct KernelKsm {
     saved: Vec<(&'static str, String)>,
     ksmd: Option<u32>,
+    /// The counters this kernel has.
+    counters: Vec<&'static str>,
     /// Cumulative counters at `take`.
     base: Vec<(&'static str, i64)>,
 }
@@ -73,7 +67,7 @@ impl KernelKsm {
             saved.push((name, read(name)?));
         }
         *SAVED_FOR_SIGNAL.lock().unwrap_or_else(|e| e.into_inner()) = saved.clone();
-        let mut k = KernelKsm { saved, ksmd: find_ksmd(), base: Vec::new() };
+        let mut k = KernelKsm { saved, ksmd: find_ksmd(), counters: sysfs_counters(), base: Vec::new() };
         k.set("run", "2").map_err(|e| KernelKsmError::Unavailable(e.to_string()))?;
         k.set("run", "0")?;
         for n in ["pages_scanned", "full_scans", "pages_skipped"] {
@@ -106,7 +100,7 @@ impl KernelKsm {
     /// cumulative ones (`pages_scanned`, `full_scans`, `pages_skipped`) count
     /// from when this [`KernelKsm`] was taken.
     pub fn counters(&self) -> Result<Vec<(&'static str, i64)>, KernelKsmError> {
-        COUNTERS
+        self.counters
             .iter()
             .map(|&n| {
                 let base = self.base.iter().find(|(b, _)| *b == n).map_or(0, |(_, v)| *v);

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-const PAGE: usize = 4096;
+use crate::workload::PAGE;
 
 #[derive(Args, Debug)]
 pub struct TortureArgs {

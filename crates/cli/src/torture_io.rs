@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const PAGE: usize = 4096;
+use crate::workload::PAGE;
 
 /// What these activities count.
 #[derive(Default)]

@@ -3,7 +3,10 @@
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
-pub const PAGE: usize = 4096;
+/// Bytes of a page.
+pub const PAGE: usize = samepage::PAGE_SIZE;
+/// Pages of a transparent huge page.
+pub const HUGE_SUBPAGES: usize = samepage::HUGE_PAGE_SIZE / PAGE;
 
 /// What one page holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,7 +88,7 @@ impl Workload {
     /// contents, 16 are unique); every other has one subpage that is a copy
     /// (the same content in each) and 511 unique ones.
     pub fn thp(bytes: u64, seed: u64) -> Workload {
-        const SUB: u64 = 512;
+        const SUB: u64 = HUGE_SUBPAGES as u64;
         let frames = (bytes / (SUB * PAGE as u64)).max(2);
         let dense = (frames / 16).max(1);
         let base = seed.wrapping_mul(1 << 40);

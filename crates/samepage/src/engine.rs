@@ -19,6 +19,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Region ids an engine hands out in its life (never reused): the core's
+/// unstable tree packs a page as a 24-bit region id and a 40-bit index.
+// NOTE: the 24 bits are the core's fact (`unstable.rs` packs them); once the
+// core exports the limit, use its constant here.
+pub const MAX_REGIONS: u32 = 1 << 24;
+
 /// Attributes [`Engine::advise`] gives registered memory, with the kernel's
 /// `madvise` meanings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -319,9 +325,9 @@ impl Engine {
         let mut st = self.shared.lock()?;
         // Released parts of a region are the program's again: they may be registered anew.
         if let Some((id, (s, e))) = st.regions.iter().find(|(id, _)| st.live_overlap(**id, addr, end)) {
-            return Err(Error::Overlap { addr, end, region: id.0, rstart: *s, rend: *e });
+            return Err(Error::Overlap { addr, end, region: *id, rstart: *s, rend: *e });
         }
-        if st.next_id >= 1 << 24 {
+        if st.next_id >= MAX_REGIONS {
             return Err(Error::RegionIdsExhausted);
         }
         let id = RegionId(st.next_id);
@@ -446,7 +452,7 @@ impl Engine {
     /// section).
     pub fn exclusions(&self, id: RegionId) -> Result<Vec<(Range<usize>, String)>, Error> {
         let st = self.shared.lock()?;
-        let &(start, _) = st.regions.get(&id).ok_or(Error::UnknownRegion(id.0))?;
+        let &(start, _) = st.regions.get(&id).ok_or(Error::UnknownRegion(id))?;
         Ok(st
             .excluded
             .get(&id)
@@ -470,7 +476,7 @@ impl Engine {
     pub fn region_counters(&self, id: RegionId) -> Result<RegionCounters, Error> {
         self.shared.check()?;
         let snap = self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner());
-        snap.regions.get(&id).cloned().ok_or(Error::UnknownRegion(id.0))
+        snap.regions.get(&id).cloned().ok_or(Error::UnknownRegion(id))
     }
 
     /// The fewest stable pages the current mappings need (see
@@ -564,7 +570,7 @@ impl Shared {
     pub(crate) fn unregister(&self, id: RegionId) -> Result<(), Error> {
         let mut st = self.lock()?;
         if !st.regions.contains_key(&id) {
-            return Err(Error::UnknownRegion(id.0));
+            return Err(Error::UnknownRegion(id));
         }
         let State { ksm, space, .. } = &mut *st;
         ksm.remove_region(space, id).map_err(Error::Unmerge)?;

@@ -1,7 +1,8 @@
 //! The library's errors.
 
+use crate::engine::MAX_REGIONS;
 use crate::sys::SysError;
-use samepage_core::{SpaceError, TunableError};
+use samepage_core::{RegionId, SpaceError, TunableError};
 use thiserror::Error;
 
 /// Everything the engine's API can refuse or fail at.
@@ -11,7 +12,10 @@ pub enum Error {
     #[error(transparent)]
     Tunable(#[from] TunableError),
     /// The range is empty or not page aligned.
-    #[error("range {addr:#x}+{len:#x} is not page aligned or is empty: address and length must be non-zero multiples of 4096")]
+    #[error(
+        "range {addr:#x}+{len:#x} is not page aligned or is empty: address and length must be non-zero multiples of {}",
+        crate::PAGE_SIZE
+    )]
     Unaligned {
         /// Start address.
         addr: usize,
@@ -29,21 +33,22 @@ pub enum Error {
         why: String,
     },
     /// The range overlaps a registered region.
-    #[error("range {addr:#x}..{end:#x} overlaps registered region {region} ({rstart:#x}..{rend:#x})")]
+    #[error("range {addr:#x}..{end:#x} overlaps registered region {} ({rstart:#x}..{rend:#x})", .region.0)]
     Overlap {
         /// Start address.
         addr: usize,
         /// End address.
         end: usize,
         /// The region it overlaps.
-        region: u32,
+        region: RegionId,
         /// That region's start.
         rstart: usize,
         /// That region's end.
         rend: usize,
     },
-    /// 2^24 regions were registered over the engine's life (ids are never reused).
-    #[error("too many registrations: the engine hands out 16777216 region ids in its life")]
+    /// [`MAX_REGIONS`] (2^24) regions were registered over the engine's
+    /// life (ids are never reused).
+    #[error("too many registrations: the engine hands out {MAX_REGIONS} region ids in its life")]
     RegionIdsExhausted,
     /// The range does not lie inside one registered region.
     #[error("range {addr:#x}..{end:#x} does not lie inside one registered region")]
@@ -54,8 +59,8 @@ pub enum Error {
         end: usize,
     },
     /// No region with that id.
-    #[error("no registered region {0}")]
-    UnknownRegion(u32),
+    #[error("no registered region {}", .0.0)]
+    UnknownRegion(RegionId),
     /// A system call failed.
     #[error(transparent)]
     Sys(#[from] SysError),

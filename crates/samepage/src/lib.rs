@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Layout: the pure algorithm is the `samepage-core` crate (re-exported as
-//! [`core`]); [`sys`] holds every `unsafe` block (userfaultfd, pagemap, the
+//! [`core`]); the private `sys` module holds every `unsafe` block (userfaultfd, pagemap, the
 //! memfd pool, mappings); [`Engine`] and [`Region`] are the API.
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
@@ -31,7 +31,7 @@ mod sys;
 #[allow(unsafe_code, reason = "typed entry points into `sys` whose contracts are the caller's")]
 pub mod testing;
 
-pub use engine::{Advice, Engine, EngineInfo};
+pub use engine::{Advice, Engine, EngineInfo, MAX_REGIONS};
 pub use error::Error;
 pub use region::Region;
 pub use samepage_core as core;
@@ -39,4 +39,4 @@ pub use samepage_core::{Counters, Discard, Domain, RegionCounters, RegionId, Run
 pub use sys::mapping::OutOfBounds;
 pub use sys::space::SpaceStats;
 pub use sys::uffd::UffdMode;
-pub use sys::SysError;
+pub use sys::{SysError, HUGE_PAGE_SIZE};

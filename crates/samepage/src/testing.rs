@@ -5,7 +5,7 @@
 //! still lives in the library's private Linux layer; these are its typed
 //! entry points, with the contracts spelled out.
 
-pub use crate::sys::fault::{clear as clear_faults, inject, injected, Point};
+pub use crate::sys::fault::{clear as clear_faults, force_pagemap_fallback, inject, injected, Point};
 pub use crate::sys::mapping::{AnonMapping, OutOfBounds};
 pub use crate::sys::process::fork_check;
 

@@ -8,7 +8,7 @@
 
 use super::SysError;
 use rustix::io::Errno;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Where a fault can be injected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,4 +63,21 @@ pub(crate) fn check(point: Point, op: &'static str) -> Result<(), SysError> {
     }
     INJECTED[p].fetch_add(1, Ordering::Relaxed);
     Err(SysError::new(op, Errno::from_raw_os_error(ERRNO[p].load(Ordering::Relaxed) as i32)))
+}
+
+/// Set: engines started from now on read `/proc/self/pagemap` instead of
+/// using `PAGEMAP_SCAN`, as on kernels before 6.7.
+static PAGEMAP_FALLBACK: AtomicBool = AtomicBool::new(false);
+
+/// Makes engines started from now on (`on`) read `/proc/self/pagemap` as
+/// kernels without `PAGEMAP_SCAN` (before 6.7) make them, or (`!on`) use
+/// `PAGEMAP_SCAN` where the kernel has it. Process-wide.
+#[cfg(feature = "testing")]
+pub fn force_pagemap_fallback(on: bool) {
+    PAGEMAP_FALLBACK.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`force_pagemap_fallback`] is on.
+pub(crate) fn pagemap_fallback_forced() -> bool {
+    PAGEMAP_FALLBACK.load(Ordering::Relaxed)
 }

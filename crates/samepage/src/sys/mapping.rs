@@ -47,7 +47,7 @@ impl AnonMapping {
     /// back it wherever the kernel's THP mode (`always` or `madvise`) allows.
     #[cfg(feature = "testing")]
     pub fn new_huge(len: usize) -> Result<AnonMapping, SysError> {
-        const HUGE: usize = 2 << 20;
+        use super::HUGE_PAGE_SIZE as HUGE;
         let len = len.div_ceil(HUGE).max(1) * HUGE;
         let raw = mem::map_anon((len + HUGE) / PAGE_SIZE)?;
         let addr = raw.start().get().next_multiple_of(HUGE);

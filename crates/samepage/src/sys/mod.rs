@@ -28,6 +28,11 @@ pub mod vma;
 
 use thiserror::Error;
 
+/// Bytes of a transparent huge page (a PMD on x86_64).
+// NOTE: the core has this fact privately (`scan.rs` HUGE_SUBPAGES, `sim.rs`
+// HUGE_PAGES): it belongs there, exported beside `PAGE_SIZE`.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
 /// A system call failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("{op} failed: {errno}")]

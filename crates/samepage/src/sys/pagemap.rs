@@ -19,11 +19,17 @@
 
 use super::addr::PageAddr;
 use super::{Op, SysError};
+use crate::PAGE_SIZE;
 use bitflags::bitflags;
 use linux_raw_sys::general as g;
 use rustix::fd::OwnedFd;
 use rustix::ioctl::{self, Ioctl, IoctlOutput, Opcode};
 use std::ffi::c_void;
+
+/// Runs one `PAGEMAP_SCAN` call returns, and entries one fallback read takes.
+const BATCH: usize = 512;
+/// Bytes of one `/proc/self/pagemap` entry.
+const ENTRY: usize = 8;
 
 /// pagemap entry bits.
 pub const PM_PRESENT: u64 = 1 << 63;
@@ -88,9 +94,10 @@ pub struct PageMap {
 }
 
 impl PageMap {
-    /// Opens `/proc/self/pagemap` and probes for `PAGEMAP_SCAN`.
+    /// Opens `/proc/self/pagemap` and probes for `PAGEMAP_SCAN` (unless
+    /// tests force the fallback: `testing::force_pagemap_fallback`).
     pub fn open() -> Result<PageMap, SysError> {
-        Self::open_with(true)
+        Self::open_with(!super::fault::pagemap_fallback_forced())
     }
 
     /// As [`PageMap::open`]; `use_scan = false` forces the `/proc/self/pagemap`
@@ -103,11 +110,11 @@ impl PageMap {
         )
         .op("open(/proc/self/pagemap)")?;
         let mut pm =
-            PageMap { fd, has_scan: true, regions: vec![g::page_region { start: 0, end: 0, categories: 0 }; 512] };
-        let probe = Box::new([0u8; 4096]);
-        let addr = probe.as_ptr() as usize & !4095;
+            PageMap { fd, has_scan: true, regions: vec![g::page_region { start: 0, end: 0, categories: 0 }; BATCH] };
+        let probe = Box::new([0u8; PAGE_SIZE]);
+        let addr = probe.as_ptr() as usize & !(PAGE_SIZE - 1);
         let mut out = Vec::new();
-        if !use_scan || pm.scan(addr, addr + 4096, 1, &mut out).is_err() {
+        if !use_scan || pm.scan(addr, addr + PAGE_SIZE, 1, &mut out).is_err() {
             pm.has_scan = false;
         }
         Ok(pm)
@@ -150,7 +157,7 @@ impl PageMap {
             // outlives the call.
             let n = unsafe { ioctl::ioctl(&self.fd, Scan(&mut arg)) }.op("ioctl(PAGEMAP_SCAN)")? as usize;
             for r in &self.regions[..n] {
-                left -= (r.end - r.start) / 4096;
+                left -= (r.end - r.start) / PAGE_SIZE as u64;
                 out.push(Run {
                     start: r.start as usize,
                     end: r.end as usize,
@@ -172,20 +179,20 @@ impl PageMap {
         max_pages: usize,
         out: &mut Vec<Run>,
     ) -> Result<usize, SysError> {
-        let mut buf = [0u64; 512];
+        let mut buf = [0u64; BATCH];
         let mut pos = start;
         let mut found = 0;
         while pos < end {
-            let n = ((end - pos) / 4096).min(buf.len());
+            let n = ((end - pos) / PAGE_SIZE).min(buf.len());
             // SAFETY: u64 has no invalid bit patterns; viewing the array as
             // bytes for pread is sound (same allocation, exact length).
-            let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), n * 8) };
-            let got = rustix::io::pread(&self.fd, bytes, (pos / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
-            if got < 8 {
+            let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), n * ENTRY) };
+            let got = rustix::io::pread(&self.fd, bytes, entry_offset(pos)).op("pread(/proc/self/pagemap)")?;
+            if got < ENTRY {
                 break;
             }
-            for (i, e) in buf[..got / 8].iter().enumerate() {
-                let addr = pos + i * 4096;
+            for (i, e) in buf[..got / ENTRY].iter().enumerate() {
+                let addr = pos + i * PAGE_SIZE;
                 // Present pages that map no file, as PAGEMAP_SCAN is asked.
                 if e & PM_PRESENT == 0 || e & PM_FILE != 0 {
                     continue;
@@ -194,21 +201,103 @@ impl PageMap {
                     return Ok(addr);
                 }
                 found += 1;
-                let cat = Category::PRESENT;
+                // Every run of the fallback is just PRESENT: no zero page, no huge page.
                 match out.last_mut() {
-                    Some(r) if r.end == addr && r.categories == cat => r.end += 4096,
-                    _ => out.push(Run { start: addr, end: addr + 4096, categories: cat }),
+                    Some(r) if r.end == addr => r.end += PAGE_SIZE,
+                    _ => out.push(Run { start: addr, end: addr + PAGE_SIZE, categories: Category::PRESENT }),
                 }
             }
-            pos += got / 8 * 4096;
+            pos += got / ENTRY * PAGE_SIZE;
         }
         Ok(end)
     }
 
     /// The pagemap entry of the page at `addr` (bits: [`PM_PRESENT`], [`PM_FILE`], [`PM_MMAP_EXCLUSIVE`]).
     pub fn entry(&self, addr: PageAddr) -> Result<u64, SysError> {
-        let mut b = [0u8; 8];
-        rustix::io::pread(&self.fd, &mut b, (addr.get() / 4096 * 8) as u64).op("pread(/proc/self/pagemap)")?;
+        let mut b = [0u8; ENTRY];
+        rustix::io::pread(&self.fd, &mut b, entry_offset(addr.get())).op("pread(/proc/self/pagemap)")?;
         Ok(u64::from_ne_bytes(b))
+    }
+}
+
+/// Where the entry of the page at `addr` lies in `/proc/self/pagemap`.
+fn entry_offset(addr: usize) -> u64 {
+    (addr / PAGE_SIZE * ENTRY) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::addr::PageRange;
+    use crate::sys::mem;
+    use crate::sys::pool::MemfdPool;
+
+    /// Four pages: written (private), read only (the zero page), never
+    /// touched, and a pool page mapped over the fourth.
+    struct Layout {
+        range: PageRange,
+        _pool: MemfdPool,
+    }
+
+    fn layout() -> Layout {
+        let range = mem::map_anon(4).unwrap();
+        // The pool mapping first: the three other pages stay one mapping of
+        // their own and are not merged into a huge page.
+        let mut pool = MemfdPool::new(4).unwrap();
+        let mut buf = mem::PageBuf::new();
+        // SAFETY: the first page of the test's own mapping, readable.
+        unsafe { pool.fill(samepage_core::Slot(1), range.start(), &mut buf) };
+        // SAFETY: the test's own page, replaced by the pool page.
+        unsafe { mem::map_file_private_fixed(range.sub(3, 4), pool.fd(), PAGE_SIZE as u64) }.unwrap();
+        mem::populate_write(range.sub(0, 1)).unwrap();
+        mem::populate_read(range.sub(1, 2)).unwrap();
+        mem::populate_read(range.sub(3, 4)).unwrap();
+        Layout { range, _pool: pool }
+    }
+
+    impl Drop for Layout {
+        fn drop(&mut self) {
+            // SAFETY: the test's own mapping, unused from here.
+            let _ = unsafe { mem::unmap(self.range) };
+        }
+    }
+
+    fn scan(pm: &mut PageMap, range: PageRange) -> Vec<(usize, Category)> {
+        let mut runs = Vec::new();
+        let end = pm.scan(range.start().get(), range.end().get(), 64, &mut runs).unwrap();
+        assert_eq!(end, range.end().get());
+        let base = range.start().get();
+        runs.iter()
+            .flat_map(|r| (r.start..r.end).step_by(PAGE_SIZE).map(move |a| ((a - base) / PAGE_SIZE, r.categories)))
+            .collect()
+    }
+
+    #[test]
+    fn pagemap_scan_tells_private_zero_and_pool_pages_apart() {
+        let mut pm = PageMap::open().unwrap();
+        assert!(pm.has_scan(), "PAGEMAP_SCAN (Linux 6.7) on this kernel");
+        let l = layout();
+        assert_eq!(
+            scan(&mut pm, l.range),
+            vec![(0, Category::PRESENT), (1, Category::PRESENT | Category::PFNZERO)],
+            "the pool page (file) and the untouched page are not reported"
+        );
+        let pool_entry = pm.entry(l.range.page(3)).unwrap();
+        assert!(pool_entry & PM_PRESENT != 0 && pool_entry & PM_FILE != 0, "{pool_entry:#x}");
+        assert_eq!(pm.entry(l.range.page(2)).unwrap() & PM_PRESENT, 0);
+    }
+
+    #[test]
+    fn the_pagemap_fallback_reads_what_it_can() {
+        let mut pm = PageMap::open_with(false).unwrap();
+        assert!(!pm.has_scan());
+        let l = layout();
+        // /proc/self/pagemap cannot tell the zero page: it reads as private.
+        assert_eq!(scan(&mut pm, l.range), vec![(0, Category::PRESENT), (1, Category::PRESENT)]);
+        // `max_pages` stops the walk at the page after the last one reported.
+        let mut runs = Vec::new();
+        let end = pm.scan(l.range.start().get(), l.range.end().get(), 1, &mut runs).unwrap();
+        assert_eq!(end, l.range.page(1).get());
+        assert_eq!(runs.len(), 1);
     }
 }

@@ -134,3 +134,49 @@ impl Drop for MemfdPool {
         let _ = unsafe { mem::unmap(self.view) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allocated(pool: &MemfdPool) -> u64 {
+        rustix::fs::fstat(pool.fd()).map(|st| st.st_blocks as u64 * 512).unwrap()
+    }
+
+    /// A slot filled, mapped over a page of the program's, released: refused
+    /// while mapped, then the memfd's memory is given back.
+    #[test]
+    fn fill_map_release() {
+        let mut pool = MemfdPool::new(16).unwrap();
+        let pagemap = PageMap::open().unwrap();
+        assert_eq!(allocated(&pool), 0, "a fresh pool is sparse");
+        let src = mem::map_anon(1).unwrap();
+        let pattern: Vec<u8> = (0..PAGE_SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        // SAFETY: the test's own fresh page; nothing else refers to it.
+        unsafe { std::ptr::copy_nonoverlapping(pattern.as_ptr(), src.start().ptr(), PAGE_SIZE) };
+        let mut buf = PageBuf::new();
+        // SAFETY: `src` is mapped and readable for the call.
+        let h = unsafe { pool.fill(Slot(3), src.start(), &mut buf) };
+        assert_eq!(h, page_hash(&pattern));
+        assert_eq!(pool.slot_bytes(Slot(3)), &pattern[..]);
+        assert_eq!(allocated(&pool), PAGE_SIZE as u64, "one page of the memfd holds memory");
+
+        let dst = mem::map_anon(1).unwrap();
+        // SAFETY: the test's own page, replaced by the pool page.
+        unsafe { mem::map_file_private_fixed(dst, pool.fd(), 3 * PAGE_SIZE as u64) }.unwrap();
+        let mut got = PageBuf::new();
+        // SAFETY: `dst` is mapped (the pool page) and readable.
+        unsafe { mem::read_page(dst.start(), &mut got) };
+        assert_eq!(&got.0[..], &pattern[..], "the mapping reads the slot");
+        assert!(!pool.release(Slot(3), &pagemap).unwrap(), "a slot still mapped is not freed");
+        assert_eq!(allocated(&pool), PAGE_SIZE as u64);
+
+        // SAFETY: the test's own mapping, unused from here.
+        unsafe { mem::unmap(dst) }.unwrap();
+        assert!(pool.release(Slot(3), &pagemap).unwrap());
+        assert_eq!(allocated(&pool), 0, "the page went back to the system");
+        assert!(pool.slot_bytes(Slot(3)).iter().all(|&b| b == 0), "a freed slot reads zeros");
+        // SAFETY: as above.
+        unsafe { mem::unmap(src) }.unwrap();
+    }
+}

@@ -1552,17 +1552,19 @@ impl PageSpace for LinuxPageSpace {
                 if exclusions && r.excluded(index) {
                     continue;
                 }
+                // Pages still mapping their pool page are never reported
+                // (`PAGEMAP_SCAN` is asked for pages that map no file, the
+                // pagemap fallback skips `PM_FILE`): no sample is
+                // `PageState::Pool`, the scanner keeps their links as they are.
                 let state = if run.categories.contains(Category::PFNZERO) {
                     PageState::ZeroPfn
-                } else if run.categories.contains(Category::FILE) {
-                    PageState::Pool
                 } else if r.slots.get(index).is_some() {
                     PageState::PoolCopy
                 } else {
                     PageState::Private
                 };
                 // A transparent huge page is keyed by its 2 MiB frame.
-                let huge = run.categories.contains(Category::HUGE).then_some((addr >> 21) as u64);
+                let huge = run.categories.contains(Category::HUGE).then_some((addr / super::HUGE_PAGE_SIZE) as u64);
                 out.push(Sample { index, state, huge });
             }
         }
