@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Bytes of a page.
 pub const PAGE: usize = samepage::PAGE_SIZE;
 /// Pages of a transparent huge page.
-pub const HUGE_SUBPAGES: usize = samepage::HUGE_PAGE_SIZE / PAGE;
+pub const HUGE_SUBPAGES: usize = samepage::core::HUGE_PAGE_SUBPAGES as usize;
 
 /// What one page holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -19,11 +19,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Region ids an engine hands out in its life (never reused): the core's
-/// unstable tree packs a page as a 24-bit region id and a 40-bit index.
-// NOTE: the 24 bits are the core's fact (`unstable.rs` packs them); once the
-// core exports the limit, use its constant here.
-pub const MAX_REGIONS: u32 = 1 << 24;
+/// Region ids an engine hands out in its life (never reused): the core packs
+/// a page as a 24-bit region id and a 40-bit index ([`RegionId::MAX`]).
+pub const MAX_REGIONS: u32 = RegionId::MAX + 1;
 
 /// Attributes [`Engine::advise`] gives registered memory, with the kernel's
 /// `madvise` meanings.

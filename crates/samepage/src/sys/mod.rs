@@ -28,10 +28,8 @@ pub mod vma;
 
 use thiserror::Error;
 
-/// Bytes of a transparent huge page (a PMD on x86_64).
-// NOTE: the core has this fact privately (`scan.rs` HUGE_SUBPAGES, `sim.rs`
-// HUGE_PAGES): it belongs there, exported beside `PAGE_SIZE`.
-pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+/// Bytes of a transparent huge page (a PMD on x86_64): the core's fact.
+pub use samepage_core::HUGE_PAGE_SIZE;
 
 /// A system call failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
