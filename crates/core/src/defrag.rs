@@ -35,7 +35,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     }
 
     fn defrag(&mut self, space: &mut impl PageSpace) {
-        let max = self.tunables.max_page_sharing;
+        let max = self.stable.max_page_sharing();
         // Per chain, the dups that stay and their room; per source dup, its
         // chain and key.
         let mut rooms: Vec<Vec<(NodeId, u32)>> = Vec::new();
@@ -50,7 +50,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             for src in &dups[keep..] {
                 sources.insert(src.id, (rooms.len(), src.key));
             }
-            rooms.push(dups[..keep].iter().map(|d| (d.id, max - d.mappings)).collect());
+            rooms.push(dups[..keep].iter().map(|d| (d.id, max.saturating_sub(d.mappings))).collect());
         }
         if sources.is_empty() {
             return;
@@ -67,6 +67,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let ops: Vec<StableOp> = moves.iter().map(|&(_, _, node, _)| StableOp::AcquireNode { node }).collect();
         let mut replies = std::mem::take(&mut self.stable_replies);
         self.stable.apply(&ops, &mut replies);
+        assert_eq!(replies.len(), ops.len(), "one stable-tree reply per op");
         for (&(page, src, _, key), r) in moves.iter().zip(replies.iter()) {
             let StableReply::Acquired { node, slot } = *r else { continue };
             let item = self.regions.item(page);

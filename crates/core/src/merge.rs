@@ -30,7 +30,8 @@ use crate::scan::Ksm;
 use crate::space::{PageSpace, Target};
 use crate::stable::{StableOp, StableReply, StableTree};
 use crate::unstable::{UnstableOp, UnstableReply, UnstableTree};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 /// A hashed page on its way through `cmp_and_merge_page`.
 #[derive(Clone, Copy, Debug)]
@@ -74,8 +75,9 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let candidates = self.hash_candidates(space, pages);
         let candidates = self.merge_zero_pages(candidates);
         let (unstable, volatile) = self.search_stable(candidates);
-        let births = self.search_unstable(unstable);
-        let made = self.new_stable_pages(space, births);
+        let mut filed = HashSet::new();
+        let births = self.search_unstable(unstable, &mut filed);
+        let made = self.new_stable_pages(space, births, &mut filed);
         self.merge_volatile_into_new(volatile, &made);
     }
 
@@ -127,6 +129,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             candidates.iter().map(|c| StableOp::Acquire { key: c.key, domain: c.domain }).collect();
         let mut replies = std::mem::take(&mut self.stable_replies);
         self.stable.apply(&ops, &mut replies);
+        assert_eq!(replies.len(), ops.len(), "one stable-tree reply per op");
         let (mut unstable, mut volatile) = (Vec::new(), Vec::new());
         for (c, r) in candidates.into_iter().zip(replies.iter()) {
             match *r {
@@ -149,31 +152,35 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     }
 
     /// Step 5: one call to the unstable tree, one op per content. Returns
-    /// the new stable pages to make.
-    fn search_unstable(&mut self, candidates: Vec<Candidate>) -> Vec<Birth> {
-        // Candidates by content, in order of first appearance.
-        let mut groups: Vec<Vec<Candidate>> = Vec::new();
-        let mut by_key: HashMap<u64, usize> = HashMap::new();
-        for c in candidates {
-            let g = *by_key.entry(c.key).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(c);
+    /// the new stable pages to make; `filed` gets the keys under which a
+    /// page of this visit is filed.
+    fn search_unstable(&mut self, mut candidates: Vec<Candidate>, filed: &mut HashSet<u64>) -> Vec<Birth> {
+        // Candidates by content (sorted, so a content's pages are one
+        // slice), the contents in order of first appearance (so new stable
+        // pages of consecutive pages take consecutive slots).
+        candidates.sort_unstable_by_key(|c| (c.key, c.pos));
+        let mut groups: Vec<Range<usize>> = Vec::new();
+        for (i, c) in candidates.iter().enumerate() {
+            match groups.last_mut() {
+                Some(g) if candidates[g.start].key == c.key => g.end = i + 1,
+                _ => groups.push(i..i + 1),
+            }
         }
+        groups.sort_unstable_by_key(|g| candidates[g.start].pos);
         let ops: Vec<UnstableOp> = groups
             .iter()
-            .map(|g| match g.as_slice() {
+            .map(|g| match &candidates[g.clone()] {
                 [one] => UnstableOp::SearchInsert { key: one.key, page: one.page },
                 more => UnstableOp::Take { key: more[0].key },
             })
             .collect();
         let mut replies = Vec::with_capacity(ops.len());
         self.unstable.apply(&ops, &mut replies);
+        assert_eq!(replies.len(), ops.len(), "one unstable-tree reply per op");
         let mut fixups = Vec::new();
         let mut births = Vec::new();
-        for (group, reply) in groups.into_iter().zip(replies) {
-            self.pair(group, reply, &mut fixups, &mut births);
+        for (g, reply) in groups.into_iter().zip(replies) {
+            self.pair(&candidates[g], reply, &mut fixups, &mut births, filed);
         }
         let mut done = Vec::new();
         self.unstable.apply(&fixups, &mut done);
@@ -184,10 +191,11 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     /// answered; pages to put back in the tree go to `fixups`.
     fn pair(
         &mut self,
-        group: Vec<Candidate>,
+        group: &[Candidate],
         reply: UnstableReply,
         fixups: &mut Vec<UnstableOp>,
         births: &mut Vec<Birth>,
+        filed: &mut HashSet<u64>,
     ) {
         let first = group[0];
         let (mut tree_page, elsewhere) = match reply {
@@ -195,6 +203,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
                 // One page, filed: it waits for a partner.
                 self.regions.relink(first.page, RmapItem::new(first.checksum, Link::Unstable));
                 self.thp.filed(first.page);
+                filed.insert(first.key);
                 return;
             }
             UnstableReply::Match(p) => (Some(p), false),
@@ -220,11 +229,12 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
                     // Subpages of another huge page: they would merge
                     // (counted), but pairing would split the other one. The
                     // entry stays.
-                    for c in &group {
+                    for c in group {
                         self.thp.block();
                         self.regions.relink(c.page, RmapItem::new(c.checksum, Link::Seen));
                     }
                     fixups.push(UnstableOp::Insert { key: first.key, page: p });
+                    filed.insert(first.key);
                     return;
                 } else {
                     // Small pages take the entry's place, so small pages with
@@ -238,7 +248,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         // Up to max_page_sharing pages per stable page; a last page alone is
         // filed (a shared tree's "held elsewhere" makes even one page a
         // stable page the other process can map).
-        let max = self.tunables.max_page_sharing as usize;
+        let max = self.stable.max_page_sharing() as usize;
         let mut taken = 0;
         for chunk in pages.chunks(max) {
             let with_tree = taken == 0 && tree_page.is_some();
@@ -248,6 +258,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
                 self.regions.relink(chunk[0], RmapItem::new(first.checksum, Link::Unstable));
                 self.thp.filed(chunk[0]);
                 fixups.push(UnstableOp::Insert { key: first.key, page: chunk[0] });
+                filed.insert(first.key);
             } else {
                 // The kernel makes it when the second page of the pair comes.
                 let completes = if with_tree || elsewhere { first_member } else { &group[taken + 1] };
@@ -267,10 +278,15 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     }
 
     /// Step 6: new stable pages, each filled from one of its pages. Returns
-    /// the made ones' content keys, nodes and positions.
-    fn new_stable_pages(&mut self, space: &mut impl PageSpace, births: Vec<Birth>) -> Vec<(u64, usize)> {
+    /// the made ones by content key: their nodes and positions.
+    fn new_stable_pages(
+        &mut self,
+        space: &mut impl PageSpace,
+        births: Vec<Birth>,
+        filed: &mut HashSet<u64>,
+    ) -> HashMap<u64, Vec<(usize, NodeId)>> {
         if births.is_empty() {
-            return Vec::new();
+            return HashMap::new();
         }
         // Slots: one call; a page right after the previous new stable page's
         // takes the next slot, so runs of pages map runs of slots.
@@ -297,7 +313,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let mut fixups = Vec::new();
         for (b, slot) in births.into_iter().zip(slots) {
             let Some(slot) = slot else {
-                self.unborn(&b, &mut fixups);
+                self.unborn(&b, &mut fixups, filed);
                 continue;
             };
             match space.fill_slot(b.fill_from, slot) {
@@ -309,7 +325,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
                         self.c.merge_races += 1;
                     }
                     self.dead.push(slot);
-                    self.unborn(&b, &mut fixups);
+                    self.unborn(&b, &mut fixups, filed);
                 }
             }
         }
@@ -319,12 +335,15 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let finds: Vec<StableOp> = filled.iter().map(|(b, _)| StableOp::Find { key: b.key }).collect();
         let mut found = std::mem::take(&mut self.stable_replies);
         self.stable.apply(&finds, &mut found);
+        assert_eq!(found.len(), finds.len(), "one stable-tree reply per op");
+        let mut first_of_key: HashMap<u64, usize> = HashMap::new();
         let mut inserts = Vec::with_capacity(filled.len());
         for (i, (b, slot)) in filled.iter().enumerate() {
-            let earlier = filled[..i].iter().find(|(o, _)| o.key == b.key).map(|(o, s)| (*s, o.domain));
+            let earlier = *first_of_key.entry(b.key).or_insert(i);
             let other = match found[i] {
                 StableReply::Found(Some(n)) => Some((n.slot, n.domain)),
-                _ => earlier,
+                _ if earlier < i => Some((filled[earlier].1, filled[earlier].0.domain)),
+                _ => None,
             };
             let indexed = match other {
                 Some((o_slot, o_domain)) => o_domain == b.domain && space.slots_equal(*slot, o_slot).unwrap_or(false),
@@ -339,14 +358,20 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             });
         }
         self.stable.apply(&inserts, &mut found);
-        let mut made = Vec::with_capacity(filled.len());
+        assert_eq!(found.len(), inserts.len(), "one stable-tree reply per op");
+        let mut made: HashMap<u64, Vec<(usize, NodeId)>> = HashMap::new();
         for ((b, slot), reply) in filled.into_iter().zip(found.iter()) {
-            let StableReply::Inserted(node) = *reply else { continue };
+            let StableReply::Inserted(node) = *reply else {
+                // Refused: the slot goes back, the pages wait.
+                self.dead.push(slot);
+                self.unborn(&b, &mut fixups, filed);
+                continue;
+            };
             for &p in &b.pages {
                 self.decide_stable(p, b.checksum, node, slot, b.key);
             }
             self.last_new_slot = Some((b.fill_from, slot));
-            made.push((b.key, b.pos));
+            made.entry(b.key).or_default().push((b.pos, node));
         }
         self.stable_replies = found;
         let mut done = Vec::new();
@@ -356,29 +381,45 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
 
     /// A new stable page could not be made (no slot, or its page changed
     /// under the copy): the unstable tree's page goes back there (or the
-    /// first page is filed), the others wait for the next scan.
-    fn unborn(&mut self, b: &Birth, fixups: &mut Vec<UnstableOp>) {
-        let back = b.tree_page.unwrap_or(b.pages[0]);
-        fixups.push(UnstableOp::Insert { key: b.key, page: back });
+    /// first page is filed), the others wait for the next scan, as the
+    /// kernel's page-by-page walk leaves them. At most one page of a content
+    /// is filed per visit (`filed`): a second would replace the first in the
+    /// tree while both counted as unshared.
+    fn unborn(&mut self, b: &Birth, fixups: &mut Vec<UnstableOp>, filed: &mut HashSet<u64>) {
+        let back = if filed.insert(b.key) { Some(b.tree_page.unwrap_or(b.pages[0])) } else { None };
+        if let Some(page) = back {
+            fixups.push(UnstableOp::Insert { key: b.key, page });
+            self.thp.filed(page);
+        }
         for &p in &b.pages {
-            let link = if p == back { Link::Unstable } else { Link::Seen };
+            let link = if Some(p) == back { Link::Unstable } else { Link::Seen };
             self.regions.relink(p, RmapItem::new(b.checksum, link));
         }
     }
 
     /// A volatile page visited after a stable page of its content was made
     /// in this visit merges into it, as the kernel's page-by-page walk
-    /// would have found it in the stable tree.
-    fn merge_volatile_into_new(&mut self, volatile: Vec<Candidate>, made: &[(u64, usize)]) {
-        let late: Vec<Candidate> =
-            volatile.into_iter().filter(|v| made.iter().any(|&(k, pos)| k == v.key && pos < v.pos)).collect();
+    /// would have found it in the stable tree (only stable pages made before
+    /// it in page order; the latest such with room).
+    fn merge_volatile_into_new(&mut self, volatile: Vec<Candidate>, made: &HashMap<u64, Vec<(usize, NodeId)>>) {
+        if made.is_empty() {
+            return;
+        }
+        let late: Vec<(Candidate, NodeId)> = volatile
+            .into_iter()
+            .filter_map(|v| {
+                let node = made.get(&v.key)?.iter().filter(|(pos, _)| *pos < v.pos).max_by_key(|(pos, _)| *pos)?.1;
+                Some((v, node))
+            })
+            .collect();
         if late.is_empty() {
             return;
         }
-        let ops: Vec<StableOp> = late.iter().map(|c| StableOp::Acquire { key: c.key, domain: c.domain }).collect();
+        let ops: Vec<StableOp> = late.iter().map(|&(_, node)| StableOp::AcquireNode { node }).collect();
         let mut replies = std::mem::take(&mut self.stable_replies);
         self.stable.apply(&ops, &mut replies);
-        for (c, r) in late.iter().zip(replies.iter()) {
+        assert_eq!(replies.len(), ops.len(), "one stable-tree reply per op");
+        for ((c, _), r) in late.iter().zip(replies.iter()) {
             if let StableReply::Acquired { node, slot } = *r {
                 self.decide_stable(c.page, c.checksum, node, slot, c.key);
             }

@@ -143,15 +143,19 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     /// [`Ksm::unmerge_all`].
     pub fn set_tunables(&mut self, mut t: Tunables) -> Result<(), TunableError> {
         t.validate()?;
+        let old_max = self.tunables.max_page_sharing;
+        if t.max_page_sharing != old_max {
+            self.stable.set_max_page_sharing(t.max_page_sharing)?;
+        }
         let advisor_changed = t.advisor_mode != self.tunables.advisor_mode;
         if !advisor_changed && t.advisor_mode != AdvisorMode::None && t.pages_to_scan != self.tunables.pages_to_scan {
+            if t.max_page_sharing != old_max {
+                self.stable.set_max_page_sharing(old_max).expect("no stable page exists: it was just changed");
+            }
             return Err(TunableError::Refused {
                 name: "pages_to_scan",
                 why: "advisor_mode is scan-time: the advisor sets it (set advisor_mode=none first)",
             });
-        }
-        if t.max_page_sharing != self.tunables.max_page_sharing {
-            self.stable.set_max_page_sharing(t.max_page_sharing)?;
         }
         if advisor_changed {
             // The kernel's set_advisor_defaults().
@@ -270,7 +274,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         for n in self.nodes() {
             *per_content.entry((n.key, n.domain)).or_default() += u64::from(n.mappings);
         }
-        per_content.values().map(|m| m.div_ceil(u64::from(self.tunables.max_page_sharing))).sum()
+        per_content.values().map(|m| m.div_ceil(u64::from(self.stable.max_page_sharing()))).sum()
     }
 
     /// Bytes of metadata: rmap tables, stable and unstable trees, pool bookkeeping.
@@ -343,7 +347,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             if linked == 0 {
                 return Err(format!("node {:?} has no mapping but is alive", n.id));
             }
-            if linked > self.tunables.max_page_sharing {
+            if linked > self.stable.max_page_sharing() {
                 return Err(format!("node {:?} has {linked} mappings > max_page_sharing", n.id));
             }
         }

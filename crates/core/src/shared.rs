@@ -32,14 +32,25 @@ struct StableState {
     tree: LocalStableTree,
     /// Mappings of each node held by each client.
     held: HashMap<(ClientId, NodeId), u32>,
+    /// Per client: nodes it maps and its mappings.
+    totals: HashMap<ClientId, (u64, u64)>,
 }
 
 impl StableState {
     fn hold(&mut self, client: ClientId, node: NodeId, n: i64) {
         let e = self.held.entry((client, node)).or_default();
+        let before = *e;
         *e = e.checked_add_signed(n as i32).expect("a client gives back only what it holds");
-        if *e == 0 {
+        let after = *e;
+        if after == 0 {
             self.held.remove(&(client, node));
+        }
+        let t = self.totals.entry(client).or_default();
+        t.1 = t.1.checked_add_signed(n).expect("totals in step");
+        match (before, after) {
+            (0, a) if a > 0 => t.0 += 1,
+            (b, 0) if b > 0 => t.0 -= 1,
+            _ => {}
         }
     }
 }
@@ -54,7 +65,8 @@ pub struct SharedStableTree {
 impl SharedStableTree {
     /// A shared tree, and the handle of client 0.
     pub fn new(max_page_sharing: u32) -> Self {
-        let state = StableState { tree: LocalStableTree::new(max_page_sharing), held: HashMap::new() };
+        let state =
+            StableState { tree: LocalStableTree::new(max_page_sharing), held: HashMap::new(), totals: HashMap::new() };
         SharedStableTree { client: ClientId(0), inner: Rc::new(RefCell::new(state)) }
     }
 
@@ -86,6 +98,7 @@ impl SharedStableTree {
             }));
             st.held.remove(&(self.client, node));
         }
+        st.totals.remove(&self.client);
         freed
     }
 
@@ -115,8 +128,14 @@ impl StableTree for SharedStableTree {
         }
     }
 
+    /// The tree's, shared by every client: a change while any node exists
+    /// is EBUSY, as for one engine.
     fn set_max_page_sharing(&mut self, max: u32) -> Result<(), TunableError> {
         self.inner.borrow_mut().tree.set_max_page_sharing(max)
+    }
+
+    fn max_page_sharing(&self) -> u32 {
+        self.inner.borrow().tree.max_page_sharing()
     }
 
     /// The whole tree's totals (system-wide counters).
@@ -128,16 +147,8 @@ impl StableTree for SharedStableTree {
     /// whole tree's).
     fn held_stats(&self) -> StableStats {
         let st = self.inner.borrow();
-        let mut s = st.tree.stats();
-        s.nodes = 0;
-        s.mappings = 0;
-        for ((c, _), &k) in &st.held {
-            if *c == self.client {
-                s.nodes += 1;
-                s.mappings += u64::from(k);
-            }
-        }
-        s
+        let (nodes, mappings) = st.totals.get(&self.client).copied().unwrap_or_default();
+        StableStats { nodes, mappings, ..st.tree.stats() }
     }
 
     /// The nodes this client maps, with the mappings it holds.
@@ -286,8 +297,10 @@ impl StablePool for SharedPool {
 /// the tree, as the kernel's `/sys/kernel/mm/ksm` counters do.
 pub fn system_counters<'a>(clients: impl IntoIterator<Item = &'a Counters>, stable: StableStats) -> Counters {
     let mut sum = Counters::default();
+    let mut max_full_scans = 0;
     for c in clients {
         sum.add(c);
+        max_full_scans = max_full_scans.max(c.full_scans);
     }
     sum.pages_shared = stable.nodes;
     sum.pages_sharing = stable.mappings - stable.nodes;
@@ -295,5 +308,8 @@ pub fn system_counters<'a>(clients: impl IntoIterator<Item = &'a Counters>, stab
     sum.stable_node_dups = stable.dups;
     sum.pages_volatile = sum.rmap_items.saturating_sub(stable.mappings + sum.pages_unshared);
     sum.general_profit = (sum.pages_saved() * crate::PAGE_SIZE as u64) as i64 - sum.metadata_bytes as i64;
+    // Each client counts its own full scans (they are not summed): the
+    // busiest client's.
+    sum.full_scans = max_full_scans;
     sum
 }

@@ -139,6 +139,9 @@ pub trait StableTree {
     /// Sets `max_page_sharing`: refused with [`TunableError::Busy`] (the
     /// kernel's EBUSY) while any node has mappings.
     fn set_max_page_sharing(&mut self, max: u32) -> Result<(), TunableError>;
+    /// The `max_page_sharing` the tree enforces (the authority for every
+    /// engine using it).
+    fn max_page_sharing(&self) -> u32;
     /// Totals for the counters.
     fn stats(&self) -> StableStats;
     /// The totals of what this tree's user holds: the nodes it maps and its
@@ -264,12 +267,17 @@ impl LocalStableTree {
                 self.stats.mappings += 1;
                 StableReply::Acquired { node: id, slot: n.slot }
             }
-            _ => StableReply::Full,
+            Some(_) => StableReply::Full,
+            None => {
+                debug_assert!(false, "a mapping of dead node {id:?} asked for");
+                StableReply::Full
+            }
         }
     }
 
     fn release(&mut self, id: NodeId) -> StableReply {
         let Some(n) = self.nodes.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            debug_assert!(false, "a mapping of dead node {id:?} given back");
             return StableReply::Released { freed: None };
         };
         n.mappings -= 1;
@@ -282,6 +290,7 @@ impl LocalStableTree {
     }
 
     fn insert(&mut self, node: NodeInfo) -> NodeId {
+        debug_assert!(node.mappings >= 1 && node.mappings <= self.max_page_sharing, "{node:?}");
         let id = match self.free_ids.pop() {
             Some(i) => NodeId(i),
             None => {
@@ -375,6 +384,10 @@ impl StableTree for LocalStableTree {
         }
         self.max_page_sharing = max;
         Ok(())
+    }
+
+    fn max_page_sharing(&self) -> u32 {
+        self.max_page_sharing
     }
 
     fn stats(&self) -> StableStats {
