@@ -398,9 +398,10 @@ fn plain_madvise_dontneed_racing_merges_reads_zeros() {
     }
     let c = engine.counters().unwrap();
     eprintln!(
-        "{} of {discarded} discarded pages ({rounds} calls) read non-zero; {} merges raced",
+        "{} of {discarded} discarded pages ({rounds} calls) read non-zero; {} merges raced, {} failed",
         wrong.len(),
-        c.merges
+        c.merges,
+        c.merge_errors
     );
     assert!(
         wrong.len() as u64 * 1000 <= discarded,
