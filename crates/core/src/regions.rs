@@ -86,6 +86,12 @@ impl Regions {
         self.map.get(&id).map(|r| r.rmap.npages())
     }
 
+    /// `range` clipped to region `id`'s pages (`None` for an unknown region).
+    pub fn clip(&self, id: RegionId, range: Range<u64>) -> Option<Range<u64>> {
+        let npages = self.npages(id)?;
+        Some(range.start.min(npages)..range.end.min(npages))
+    }
+
     /// The trust domain of region `id`.
     pub fn domain(&self, id: RegionId) -> Option<Domain> {
         self.map.get(&id).map(|r| r.domain)

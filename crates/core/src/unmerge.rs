@@ -55,8 +55,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         id: RegionId,
         range: Range<u64>,
     ) -> Result<(), SpaceError> {
-        let npages = self.regions.npages(id).ok_or(SpaceError::UnknownRegion(id))?;
-        let range = range.start.min(npages)..range.end.min(npages);
+        let range = self.regions.clip(id, range).ok_or(SpaceError::UnknownRegion(id))?;
         if range.is_empty() {
             return Ok(());
         }
@@ -86,8 +85,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         range: Range<u64>,
         how: Discard,
     ) -> Result<(), SpaceError> {
-        let npages = self.regions.npages(id).ok_or(SpaceError::UnknownRegion(id))?;
-        let range = range.start.min(npages)..range.end.min(npages);
+        let range = self.regions.clip(id, range).ok_or(SpaceError::UnknownRegion(id))?;
         if range.is_empty() {
             return Ok(());
         }
@@ -130,8 +128,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         id: RegionId,
         range: Range<u64>,
     ) -> Result<(), SpaceError> {
-        let npages = self.regions.npages(id).ok_or(SpaceError::UnknownRegion(id))?;
-        let range = range.start.min(npages)..range.end.min(npages);
+        let range = self.regions.clip(id, range).ok_or(SpaceError::UnknownRegion(id))?;
         let merged: Vec<(u64, RmapItem)> = self
             .regions
             .linked_in(id, range.clone())
