@@ -23,7 +23,8 @@ use std::collections::BTreeMap;
 
 impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     /// The pruning pass: defragmentation if enabled, chains left with one
-    /// dup collapse, kept pool slots are tried again.
+    /// dup collapse, kept pool slots (and, with a shared tree, the slots of
+    /// stable pages whose last mapper died) are tried again.
     pub fn prune(&mut self, space: &mut impl PageSpace, now_ms: u64) {
         self.last_prune_ms = now_ms;
         if self.tunables.stable_node_defrag {
@@ -31,6 +32,9 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         }
         self.stable.prune();
         self.dead.retry_kept();
+        for slot in self.stable.take_orphans() {
+            self.dead.push(slot);
+        }
         self.reap(space);
     }
 

@@ -177,6 +177,11 @@ impl DeadSlots {
         self.dead.clear();
     }
 
+    /// Takes the slots kept for a later try (to hand them to a shared tree).
+    pub fn take_kept(&mut self) -> Vec<Slot> {
+        std::mem::take(&mut self.deferred)
+    }
+
     /// Gives memory back (no region left).
     pub fn shrink(&mut self) {
         self.dead.shrink_to_fit();

@@ -742,5 +742,10 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     /// Frees the pages of dead stable nodes' slots.
     pub(crate) fn reap(&mut self, space: &mut impl PageSpace) {
         self.dead.reap(space, &mut self.pool, &mut self.c);
+        if self.stable.keeps_orphans() && self.dead.pending() > 0 {
+            // Still mapped somewhere: any engine sharing the tree retries them.
+            let kept = self.dead.take_kept();
+            self.stable.return_orphans(&kept);
+        }
     }
 }

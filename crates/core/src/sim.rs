@@ -346,7 +346,14 @@ impl PageSpace for SimPageSpace {
             }
             let page = &pages[it.page.index as usize];
             assert!(*page != SimPage::Released, "{TOUCHED_RELEASED}: merge of {:?}", it.page);
-            assert!(!matches!(page, SimPage::PoolCopy(..)), "the engine tried to replace a pool copy: {:?}", it.page);
+            if matches!(page, SimPage::PoolCopy(..)) {
+                // Written since its merge and not visited since: only a
+                // refile (defragmentation) proposes it. A pool copy is never
+                // replaced (it may be pinned); left alone, as the Linux page
+                // space leaves it.
+                results.push(IntentResult::Mismatch);
+                continue;
+            }
             if self.is_pinned(page) {
                 results.push(IntentResult::Pinned);
                 continue;

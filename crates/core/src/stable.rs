@@ -160,6 +160,22 @@ pub trait StableTree {
     fn metadata_bytes(&self) -> u64;
     /// Gives memory back after many nodes went (all of it when none is left).
     fn shrink(&mut self);
+    /// Slots of stable pages whose last mappings died with another engine
+    /// (a tree shared between processes): this engine frees their pages if
+    /// nothing maps them. None for a tree used by one engine.
+    fn take_orphans(&mut self) -> Vec<Slot> {
+        Vec::new()
+    }
+    /// Whether slots whose pages could not be freed yet go back to the tree
+    /// ([`StableTree::return_orphans`]) for any engine to retry, rather than
+    /// staying with this one (which may die first).
+    fn keeps_orphans(&self) -> bool {
+        false
+    }
+    /// Slots whose pages could not be freed yet (something still maps them).
+    fn return_orphans(&mut self, slots: &[Slot]) {
+        debug_assert!(slots.is_empty(), "a tree used by one engine keeps no orphans");
+    }
 }
 
 /// An index entry: a node id, or (top bit set) an index into `chains`.

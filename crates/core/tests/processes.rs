@@ -7,14 +7,16 @@
 
 use proptest::prelude::*;
 use samepage_core::model::common;
-use samepage_core::pool::StablePool;
 use samepage_core::rmap::Link;
 use samepage_core::scan::DEFAULT_POOL_SLOTS;
-use samepage_core::shared::{system_counters, ClientId, SharedPool, SharedStableTree, SharedUnstableTree};
+use samepage_core::shared::{
+    system_counters, ClientId, Shared, SharedHandle, SharedPool, SharedStableTree, SharedUnstableTree,
+};
 use samepage_core::sim::SimPageSpace;
-use samepage_core::space::{PageSpace, SlotRelease};
 use samepage_core::{Counters, Ksm, PageRef, RegionId, Run, Tunables, PAGE_SIZE};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 type Proc = Ksm<SharedStableTree, SharedUnstableTree, SharedPool>;
 
@@ -52,25 +54,18 @@ struct Machine {
     shadow: BTreeMap<PageRef, [u8; PAGE_SIZE]>,
     space: SimPageSpace,
     procs: Vec<Option<Proc>>,
-    stable: SharedStableTree,
-    unstable: SharedUnstableTree,
-    pool: SharedPool,
+    shared: SharedHandle,
     now: u64,
     tunables: Tunables,
 }
 
 impl Machine {
     fn new(n: u32, t: &Tunables) -> Machine {
-        let stable = SharedStableTree::new(t.max_page_sharing);
-        let unstable = SharedUnstableTree::new();
-        let pool = SharedPool::new(DEFAULT_POOL_SLOTS);
         let mut m = Machine {
             shadow: BTreeMap::new(),
             space: SimPageSpace::new(),
             procs: Vec::new(),
-            stable,
-            unstable,
-            pool,
+            shared: Rc::new(RefCell::new(Shared::new(t.max_page_sharing, DEFAULT_POOL_SLOTS))),
             now: 0,
             tunables: t.clone(),
         };
@@ -84,9 +79,9 @@ impl Machine {
     /// Process `p` starts (again), as a new client, with its region written.
     fn spawn(&mut self, p: u32) {
         let c = ClientId(p);
-        let mut ksm =
-            Ksm::with_parts(self.tunables.clone(), self.stable.client(c), self.unstable.client(c), self.pool.clone())
-                .unwrap();
+        let sh = &self.shared;
+        let parts = (SharedStableTree::new(sh, c), SharedUnstableTree::new(sh, c), SharedPool::new(sh));
+        let mut ksm = Ksm::with_parts(self.tunables.clone(), parts.0, parts.1, parts.2).unwrap();
         let id = region_of(p);
         self.space.add_region(id, PAGES);
         ksm.add_region(id, PAGES);
@@ -111,7 +106,7 @@ impl Machine {
 
     fn counters(&self) -> Counters {
         let each: Vec<Counters> = self.alive().map(|(_, k)| k.counters()).collect();
-        system_counters(&each, samepage_core::stable::StableTree::stats(&self.stable))
+        system_counters(&each, self.shared.borrow().stats())
     }
 
     /// Every process scans in turn (one batch each) until the system-wide
@@ -140,22 +135,20 @@ impl Machine {
     }
 
     /// Process `p` dies: its memory goes, the shared state gives back what
-    /// it held (the daemon's job), and the freed slots' pages are freed.
+    /// it held (the daemon's job), and a surviving process frees the pages
+    /// of the stable pages left with no mapping at its next prune.
     fn kill(&mut self, p: u32) {
         if self.procs[p as usize].take().is_none() {
             return;
         }
         self.space.remove_region(region_of(p));
         self.shadow.retain(|page, _| page.region != region_of(p));
-        let freed = self.stable.client(ClientId(p)).client_gone();
-        self.unstable.client(ClientId(p)).client_gone();
-        let mut out = Vec::new();
-        self.space.release_slots(&freed, &mut out);
-        // Nothing maps a dead node's page any more; a private copy made
-        // inside a mapping of it retires the slot (never handed out again).
-        assert!(!out.contains(&SlotRelease::Kept), "a dead node's page is still mapped: {out:?}");
-        let gone: Vec<_> = freed.iter().zip(&out).filter(|(_, r)| **r == SlotRelease::Freed).map(|(s, _)| *s).collect();
-        self.pool.free(&gone);
+        self.shared.borrow_mut().client_gone(ClientId(p));
+        self.now += 7;
+        if let Some(k) = self.procs.iter_mut().flatten().next() {
+            k.prune(&mut self.space, self.now);
+            assert_eq!(self.shared.borrow().orphans(), 0, "nothing maps a dead node's page any more");
+        }
     }
 
     /// The shared tree's mapping counts equal the pages linked to each node
@@ -173,7 +166,7 @@ impl Machine {
                 assert!(self.space.read(page) == self.shadow[&page], "process {p} page {i} lost its content");
             }
         }
-        let nodes = self.stable.all_nodes();
+        let nodes = self.shared.borrow().all_nodes();
         let maps = self.space.slot_mappings();
         for n in &nodes {
             assert_eq!(linked.remove(&n.id).unwrap_or(0), n.mappings, "node {n:?}");
@@ -186,7 +179,8 @@ impl Machine {
             }
         }
         assert!(linked.is_empty(), "pages link dead nodes: {linked:?}");
-        assert_eq!(self.space.pool_pages(), nodes.len(), "pool pages without a node");
+        let orphans = self.shared.borrow().orphans();
+        assert_eq!(self.space.pool_pages(), nodes.len() + orphans, "pool pages without a node");
         assert!(self.space.pool_unchanged());
     }
 }
@@ -258,8 +252,8 @@ fn a_process_that_dies_gives_its_mappings_back_and_leaks_no_pool_page() {
         m.space.remove_region(region_of(p));
         m.procs[p as usize] = None;
     }
-    assert_eq!(m.space.pool_pages(), 0, "pool pages left: {:?}", m.stable.all_nodes());
-    assert_eq!(m.pool.in_use(), 0);
+    assert_eq!(m.space.pool_pages(), 0, "pool pages left: {:?}", m.shared.borrow().all_nodes());
+    assert_eq!(m.shared.borrow().pool_in_use(), 0);
     assert!(m.space.slot_mappings().is_empty());
 }
 
