@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod daemon;
 mod demo;
 mod kernel;
 mod measure;
@@ -36,6 +37,11 @@ enum Cmd {
     /// Merge at full speed while threads, the kernel and forked children
     /// write, regions come and go and run changes; check every byte.
     Torture(torture::TortureArgs),
+    /// Serve the stable tree, unstable tree and pool that processes share
+    /// when they merge with each other (one partition per user and domain).
+    Daemon(daemon::DaemonArgs),
+    /// The daemon's partitions: counters with the kernel's names, clients.
+    Status(daemon::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +57,8 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Torture(a) => torture::run(a),
+        Cmd::Daemon(a) => daemon::run(a),
+        Cmd::Status(a) => daemon::status(a),
     };
     match r {
         Ok(code) => code,

@@ -5,6 +5,7 @@ use crate::page::PAGE_SIZE;
 
 /// Engine-wide counters. Field names and meanings are the kernel's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Counters {
     /// Stable pages (pool pages) that have at least one mapping.
     pub pages_shared: u64,
@@ -171,6 +172,7 @@ impl Counters {
 
 /// Per-region counters, named as in `/proc/PID/ksm_stat`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RegionCounters {
     /// rmap items of the region's pages.
     pub ksm_rmap_items: u64,

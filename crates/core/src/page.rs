@@ -13,6 +13,7 @@ pub const HUGE_PAGE_SIZE: usize = PAGE_SIZE * HUGE_PAGE_SUBPAGES as usize;
 
 /// Identifies a registered region (the engine's `mm_slot`/VMA analogue).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RegionId(pub u32);
 
 impl RegionId {
@@ -24,12 +25,14 @@ impl RegionId {
 /// A stable node's id (the kernel's `struct ksm_stable_node`, named by
 /// index): what an rmap item of a merged page links to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NodeId(pub u32);
 
 /// A trust domain: pages of different domains never merge (merging is a
 /// timing side channel: a write to a merged page is slower, which tells the
 /// writer that someone else holds the same content). Domain 0 is the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Domain(pub u32);
 
 impl Domain {
@@ -47,6 +50,7 @@ impl Domain {
 
 /// One page: a region and the page's index inside it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PageRef {
     /// The region.
     pub region: RegionId,
@@ -70,6 +74,7 @@ impl PageRef {
 
 /// A page-sized slot of the stable pool (the file offset divided by the page size).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Slot(pub u64);
 
 /// The content hash of one page: 64-bit xxh3 (SIMD on x86_64).

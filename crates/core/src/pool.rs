@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 
 /// Which slot a request would like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum SlotHint {
     /// Any free slot.
     Any,

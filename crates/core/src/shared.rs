@@ -29,6 +29,7 @@ use std::rc::Rc;
 
 /// A client of the shared state (a process).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ClientId(pub u32);
 
 /// The state several processes share.

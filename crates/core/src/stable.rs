@@ -28,6 +28,7 @@ use std::collections::HashMap;
 
 /// A stable node as the tree reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct NodeInfo {
     /// Its id.
     pub id: NodeId,
@@ -48,6 +49,7 @@ pub struct NodeInfo {
 /// One request to the stable tree. A batch is carried out in order: a
 /// mapping taken by one request counts for the next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum StableOp {
     /// Take a mapping of the busiest node with `key` in `domain` that has
     /// fewer than `max_page_sharing` (the kernel's `stable_tree_search`
@@ -93,6 +95,7 @@ pub enum StableOp {
 
 /// The answer to one [`StableOp`], in the same position of the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum StableReply {
     /// A mapping of `node` was taken: map `slot`.
     Acquired {
@@ -120,6 +123,7 @@ pub enum StableReply {
 
 /// Totals the counters need.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct StableStats {
     /// Nodes with at least one mapping (`pages_shared`).
     pub nodes: u64,

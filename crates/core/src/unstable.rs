@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 /// One request to the unstable tree. A batch is carried out in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum UnstableOp {
     /// The kernel's `unstable_tree_search_insert`: take the page filed under
     /// `key` out of the tree, or file `page` there if there is none.
@@ -44,10 +45,12 @@ pub enum UnstableOp {
 /// What a holder outside this process is, for a tree shared between
 /// processes: an opaque token the daemon understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct RemoteHolder(pub u64);
 
 /// The answer to one [`UnstableOp`], in the same position of the batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum UnstableReply {
     /// The page was filed (nothing was there).
     Filed,

@@ -1,0 +1,191 @@
+//! The wire protocol between a process's engine and the daemon: one
+//! [`Request`] answered by one [`Response`], each a frame of a 4-byte
+//! little-endian length and the value in `postcard` encoding. A request
+//! carries a whole batch of tree or pool operations (one round trip per
+//! batch of pages, never one per page).
+
+use samepage_core::pool::SlotHint;
+use samepage_core::shared::ClientId;
+use samepage_core::stable::{NodeInfo, StableOp, StableReply, StableStats};
+use samepage_core::unstable::{UnstableOp, UnstableReply};
+use samepage_core::Slot;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{Read, Write};
+
+/// The protocol's version; a client of another version is refused.
+pub const VERSION: u32 = 1;
+
+/// The largest frame accepted (a batch of a few hundred thousand ops).
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// What a client asks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The first request: the client's protocol version and its trust
+    /// domain (its partition is its user's and this domain's).
+    Hello {
+        /// [`VERSION`].
+        version: u32,
+        /// The client's domain inside its user's partition.
+        domain: u32,
+    },
+    /// A batch for the stable tree.
+    Stable(Vec<StableOp>),
+    /// A batch for the unstable tree.
+    Unstable(Vec<UnstableOp>),
+    /// The client's unstable-tree entries go (its full scan starts over).
+    UnstableClear,
+    /// Pool slots, one per hint.
+    Alloc(Vec<SlotHint>),
+    /// Pool slots whose pages the client freed.
+    Free(Vec<Slot>),
+    /// Sets `max_page_sharing` (EBUSY while stable pages exist).
+    SetMaxPageSharing(u32),
+    /// The partition's totals and the client's own.
+    Stats,
+    /// The nodes the client maps.
+    Nodes,
+    /// The partition's chains.
+    Chains,
+    /// Collapses chains left with one dup.
+    Prune,
+    /// Slots of stable pages whose last mapper died, for the client to free.
+    TakeOrphans,
+    /// Orphan slots the client could not free yet.
+    ReturnOrphans(Vec<Slot>),
+    /// Every partition and client (for `samepage status`).
+    Status,
+}
+
+/// What the daemon answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Welcome: the client's id and the partition's `max_page_sharing`.
+    Hello {
+        /// The client's id.
+        client: ClientId,
+        /// The partition's `max_page_sharing`.
+        max_page_sharing: u32,
+    },
+    /// Replies to a [`Request::Stable`] batch.
+    Stable(Vec<StableReply>),
+    /// Replies to a [`Request::Unstable`] batch.
+    Unstable(Vec<UnstableReply>),
+    /// Slots for a [`Request::Alloc`].
+    Slots(Vec<Option<Slot>>),
+    /// Done.
+    Done,
+    /// Totals.
+    Stats {
+        /// The partition's.
+        partition: StableStats,
+        /// The client's own.
+        held: StableStats,
+        /// The partition's `max_page_sharing`.
+        max_page_sharing: u32,
+        /// Bytes of the partition's metadata.
+        metadata_bytes: u64,
+        /// The client's unstable-tree entries.
+        unstable: u64,
+    },
+    /// Nodes.
+    Nodes(Vec<NodeInfo>),
+    /// Chains.
+    Chains(Vec<Vec<NodeInfo>>),
+    /// Chains collapsed.
+    Pruned(u64),
+    /// Orphan slots.
+    Orphans(Vec<Slot>),
+    /// The daemon's view.
+    Status(Vec<PartitionStatus>),
+    /// Refused: an errno and why.
+    Error {
+        /// The kernel-style error number (`EBUSY`, `EINVAL`, `EPROTO`).
+        errno: i32,
+        /// Why, naming the bad value.
+        message: String,
+    },
+}
+
+/// One partition as `samepage status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    /// The user whose processes share it.
+    pub uid: u32,
+    /// The domain inside that user's processes.
+    pub domain: u32,
+    /// The stable tree's totals.
+    pub stable: StableStats,
+    /// Pool slots in use.
+    pub slots_in_use: u64,
+    /// Orphan slots waiting to be freed.
+    pub orphans: u64,
+    /// Connected clients: id and process id.
+    pub clients: Vec<(ClientId, i32)>,
+}
+
+/// A malformed or failed exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The socket failed (the peer is gone: `UnexpectedEof`).
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The frame is longer than [`MAX_FRAME`].
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME}")]
+    TooLong(usize),
+    /// The frame does not decode.
+    #[error("bad frame: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<(), FrameError> {
+    let body = postcard::to_stdvec(value)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLong(body.len()));
+    }
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLong(body.len()))?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame)?;
+    Ok(())
+}
+
+/// Reads one frame.
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLong(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(postcard::from_bytes(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use samepage_core::{Domain, PageRef, RegionId};
+
+    #[test]
+    fn frames_round_trip_and_refuse_garbage() {
+        let req = Request::Unstable(vec![UnstableOp::SearchInsert {
+            key: 7,
+            page: PageRef { region: RegionId(3), index: 9 },
+        }]);
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &req).unwrap();
+        write_frame(&mut buf, &Request::Stable(vec![StableOp::Acquire { key: 1, domain: Domain(2) }])).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame::<Request>(&mut r).unwrap(), req);
+        assert!(matches!(read_frame::<Request>(&mut r).unwrap(), Request::Stable(_)));
+        assert!(matches!(read_frame::<Request>(&mut r), Err(FrameError::Io(_))), "end of stream");
+        let huge = (MAX_FRAME as u32 + 1).to_le_bytes();
+        assert!(matches!(read_frame::<Request>(&mut &huge[..]), Err(FrameError::TooLong(_))));
+        let bad = [3u8, 0, 0, 0, 0xff, 0xff, 0xff];
+        assert!(matches!(read_frame::<Request>(&mut &bad[..]), Err(FrameError::Decode(_))));
+    }
+}
