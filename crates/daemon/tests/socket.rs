@@ -28,6 +28,8 @@ fn start(max_page_sharing: u32) -> PathBuf {
     let path = std::env::temp_dir().join(format!("samepage-test-{}-{n}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).unwrap();
+    // Any user may connect (each gets partitions of its own).
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
     let daemon = Daemon::new(Config { max_page_sharing, ..Config::default() });
     std::thread::spawn(move || daemon.serve(&listener));
     path
@@ -229,4 +231,66 @@ fn a_stranger_speaking_first_without_hello_is_refused() {
     }
     let bad = Connection::connect(&PathBuf::from("/nonexistent/samepage.sock"), 0).unwrap_err();
     assert_eq!(bad.errno(), Some(2), "{bad}");
+}
+
+/// Processes of different users never share a partition, so never a page:
+/// the daemon tells them apart by the kernel's peer credentials. The other
+/// user's process is this test binary run again as `nobody` (root only).
+#[test]
+fn processes_of_different_users_never_share_a_page() {
+    if !rustix::process::getuid().is_root() {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let path = start(256);
+    let t = tunables(256);
+    let mut space = SimPageSpace::new();
+    let mut mine = vec![client(&path, 0, &t, &mut space, 0)];
+    let mut now = 0;
+    let c = converge(&mut mine, &mut space, &mut now);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "client_of_another_user", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("SAMEPAGE_TEST_SOCKET", &path)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && log.contains("other user converged"), "{log}");
+    // The daemon sees the other process's connection close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = Connection::status(&path).unwrap();
+        if s.len() == 2 && s[1].clients.is_empty() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let uids: Vec<u32> = status.iter().map(|p| p.uid).collect();
+    assert_eq!(uids, vec![0, 65534], "{status:?}");
+    // The same content on both sides; each partition made its own stable
+    // pages in its own pool. The other user's process has exited since, so
+    // its stable pages lost their mappings and wait as orphans.
+    assert_eq!(status[0].stable.nodes, c.pages_shared, "{status:?}");
+    assert_eq!(status[0].slots_in_use, c.pages_shared);
+    assert!(log.contains(&format!("pages_shared: {}", c.pages_shared)), "{log}");
+    assert_eq!(
+        (status[1].stable.nodes, status[1].slots_in_use, status[1].orphans),
+        (0, c.pages_shared, c.pages_shared)
+    );
+}
+
+/// The client run as another user by the test above.
+#[test]
+#[ignore = "run by processes_of_different_users_never_share_a_page as another user"]
+fn client_of_another_user() {
+    let path = PathBuf::from(std::env::var_os("SAMEPAGE_TEST_SOCKET").expect("run by the test above"));
+    let t = tunables(256);
+    let mut space = SimPageSpace::new();
+    let mut c = vec![client(&path, 0, &t, &mut space, 0)];
+    let mut now = 0;
+    let counters = converge(&mut c, &mut space, &mut now);
+    println!("other user converged: {counters:?}");
 }
