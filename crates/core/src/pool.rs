@@ -191,6 +191,22 @@ impl DeadSlots {
     }
 }
 
+/// A boxed pool is a pool.
+impl<T: StablePool + ?Sized> StablePool for Box<T> {
+    fn alloc(&mut self, hints: &[SlotHint], out: &mut Vec<Option<Slot>>) {
+        (**self).alloc(hints, out)
+    }
+    fn free(&mut self, slots: &[Slot]) {
+        (**self).free(slots)
+    }
+    fn in_use(&self) -> u64 {
+        (**self).in_use()
+    }
+    fn metadata_bytes(&self) -> u64 {
+        (**self).metadata_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -468,6 +468,50 @@ impl StableTree for LocalStableTree {
     }
 }
 
+/// A boxed tree is a tree (an engine picks its tree at run time: in-process
+/// or a daemon's).
+impl<T: StableTree + ?Sized> StableTree for Box<T> {
+    fn apply(&mut self, ops: &[StableOp], out: &mut Vec<StableReply>) {
+        (**self).apply(ops, out)
+    }
+    fn set_max_page_sharing(&mut self, max: u32) -> Result<(), TunableError> {
+        (**self).set_max_page_sharing(max)
+    }
+    fn max_page_sharing(&self) -> u32 {
+        (**self).max_page_sharing()
+    }
+    fn stats(&self) -> StableStats {
+        (**self).stats()
+    }
+    fn held_stats(&self) -> StableStats {
+        (**self).held_stats()
+    }
+    fn nodes(&self, out: &mut Vec<NodeInfo>) {
+        (**self).nodes(out)
+    }
+    fn chains(&self) -> Vec<Vec<NodeInfo>> {
+        (**self).chains()
+    }
+    fn prune(&mut self) -> u64 {
+        (**self).prune()
+    }
+    fn metadata_bytes(&self) -> u64 {
+        (**self).metadata_bytes()
+    }
+    fn shrink(&mut self) {
+        (**self).shrink()
+    }
+    fn take_orphans(&mut self) -> Vec<Slot> {
+        (**self).take_orphans()
+    }
+    fn keeps_orphans(&self) -> bool {
+        (**self).keeps_orphans()
+    }
+    fn return_orphans(&mut self, slots: &[Slot]) {
+        (**self).return_orphans(slots)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

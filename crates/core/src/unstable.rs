@@ -138,6 +138,25 @@ impl UnstableTree for LocalUnstableTree {
     }
 }
 
+/// A boxed tree is a tree.
+impl<T: UnstableTree + ?Sized> UnstableTree for Box<T> {
+    fn apply(&mut self, ops: &[UnstableOp], out: &mut Vec<UnstableReply>) {
+        (**self).apply(ops, out)
+    }
+    fn clear(&mut self) {
+        (**self).clear()
+    }
+    fn clear_and_shrink(&mut self) {
+        (**self).clear_and_shrink()
+    }
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn metadata_bytes(&self) -> u64 {
+        (**self).metadata_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

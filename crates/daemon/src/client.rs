@@ -10,12 +10,14 @@
 //! byte-exact; nothing new merges until the process connects again.
 
 use crate::protocol::{read_frame, write_frame, FrameError, PartitionStatus, Request, Response, VERSION};
+use rustix::fd::OwnedFd;
 use samepage_core::pool::{SlotHint, StablePool};
 use samepage_core::shared::ClientId;
 use samepage_core::stable::{NodeInfo, StableOp, StableReply, StableStats, StableTree};
 use samepage_core::tunables::TunableError;
 use samepage_core::unstable::{UnstableOp, UnstableReply, UnstableTree};
 use samepage_core::Slot;
+use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -69,6 +71,8 @@ pub struct Connection {
     stream: UnixStream,
     client: ClientId,
     max_page_sharing: u32,
+    /// The partition's pool memfd and its slots, until taken.
+    pool: Option<(OwnedFd, u64)>,
     broken: bool,
 }
 
@@ -85,13 +89,39 @@ impl Connection {
         let mut stream = UnixStream::connect(path)
             .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
         write_frame(&mut stream, &Request::Hello { version: VERSION, domain })?;
-        match read_frame::<Response>(&mut stream)? {
-            Response::Hello { client, max_page_sharing } => {
-                Ok(Arc::new(Mutex::new(Connection { stream, client, max_page_sharing, broken: false })))
+        let (hello, fd) = recv_with_fd(&mut stream)?;
+        match hello {
+            Response::Hello { client, max_page_sharing, pool_slots } => {
+                let fd = fd.ok_or_else(|| ClientError::Unexpected("Hello without the pool's memfd".into()))?;
+                Ok(Arc::new(Mutex::new(Connection {
+                    stream,
+                    client,
+                    max_page_sharing,
+                    pool: Some((fd, pool_slots)),
+                    broken: false,
+                })))
             }
             Response::Error { errno, message } => Err(ClientError::Refused { errno, message }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// The partition's pool memfd and its size in slots (once: the engine
+    /// maps its merged pages from it).
+    pub fn take_pool(&mut self) -> Option<(OwnedFd, u64)> {
+        self.pool.take()
+    }
+
+    /// The partition's `max_page_sharing` (the daemon's, for every client).
+    pub fn max_page_sharing(&self) -> u32 {
+        self.max_page_sharing
+    }
+
+    /// Process ids of the partition's clients (who may map its pool).
+    pub fn client_pids(path: &Path, client: ClientId) -> Option<Vec<u32>> {
+        let status = Self::status(path).ok()?;
+        let part = status.into_iter().find(|p| p.clients.iter().any(|(c, _)| *c == client))?;
+        Some(part.clients.iter().map(|(_, pid)| *pid as u32).collect())
     }
 
     /// The daemon's view of every partition (a connection of its own).
@@ -130,6 +160,46 @@ impl Connection {
             }
         }
     }
+}
+
+/// Reads one frame and the file descriptor that may ride on its first byte.
+fn recv_with_fd(stream: &mut UnixStream) -> Result<(Response, Option<OwnedFd>), ClientError> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut first = [0u8; 4096];
+    let got = rustix::net::recvmsg(
+        &*stream,
+        &mut [std::io::IoSliceMut::new(&mut first)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| ClientError::Frame(FrameError::Io(e.into())))?
+    .bytes;
+    let mut fd = None;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = msg {
+            for f in fds {
+                fd.get_or_insert(f);
+            }
+        }
+    }
+    // The frame: what came with the descriptor, then the rest of it.
+    let mut bytes = first[..got].to_vec();
+    while bytes.len() < 4 {
+        let mut b = [0u8; 1];
+        std::io::Read::read_exact(stream, &mut b).map_err(|e| ClientError::Frame(e.into()))?;
+        bytes.push(b[0]);
+    }
+    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    if len > crate::protocol::MAX_FRAME {
+        return Err(FrameError::TooLong(len).into());
+    }
+    let mut rest = vec![0u8; (4 + len).saturating_sub(bytes.len())];
+    std::io::Read::read_exact(stream, &mut rest).map_err(|e| ClientError::Frame(e.into()))?;
+    bytes.extend_from_slice(&rest);
+    let value = postcard::from_bytes(&bytes[4..4 + len]).map_err(|e| ClientError::Frame(e.into()))?;
+    Ok((value, fd))
 }
 
 /// The stable tree, served by the daemon.

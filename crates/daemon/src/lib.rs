@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod procmaps;
 pub mod protocol;
 pub mod server;
 

@@ -60,12 +60,15 @@ pub enum Request {
 /// What the daemon answers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    /// Welcome: the client's id and the partition's `max_page_sharing`.
+    /// Welcome: the client's id and the partition's `max_page_sharing`;
+    /// the partition's pool memfd comes with this frame (`SCM_RIGHTS`).
     Hello {
         /// The client's id.
         client: ClientId,
         /// The partition's `max_page_sharing`.
         max_page_sharing: u32,
+        /// Slots of the pool memfd (its size in pages).
+        pool_slots: u64,
     },
     /// Replies to a [`Request::Stable`] batch.
     Stable(Vec<StableReply>),
@@ -120,6 +123,8 @@ pub struct PartitionStatus {
     pub slots_in_use: u64,
     /// Orphan slots waiting to be freed.
     pub orphans: u64,
+    /// Bytes of memory the pool memfd holds (its allocated blocks).
+    pub pool_bytes: u64,
     /// Connected clients: id and process id.
     pub clients: Vec<(ClientId, i32)>,
 }
@@ -138,8 +143,8 @@ pub enum FrameError {
     Decode(#[from] postcard::Error),
 }
 
-/// Writes one frame.
-pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<(), FrameError> {
+/// One frame's bytes.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
     let body = postcard::to_stdvec(value)?;
     if body.len() > MAX_FRAME {
         return Err(FrameError::TooLong(body.len()));
@@ -148,7 +153,12 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<(), Fr
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(&body);
-    w.write_all(&frame)?;
+    Ok(frame)
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, value: &T) -> Result<(), FrameError> {
+    w.write_all(&encode(value)?)?;
     Ok(())
 }
 

@@ -8,9 +8,11 @@
 //! When a connection closes (the process exited, was killed, or dropped its
 //! engine), everything it held is given back ([`Shared::client_gone`]).
 
-use crate::protocol::{read_frame, write_frame, FrameError, PartitionStatus, Request, Response, VERSION};
+use crate::protocol::{encode, read_frame, write_frame, FrameError, PartitionStatus, Request, Response, VERSION};
+use rustix::fd::{AsFd, OwnedFd};
 use samepage_core::shared::{ClientId, Shared};
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -39,12 +41,40 @@ impl Default for Config {
 #[derive(Debug)]
 struct Partition {
     shared: Shared,
+    /// The pool: a sparse memfd of `pool_slots` pages every client maps
+    /// its merged pages from (named like an engine's own pool, so the
+    /// engines' checks of who maps it find it in `/proc/PID/maps`).
+    pool: OwnedFd,
     /// Connected clients and their process ids.
     clients: HashMap<ClientId, i32>,
 }
 
 /// Partitions by user id and domain.
 type Partitions = HashMap<(u32, u32), Arc<Mutex<Partition>>>;
+
+impl Partition {
+    /// The last client left: if no process maps the pool any more (a
+    /// client's forked child might), every page of it is freed and the
+    /// partition starts afresh; otherwise its orphans wait for the next
+    /// client.
+    fn empty(&mut self) {
+        let ino = rustix::fs::fstat(&self.pool).map_or(0, |st| st.st_ino);
+        if ino == 0 || crate::procmaps::others_map_pool(&format!(" {ino} "), &[]) {
+            return;
+        }
+        let len = rustix::fs::fstat(&self.pool).map_or(0, |st| st.st_size as u64);
+        let punched = rustix::fs::fallocate(
+            &self.pool,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            0,
+            len,
+        );
+        if punched.is_ok() {
+            let max = self.shared.max_page_sharing();
+            self.shared = Shared::new(max, len / samepage_core::PAGE_SIZE as u64);
+        }
+    }
+}
 
 /// The daemon's state.
 #[derive(Debug)]
@@ -76,15 +106,21 @@ impl Daemon {
         Ok(())
     }
 
-    fn partition(&self, uid: u32, domain: u32) -> Arc<Mutex<Partition>> {
+    fn partition(&self, uid: u32, domain: u32) -> std::io::Result<Arc<Mutex<Partition>>> {
         let mut parts = lock(&self.partitions);
         let c = self.config;
-        Arc::clone(parts.entry((uid, domain)).or_insert_with(|| {
-            Arc::new(Mutex::new(Partition {
-                shared: Shared::new(c.max_page_sharing, c.pool_slots),
-                clients: HashMap::new(),
-            }))
-        }))
+        if let Some(p) = parts.get(&(uid, domain)) {
+            return Ok(Arc::clone(p));
+        }
+        let pool = rustix::fs::memfd_create("samepage-pool", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&pool, c.pool_slots * samepage_core::PAGE_SIZE as u64)?;
+        let p = Arc::new(Mutex::new(Partition {
+            shared: Shared::new(c.max_page_sharing, c.pool_slots),
+            pool,
+            clients: HashMap::new(),
+        }));
+        parts.insert((uid, domain), Arc::clone(&p));
+        Ok(p)
     }
 
     /// Serves one connection until it closes; then the client is gone.
@@ -104,14 +140,27 @@ impl Daemon {
             }
             Err(_) => return,
         };
-        let part = self.partition(uid, domain);
+        let part = match self.partition(uid, domain) {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("cannot make the partition's pool: {e}");
+                let errno = e.raw_os_error().unwrap_or(EPROTO);
+                let _ = write_frame(&mut stream, &Response::Error { errno, message });
+                return;
+            }
+        };
         let id = ClientId(self.next_client.fetch_add(1, Ordering::Relaxed));
-        let max_page_sharing = {
+        let sent = {
             let mut p = lock(&part);
             p.clients.insert(id, pid);
-            p.shared.max_page_sharing()
+            let hello = Response::Hello {
+                client: id,
+                max_page_sharing: p.shared.max_page_sharing(),
+                pool_slots: self.config.pool_slots,
+            };
+            send_with_fd(&stream, &hello, p.pool.as_fd())
         };
-        if write_frame(&mut stream, &Response::Hello { client: id, max_page_sharing }).is_ok() {
+        if sent.is_ok() {
             loop {
                 let req = match read_frame::<Request>(&mut stream) {
                     Ok(r) => r,
@@ -134,6 +183,9 @@ impl Daemon {
         let mut p = lock(&part);
         p.shared.client_gone(id);
         p.clients.remove(&id);
+        if p.clients.is_empty() {
+            p.empty();
+        }
     }
 
     /// Every partition and its clients.
@@ -142,7 +194,12 @@ impl Daemon {
         let mut out: Vec<PartitionStatus> = parts
             .into_iter()
             .map(|((uid, domain), p)| {
-                let p = lock(&p);
+                let mut p = lock(&p);
+                if p.clients.is_empty() && (p.shared.orphans() > 0 || p.shared.pool_in_use() > 0) {
+                    // Its last client's memory may have been unmapped only
+                    // after its connection closed: try again.
+                    p.empty();
+                }
                 let mut clients: Vec<(ClientId, i32)> = p.clients.iter().map(|(c, pid)| (*c, *pid)).collect();
                 clients.sort();
                 PartitionStatus {
@@ -151,6 +208,7 @@ impl Daemon {
                     stable: p.shared.stats(),
                     slots_in_use: p.shared.pool_in_use(),
                     orphans: p.shared.orphans() as u64,
+                    pool_bytes: rustix::fs::fstat(&p.pool).map_or(0, |st| st.st_blocks as u64 * 512),
                     clients,
                 }
             })
@@ -215,4 +273,23 @@ fn handle(shared: &mut Shared, id: ClientId, req: Request) -> Response {
             Response::Error { errno: EPROTO, message: "Hello is the first request only".into() }
         }
     }
+}
+
+/// Sends one frame with a file descriptor (`SCM_RIGHTS`) riding on it.
+fn send_with_fd(stream: &UnixStream, value: &Response, fd: rustix::fd::BorrowedFd<'_>) -> Result<(), FrameError> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let frame = encode(value)?;
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(FrameError::Io(std::io::Error::other("no room for SCM_RIGHTS")));
+    }
+    let mut sent = rustix::net::sendmsg(stream, &[std::io::IoSlice::new(&frame)], &mut control, SendFlags::NOSIGNAL)
+        .map_err(std::io::Error::from)?;
+    // The descriptor went with the first byte; the rest is plain data.
+    while sent < frame.len() {
+        sent += rustix::net::send(stream, &frame[sent..], SendFlags::NOSIGNAL).map_err(std::io::Error::from)?;
+    }
+    Ok(())
 }

@@ -6,14 +6,19 @@ use crate::sys::addr::PageAddr;
 use crate::sys::attrs::Exclusion;
 use crate::sys::mapping::AnonMapping;
 use crate::sys::mem;
-use crate::sys::space::{LinuxPageSpace, SpaceStats};
+use crate::sys::space::{LinuxPageSpace, PoolUsers, SpaceStats};
 use crate::sys::uffd::UffdMode;
+use samepage_core::pool::{LocalPool, StablePool};
 use samepage_core::scan::DEFAULT_POOL_SLOTS;
+use samepage_core::stable::{LocalStableTree, StableTree};
+use samepage_core::unstable::{LocalUnstableTree, UnstableTree};
 use samepage_core::Discard;
 use samepage_core::{Counters, Domain, Ksm, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
+use samepage_daemon::client::{Connection, RemotePool, RemoteStableTree, RemoteUnstableTree};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -79,11 +84,24 @@ pub struct EngineInfo {
     pub breaks_cow: bool,
     /// The inode of the pool's memfd (how `/proc/PID/maps` shows merged pages).
     pub pool_inode: u64,
+    /// The daemon's socket when the engine merges with other processes
+    /// through it ([`Engine::connect`]); `None` for an engine of its own.
+    pub daemon: Option<PathBuf>,
 }
 
+/// The stable tree an engine uses: its own, or a daemon's.
+type Stable = Box<dyn StableTree + Send>;
+/// The unstable tree an engine uses.
+type Unstable = Box<dyn UnstableTree + Send>;
+/// The pool slots an engine uses.
+type Slots = Box<dyn StablePool + Send>;
+
 pub(crate) struct State {
-    ksm: Ksm,
+    // Fields drop in order: the page space (and the pool view) goes before
+    // the scanner's trees, whose connection to a daemon closing tells the
+    // daemon this process no longer maps its pool.
     space: LinuxPageSpace,
+    ksm: Ksm<Stable, Unstable, Slots>,
     regions: BTreeMap<RegionId, (usize, usize)>,
     /// Per region, the page ranges the engine stays away from, and why.
     excluded: BTreeMap<RegionId, Vec<(Range<u64>, Exclusion)>>,
@@ -193,14 +211,68 @@ impl Engine {
             }));
         }
         let space = LinuxPageSpace::new(DEFAULT_POOL_SLOTS, share)?;
+        let parts: (Stable, Unstable, Slots) = (
+            Box::new(LocalStableTree::new(tunables.max_page_sharing)),
+            Box::new(LocalUnstableTree::new()),
+            Box::new(LocalPool::new(DEFAULT_POOL_SLOTS)),
+        );
+        Self::start(tunables, space, parts, None)
+    }
+
+    /// Starts an engine that merges with other processes through the daemon
+    /// at `socket` (`samepage daemon`): its stable tree, unstable tree and
+    /// pool are the daemon's partition for this process's user (and trust
+    /// `domain`), so identical pages of different processes share one pool
+    /// page. `max_page_sharing` is the daemon's (system-wide, as the
+    /// kernel's); the other tunables are this engine's.
+    ///
+    /// Refused with [`Error::Daemon`] when no daemon answers there (the
+    /// errno says why: `ENOENT`, `ECONNREFUSED`); use [`Engine::new`] for an
+    /// engine of its own.
+    pub fn connect(socket: &Path, domain: Domain, mut tunables: Tunables) -> Result<Engine, Error> {
+        let conn = Connection::connect(socket, domain.0)?;
+        let (fd, slots, client, max) = {
+            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let (fd, slots) = c
+                .take_pool()
+                .ok_or_else(|| samepage_daemon::client::ClientError::Unexpected("no pool memfd".into()))?;
+            (fd, slots, c.client(), c.max_page_sharing())
+        };
+        tunables.max_page_sharing = max;
+        tunables.validate()?;
+        let path = socket.to_path_buf();
+        let users = PoolUsers(Box::new(move || Connection::client_pids(&path, client)));
+        let space = LinuxPageSpace::with_shared_pool(fd, slots, 0.5, users)?;
+        let parts: (Stable, Unstable, Slots) = (
+            Box::new(RemoteStableTree::new(&conn)),
+            Box::new(RemoteUnstableTree::new(&conn)),
+            Box::new(RemotePool::new(&conn)),
+        );
+        Self::start(tunables, space, parts, Some(socket.to_path_buf()))
+    }
+
+    /// [`Engine::connect`] at the default socket
+    /// (`/run/samepage/samepage.sock` as root, `$XDG_RUNTIME_DIR/samepage.sock`
+    /// otherwise), in the default domain.
+    pub fn connect_default(tunables: Tunables) -> Result<Engine, Error> {
+        Self::connect(&samepage_daemon::default_socket(), Domain::default(), tunables)
+    }
+
+    fn start(
+        tunables: Tunables,
+        space: LinuxPageSpace,
+        (stable, unstable, pool): (Stable, Unstable, Slots),
+        daemon: Option<PathBuf>,
+    ) -> Result<Engine, Error> {
         let info = EngineInfo {
             uffd_mode: space.uffd_mode(),
             pagemap_scan: space.has_pagemap_scan(),
             vma_limit: space.vma_limit(),
             breaks_cow: space.breaks_cow(),
             pool_inode: space.pool_inode(),
+            daemon,
         };
-        let mut ksm = Ksm::new(tunables.clone())?;
+        let mut ksm = Ksm::with_parts(tunables.clone(), stable, unstable, pool)?;
         if tunables.run == Run::Unmerge {
             ksm.set_tunables(tunables)?;
         }

@@ -71,6 +71,10 @@ pub enum Error {
     /// The page space refused (for example `EINVAL` discarding locked memory).
     #[error("{0}")]
     Space(SpaceError),
+    /// The daemon could not be reached or refused (`ENOENT`/`ECONNREFUSED`
+    /// when none listens at the socket).
+    #[error("samepage daemon: {0}")]
+    Daemon(#[from] samepage_daemon::client::ClientError),
     /// The engine thread panicked. Merged pages stay correct (they are
     /// ordinary copy-on-write mappings) but nothing merges any more.
     #[error("the engine thread failed ({0}); merged memory stays correct but no merging happens")]
@@ -91,6 +95,7 @@ impl Error {
             Error::RegionIdsExhausted => Some(libc::ENOMEM),
             Error::Sys(e) => Some(e.errno.raw_os_error()),
             Error::Unmerge(e) | Error::Space(e) => e.errno(),
+            Error::Daemon(e) => e.errno(),
             Error::EngineFailed(_) => None,
         }
     }

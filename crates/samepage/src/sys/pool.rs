@@ -34,10 +34,20 @@ impl MemfdPool {
     /// `MAP_NORESERVE`: only filled slots take memory.
     pub fn new(slots: u64) -> Result<MemfdPool, SysError> {
         let fd = rustix::fs::memfd_create("samepage-pool", rustix::fs::MemfdFlags::CLOEXEC).op("memfd_create")?;
+        rustix::fs::ftruncate(&fd, slots * PAGE_SIZE as u64).op("ftruncate(pool)")?;
+        Self::from_fd(fd, slots)
+    }
+
+    /// A pool on an existing memfd of `slots` pages (a daemon's, shared by
+    /// several processes).
+    pub fn from_fd(fd: OwnedFd, slots: u64) -> Result<MemfdPool, SysError> {
         let len = slots * PAGE_SIZE as u64;
-        rustix::fs::ftruncate(&fd, len).op("ftruncate(pool)")?;
+        let size = rustix::fs::fstat(&fd).op("fstat(pool)")?.st_size;
+        if u64::try_from(size).ok() != Some(len) {
+            return Err(SysError::new("the pool memfd's size is not its slots' (fstat)", rustix::io::Errno::INVAL));
+        }
         use rustix::mm::{MapFlags, ProtFlags};
-        // SAFETY: a fresh shared mapping of our own memfd at an address the
+        // SAFETY: a fresh shared mapping of the pool memfd at an address the
         // kernel picks; nothing else refers to it.
         let view = unsafe {
             rustix::mm::mmap(
@@ -55,6 +65,17 @@ impl MemfdPool {
         mem::advise(view, mem::Hint::DontFork)?;
         super::forkguard::install();
         Ok(MemfdPool { fd, view, slots })
+    }
+
+    /// Drops the view's page-table entries (the pages stay in the memfd):
+    /// in a pool shared by several processes, a page another process's view
+    /// still maps is not "exclusively mapped" in this one's, so each process
+    /// zaps its view after using it.
+    pub fn zap_view(&self) -> Result<(), SysError> {
+        // SAFETY: the view is a shared mapping of the memfd: MADV_DONTNEED
+        // drops its page-table entries only; the memfd keeps every page,
+        // and the next access maps it again.
+        unsafe { mem::dont_need(self.view) }
     }
 
     /// The memfd, to map slots from.
