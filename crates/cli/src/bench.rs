@@ -36,6 +36,9 @@ pub enum Kind {
     Unique,
     /// mix, files, files-scattered and unique, one after the other.
     All,
+    /// --processes processes sharing the mix's copies (--size in all),
+    /// merged across processes: ksmd against engines connected to a daemon.
+    Processes,
 }
 
 #[derive(Args, Debug)]
@@ -46,6 +49,9 @@ pub struct BenchArgs {
     /// Size of the mix and unique workloads (bytes, or K, M, G suffix).
     #[arg(long, default_value = "1G", value_parser = crate::args::parse_size)]
     size: u64,
+    /// Processes of the `processes` workload (2 or more).
+    #[arg(long, default_value_t = 4)]
+    processes: u64,
     /// Distinct contents of the mix workload.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     distinct: u64,
@@ -194,7 +200,7 @@ fn build(kind: Kind, a: &BenchArgs) -> Result<Workload> {
             }
             w
         }
-        Kind::All => unreachable!("expanded by the caller"),
+        Kind::All | Kind::Processes => unreachable!("expanded or run by the caller"),
     })
 }
 
@@ -532,6 +538,9 @@ fn plot(path: &std::path::Path, name: &str, k: Option<&Figures>, s: &Figures) ->
 }
 
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
+    if matches!(a.workload, Kind::Processes) {
+        return crate::processes::run(a.processes, a.size, a.distinct, a.seed, a.json);
+    }
     let kinds = match a.workload {
         Kind::All => vec![Kind::Mix, Kind::Files, Kind::FilesScattered, Kind::Unique],
         k => vec![k],

@@ -6,6 +6,7 @@ mod daemon;
 mod demo;
 mod kernel;
 mod measure;
+mod processes;
 mod procfs;
 mod side;
 mod sysctl;
@@ -42,6 +43,9 @@ enum Cmd {
     Daemon(daemon::DaemonArgs),
     /// The daemon's partitions: counters with the kernel's names, clients.
     Status(daemon::StatusArgs),
+    /// A process of `bench --workload processes` (run by it, not by hand).
+    #[command(hide = true)]
+    Worker(processes::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Cmd::Torture(a) => torture::run(a),
         Cmd::Daemon(a) => daemon::run(a),
         Cmd::Status(a) => daemon::status(a),
+        Cmd::Worker(a) => processes::worker(a),
     };
     match r {
         Ok(code) => code,

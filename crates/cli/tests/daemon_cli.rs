@@ -74,3 +74,27 @@ fn status_shows_the_daemons_clients() {
 fn rustix_uid() -> u32 {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap()
 }
+
+/// `samepage bench --workload processes`: processes merged across each
+/// other by ksmd and by engines connected to a daemon reach the counters the
+/// content implies, and every page stays byte-exact.
+#[test]
+fn bench_processes_reaches_the_contents_counters_on_both_sides() {
+    let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(["bench", "--workload", "processes", "--processes", "3", "--size", "24M", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = (&v["expected"]["pages_shared"], &v["expected"]["pages_sharing"]);
+    for side in ["kernel", "samepage"] {
+        if v[side].is_null() {
+            assert!(side == "kernel" && stderr.contains("kernel side skipped"), "{stderr}");
+            continue;
+        }
+        assert_eq!((&v[side]["pages_shared"], &v[side]["pages_sharing"]), want, "{side}: {v}");
+        assert_eq!(v[side]["bad_pages"], 0, "{side}");
+    }
+    assert!(v["samepage"]["requests_per_page_scanned"].as_f64().unwrap() < 0.1, "batched: {v}");
+}

@@ -125,6 +125,8 @@ pub struct PartitionStatus {
     pub orphans: u64,
     /// Bytes of memory the pool memfd holds (its allocated blocks).
     pub pool_bytes: u64,
+    /// Requests its clients made (each a batch).
+    pub requests: u64,
     /// Connected clients: id and process id.
     pub clients: Vec<(ClientId, i32)>,
 }

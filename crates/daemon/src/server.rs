@@ -47,6 +47,8 @@ struct Partition {
     pool: OwnedFd,
     /// Connected clients and their process ids.
     clients: HashMap<ClientId, i32>,
+    /// Requests served.
+    requests: u64,
 }
 
 /// Partitions by user id and domain.
@@ -118,6 +120,7 @@ impl Daemon {
             shared: Shared::new(c.max_page_sharing, c.pool_slots),
             pool,
             clients: HashMap::new(),
+            requests: 0,
         }));
         parts.insert((uid, domain), Arc::clone(&p));
         Ok(p)
@@ -173,7 +176,11 @@ impl Daemon {
                 };
                 let resp = match req {
                     Request::Status => Response::Status(self.status()),
-                    req => handle(&mut lock(&part).shared, id, req),
+                    req => {
+                        let mut p = lock(&part);
+                        p.requests += 1;
+                        handle(&mut p.shared, id, req)
+                    }
                 };
                 if write_frame(&mut stream, &resp).is_err() {
                     break;
@@ -209,6 +216,7 @@ impl Daemon {
                     slots_in_use: p.shared.pool_in_use(),
                     orphans: p.shared.orphans() as u64,
                     pool_bytes: rustix::fs::fstat(&p.pool).map_or(0, |st| st.st_blocks as u64 * 512),
+                    requests: p.requests,
                     clients,
                 }
             })

@@ -6,7 +6,7 @@ use crate::sys::addr::PageAddr;
 use crate::sys::attrs::Exclusion;
 use crate::sys::mapping::AnonMapping;
 use crate::sys::mem;
-use crate::sys::space::{LinuxPageSpace, PoolUsers, SpaceStats};
+use crate::sys::space::{LinuxPageSpace, SpaceStats};
 use crate::sys::uffd::UffdMode;
 use samepage_core::pool::{LocalPool, StablePool};
 use samepage_core::scan::DEFAULT_POOL_SLOTS;
@@ -231,18 +231,16 @@ impl Engine {
     /// engine of its own.
     pub fn connect(socket: &Path, domain: Domain, mut tunables: Tunables) -> Result<Engine, Error> {
         let conn = Connection::connect(socket, domain.0)?;
-        let (fd, slots, client, max) = {
+        let (fd, slots, max) = {
             let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
             let (fd, slots) = c
                 .take_pool()
                 .ok_or_else(|| samepage_daemon::client::ClientError::Unexpected("no pool memfd".into()))?;
-            (fd, slots, c.client(), c.max_page_sharing())
+            (fd, slots, c.max_page_sharing())
         };
         tunables.max_page_sharing = max;
         tunables.validate()?;
-        let path = socket.to_path_buf();
-        let users = PoolUsers(Box::new(move || Connection::client_pids(&path, client)));
-        let space = LinuxPageSpace::with_shared_pool(fd, slots, 0.5, users)?;
+        let space = LinuxPageSpace::with_shared_pool(fd, slots, 0.5)?;
         let parts: (Stable, Unstable, Slots) = (
             Box::new(RemoteStableTree::new(&conn)),
             Box::new(RemoteUnstableTree::new(&conn)),

@@ -84,14 +84,6 @@ pub fn descendants_map(identity: &str) -> bool {
     false
 }
 
-/// Whether a process other than this one and those in `allowed` maps the
-/// pool whose `/proc/PID/maps` lines contain `identity` (a pool shared by
-/// several processes: the daemon's clients may map it; nobody else, such as
-/// a forked child of a client, may while its pages are freed).
-pub fn others_map(identity: &str, allowed: &[u32]) -> bool {
-    samepage_daemon::procmaps::others_map_pool(identity, allowed)
-}
-
 fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };

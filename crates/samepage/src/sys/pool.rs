@@ -67,17 +67,6 @@ impl MemfdPool {
         Ok(MemfdPool { fd, view, slots })
     }
 
-    /// Drops the view's page-table entries (the pages stay in the memfd):
-    /// in a pool shared by several processes, a page another process's view
-    /// still maps is not "exclusively mapped" in this one's, so each process
-    /// zaps its view after using it.
-    pub fn zap_view(&self) -> Result<(), SysError> {
-        // SAFETY: the view is a shared mapping of the memfd: MADV_DONTNEED
-        // drops its page-table entries only; the memfd keeps every page,
-        // and the next access maps it again.
-        unsafe { mem::dont_need(self.view) }
-    }
-
     /// The memfd, to map slots from.
     pub fn fd(&self) -> impl AsFd + '_ {
         &self.fd

@@ -547,19 +547,8 @@ pub struct LinuxPageSpace {
     /// them (full-mode userfaultfd); without it, a write copies the page in
     /// place and it becomes a pool copy.
     breaker: Option<Breaker>,
-    /// A pool shared with other processes (a daemon's): who may map it.
-    shared_pool: Option<PoolUsers>,
-}
-
-/// For a pool shared by several processes: the process ids that may map it
-/// (the daemon's clients of the partition), or `None` when they cannot be
-/// learned (then no page is freed).
-pub struct PoolUsers(pub Box<dyn Fn() -> Option<Vec<u32>> + Send>);
-
-impl std::fmt::Debug for PoolUsers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PoolUsers(..)")
-    }
+    /// Whether the pool is shared with other processes (a daemon's).
+    shared_pool: bool,
 }
 
 impl Drop for LinuxPageSpace {
@@ -577,34 +566,21 @@ impl LinuxPageSpace {
     /// (full-mode userfaultfd only). `vma_share` is the share of the
     /// `vm.max_map_count` headroom the engine may use.
     pub fn new(pool_slots: u64, vma_share: f64) -> Result<Self, SysError> {
-        Self::with_options(MemfdPool::new(pool_slots)?, vma_share, true, None)
+        Self::with_options(MemfdPool::new(pool_slots)?, vma_share, true, false)
     }
 
     /// As [`LinuxPageSpace::new`], on a pool memfd of `pool_slots` pages
-    /// shared with other processes (a daemon's partition): `users` names the
-    /// processes that may map it. A pool page is freed only when no other
-    /// process maps it (its mapcount, seen through this process's view, and
-    /// `/proc` for processes that map the pool without touching the page),
-    /// and its slot is never used again (another process's private copy
-    /// inside a mapping of it may still refer to it).
-    pub fn with_shared_pool(
-        fd: rustix::fd::OwnedFd,
-        pool_slots: u64,
-        vma_share: f64,
-        users: PoolUsers,
-    ) -> Result<Self, SysError> {
-        Self::with_options(MemfdPool::from_fd(fd, pool_slots)?, vma_share, true, Some(users))
+    /// shared with other processes (a daemon's partition). No pool page is
+    /// freed by a process while the pool is shared (see `release_slots`):
+    /// the daemon frees the pool when its last client is gone.
+    pub fn with_shared_pool(fd: rustix::fd::OwnedFd, pool_slots: u64, vma_share: f64) -> Result<Self, SysError> {
+        Self::with_options(MemfdPool::from_fd(fd, pool_slots)?, vma_share, true, true)
     }
 
     /// As [`LinuxPageSpace::new`] on `pool`; `break_cow = false` leaves
     /// writes to merged pages to the kernel's copy-on-write in place (pool
     /// copies).
-    pub fn with_options(
-        pool: MemfdPool,
-        vma_share: f64,
-        break_cow: bool,
-        shared_pool: Option<PoolUsers>,
-    ) -> Result<Self, SysError> {
+    pub fn with_options(pool: MemfdPool, vma_share: f64, break_cow: bool, shared_pool: bool) -> Result<Self, SysError> {
         let uffd = Arc::new(Uffd::open()?);
         let window_uffd = match Uffd::open_with(true) {
             Ok(u) if u.mode() == uffd.mode() => Arc::new(u),
@@ -1658,10 +1634,6 @@ impl PageSpace for LinuxPageSpace {
             }
         }
         self.order = order;
-        if self.shared_pool.is_some() {
-            // Other processes' checks of dead slots see only real mappers.
-            let _ = self.pool.zap_view();
-        }
     }
 
     fn unmerge(&mut self, region: RegionId, range: Range<u64>, pages: &[u64]) -> Result<(), SpaceError> {
@@ -1734,34 +1706,31 @@ impl PageSpace for LinuxPageSpace {
         // Forks wait while slots are freed, and slots stay while a child (or
         // any descendant) still maps the pool: its mappings are invisible to
         // the mapcount when the child has not touched the page yet.
-        let _no_fork = super::forkguard::hold();
-        let identity = self.pool.identity();
-        let mapped_elsewhere = match &self.shared_pool {
-            // Shared: no process but the partition's clients may map the
-            // pool (they map only pages they count); this view's entries of
-            // other slots must not stand in the way of other processes.
-            Some(users) => {
-                let _ = self.pool.zap_view();
-                (users.0)().is_none_or(|pids| super::forkguard::others_map(&identity, &pids))
-            }
-            None => super::forkguard::descendants_map(&identity),
-        };
-        if mapped_elsewhere {
+        if self.shared_pool {
+            // A pool shared by several processes keeps its pages while any
+            // of them is connected: a page another process maps without a
+            // page-table entry yet (just merged, not touched) shows in no
+            // mapcount, and freeing it would make that page read zeros. The
+            // daemon frees the pool once its last client is gone. (Freeing
+            // them here, once no other process mapped them by `/proc` and
+            // the mapcount seen through this view, lost pages: 12 and 3 of
+            // 4 x 65,536 read wrong in `bench --workload processes` runs
+            // over the VMA budget; the cause is not found yet.)
             out.extend(slots.iter().map(|_| SlotRelease::Kept));
             return;
         }
-        let shared = self.shared_pool.is_some();
+        let _no_fork = super::forkguard::hold();
+        if super::forkguard::descendants_map(&self.pool.identity()) {
+            out.extend(slots.iter().map(|_| SlotRelease::Kept));
+            return;
+        }
         let reg = lock(&self.registry);
         for &slot in slots {
             out.push(match self.pool.release(slot, &self.pagemap) {
-                Ok(true) if shared || reg.slot_refs.contains_key(&slot) => SlotRelease::Retired,
+                Ok(true) if reg.slot_refs.contains_key(&slot) => SlotRelease::Retired,
                 Ok(true) => SlotRelease::Freed,
                 Ok(false) | Err(_) => SlotRelease::Kept,
             });
-        }
-        drop(reg);
-        if shared {
-            let _ = self.pool.zap_view();
         }
     }
 
