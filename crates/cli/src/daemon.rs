@@ -72,6 +72,15 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                     "pool_slots_in_use": p.slots_in_use,
                     "orphan_slots": p.orphans,
                     "clients": p.clients.iter().map(|(c, pid)| serde_json::json!({"client": c.0, "pid": pid})).collect::<Vec<_>>(),
+                    "processes": p.processes.iter().map(|r| serde_json::json!({
+                        "pid": r.pid,
+                        "ksm_rmap_items": r.ksm_rmap_items,
+                        "ksm_zero_pages": r.ksm_zero_pages,
+                        "ksm_merging_pages": r.ksm_merging_pages,
+                        "ksm_process_profit": r.ksm_process_profit,
+                        "ksm_mergeable": r.ksm_mergeable,
+                        "cpu_seconds": r.cpu_ns as f64 / 1e9,
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -92,6 +101,18 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
             p.orphans,
             p.clients.iter().map(|(_, pid)| *pid).collect::<Vec<_>>()
         );
+        for r in &p.processes {
+            println!(
+                "  pid {}: ksm_rmap_items {} ksm_zero_pages {} ksm_merging_pages {} ksm_process_profit {} ksm_mergeable {}, scanner CPU {:.2} s",
+                r.pid,
+                r.ksm_rmap_items,
+                r.ksm_zero_pages,
+                r.ksm_merging_pages,
+                r.ksm_process_profit,
+                r.ksm_mergeable,
+                r.cpu_ns as f64 / 1e9
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

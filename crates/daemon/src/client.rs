@@ -140,6 +140,11 @@ impl Connection {
         self.client
     }
 
+    /// Tells the daemon this process's figures (`samepage status` shows them).
+    pub fn report(&mut self, r: crate::protocol::ProcessStatus) -> Result<(), ClientError> {
+        self.call(&Request::Report(r)).map(|_| ())
+    }
+
     /// Whether an exchange failed.
     pub fn is_broken(&self) -> bool {
         self.broken

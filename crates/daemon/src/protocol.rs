@@ -55,6 +55,29 @@ pub enum Request {
     ReturnOrphans(Vec<Slot>),
     /// Every partition and client (for `samepage status`).
     Status,
+    /// The client's own figures, as `/proc/PID/ksm_stat` names them.
+    Report(ProcessStatus),
+}
+
+/// A client process's figures, with the kernel's `/proc/PID/ksm_stat` names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    /// The client.
+    pub client: ClientId,
+    /// Its process id (from the kernel's peer credentials).
+    pub pid: i32,
+    /// rmap items of its pages.
+    pub ksm_rmap_items: u64,
+    /// Its pages merged with the kernel's zero page.
+    pub ksm_zero_pages: u64,
+    /// Its pages that map a stable page.
+    pub ksm_merging_pages: u64,
+    /// What merging saves it, net of its metadata (bytes).
+    pub ksm_process_profit: i64,
+    /// Pages it registered as mergeable.
+    pub ksm_mergeable: u64,
+    /// CPU its engine's scanner spent (ns).
+    pub cpu_ns: u64,
 }
 
 /// What the daemon answers.
@@ -127,6 +150,8 @@ pub struct PartitionStatus {
     pub pool_bytes: u64,
     /// Requests its clients made (each a batch).
     pub requests: u64,
+    /// Each client's last report.
+    pub processes: Vec<ProcessStatus>,
     /// Connected clients: id and process id.
     pub clients: Vec<(ClientId, i32)>,
 }

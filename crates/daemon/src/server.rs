@@ -8,7 +8,9 @@
 //! When a connection closes (the process exited, was killed, or dropped its
 //! engine), everything it held is given back ([`Shared::client_gone`]).
 
-use crate::protocol::{encode, read_frame, write_frame, FrameError, PartitionStatus, Request, Response, VERSION};
+use crate::protocol::{
+    encode, read_frame, write_frame, FrameError, PartitionStatus, ProcessStatus, Request, Response, VERSION,
+};
 use rustix::fd::{AsFd, OwnedFd};
 use samepage_core::shared::{ClientId, Shared};
 use std::collections::HashMap;
@@ -49,6 +51,8 @@ struct Partition {
     clients: HashMap<ClientId, i32>,
     /// Requests served.
     requests: u64,
+    /// Each client's last report.
+    reports: HashMap<ClientId, ProcessStatus>,
 }
 
 /// Partitions by user id and domain.
@@ -121,6 +125,7 @@ impl Daemon {
             pool,
             clients: HashMap::new(),
             requests: 0,
+            reports: HashMap::new(),
         }));
         parts.insert((uid, domain), Arc::clone(&p));
         Ok(p)
@@ -176,6 +181,12 @@ impl Daemon {
                 };
                 let resp = match req {
                     Request::Status => Response::Status(self.status()),
+                    Request::Report(r) => {
+                        let mut p = lock(&part);
+                        // The daemon's word for who the client is, not the client's.
+                        p.reports.insert(id, ProcessStatus { client: id, pid, ..r });
+                        Response::Done
+                    }
                     req => {
                         let mut p = lock(&part);
                         p.requests += 1;
@@ -190,6 +201,7 @@ impl Daemon {
         let mut p = lock(&part);
         p.shared.client_gone(id);
         p.clients.remove(&id);
+        p.reports.remove(&id);
         if p.clients.is_empty() {
             p.empty();
         }
@@ -217,6 +229,11 @@ impl Daemon {
                     orphans: p.shared.orphans() as u64,
                     pool_bytes: rustix::fs::fstat(&p.pool).map_or(0, |st| st.st_blocks as u64 * 512),
                     requests: p.requests,
+                    processes: {
+                        let mut r: Vec<ProcessStatus> = p.reports.values().cloned().collect();
+                        r.sort_by_key(|r| r.client);
+                        r
+                    },
                     clients,
                 }
             })
@@ -277,7 +294,7 @@ fn handle(shared: &mut Shared, id: ClientId, req: Request) -> Response {
             shared.return_orphans(&slots);
             Response::Done
         }
-        Request::Hello { .. } | Request::Status => {
+        Request::Hello { .. } | Request::Status | Request::Report(_) => {
             Response::Error { errno: EPROTO, message: "Hello is the first request only".into() }
         }
     }

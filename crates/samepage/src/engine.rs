@@ -107,6 +107,9 @@ pub(crate) struct State {
     excluded: BTreeMap<RegionId, Vec<(Range<u64>, Exclusion)>>,
     next_id: u32,
     stop: bool,
+    /// The daemon connection this engine reports its figures on, and when it
+    /// last did.
+    report: Option<(samepage_daemon::client::SharedConnection, std::cell::Cell<Instant>)>,
 }
 
 impl State {
@@ -216,7 +219,7 @@ impl Engine {
             Box::new(LocalUnstableTree::new()),
             Box::new(LocalPool::new(DEFAULT_POOL_SLOTS)),
         );
-        Self::start(tunables, space, parts, None)
+        Self::start(tunables, space, parts, None, None)
     }
 
     /// Starts an engine that merges with other processes through the daemon
@@ -246,7 +249,7 @@ impl Engine {
             Box::new(RemoteUnstableTree::new(&conn)),
             Box::new(RemotePool::new(&conn)),
         );
-        Self::start(tunables, space, parts, Some(socket.to_path_buf()))
+        Self::start(tunables, space, parts, Some(socket.to_path_buf()), Some(conn))
     }
 
     /// [`Engine::connect`] at the default socket
@@ -261,6 +264,7 @@ impl Engine {
         space: LinuxPageSpace,
         (stable, unstable, pool): (Stable, Unstable, Slots),
         daemon: Option<PathBuf>,
+        report: Option<samepage_daemon::client::SharedConnection>,
     ) -> Result<Engine, Error> {
         let info = EngineInfo {
             uffd_mode: space.uffd_mode(),
@@ -282,6 +286,7 @@ impl Engine {
                 excluded: BTreeMap::new(),
                 next_id: 0,
                 stop: false,
+                report: report.map(|c| (c, std::cell::Cell::new(Instant::now() - Duration::from_secs(1)))),
             }),
             cond: Condvar::new(),
             waiters: AtomicUsize::new(0),
@@ -633,6 +638,24 @@ impl Shared {
             }
         }
         snap.stats = st.space.stats().clone();
+        if let Some((conn, last)) = &st.report {
+            // For `samepage status`: this process's ksm_stat, a few times a second.
+            if last.get().elapsed() >= Duration::from_millis(200) {
+                last.set(Instant::now());
+                let mut r = samepage_daemon::protocol::ProcessStatus {
+                    cpu_ns: self.cpu_ns.load(Ordering::Relaxed),
+                    ksm_mergeable: st.regions.values().map(|(start, end)| ((end - start) / PAGE_SIZE) as u64).sum(),
+                    ..Default::default()
+                };
+                for c in snap.regions.values() {
+                    r.ksm_rmap_items += c.ksm_rmap_items;
+                    r.ksm_zero_pages += c.ksm_zero_pages;
+                    r.ksm_merging_pages += c.ksm_merging_pages;
+                    r.ksm_process_profit += c.ksm_process_profit;
+                }
+                let _ = conn.lock().unwrap_or_else(|e| e.into_inner()).report(r);
+            }
+        }
     }
 
     pub(crate) fn unregister(&self, id: RegionId) -> Result<(), Error> {

@@ -87,6 +87,15 @@ fn two_processes_share_one_pool_page_per_content() {
     wait_for(&socket, "the pool holds one page per content", |p| p.pool_bytes == CONTENTS * PAGE as u64);
     let c = engine.counters().unwrap();
     assert_eq!(c.merges, PAGES as u64, "every page of this process merged: {c:?}");
+    // Each process tells the daemon its ksm_stat figures, under its own pid.
+    wait_for(&socket, "both processes report every page merging", |p| {
+        let mut pids: Vec<i32> =
+            p.processes.iter().filter(|r| r.ksm_merging_pages == PAGES as u64).map(|r| r.pid).collect();
+        pids.sort();
+        let mut want = vec![std::process::id() as i32, child.id() as i32];
+        want.sort();
+        pids == want && p.processes.iter().all(|r| r.ksm_mergeable == PAGES as u64)
+    });
     // The region's anonymous memory is gone: its pages map the daemon's pool.
     assert_eq!(smaps_sum_in("Anonymous", start, end), 0, "merged: no anonymous page left in the region");
     // A write after merging gets a private copy; the other process keeps its bytes.
