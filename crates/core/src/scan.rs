@@ -410,6 +410,50 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         report
     }
 
+    /// Merges pages `range` of region `id` now, whatever `run` says, without
+    /// moving the scan's cursor: merging on request (what upstream proposals
+    /// for a synchronous `MADV_MERGEABLE` ask for). The caller vouches that
+    /// the pages hold still, so they are visited twice: the first visit
+    /// records their checksums (the kernel would wait a full scan for that),
+    /// the second merges them into stable pages or with each other. Returns
+    /// what the visits did.
+    pub fn merge_range(&mut self, space: &mut impl PageSpace, id: RegionId, range: Range<u64>) -> BatchReport {
+        let mut report = BatchReport::default();
+        let Some(range) = self.regions.clip(id, range) else { return report };
+        self.forget_discarded(space);
+        for _ in 0..2 {
+            let mut start = range.start;
+            while start < range.end {
+                let (from, stop) = self.regions.walkable(id, start);
+                let stop = stop.min(range.end);
+                if from >= stop {
+                    start = stop.max(from);
+                    continue;
+                }
+                let mut samples = std::mem::take(&mut self.samples);
+                let mut walk_end = self.next_chunk(space, id, from, SAMPLE_CHUNK, &mut samples).min(stop);
+                if let Some(k) = samples.iter().position(|x| x.index >= stop) {
+                    // Pages past the range stay as they are, but a huge page
+                    // reaching past it is visited whole.
+                    let cut = match samples[k].huge {
+                        Some(f) if k > 0 && samples[k - 1].huge == Some(f) => {
+                            samples[k..].iter().position(|x| x.huge != Some(f)).map_or(samples.len(), |j| k + j)
+                        }
+                        _ => k,
+                    };
+                    samples.truncate(cut);
+                    walk_end = samples.last().map_or(stop, |x| x.index + 1).max(stop);
+                }
+                self.forget_absent(id, from, walk_end, &samples);
+                report.pages_scanned += self.visit_chunk(space, id, &samples);
+                self.samples = samples;
+                self.flush(space, &mut report);
+                start = walk_end.max(from + 1);
+            }
+        }
+        report
+    }
+
     /// Where the scan goes on; at the start of a full scan (after a full
     /// scan, or because the region under the cursor left) the unstable tree
     /// goes, so no page filed there can be visited again while a merge

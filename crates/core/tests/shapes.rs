@@ -109,3 +109,30 @@ fn a_content_held_elsewhere_becomes_a_stable_page_the_other_can_map() {
     assert_eq!(space.read(PageRef { region: id, index: 0 }), common(1), "content kept");
     ksm.check_invariants().unwrap();
 }
+
+/// Merging on request: with `run = 0`, `merge_range` merges the pages of a
+/// range now (two visits: checksums, then merges) and leaves the rest alone.
+#[test]
+fn merge_range_merges_the_range_now_and_nothing_else() {
+    use samepage_core::sim::SimPage;
+    let mut ksm = Ksm::new(Tunables { run: Run::Stop, ..tunables(256) }).unwrap();
+    let mut space = SimPageSpace::new();
+    let id = RegionId(1);
+    space.add_region(id, 64);
+    ksm.add_region(id, 64);
+    for i in 0..64 {
+        space.write(PageRef { region: id, index: i }, 0, &common(1 + (i % 4) as u8));
+    }
+    let r = ksm.merge_range(&mut space, id, 8..40);
+    assert_eq!(r.merged, 32, "{r:?}");
+    let c = ksm.counters();
+    assert_eq!((c.pages_shared, c.pages_sharing), (4, 28), "{c:?}");
+    for i in 0..64 {
+        let merged = matches!(space.page(PageRef { region: id, index: i }), SimPage::Pool(_));
+        assert_eq!(merged, (8..40).contains(&i), "page {i}");
+        assert_eq!(space.read(PageRef { region: id, index: i }), common(1 + (i % 4) as u8));
+    }
+    ksm.check_invariants().unwrap();
+    // The scan's cursor did not move: a later scan starts at the beginning.
+    assert_eq!(ksm.counters().full_scans, 0);
+}

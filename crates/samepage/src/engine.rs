@@ -66,6 +66,15 @@ impl Advice {
     }
 }
 
+/// What [`Engine::merge_now`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// Pages merged.
+    pub pages: u64,
+    /// Bytes merging saved.
+    pub saved_bytes: u64,
+}
+
 /// What the engine runs with, fixed at start.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineInfo {
@@ -449,6 +458,24 @@ impl Engine {
         ksm.release_range(space, id, pages).map_err(Error::Unmerge)?;
         self.shared.publish(&st);
         Ok(())
+    }
+
+    /// Merges `[addr, addr + len)` of registered memory now, whatever `run`
+    /// says (merging on request): its pages are merged into stable pages or
+    /// with each other as the scanner would, without waiting for their
+    /// checksums to hold still over a full scan. Returns the pages merged and
+    /// the bytes that saved (`pages_sharing + ksm_zero_pages` grown, times
+    /// the page size). Refused like [`Engine::discard`] for a range not
+    /// inside one region.
+    pub fn merge_now(&self, addr: *mut u8, len: usize) -> Result<Merged, Error> {
+        let mut st = self.shared.lock()?;
+        let (id, pages) = st.pages_of(addr as usize, len)?;
+        let before = st.ksm.counters().pages_saved();
+        let State { ksm, space, .. } = &mut *st;
+        let r = ksm.merge_range(space, id, pages);
+        let after = st.ksm.counters().pages_saved();
+        self.shared.publish(&st);
+        Ok(Merged { pages: r.merged, saved_bytes: after.saturating_sub(before) * PAGE_SIZE as u64 })
     }
 
     /// Discards `[addr, addr + len)` of registered memory, as

@@ -177,3 +177,32 @@ fn nothing_is_left_after_every_region_is_unregistered() {
     let grew = meminfo("Shmem").saturating_sub(shmem_start);
     assert!(grew < 1 << 20, "Shmem still {grew} bytes above where it started");
 }
+
+/// Merging on request: with `run = 0` nothing merges by itself;
+/// `merge_now` merges the range asked for, right away, and reports what it
+/// saved; the rest of the region stays private; every byte is kept.
+#[test]
+fn merge_now_merges_the_range_asked_for_at_once() {
+    let _g = common::serial();
+    let engine = Engine::new(samepage::Tunables { run: Run::Stop, ..common::fast(256, false) }).unwrap();
+    let region = engine.alloc_region(64 * PAGE).unwrap();
+    for i in 0..64 {
+        region.write(i * PAGE, &common::content(i as u64 % 4)).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(engine.counters().unwrap().pages_sharing, 0, "run = 0 merges nothing by itself");
+    let base = region.as_ptr() as usize;
+    let m = engine.merge_now((base + 16 * PAGE) as *mut u8, 32 * PAGE).unwrap();
+    assert_eq!(m, samepage::Merged { pages: 32, saved_bytes: 28 * PAGE as u64 });
+    let c = engine.counters().unwrap();
+    assert_eq!((c.pages_shared, c.pages_sharing), (4, 28), "{c:?}");
+    assert_eq!(common::smaps_sum_in("Anonymous", base + 16 * PAGE, base + 48 * PAGE), 0, "the range maps the pool");
+    assert_eq!(common::smaps_sum_in("Anonymous", base, base + 16 * PAGE), (16 * PAGE) as u64, "the rest is private");
+    let mut buf = [0u8; PAGE];
+    for i in 0..64 {
+        region.read(i * PAGE, &mut buf).unwrap();
+        assert!(buf == common::content(i as u64 % 4), "page {i}");
+    }
+    let bad = engine.merge_now((base + 1) as *mut u8, PAGE).unwrap_err();
+    assert_eq!(bad.errno(), Some(22), "{bad}");
+}
