@@ -39,7 +39,7 @@ fn status_shows_the_daemons_clients() {
     };
     let v: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
     assert_eq!(v[0]["domain"], 5);
-    assert_eq!(v[0]["uid"], rustix_uid());
+    assert_eq!(v[0]["uid"], my_uid());
     assert_eq!(v[0]["clients"][0]["pid"], std::process::id());
     assert!(status(false).contains(&format!("clients [{}]", std::process::id())));
     drop(conn);
@@ -71,7 +71,7 @@ fn status_shows_the_daemons_clients() {
     let _ = std::fs::remove_file(&socket);
 }
 
-fn rustix_uid() -> u32 {
+fn my_uid() -> u32 {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap()
 }
 

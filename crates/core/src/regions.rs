@@ -118,8 +118,8 @@ impl Regions {
     }
 
     /// Linked pages of `range` of region `id` (none for an unknown region).
-    pub fn linked_in(&self, id: RegionId, range: Range<u64>) -> Vec<(u64, RmapItem)> {
-        self.map.get(&id).map_or_else(Vec::new, |r| r.rmap.linked_in(range.start, range.end).collect())
+    pub fn linked_in(&self, id: RegionId, range: Range<u64>) -> impl Iterator<Item = (u64, RmapItem)> + '_ {
+        self.map.get(&id).into_iter().flat_map(move |r| r.rmap.linked_in(range.start, range.end))
     }
 
     /// Every linked page, region by region.

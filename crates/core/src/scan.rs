@@ -380,12 +380,8 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let mut region_steps = self.regions.len() + 1;
         while budget > 0 && region_steps > 0 {
             let (region, start) = self.cursor_or_new_scan(now_ms);
-            let mut samples = std::mem::take(&mut self.samples);
-            let walk_end = self.next_chunk(space, region, start, budget, &mut samples);
-            self.forget_absent(region, start, walk_end, &samples);
-            budget = budget.saturating_sub(samples.len());
-            report.pages_scanned += self.visit_chunk(space, region, &samples);
-            self.samples = samples;
+            let (walk_end, sampled) = self.scan_chunk(space, region, (start, u64::MAX), budget, &mut report);
+            budget = budget.saturating_sub(sampled);
             if self.batch.len() >= SAMPLE_CHUNK {
                 self.flush(space, &mut report);
             }
@@ -424,31 +420,9 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         for _ in 0..2 {
             let mut start = range.start;
             while start < range.end {
-                let (from, stop) = self.regions.walkable(id, start);
-                let stop = stop.min(range.end);
-                if from >= stop {
-                    start = stop.max(from);
-                    continue;
-                }
-                let mut samples = std::mem::take(&mut self.samples);
-                let mut walk_end = self.next_chunk(space, id, from, SAMPLE_CHUNK, &mut samples).min(stop);
-                if let Some(k) = samples.iter().position(|x| x.index >= stop) {
-                    // Pages past the range stay as they are, but a huge page
-                    // reaching past it is visited whole.
-                    let cut = match samples[k].huge {
-                        Some(f) if k > 0 && samples[k - 1].huge == Some(f) => {
-                            samples[k..].iter().position(|x| x.huge != Some(f)).map_or(samples.len(), |j| k + j)
-                        }
-                        _ => k,
-                    };
-                    samples.truncate(cut);
-                    walk_end = samples.last().map_or(stop, |x| x.index + 1).max(stop);
-                }
-                self.forget_absent(id, from, walk_end, &samples);
-                report.pages_scanned += self.visit_chunk(space, id, &samples);
-                self.samples = samples;
+                let (walk_end, _) = self.scan_chunk(space, id, (start, range.end), SAMPLE_CHUNK, &mut report);
                 self.flush(space, &mut report);
-                start = walk_end.max(from + 1);
+                start = walk_end.max(start + 1);
             }
         }
         report
@@ -469,28 +443,29 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         }
     }
 
-    /// Samples the next present pages of `region` from `start`, at most
-    /// `budget` (and a chunk), stepping over released ranges; a huge page
-    /// cut by the chunk's end is sampled whole. Returns where the walk
-    /// stopped.
+    /// Samples the next present pages of `region` from `start` up to `end`,
+    /// at most `budget` (and a chunk), stepping over released ranges; a huge
+    /// page cut by the chunk's end (or by `end`) is sampled whole. Returns
+    /// where the walk stopped.
     fn next_chunk(
         &mut self,
         space: &mut impl PageSpace,
         region: RegionId,
-        start: u64,
+        (start, end): (u64, u64),
         budget: usize,
         samples: &mut Vec<Sample>,
     ) -> u64 {
         samples.clear();
         let (start, stop) = self.regions.walkable(region, start);
-        if start >= stop {
-            return stop;
+        let bound = stop.min(end);
+        if start >= bound {
+            return start.max(bound);
         }
-        let mut walk_end = match space.sample(region, start, stop, budget.min(SAMPLE_CHUNK), samples) {
-            Ok(e) => e.clamp(start, stop),
+        let mut walk_end = match space.sample(region, start, bound, budget.min(SAMPLE_CHUNK), samples) {
+            Ok(e) => e.clamp(start, bound),
             Err(_) => {
                 self.c.merge_errors += 1;
-                return stop;
+                return bound;
             }
         };
         if let Some(f) = samples.last().and_then(|s| s.huge).filter(|_| walk_end < stop) {
@@ -504,6 +479,26 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             self.more_samples = more;
         }
         walk_end
+    }
+
+    /// One chunk of the walk: samples from `start` (up to `end`), forgets
+    /// the pages found absent, visits the rest. Returns where the walk
+    /// stopped and how many pages were sampled.
+    fn scan_chunk(
+        &mut self,
+        space: &mut impl PageSpace,
+        region: RegionId,
+        (start, end): (u64, u64),
+        budget: usize,
+        report: &mut BatchReport,
+    ) -> (u64, usize) {
+        let mut samples = std::mem::take(&mut self.samples);
+        let walk_end = self.next_chunk(space, region, (start, end), budget, &mut samples);
+        self.forget_absent(region, start, walk_end, &samples);
+        report.pages_scanned += self.visit_chunk(space, region, &samples);
+        let sampled = samples.len();
+        self.samples = samples;
+        (walk_end, sampled)
     }
 
     /// Visits a chunk's samples: runs of small pages, and each huge page as

@@ -60,7 +60,8 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             return Ok(());
         }
         self.unmerge_region(space, id, range.clone())?;
-        for (index, _) in self.regions.linked_in(id, range.clone()) {
+        let linked: Vec<u64> = self.regions.linked_in(id, range.clone()).map(|(i, _)| i).collect();
+        for index in linked {
             // Seen or Unstable: an unstable-tree entry of the page is stale from now on.
             self.regions.relink(PageRef { region: id, index }, RmapItem::default());
         }
@@ -91,7 +92,8 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         }
         space.discard(id, range.clone(), how)?;
         let mut released = Vec::new();
-        for (index, item) in self.regions.linked_in(id, range) {
+        let linked: Vec<(u64, RmapItem)> = self.regions.linked_in(id, range).collect();
+        for (index, item) in linked {
             if let Link::Stable(n) = item.link() {
                 released.push(n);
             }
@@ -132,7 +134,6 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let merged: Vec<(u64, RmapItem)> = self
             .regions
             .linked_in(id, range.clone())
-            .into_iter()
             .filter(|(_, it)| matches!(it.link(), Link::Stable(_) | Link::Zero))
             .collect();
         let indices: Vec<u64> = merged.iter().map(|(i, _)| *i).collect();

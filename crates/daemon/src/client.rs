@@ -117,13 +117,6 @@ impl Connection {
         self.max_page_sharing
     }
 
-    /// Process ids of the partition's clients (who may map its pool).
-    pub fn client_pids(path: &Path, client: ClientId) -> Option<Vec<u32>> {
-        let status = Self::status(path).ok()?;
-        let part = status.into_iter().find(|p| p.clients.iter().any(|(c, _)| *c == client))?;
-        Some(part.clients.iter().map(|(_, pid)| *pid as u32).collect())
-    }
-
     /// The daemon's view of every partition (a connection of its own).
     pub fn status(path: &Path) -> Result<Vec<PartitionStatus>, ClientError> {
         let mut stream = UnixStream::connect(path)

@@ -65,7 +65,7 @@ impl Partition {
     /// client.
     fn empty(&mut self) {
         let ino = rustix::fs::fstat(&self.pool).map_or(0, |st| st.st_ino);
-        if ino == 0 || crate::procmaps::others_map_pool(&format!(" {ino} "), &[]) {
+        if ino == 0 || crate::procmaps::others_map_pool(&format!(" {ino} ")) {
             return;
         }
         let len = rustix::fs::fstat(&self.pool).map_or(0, |st| st.st_size as u64);

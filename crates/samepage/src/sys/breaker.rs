@@ -254,7 +254,7 @@ fn serve_fault(uffd: &Uffd, registry: &Mutex<Registry>, addr: PageAddr, later: &
         // protection goes (the kernel then copies in place) before the
         // registry lets anyone look again.
         if matches!(what, Broken::PoolCopy | Broken::NotMerged) {
-            match uffd.try_write_protect(page, false) {
+            match uffd.write_protect(page, false) {
                 // An event waits to be read first.
                 Err(e) if e.errno == rustix::io::Errno::AGAIN => return Broken::Later,
                 // No longer registered (made anonymous meanwhile): nothing
@@ -272,7 +272,7 @@ fn serve_fault(uffd: &Uffd, registry: &Mutex<Registry>, addr: PageAddr, later: &
             let _ = uffd.wake(page);
         }
         Err(_) => {
-            let _ = uffd.try_write_protect(page, false);
+            let _ = uffd.write_protect(page, false);
             let _ = uffd.wake(page);
         }
     }

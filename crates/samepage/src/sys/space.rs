@@ -432,7 +432,7 @@ impl Registry {
             // The fault may be an old one, the page's protection lifted since
             // (by a window over it): protect it again before copying, so no
             // write lands in it meanwhile.
-            uffd.try_write_protect(page, true)?;
+            uffd.write_protect(page, true)?;
             let tmp = mem::map_anon(1)?;
             // SAFETY: the page is write-protected and maps the pool (or holds
             // a copy the kernel made in place for a waiting write, not yet
@@ -1187,7 +1187,7 @@ impl LinuxPageSpace {
         let probe = self.scratch.range.sub(0, 1);
         let mut out = self.serve_window_events(placed);
         for _ in 0..100_000 {
-            match self.window_uffd.try_write_protect(probe, false) {
+            match self.window_uffd.write_protect(probe, false) {
                 Err(e) if e.errno == Errno::AGAIN => {
                     std::thread::yield_now();
                     out.extend(self.serve_window_events(placed));

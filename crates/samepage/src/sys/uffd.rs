@@ -78,22 +78,23 @@ bitflags! {
 mod request {
     use super::*;
 
-    /// Declares a read-write ioctl request taking `&mut $arg`.
-    macro_rules! rw_request {
-        ($(#[$doc:meta])* $name:ident, $nr:expr, $arg:ty) => {
+    /// Declares an ioctl request taking `&mut $arg`: `read_write` for
+    /// `_IOWR` (the kernel reads and writes the struct), `read` for `_IOR`.
+    macro_rules! request {
+        ($(#[$doc:meta])* $name:ident, $dir:ident, $nr:expr, $arg:ty) => {
             $(#[$doc])*
             pub(super) struct $name<'a>(pub(super) &'a mut $arg);
 
-            // SAFETY: the opcode is `_IOWR(0xAA, nr, $arg)` as in
+            // SAFETY: the opcode is `_IOWR`/`_IOR(0xAA, nr, $arg)` as in
             // <linux/userfaultfd.h>, computed from `$arg`'s size; `as_ptr`
             // points to a live, exclusively borrowed `$arg` that the kernel
-            // may read and write for the duration of the call; the output is
-            // the integer return value only.
+            // may read (and, for `_IOWR`, write) for the duration of the
+            // call; the output is the integer return value only.
             unsafe impl Ioctl for $name<'_> {
                 type Output = IoctlOutput;
                 const IS_MUTATING: bool = true;
                 fn opcode(&self) -> Opcode {
-                    ioctl::opcode::read_write::<$arg>(0xAA, $nr)
+                    ioctl::opcode::$dir::<$arg>(0xAA, $nr)
                 }
                 fn as_ptr(&mut self) -> *mut c_void {
                     std::ptr::from_mut(self.0).cast()
@@ -105,55 +106,30 @@ mod request {
         };
     }
 
-    /// Declares a read-only (`_IOR`) ioctl request taking `&mut $arg`.
-    macro_rules! r_request {
-        ($(#[$doc:meta])* $name:ident, $nr:expr, $arg:ty) => {
-            $(#[$doc])*
-            pub(super) struct $name<'a>(pub(super) &'a mut $arg);
-
-            // SAFETY: the opcode is `_IOR(0xAA, nr, $arg)` as in
-            // <linux/userfaultfd.h>, computed from `$arg`'s size; the kernel
-            // reads the `$arg` that `as_ptr` points to, live for the call.
-            unsafe impl Ioctl for $name<'_> {
-                type Output = IoctlOutput;
-                const IS_MUTATING: bool = true;
-                fn opcode(&self) -> Opcode {
-                    ioctl::opcode::read::<$arg>(0xAA, $nr)
-                }
-                fn as_ptr(&mut self) -> *mut c_void {
-                    std::ptr::from_mut(self.0).cast()
-                }
-                unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
-                    Ok(out)
-                }
-            }
-        };
-    }
-
-    rw_request!(
+    request!(
         /// `UFFDIO_API`: the handshake, features in and out.
-        Api, 0x3F, g::uffdio_api
+        Api, read_write, 0x3F, g::uffdio_api
     );
-    rw_request!(
+    request!(
         /// `UFFDIO_REGISTER`: start delivering a range's faults.
-        Register, 0x00, g::uffdio_register
+        Register, read_write, 0x00, g::uffdio_register
     );
-    r_request!(
+    request!(
         /// `UFFDIO_UNREGISTER`: stop delivering a range's faults (wakes its MISSING waiters).
-        Unregister, 0x01, g::uffdio_range
+        Unregister, read, 0x01, g::uffdio_range
     );
-    r_request!(
+    request!(
         /// `UFFDIO_WAKE`: wake the threads waiting on a range.
-        Wake, 0x02, g::uffdio_range
+        Wake, read, 0x02, g::uffdio_range
     );
-    rw_request!(
+    request!(
         /// `UFFDIO_WRITEPROTECT`: set or lift write protection.
-        WriteProtect, 0x06, g::uffdio_writeprotect
+        WriteProtect, read_write, 0x06, g::uffdio_writeprotect
     );
-    rw_request!(
+    request!(
         /// `UFFDIO_MOVE`: move pages between two anonymous ranges of this
         /// process, refusing pinned or shared ones.
-        Move, 0x05, g::uffdio_move
+        Move, read_write, 0x05, g::uffdio_move
     );
 
     /// `USERFAULTFD_IOC_NEW` (`_IO(0xAA, 0x00)` on `/dev/userfaultfd`): its
@@ -288,19 +264,11 @@ impl Uffd {
         Ok(())
     }
 
-    /// Sets (`protect`) or lifts write protection on `range`. Lifting wakes
-    /// the writers that faulted on it.
+    /// Sets (`protect`) or lifts write protection on `range`, one attempt.
+    /// Lifting wakes the writers that faulted on it. The kernel answers
+    /// `EAGAIN` while an event of this userfaultfd waits to be read: the
+    /// event's reader must not wait for itself, other callers retry.
     pub fn write_protect(&self, range: PageRange, protect: bool) -> Result<(), SysError> {
-        let mut wp =
-            g::uffdio_writeprotect { range: uffd_range(range), mode: if protect { WRITEPROTECT_MODE_WP } else { 0 } };
-        // SAFETY: UFFDIO_WRITEPROTECT on our userfaultfd; the request type fixes the argument.
-        unsafe { ioctl::ioctl(&self.fd, request::WriteProtect(&mut wp)) }.op("ioctl(UFFDIO_WRITEPROTECT)")?;
-        Ok(())
-    }
-
-    /// As [`Uffd::write_protect`], one attempt: `EAGAIN` while an event is
-    /// waiting to be read (for the event's reader, which must not wait for itself).
-    pub fn try_write_protect(&self, range: PageRange, protect: bool) -> Result<(), SysError> {
         let mut wp =
             g::uffdio_writeprotect { range: uffd_range(range), mode: if protect { WRITEPROTECT_MODE_WP } else { 0 } };
         // SAFETY: UFFDIO_WRITEPROTECT on our userfaultfd; the request type fixes the argument.
