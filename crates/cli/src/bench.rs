@@ -539,7 +539,18 @@ fn plot(path: &std::path::Path, name: &str, k: Option<&Figures>, s: &Figures) ->
 
 pub fn run(a: BenchArgs) -> Result<ExitCode> {
     if matches!(a.workload, Kind::Processes) {
-        return crate::processes::run(a.processes, a.size, a.distinct, a.seed, a.json);
+        return crate::processes::run(&crate::processes::Options {
+            n: a.processes,
+            size: a.size,
+            distinct: a.distinct,
+            seed: a.seed,
+            json: a.json,
+            samepage_only: a.samepage_only,
+            timeout: std::time::Duration::from_secs(a.timeout),
+            pages_to_scan: a.pages_to_scan,
+            max_page_sharing: a.max_page_sharing,
+            use_zero_pages: a.use_zero_pages,
+        });
     }
     let kinds = match a.workload {
         Kind::All => vec![Kind::Mix, Kind::Files, Kind::FilesScattered, Kind::Unique],

@@ -10,17 +10,63 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// `samepage daemon`.
+/// `samepage daemon`: the system-wide tunables, with the kernel's names
+/// and meanings (`samepage set` changes them while it runs).
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
     /// The socket to listen on [default: /run/samepage/samepage.sock as
     /// root, $XDG_RUNTIME_DIR/samepage.sock otherwise].
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// `max_page_sharing` of every partition (2 or more), as the kernel's
-    /// tunable.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(2..))]
+    /// run: 0 stop, 1 merge (each process still opts in), 2 unmerge everything.
+    #[arg(long, default_value_t = 1)]
+    run: u32,
+    /// pages_to_scan: pages scanned per batch, machine-wide, shared out
+    /// across the processes in proportion to their mergeable memory.
+    #[arg(long, default_value_t = 100)]
+    pages_to_scan: u32,
+    /// sleep_millisecs: sleep between batches.
+    #[arg(long, default_value_t = 20)]
+    sleep_ms: u32,
+    /// max_page_sharing: most mappings of one stable page (2 to 2147483647).
+    #[arg(long, default_value_t = 256)]
     max_page_sharing: u32,
+    /// use_zero_pages: merge empty pages with the kernel's zero page.
+    #[arg(long)]
+    use_zero_pages: bool,
+    /// smart_scan: skip pages that keep failing to merge.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    smart_scan: bool,
+    /// stable_node_chains_prune_millisecs.
+    #[arg(long, default_value_t = 2000)]
+    stable_node_chains_prune_ms: u32,
+}
+
+/// `samepage set`.
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    /// The daemon's socket [default: as `samepage daemon`].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// NAME=VALUE with the kernel's names and values (`run=2`,
+    /// `pages_to_scan=1000`, `max_page_sharing=64`, ...), applied in order.
+    #[arg(required = true)]
+    settings: Vec<String>,
+}
+
+/// `samepage merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The process whose mergeable memory merges now (its engine must be a
+    /// client of the daemon).
+    #[arg(long)]
+    pid: i32,
+    /// The daemon's socket [default: as `samepage daemon`].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Give up waiting for the process's answer after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 /// `samepage status`.
@@ -48,16 +94,83 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
     // Every user may connect: each gets partitions of its own (by the
     // kernel's peer credentials), never another user's.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
-    eprintln!("samepage daemon: listening on {} (max_page_sharing {})", path.display(), a.max_page_sharing);
-    let daemon = Daemon::new(Config { max_page_sharing: a.max_page_sharing, ..Config::default() });
+    let mut t = samepage::Tunables::default();
+    for (name, value) in [
+        ("run", a.run.to_string()),
+        ("pages_to_scan", a.pages_to_scan.to_string()),
+        ("sleep_millisecs", a.sleep_ms.to_string()),
+        ("max_page_sharing", a.max_page_sharing.to_string()),
+        ("use_zero_pages", u32::from(a.use_zero_pages).to_string()),
+        ("smart_scan", u32::from(a.smart_scan).to_string()),
+        ("stable_node_chains_prune_millisecs", a.stable_node_chains_prune_ms.to_string()),
+    ] {
+        t.set(name, &value).map_err(|e| crate::args::UsageError(e.to_string()))?;
+    }
+    eprintln!(
+        "samepage daemon: listening on {} (run {}, pages_to_scan {}, sleep_millisecs {}, max_page_sharing {}, use_zero_pages {})",
+        path.display(),
+        t.run.as_u32(),
+        t.pages_to_scan,
+        t.sleep_millisecs,
+        t.max_page_sharing,
+        u32::from(t.use_zero_pages)
+    );
+    let daemon = Daemon::new(Config { tunables: t, ..Config::default() });
     daemon.serve(&listener).context("accepting clients")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sets the daemon's tunables, then prints them all.
+pub fn set(a: SetArgs) -> Result<ExitCode> {
+    let path = a.socket.unwrap_or_else(samepage_daemon::default_socket);
+    let mut now = None;
+    for s in &a.settings {
+        let (name, value) = s
+            .split_once('=')
+            .ok_or_else(|| crate::args::UsageError(format!("{s:?} is not NAME=VALUE (e.g. pages_to_scan=1000)")))?;
+        let t = Connection::set(&path, name.trim(), value.trim())
+            .with_context(|| format!("setting {} at the daemon at {}", name.trim(), path.display()))?;
+        now = Some(t);
+    }
+    if let Some(t) = now {
+        for (name, value) in t.named() {
+            println!("{name} {value}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Orders a merge of process `pid` through the daemon and waits for its outcome.
+pub fn merge(a: MergeArgs) -> Result<ExitCode> {
+    let path = a.socket.unwrap_or_else(samepage_daemon::default_socket);
+    let ids = Connection::merge_pid(&path, a.pid)
+        .with_context(|| format!("asking the daemon at {} to merge process {}", path.display(), a.pid))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.timeout);
+    loop {
+        let parts = Connection::status(&path).with_context(|| format!("asking the daemon at {}", path.display()))?;
+        let done: Vec<_> = parts
+            .iter()
+            .flat_map(|p| &p.processes)
+            .filter_map(|r| r.merged_now.filter(|m| ids.contains(&m.id)))
+            .collect();
+        if done.len() == ids.len() {
+            let pages: u64 = done.iter().map(|m| m.pages).sum();
+            let saved: u64 = done.iter().map(|m| m.saved_bytes).sum();
+            println!("process {}: {pages} pages merged, {saved} bytes saved", a.pid);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("process {} did not answer within {} s (is its engine stopped?)", a.pid, a.timeout);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Prints the daemon's partitions and clients.
 pub fn status(a: StatusArgs) -> Result<ExitCode> {
     let path = a.socket.unwrap_or_else(samepage_daemon::default_socket);
     let parts = Connection::status(&path).with_context(|| format!("asking the daemon at {}", path.display()))?;
+    let tunables = Connection::tunables(&path).with_context(|| format!("asking the daemon at {}", path.display()))?;
     if a.json {
         let v: Vec<serde_json::Value> = parts
             .iter()
@@ -84,10 +197,14 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        let t: serde_json::Map<String, serde_json::Value> =
+            tunables.named().into_iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v))).collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"tunables": t, "partitions": v}))?);
         return Ok(ExitCode::SUCCESS);
     }
     println!("samepage daemon at {}: {} partition(s)", path.display(), parts.len());
+    let named = tunables.named();
+    println!("tunables: {}", named.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
     for p in &parts {
         println!(
             "uid {} domain {}: pages_shared {} pages_sharing {} stable_node_chains {} stable_node_dups {}, pool slots {} (orphans {}), clients {:?}",

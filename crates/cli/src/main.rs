@@ -43,6 +43,13 @@ enum Cmd {
     Daemon(daemon::DaemonArgs),
     /// The daemon's partitions: counters with the kernel's names, clients.
     Status(daemon::StatusArgs),
+    /// Change the daemon's system-wide tunables while it runs, by their
+    /// kernel names (as writing /sys/kernel/mm/ksm/NAME): root or the
+    /// daemon's user only.
+    Set(daemon::SetArgs),
+    /// Merge a process's mergeable memory now, through the daemon, and
+    /// print what it saved.
+    Merge(daemon::MergeArgs),
     /// A process of `bench --workload processes` (run by it, not by hand).
     #[command(hide = true)]
     Worker(processes::WorkerArgs),
@@ -63,6 +70,8 @@ fn main() -> ExitCode {
         Cmd::Torture(a) => torture::run(a),
         Cmd::Daemon(a) => daemon::run(a),
         Cmd::Status(a) => daemon::status(a),
+        Cmd::Set(a) => daemon::set(a),
+        Cmd::Merge(a) => daemon::merge(a),
         Cmd::Worker(a) => processes::worker(a),
     };
     match r {

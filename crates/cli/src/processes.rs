@@ -72,7 +72,8 @@ pub fn worker(a: WorkerArgs) -> Result<std::process::ExitCode> {
     let mut scanned = 0;
     let bad = match &a.socket {
         Some(socket) => {
-            let t = Tunables { run: Run::Stop, pages_to_scan: 20_000, sleep_millisecs: 0, ..Tunables::default() };
+            // The daemon's tunables apply; this process starts merging on `go`.
+            let t = Tunables { run: Run::Stop, ..Tunables::default() };
             let engine = Engine::connect(socket, Domain::default(), t)?;
             let region = engine.alloc_region(bytes)?;
             w.write_into(&region);
@@ -147,23 +148,61 @@ pub struct Figures {
     pub requests_per_page_scanned: Option<f64>,
 }
 
+/// What `bench --workload processes` runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Processes.
+    pub n: u64,
+    /// Bytes of all of them together.
+    pub size: u64,
+    /// Distinct contents of the shared copies.
+    pub distinct: u64,
+    /// Seed of the layouts.
+    pub seed: u64,
+    /// JSON on stdout.
+    pub json: bool,
+    /// samepage's side alone.
+    pub samepage_only: bool,
+    /// Give up waiting for convergence after this long.
+    pub timeout: Duration,
+    /// `pages_to_scan` of both sides (machine-wide: ksmd's, the daemon's).
+    pub pages_to_scan: u32,
+    /// `max_page_sharing` of both sides.
+    pub max_page_sharing: u32,
+    /// `use_zero_pages` of both sides.
+    pub use_zero_pages: bool,
+}
+
 /// Runs N workers on one side and measures it.
-fn run_side(kernel: bool, n: u64, size: u64, distinct: u64, seed: u64) -> Result<Figures> {
+fn run_side(kernel: bool, o: &Options, per: u64) -> Result<Figures> {
+    let (n, size, distinct, seed) = (o.n, per, o.distinct, o.seed);
     let mut ksm = None;
     let mut socket = None;
     if kernel {
         let k = KernelKsm::take()?;
-        for (name, v) in
-            [("pages_to_scan", "20000"), ("sleep_millisecs", "0"), ("max_page_sharing", "256"), ("use_zero_pages", "0")]
-        {
-            k.set(name, v)?;
+        for (name, v) in [
+            ("pages_to_scan", o.pages_to_scan.to_string()),
+            ("sleep_millisecs", "0".to_string()),
+            ("max_page_sharing", o.max_page_sharing.to_string()),
+            ("use_zero_pages", u32::from(o.use_zero_pages).to_string()),
+        ] {
+            k.set(name, &v)?;
         }
         ksm = Some(k);
     } else {
         let path = std::env::temp_dir().join(format!("samepage-bench-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = std::os::unix::net::UnixListener::bind(&path)?;
-        let daemon = Daemon::new(Config::default());
+        // The daemon's tunables, as ksmd's: one machine-wide rate.
+        let tunables = Tunables {
+            run: Run::Merge,
+            pages_to_scan: o.pages_to_scan,
+            sleep_millisecs: 0,
+            max_page_sharing: o.max_page_sharing,
+            use_zero_pages: o.use_zero_pages,
+            ..Tunables::default()
+        };
+        let daemon = Daemon::new(Config { tunables, ..Config::default() });
         std::thread::Builder::new().name("samepage-daemon".into()).spawn(move || daemon.serve(&listener))?;
         socket = Some(path);
     }
@@ -216,7 +255,7 @@ fn run_side(kernel: bool, n: u64, size: u64, distinct: u64, seed: u64) -> Result
         Some(k) => k.ksmd_cpu().saturating_sub(ksmd0),
         None => (pids.iter().map(|&p| cpu_of(p)).sum::<Duration>() + cpu_of(std::process::id())).saturating_sub(cpu0),
     };
-    while changed.elapsed() < Duration::from_secs(3) && t0.elapsed() < Duration::from_secs(300) {
+    while changed.elapsed() < Duration::from_secs(3) && t0.elapsed() < o.timeout {
         std::thread::sleep(Duration::from_millis(20));
         let now = poll(&ksm)?;
         if (now.0, now.1, now.2) != (last.0, last.1, last.2) {
@@ -260,22 +299,28 @@ fn run_side(kernel: bool, n: u64, size: u64, distinct: u64, seed: u64) -> Result
 }
 
 /// `samepage bench --workload processes --processes N`.
-pub fn run(n: u64, size: u64, distinct: u64, seed: u64, json: bool) -> Result<std::process::ExitCode> {
+pub fn run(o: &Options) -> Result<std::process::ExitCode> {
+    let (n, json) = (o.n, o.json);
     if n < 2 {
         bail!(crate::args::UsageError(format!("--processes {n} is out of range: 2 or more")));
     }
-    let per = size / n;
-    let all: Vec<Content> = (0..n).flat_map(|i| workload(per, distinct, seed, i).pages).collect();
-    let expected = Workload { name: String::new(), pages: all, files: Vec::new() }.expected(256, false);
+    let per = o.size / n;
+    let all: Vec<Content> = (0..n).flat_map(|i| workload(per, o.distinct, o.seed, i).pages).collect();
+    let expected = Workload { name: String::new(), pages: all, files: Vec::new() }
+        .expected(o.max_page_sharing as u64, o.use_zero_pages);
     eprintln!("processes: {n} x {} MiB; expected pages_shared {}, pages_sharing {}", per >> 20, expected.0, expected.1);
-    let kernel = match run_side(true, n, per, distinct, seed) {
-        Ok(f) => Some(f),
-        Err(e) => {
-            eprintln!("kernel side skipped: {e:#}");
-            None
+    let kernel = if o.samepage_only {
+        None
+    } else {
+        match run_side(true, o, per) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("kernel side skipped: {e:#}");
+                None
+            }
         }
     };
-    let samepage = run_side(false, n, per, distinct, seed)?;
+    let samepage = run_side(false, o, per)?;
     let ok = samepage.bad_pages == 0 && kernel.as_ref().is_none_or(|k| k.bad_pages == 0);
     if json {
         let v = serde_json::json!({

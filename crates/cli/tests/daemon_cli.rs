@@ -38,15 +38,16 @@ fn status_shows_the_daemons_clients() {
         String::from_utf8(out.stdout).unwrap()
     };
     let v: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
-    assert_eq!(v[0]["domain"], 5);
-    assert_eq!(v[0]["uid"], my_uid());
-    assert_eq!(v[0]["clients"][0]["pid"], std::process::id());
+    assert_eq!(v["partitions"][0]["domain"], 5);
+    assert_eq!(v["partitions"][0]["uid"], my_uid());
+    assert_eq!(v["partitions"][0]["clients"][0]["pid"], std::process::id());
+    assert_eq!(v["tunables"]["max_page_sharing"], "64");
     assert!(status(false).contains(&format!("clients [{}]", std::process::id())));
     drop(conn);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
-        if v[0]["clients"].as_array().unwrap().is_empty() {
+        if v["partitions"][0]["clients"].as_array().unwrap().is_empty() {
             break;
         }
         assert!(Instant::now() < deadline, "the client never left: {v}");
@@ -68,6 +69,99 @@ fn status_shows_the_daemons_clients() {
     }
     again.kill().unwrap();
     again.wait().unwrap();
+    let _ = std::fs::remove_file(&socket);
+}
+
+/// `samepage set` changes the daemon's tunables as writing the kernel's
+/// sysfs files does (refusals with the kernel's messages, `max_page_sharing`
+/// busy while stable pages exist), a connected engine follows them (its
+/// share of `pages_to_scan`, `run = 2` unmerging everything), and `samepage
+/// merge --pid` merges a process's memory at once and prints what it saved.
+#[test]
+fn set_and_merge_through_the_daemon() {
+    use samepage::{Domain, Engine, Run, Tunables};
+    let socket = std::env::temp_dir().join(format!("samepage-cli-set-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(["daemon", "--socket"])
+        .arg(&socket)
+        .args(["--pages-to-scan", "500", "--sleep-ms", "50"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let engine = loop {
+        // run = 0 in this process: nothing merges until asked.
+        match Engine::connect(&socket, Domain(9), Tunables { run: Run::Stop, ..Tunables::default() }) {
+            Ok(e) => break e,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "the daemon never listened: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let t = engine.tunables().unwrap();
+    assert_eq!((t.sleep_millisecs, t.run), (50, Run::Stop), "the daemon's tunables, this process's run");
+    let region = engine.alloc_region(64 * 4096).unwrap();
+    for i in 0..64 {
+        region.write(i * 4096, &[(i % 4) as u8 + 1; 4096]).unwrap();
+    }
+    let cli = |args: &[&str]| {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_samepage")).args(args).arg("--socket").arg(&socket).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let pid = std::process::id().to_string();
+    let (ok, out, err) = cli(&["merge", "--pid", &pid]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("{} bytes saved", 60 * 4096)), "64 pages of 4 contents: {out}");
+    for i in 0..64 {
+        let mut b = [0u8; 4096];
+        region.read(i * 4096, &mut b).unwrap();
+        assert_eq!(b, [(i % 4) as u8 + 1; 4096], "page {i}");
+    }
+    let (ok, _, err) = cli(&["merge", "--pid", "1"]);
+    assert!(!ok && err.contains("no engine connected"), "{err}");
+
+    let (ok, out, err) = cli(&["set", "pages_to_scan=1234"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("pages_to_scan 1234"), "{out}");
+    let (ok, _, err) = cli(&["set", "max_page_sharing=1"]);
+    assert!(!ok && err.contains("max_page_sharing = 1") && err.contains("2 to 2147483647"), "{err}");
+    let (ok, _, err) = cli(&["set", "max_page_sharing=32"]);
+    assert!(!ok && err.contains("errno 16"), "busy while stable pages exist: {err}");
+    let (ok, _, err) = cli(&["set", "sleep_millisecs=x"]);
+    assert!(!ok && err.contains("errno 22"), "{err}");
+    // The only client scans the whole machine-wide rate.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.tunables().unwrap().pages_to_scan != 1234 {
+        assert!(Instant::now() < deadline, "the engine never took the new pages_to_scan");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // run = 2 unmerges every process's pages.
+    let (ok, _, err) = cli(&["set", "run=2"]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.counters().unwrap().pages_sharing + engine.counters().unwrap().pages_shared > 0 {
+        assert!(Instant::now() < deadline, "run = 2 never unmerged: {:?}", engine.counters());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for i in 0..64 {
+        let mut b = [0u8; 4096];
+        region.read(i * 4096, &mut b).unwrap();
+        assert_eq!(b, [(i % 4) as u8 + 1; 4096], "page {i} after run = 2");
+    }
+    let (ok, out, err) = cli(&["set", "max_page_sharing=32"]);
+    assert!(ok, "no stable page left: {err}");
+    assert!(out.contains("max_page_sharing 32"), "{out}");
+    drop(region);
+    drop(engine);
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
     let _ = std::fs::remove_file(&socket);
 }
 

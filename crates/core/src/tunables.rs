@@ -5,6 +5,7 @@ use thiserror::Error;
 
 /// `run`: what the scanner does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum Run {
     /// 0: stop scanning, keep merged pages merged.
     #[default]
@@ -42,6 +43,7 @@ impl Run {
 
 /// `advisor_mode`: who sets `pages_to_scan`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum AdvisorMode {
     /// `none`: the user does (the default).
     #[default]
@@ -108,6 +110,7 @@ impl TunableError {
 
 /// The tunables of one engine. Field names are the kernel's sysfs names.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Tunables {
     /// `run`: 0 stop, 1 merge, 2 unmerge (default 0, as the kernel's).
     pub run: Run,
@@ -205,6 +208,32 @@ impl Tunables {
             });
         }
         Ok(())
+    }
+
+    /// Every tunable by its sysfs name, with the value as the kernel's
+    /// sysfs file shows it (`advisor_mode` as `[none] scan-time`).
+    pub fn named(&self) -> Vec<(&'static str, String)> {
+        let b = |v: bool| u32::from(v).to_string();
+        let mode = match self.advisor_mode {
+            AdvisorMode::None => "[none] scan-time",
+            AdvisorMode::ScanTime => "none [scan-time]",
+        };
+        vec![
+            ("run", self.run.as_u32().to_string()),
+            ("pages_to_scan", self.pages_to_scan.to_string()),
+            ("sleep_millisecs", self.sleep_millisecs.to_string()),
+            ("max_page_sharing", self.max_page_sharing.to_string()),
+            ("use_zero_pages", b(self.use_zero_pages)),
+            ("stable_node_chains_prune_millisecs", self.stable_node_chains_prune_millisecs.to_string()),
+            ("smart_scan", b(self.smart_scan)),
+            ("stable_node_defrag", b(self.stable_node_defrag)),
+            ("thp_split_min_subpages", self.thp_split_min_subpages.to_string()),
+            ("advisor_mode", mode.to_string()),
+            ("advisor_max_cpu", self.advisor_max_cpu.to_string()),
+            ("advisor_target_scan_time", self.advisor_target_scan_time.to_string()),
+            ("advisor_min_pages_to_scan", self.advisor_min_pages_to_scan.to_string()),
+            ("advisor_max_pages_to_scan", self.advisor_max_pages_to_scan.to_string()),
+        ]
     }
 
     /// Sets one tunable from its sysfs text, validated as the kernel does.
@@ -330,6 +359,17 @@ mod tests {
         t.set("use_zero_pages", "y").unwrap();
         t.set("run", "2").unwrap();
         assert_eq!((t.max_page_sharing, t.use_zero_pages, t.run), (2, true, Run::Unmerge));
+    }
+
+    #[test]
+    fn every_named_value_reads_back() {
+        let t = Tunables { run: Run::Merge, use_zero_pages: true, max_page_sharing: 7, ..Tunables::default() };
+        let mut u = Tunables::default();
+        for (name, value) in t.named() {
+            let value = if name == "advisor_mode" { "none".to_string() } else { value };
+            u.set(name, &value).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        assert_eq!(u, t);
     }
 
     #[test]

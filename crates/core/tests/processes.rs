@@ -179,6 +179,12 @@ impl Machine {
             }
         }
         assert!(linked.is_empty(), "pages link dead nodes: {linked:?}");
+        // A page maps only the slot of a live node: a pool page is freed
+        // when its node dies, whoever maps it.
+        let live: std::collections::BTreeSet<_> = nodes.iter().map(|n| n.slot).collect();
+        for slot in maps.keys() {
+            assert!(live.contains(slot), "{slot:?} mapped without a node: {:?}", maps[slot]);
+        }
         let orphans = self.shared.borrow().orphans();
         assert_eq!(self.space.pool_pages(), nodes.len() + orphans, "pool pages without a node");
         assert!(self.space.pool_unchanged());
@@ -289,10 +295,12 @@ proptest! {
         steps in prop::collection::vec(step(), 1..60),
         max_page_sharing in 2u32..6,
         use_zero_pages in any::<bool>(),
+        map_budget in prop::option::of(0u64..400),
     ) {
         let mut t = tunables(max_page_sharing, use_zero_pages);
         t.pages_to_scan = 37;
         let mut m = Machine::new(3, &t);
+        m.space.map_budget = map_budget;
         for s in steps {
             match s {
                 Step::Write { p, i, which } => m.write(p, i, if which < 5 { common(which) } else { content(p, i) }),

@@ -9,14 +9,14 @@
 //! daemon that held them is gone). The engine's merged pages stay mapped and
 //! byte-exact; nothing new merges until the process connects again.
 
-use crate::protocol::{read_frame, write_frame, FrameError, PartitionStatus, Request, Response, VERSION};
+use crate::protocol::{read_frame, write_frame, FrameError, Orders, PartitionStatus, Request, Response, VERSION};
 use rustix::fd::OwnedFd;
 use samepage_core::pool::{SlotHint, StablePool};
 use samepage_core::shared::ClientId;
 use samepage_core::stable::{NodeInfo, StableOp, StableReply, StableStats, StableTree};
 use samepage_core::tunables::TunableError;
 use samepage_core::unstable::{UnstableOp, UnstableReply, UnstableTree};
-use samepage_core::Slot;
+use samepage_core::{Slot, Tunables};
 use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -117,13 +117,50 @@ impl Connection {
         self.max_page_sharing
     }
 
-    /// The daemon's view of every partition (a connection of its own).
-    pub fn status(path: &Path) -> Result<Vec<PartitionStatus>, ClientError> {
+    /// One request on a connection of its own (no Hello: requests about
+    /// the whole daemon).
+    fn once(path: &Path, req: &Request) -> Result<Response, ClientError> {
         let mut stream = UnixStream::connect(path)
             .map_err(|source| ClientError::Connect { path: path.display().to_string(), source })?;
-        write_frame(&mut stream, &Request::Status)?;
+        write_frame(&mut stream, req)?;
         match read_frame::<Response>(&mut stream)? {
+            Response::Error { errno, message } => Err(ClientError::Refused { errno, message }),
+            r => Ok(r),
+        }
+    }
+
+    /// The daemon's view of every partition (a connection of its own).
+    pub fn status(path: &Path) -> Result<Vec<PartitionStatus>, ClientError> {
+        match Self::once(path, &Request::Status)? {
             Response::Status(s) => Ok(s),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The system-wide tunables of the daemon at `path`.
+    pub fn tunables(path: &Path) -> Result<Tunables, ClientError> {
+        match Self::once(path, &Request::Tunables)? {
+            Response::Tunables(t) => Ok(t),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sets a system-wide tunable of the daemon at `path` by its sysfs name;
+    /// returns the tunables now in force. Refused as the kernel's sysfs
+    /// refuses (its errno), and `EACCES` for users other than root and the
+    /// daemon's own.
+    pub fn set(path: &Path, name: &str, value: &str) -> Result<Tunables, ClientError> {
+        match Self::once(path, &Request::Set { name: name.into(), value: value.into() })? {
+            Response::Tunables(t) => Ok(t),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Orders the engines of process `pid` to merge everything now; returns
+    /// the orders' ids (their outcomes come in the process's status).
+    pub fn merge_pid(path: &Path, pid: i32) -> Result<Vec<u64>, ClientError> {
+        match Self::once(path, &Request::MergePid(pid))? {
+            Response::MergeOrdered(ids) => Ok(ids),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -133,9 +170,14 @@ impl Connection {
         self.client
     }
 
-    /// Tells the daemon this process's figures (`samepage status` shows them).
-    pub fn report(&mut self, r: crate::protocol::ProcessStatus) -> Result<(), ClientError> {
-        self.call(&Request::Report(r)).map(|_| ())
+    /// Tells the daemon this process's figures (`samepage status` shows
+    /// them); the daemon answers with the tunables in force, this
+    /// process's share of `pages_to_scan` and any merge it ordered.
+    pub fn report(&mut self, r: crate::protocol::ProcessStatus) -> Result<Orders, ClientError> {
+        match self.call(&Request::Report(r))? {
+            Response::Orders(o) => Ok(o),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// Whether an exchange failed.

@@ -3,21 +3,21 @@
 //! touched a page (a forked child) has no page-table entry that the page's
 //! mapcount would show.
 
-/// Whether a process other than this one maps a file whose
-/// `/proc/PID/maps` lines contain `identity` (a pool's inode between spaces)
-/// and the name `samepage-pool`.
+/// Whether a process other than this one and those in `allowed` maps a
+/// file whose `/proc/PID/maps` lines contain `identity` (a pool's inode
+/// between spaces) and the name `samepage-pool`.
 ///
 /// A process whose maps cannot be read counts as mapping it, unless it
 /// started before this process: the pool's memfd did not exist then, so it
 /// cannot have inherited a mapping of it (some processes, such as a
 /// container's init, keep their maps from root too).
-pub fn others_map_pool(identity: &str) -> bool {
+pub fn others_map_pool(identity: &str, allowed: &[u32]) -> bool {
     let me = std::process::id();
     let my_start = start_ticks(me);
     let Ok(procs) = std::fs::read_dir("/proc") else { return true };
     for p in procs.flatten() {
         let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        if pid == me {
+        if pid == me || allowed.contains(&pid) {
             continue;
         }
         match std::fs::read_to_string(p.path().join("maps")) {
@@ -55,7 +55,7 @@ mod tests {
 
     #[test]
     fn a_pool_nobody_maps_is_not_mapped_and_start_times_read() {
-        assert!(!others_map_pool(" 0 no-such-inode "));
+        assert!(!others_map_pool(" 0 no-such-inode ", &[]));
         assert!(start_ticks(std::process::id()).is_some());
         assert!(start_ticks(1).is_some_and(|t| t <= start_ticks(std::process::id()).unwrap()));
     }

@@ -8,7 +8,7 @@ use samepage_core::pool::SlotHint;
 use samepage_core::shared::ClientId;
 use samepage_core::stable::{NodeInfo, StableOp, StableReply, StableStats};
 use samepage_core::unstable::{UnstableOp, UnstableReply};
-use samepage_core::Slot;
+use samepage_core::{Slot, Tunables};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
 
@@ -55,8 +55,55 @@ pub enum Request {
     ReturnOrphans(Vec<Slot>),
     /// Every partition and client (for `samepage status`).
     Status,
-    /// The client's own figures, as `/proc/PID/ksm_stat` names them.
+    /// The client's own figures, as `/proc/PID/ksm_stat` names them;
+    /// answered with [`Response::Orders`].
     Report(ProcessStatus),
+    /// Sets a system-wide tunable by its sysfs name (`samepage set`):
+    /// validated as the kernel does (same errno); only root and the
+    /// daemon's own user may (`EACCES`, as writing `/sys/kernel/mm/ksm`).
+    Set {
+        /// The tunable's sysfs name.
+        name: String,
+        /// Its value, as written to the sysfs file.
+        value: String,
+    },
+    /// The system-wide tunables.
+    Tunables,
+    /// Merge every mergeable page of process `pid` now (`samepage merge
+    /// --pid`): answered with the orders' ids ([`Response::MergeOrdered`]);
+    /// the process reports the outcome ([`ProcessStatus::merged_now`]).
+    MergePid(i32),
+}
+
+/// What the daemon tells a client when it reports (a few times a second).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orders {
+    /// The system-wide tunables in force.
+    pub tunables: Tunables,
+    /// This client's share of `pages_to_scan`: the machine-wide rate shared
+    /// out in proportion to the pages each client registered, as ksmd's
+    /// one scan over every process's memory gives each process.
+    pub pages_to_scan: u32,
+    /// Merge everything now, under this order's id.
+    pub merge_now: Option<u64>,
+    /// The processes of the client's partition: the only ones that may map
+    /// its pool (a client frees a pool page only while no other process
+    /// does, such as a client's forked child, whose mappings no page-table
+    /// entry may show yet).
+    pub pool_users: Vec<u32>,
+}
+
+/// The outcome of a merge ordered by `samepage merge --pid`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeOutcome {
+    /// The order's id.
+    pub id: u64,
+    /// Pages merged.
+    pub pages: u64,
+    /// Bytes saved (pages that now share a stable page or the zero page).
+    pub saved_bytes: u64,
+    /// The errno if the merge failed.
+    pub errno: Option<i32>,
 }
 
 /// A client process's figures, with the kernel's `/proc/PID/ksm_stat` names.
@@ -78,6 +125,8 @@ pub struct ProcessStatus {
     pub ksm_mergeable: u64,
     /// CPU its engine's scanner spent (ns).
     pub cpu_ns: u64,
+    /// The last merge ordered through the daemon, once done.
+    pub merged_now: Option<MergeOutcome>,
 }
 
 /// What the daemon answers.
@@ -122,6 +171,12 @@ pub enum Response {
     Pruned(u64),
     /// Orphan slots.
     Orphans(Vec<Slot>),
+    /// The system-wide tunables.
+    Tunables(Tunables),
+    /// For a [`Request::Report`].
+    Orders(Orders),
+    /// The ids of the merges ordered, one per engine of the process.
+    MergeOrdered(Vec<u64>),
     /// The daemon's view.
     Status(Vec<PartitionStatus>),
     /// Refused: an errno and why.

@@ -9,31 +9,39 @@
 //! engine), everything it held is given back ([`Shared::client_gone`]).
 
 use crate::protocol::{
-    encode, read_frame, write_frame, FrameError, PartitionStatus, ProcessStatus, Request, Response, VERSION,
+    encode, read_frame, write_frame, FrameError, Orders, PartitionStatus, ProcessStatus, Request, Response, VERSION,
 };
 use rustix::fd::{AsFd, OwnedFd};
 use samepage_core::shared::{ClientId, Shared};
+use samepage_core::Tunables;
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const EPROTO: i32 = 71;
+const EACCES: i32 = 13;
+const ESRCH: i32 = 3;
+const EBUSY: i32 = 16;
 
 /// The daemon's settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Config {
-    /// `max_page_sharing` of new partitions.
-    pub max_page_sharing: u32,
+    /// The system-wide tunables at start (`run`, `pages_to_scan`,
+    /// `sleep_millisecs`, `max_page_sharing`, ... with the kernel's
+    /// meanings; `samepage set` changes them while the daemon runs).
+    pub tunables: Tunables,
     /// Slots of each partition's pool.
     pub pool_slots: u64,
 }
 
 impl Default for Config {
+    /// The kernel's defaults, except `run` = 1: starting the daemon is the
+    /// administrator's choice to merge (each process still opts in).
     fn default() -> Self {
         Config {
-            max_page_sharing: samepage_core::Tunables::default().max_page_sharing,
+            tunables: Tunables { run: samepage_core::Run::Merge, ..Tunables::default() },
             pool_slots: samepage_core::scan::DEFAULT_POOL_SLOTS,
         }
     }
@@ -53,6 +61,8 @@ struct Partition {
     requests: u64,
     /// Each client's last report.
     reports: HashMap<ClientId, ProcessStatus>,
+    /// Merges ordered (`samepage merge --pid`), not yet told to the client.
+    merge_orders: HashMap<ClientId, u64>,
 }
 
 /// Partitions by user id and domain.
@@ -65,7 +75,7 @@ impl Partition {
     /// client.
     fn empty(&mut self) {
         let ino = rustix::fs::fstat(&self.pool).map_or(0, |st| st.st_ino);
-        if ino == 0 || crate::procmaps::others_map_pool(&format!(" {ino} ")) {
+        if ino == 0 || crate::procmaps::others_map_pool(&format!(" {ino} "), &[]) {
             return;
         }
         let len = rustix::fs::fstat(&self.pool).map_or(0, |st| st.st_size as u64);
@@ -86,8 +96,13 @@ impl Partition {
 #[derive(Debug)]
 pub struct Daemon {
     config: Config,
+    /// The system-wide tunables in force.
+    tunables: Mutex<Tunables>,
+    /// The daemon's own user: with root, the one who may change tunables.
+    owner: u32,
     partitions: Mutex<Partitions>,
     next_client: AtomicU32,
+    next_order: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -99,7 +114,96 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Daemon {
     /// A daemon with no partition yet.
     pub fn new(config: Config) -> Arc<Daemon> {
-        Arc::new(Daemon { config, partitions: Mutex::new(HashMap::new()), next_client: AtomicU32::new(1) })
+        Arc::new(Daemon {
+            tunables: Mutex::new(config.tunables.clone()),
+            config,
+            owner: rustix::process::geteuid().as_raw(),
+            partitions: Mutex::new(HashMap::new()),
+            next_client: AtomicU32::new(1),
+            next_order: AtomicU64::new(1),
+        })
+    }
+
+    /// The system-wide tunables in force.
+    pub fn tunables(&self) -> Tunables {
+        lock(&self.tunables).clone()
+    }
+
+    /// Sets a system-wide tunable for user `uid`, as writing the kernel's
+    /// sysfs file does: only root and the daemon's own user may (`EACCES`);
+    /// the value is validated as the kernel does (its errno);
+    /// `max_page_sharing` changes only while no partition has stable pages
+    /// (`EBUSY`, as `max_page_sharing_store`).
+    pub fn set(&self, uid: u32, name: &str, value: &str) -> Result<Tunables, (i32, String)> {
+        if uid != 0 && uid != self.owner {
+            return Err((EACCES, format!("user {uid} may not change {name}: only root and user {} may", self.owner)));
+        }
+        let mut t = lock(&self.tunables);
+        let mut next = t.clone();
+        next.set(name, value).map_err(|e| (e.errno(), e.to_string()))?;
+        if next.max_page_sharing != t.max_page_sharing {
+            let parts: Vec<Arc<Mutex<Partition>>> = lock(&self.partitions).values().cloned().collect();
+            let mut held: Vec<MutexGuard<'_, Partition>> = parts.iter().map(|p| lock(p)).collect();
+            if held.iter().any(|p| p.shared.stats().nodes > 0) {
+                let why = format!("max_page_sharing = {value}: stable pages exist (set run = 2 first)");
+                return Err((EBUSY, why));
+            }
+            for p in held.iter_mut() {
+                p.shared.set_max_page_sharing(next.max_page_sharing).map_err(|e| (e.errno(), e.to_string()))?;
+            }
+        }
+        *t = next.clone();
+        Ok(next)
+    }
+
+    /// Orders every engine of process `pid` (of user `uid`, unless root asks)
+    /// to merge all its mergeable memory now; returns the orders' ids.
+    pub fn order_merge(&self, uid: u32, pid: i32) -> Result<Vec<u64>, (i32, String)> {
+        let parts: Partitions = lock(&self.partitions).iter().map(|(k, v)| (*k, Arc::clone(v))).collect();
+        let mut ids = Vec::new();
+        let mut refused = false;
+        for ((owner, _), p) in parts {
+            let mut p = lock(&p);
+            let clients: Vec<ClientId> = p.clients.iter().filter(|(_, &q)| q == pid).map(|(c, _)| *c).collect();
+            if clients.is_empty() {
+                continue;
+            }
+            if uid != 0 && uid != owner {
+                refused = true;
+                continue;
+            }
+            for c in clients {
+                let id = self.next_order.fetch_add(1, Ordering::Relaxed);
+                p.merge_orders.insert(c, id);
+                ids.push(id);
+            }
+        }
+        match (ids.is_empty(), refused) {
+            (false, _) => Ok(ids),
+            (true, true) => Err((EACCES, format!("process {pid} is not user {uid}'s"))),
+            (true, false) => Err((ESRCH, format!("process {pid} has no engine connected to this daemon"))),
+        }
+    }
+
+    /// Client `id`'s share of `pages_to_scan`: the machine-wide rate
+    /// shared out in proportion to the pages each client registered (at
+    /// least 1 page).
+    fn share(&self, id: ClientId, t: &Tunables) -> u32 {
+        let parts: Vec<Arc<Mutex<Partition>>> = lock(&self.partitions).values().cloned().collect();
+        let (mut mine, mut all) = (0u64, 0u64);
+        for p in parts {
+            for r in lock(&p).reports.values() {
+                all += r.ksm_mergeable;
+                if r.client == id {
+                    mine = r.ksm_mergeable;
+                }
+            }
+        }
+        if all == 0 {
+            return t.pages_to_scan;
+        }
+        let share = (u128::from(t.pages_to_scan) * u128::from(mine)).div_ceil(u128::from(all));
+        u32::try_from(share).unwrap_or(u32::MAX).max(1)
     }
 
     /// Accepts clients on `listener` until it fails, a thread per client.
@@ -114,18 +218,19 @@ impl Daemon {
 
     fn partition(&self, uid: u32, domain: u32) -> std::io::Result<Arc<Mutex<Partition>>> {
         let mut parts = lock(&self.partitions);
-        let c = self.config;
+        let c = &self.config;
         if let Some(p) = parts.get(&(uid, domain)) {
             return Ok(Arc::clone(p));
         }
         let pool = rustix::fs::memfd_create("samepage-pool", rustix::fs::MemfdFlags::CLOEXEC)?;
         rustix::fs::ftruncate(&pool, c.pool_slots * samepage_core::PAGE_SIZE as u64)?;
         let p = Arc::new(Mutex::new(Partition {
-            shared: Shared::new(c.max_page_sharing, c.pool_slots),
+            shared: Shared::new(lock(&self.tunables).max_page_sharing, c.pool_slots),
             pool,
             clients: HashMap::new(),
             requests: 0,
             reports: HashMap::new(),
+            merge_orders: HashMap::new(),
         }));
         parts.insert((uid, domain), Arc::clone(&p));
         Ok(p)
@@ -139,6 +244,10 @@ impl Daemon {
             Ok(Request::Hello { version, domain }) if version == VERSION => domain,
             Ok(Request::Status) => {
                 let _ = write_frame(&mut stream, &Response::Status(self.status()));
+                return;
+            }
+            Ok(req @ (Request::Set { .. } | Request::Tunables | Request::MergePid(_))) => {
+                let _ = write_frame(&mut stream, &self.admin(uid, req));
                 return;
             }
             Ok(other) => {
@@ -182,11 +291,18 @@ impl Daemon {
                 let resp = match req {
                     Request::Status => Response::Status(self.status()),
                     Request::Report(r) => {
-                        let mut p = lock(&part);
-                        // The daemon's word for who the client is, not the client's.
-                        p.reports.insert(id, ProcessStatus { client: id, pid, ..r });
-                        Response::Done
+                        let (merge_now, pool_users) = {
+                            let mut p = lock(&part);
+                            // The daemon's word for who the client is, not the client's.
+                            p.reports.insert(id, ProcessStatus { client: id, pid, ..r });
+                            let users = p.clients.values().filter_map(|&q| u32::try_from(q).ok()).collect();
+                            (p.merge_orders.remove(&id), users)
+                        };
+                        let tunables = self.tunables();
+                        let pages_to_scan = self.share(id, &tunables);
+                        Response::Orders(Orders { tunables, pages_to_scan, merge_now, pool_users })
                     }
+                    req @ (Request::Set { .. } | Request::Tunables | Request::MergePid(_)) => self.admin(uid, req),
                     req => {
                         let mut p = lock(&part);
                         p.requests += 1;
@@ -202,8 +318,20 @@ impl Daemon {
         p.shared.client_gone(id);
         p.clients.remove(&id);
         p.reports.remove(&id);
+        p.merge_orders.remove(&id);
         if p.clients.is_empty() {
             p.empty();
+        }
+    }
+
+    /// A request about the whole daemon from user `uid`.
+    fn admin(&self, uid: u32, req: Request) -> Response {
+        let refuse = |(errno, message): (i32, String)| Response::Error { errno, message };
+        match req {
+            Request::Set { name, value } => self.set(uid, &name, &value).map_or_else(refuse, Response::Tunables),
+            Request::Tunables => Response::Tunables(self.tunables()),
+            Request::MergePid(pid) => self.order_merge(uid, pid).map_or_else(refuse, Response::MergeOrdered),
+            other => Response::Error { errno: EPROTO, message: format!("not a daemon-wide request: {other:?}") },
         }
     }
 
@@ -294,9 +422,12 @@ fn handle(shared: &mut Shared, id: ClientId, req: Request) -> Response {
             shared.return_orphans(&slots);
             Response::Done
         }
-        Request::Hello { .. } | Request::Status | Request::Report(_) => {
-            Response::Error { errno: EPROTO, message: "Hello is the first request only".into() }
-        }
+        Request::Hello { .. }
+        | Request::Status
+        | Request::Report(_)
+        | Request::Set { .. }
+        | Request::Tunables
+        | Request::MergePid(_) => Response::Error { errno: EPROTO, message: "Hello is the first request only".into() },
     }
 }
 

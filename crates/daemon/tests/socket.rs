@@ -30,7 +30,8 @@ fn start(max_page_sharing: u32) -> PathBuf {
     let listener = UnixListener::bind(&path).unwrap();
     // Any user may connect (each gets partitions of its own).
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let daemon = Daemon::new(Config { max_page_sharing, ..Config::default() });
+    let tunables = Tunables { max_page_sharing, ..Config::default().tunables };
+    let daemon = Daemon::new(Config { tunables, ..Config::default() });
     std::thread::spawn(move || daemon.serve(&listener));
     path
 }
@@ -258,6 +259,7 @@ fn processes_of_different_users_never_share_a_page() {
         .unwrap();
     let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && log.contains("other user converged"), "{log}");
+    assert!(log.contains("other user refused"), "{log}");
     // The daemon sees the other process's connection close.
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -291,4 +293,50 @@ fn client_of_another_user() {
     let mut now = 0;
     let counters = converge(&mut c, &mut space, &mut now);
     println!("other user converged: {counters:?}");
+    // Another user may not change the system-wide tunables, nor order
+    // merges of root's processes.
+    let e = Connection::set(&path, "pages_to_scan", "7").unwrap_err();
+    assert_eq!(e.errno(), Some(13), "{e}");
+    let e = Connection::merge_pid(&path, std::os::unix::process::parent_id() as i32).unwrap_err();
+    assert!(matches!(e.errno(), Some(13) | Some(3)), "{e}");
+    println!("other user refused");
+}
+
+/// The daemon's tunables are system-wide: set as the kernel's sysfs files
+/// are (its errnos), `max_page_sharing` busy while any partition has stable
+/// pages, and every client gets a share of `pages_to_scan` in proportion to
+/// the pages it registered, summing to the machine-wide rate.
+#[test]
+fn tunables_are_the_daemons_and_pages_to_scan_is_shared_out() {
+    use samepage_daemon::protocol::ProcessStatus;
+    let path = start(4);
+    assert_eq!(Connection::tunables(&path).unwrap().max_page_sharing, 4);
+    let t = Connection::set(&path, "pages_to_scan", "1000").unwrap();
+    assert_eq!(t.pages_to_scan, 1000);
+    assert_eq!(Connection::set(&path, "run", "3").unwrap_err().errno(), Some(22));
+    assert_eq!(Connection::set(&path, "max_page_sharing", "1").unwrap_err().errno(), Some(22));
+    assert_eq!(Connection::set(&path, "no_such_tunable", "1").unwrap_err().errno(), Some(2));
+    // Three clients of 100, 300 and 600 pages: 100, 300 and 600 pages a batch.
+    let conns: Vec<_> = (0..3).map(|d| Connection::connect(&path, d).unwrap()).collect();
+    for (c, pages) in conns.iter().zip([100u64, 300, 600]) {
+        c.lock().unwrap().report(ProcessStatus { ksm_mergeable: pages, ..Default::default() }).unwrap();
+    }
+    let shares: Vec<u32> = conns
+        .iter()
+        .zip([100u64, 300, 600])
+        .map(|(c, pages)| {
+            let o = c.lock().unwrap().report(ProcessStatus { ksm_mergeable: pages, ..Default::default() }).unwrap();
+            assert_eq!(o.tunables.pages_to_scan, 1000);
+            o.pages_to_scan
+        })
+        .collect();
+    assert_eq!(shares, vec![100, 300, 600]);
+    // A stable page in one partition: max_page_sharing is busy everywhere.
+    let t = tunables(4);
+    let mut space = SimPageSpace::new();
+    let mut procs = vec![client(&path, 0, &t, &mut space, 0), client(&path, 0, &t, &mut space, 1)];
+    let mut now = 0;
+    converge(&mut procs, &mut space, &mut now);
+    assert_eq!(Connection::set(&path, "max_page_sharing", "8").unwrap_err().errno(), Some(16));
+    assert_eq!(Connection::tunables(&path).unwrap().max_page_sharing, 4);
 }

@@ -15,6 +15,7 @@ use samepage_core::unstable::{LocalUnstableTree, UnstableTree};
 use samepage_core::Discard;
 use samepage_core::{Counters, Domain, Ksm, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
 use samepage_daemon::client::{Connection, RemotePool, RemoteStableTree, RemoteUnstableTree};
+use samepage_daemon::protocol::{MergeOutcome, Orders};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -98,6 +99,10 @@ pub struct EngineInfo {
     pub daemon: Option<PathBuf>,
 }
 
+/// How often an engine connected to a daemon reports its figures (and so
+/// how soon it follows the daemon's orders: new tunables, a merge now).
+const REPORT_EVERY: Duration = Duration::from_millis(200);
+
 /// The stable tree an engine uses: its own, or a daemon's.
 type Stable = Box<dyn StableTree + Send>;
 /// The unstable tree an engine uses.
@@ -116,12 +121,88 @@ pub(crate) struct State {
     excluded: BTreeMap<RegionId, Vec<(Range<u64>, Exclusion)>>,
     next_id: u32,
     stop: bool,
-    /// The daemon connection this engine reports its figures on, and when it
-    /// last did.
-    report: Option<(samepage_daemon::client::SharedConnection, std::cell::Cell<Instant>)>,
+    /// The daemon this engine is a client of.
+    daemon: Option<DaemonLink>,
+}
+
+/// An engine's link to the daemon it is a client of: it reports its
+/// figures a few times a second and gets the daemon's orders back.
+struct DaemonLink {
+    conn: samepage_daemon::client::SharedConnection,
+    /// When it last reported.
+    last: std::cell::Cell<Instant>,
+    /// Orders received, for the scanner's next turn.
+    orders: std::cell::RefCell<Option<Orders>>,
+    /// The last orders applied: the system-wide tunables and this
+    /// process's share of `pages_to_scan`.
+    applied: Orders,
+    /// The tunables the program set: only `run` is its own (whether this
+    /// process merges); the others are the daemon's, system-wide.
+    own: Tunables,
+    /// The outcome of the last merge the daemon ordered, to report.
+    merged_now: std::cell::Cell<Option<MergeOutcome>>,
+}
+
+impl DaemonLink {
+    /// The tunables in force: the daemon's, with this process's share of
+    /// `pages_to_scan`, and `run` the program's while the daemon's is 1
+    /// (the daemon's 0 stops and 2 unmerges every process, as ksmd's).
+    fn effective(&self) -> Tunables {
+        let mut t = self.applied.tunables.clone();
+        if t.advisor_mode == samepage_core::AdvisorMode::None {
+            t.pages_to_scan = self.applied.pages_to_scan;
+        }
+        if t.run == Run::Merge {
+            t.run = self.own.run;
+        }
+        t
+    }
 }
 
 impl State {
+    /// Sets the tunables in force; `run = 2` unmerges every page.
+    fn apply_tunables(&mut self, t: Tunables) -> Result<(), Error> {
+        let was = self.ksm.tunables().run;
+        self.ksm.set_tunables(t.clone())?;
+        if t.run == Run::Unmerge && was != Run::Unmerge {
+            let State { ksm, space, .. } = self;
+            ksm.unmerge_all(space).map_err(Error::Unmerge)?;
+        }
+        Ok(())
+    }
+
+    /// Applies the daemon's latest orders (new tunables, a merge of
+    /// everything now).
+    fn follow_orders(&mut self) {
+        let Some(orders) = self.daemon.as_ref().and_then(|d| d.orders.borrow_mut().take()) else { return };
+        let merge_now = orders.merge_now;
+        self.space.set_pool_users(orders.pool_users.clone());
+        let want = {
+            let d = self.daemon.as_mut().expect("orders came from it");
+            d.applied = orders;
+            d.effective()
+        };
+        if want != *self.ksm.tunables() {
+            // EBUSY for max_page_sharing cannot come: the daemon changes it
+            // only while no stable page exists.
+            let _ = self.apply_tunables(want);
+        }
+        if let Some(id) = merge_now {
+            let mut pages = 0;
+            let before = self.ksm.counters().pages_saved();
+            let all: Vec<(RegionId, u64)> =
+                self.regions.iter().map(|(id, (s, e))| (*id, ((e - s) / PAGE_SIZE) as u64)).collect();
+            for (region, n) in all {
+                let State { ksm, space, .. } = self;
+                pages += ksm.merge_range(space, region, 0..n).merged;
+            }
+            let saved_bytes = self.ksm.counters().pages_saved().saturating_sub(before) * PAGE_SIZE as u64;
+            if let Some(d) = &self.daemon {
+                d.merged_now.set(Some(MergeOutcome { id, pages, saved_bytes, errno: None }));
+            }
+        }
+    }
+
     /// Reads region `id`'s attributes again; unmerges what became excluded.
     fn refresh(&mut self, id: RegionId) -> Result<(), Error> {
         let excluded = self.space.refresh_attributes(id)?;
@@ -252,13 +333,24 @@ impl Engine {
         };
         tunables.max_page_sharing = max;
         tunables.validate()?;
-        let space = LinuxPageSpace::with_shared_pool(fd, slots, 0.5)?;
+        // The daemon's tunables are in force from the start.
+        let orders = conn.lock().unwrap_or_else(|e| e.into_inner()).report(Default::default())?;
+        let mut space = LinuxPageSpace::with_shared_pool(fd, slots, 0.5)?;
+        space.set_pool_users(orders.pool_users.clone());
         let parts: (Stable, Unstable, Slots) = (
             Box::new(RemoteStableTree::new(&conn)),
             Box::new(RemoteUnstableTree::new(&conn)),
             Box::new(RemotePool::new(&conn)),
         );
-        Self::start(tunables, space, parts, Some(socket.to_path_buf()), Some(conn))
+        let link = DaemonLink {
+            conn,
+            last: std::cell::Cell::new(Instant::now()),
+            orders: std::cell::RefCell::new(None),
+            applied: orders,
+            own: tunables,
+            merged_now: std::cell::Cell::new(None),
+        };
+        Self::start(link.effective(), space, parts, Some(socket.to_path_buf()), Some(link))
     }
 
     /// [`Engine::connect`] at the default socket
@@ -273,7 +365,7 @@ impl Engine {
         space: LinuxPageSpace,
         (stable, unstable, pool): (Stable, Unstable, Slots),
         daemon: Option<PathBuf>,
-        report: Option<samepage_daemon::client::SharedConnection>,
+        daemon_link: Option<DaemonLink>,
     ) -> Result<Engine, Error> {
         let info = EngineInfo {
             uffd_mode: space.uffd_mode(),
@@ -295,7 +387,7 @@ impl Engine {
                 excluded: BTreeMap::new(),
                 next_id: 0,
                 stop: false,
-                report: report.map(|c| (c, std::cell::Cell::new(Instant::now() - Duration::from_secs(1)))),
+                daemon: daemon_link,
             }),
             cond: Condvar::new(),
             waiters: AtomicUsize::new(0),
@@ -328,18 +420,23 @@ impl Engine {
     /// `run = 2` unmerges every page before returning; if that fails (too
     /// little memory), nothing is lost and `run` is left at 0, as the kernel
     /// leaves it.
+    ///
+    /// An engine connected to a daemon takes only `run` from `t` (whether
+    /// this process merges, as its `MADV_MERGEABLE` would say); the other
+    /// tunables are the daemon's, system-wide (`samepage set` changes them).
     pub fn set_tunables(&self, t: Tunables) -> Result<(), Error> {
+        t.validate()?;
         let mut st = self.shared.lock()?;
-        let was = st.ksm.tunables().run;
-        st.ksm.set_tunables(t.clone())?;
-        if t.run == Run::Unmerge && was != Run::Unmerge {
-            let State { ksm, space, .. } = &mut *st;
-            if let Err(e) = ksm.unmerge_all(space) {
-                self.shared.publish(&st);
-                return Err(Error::Unmerge(e));
+        let t = match st.daemon.as_mut() {
+            Some(d) => {
+                d.own = t;
+                d.effective()
             }
-        }
+            None => t,
+        };
+        let r = st.apply_tunables(t);
         self.shared.publish(&st);
+        r?;
         drop(st);
         self.shared.cond.notify_all();
         Ok(())
@@ -665,13 +762,15 @@ impl Shared {
             }
         }
         snap.stats = st.space.stats().clone();
-        if let Some((conn, last)) = &st.report {
-            // For `samepage status`: this process's ksm_stat, a few times a second.
-            if last.get().elapsed() >= Duration::from_millis(200) {
-                last.set(Instant::now());
+        if let Some(d) = &st.daemon {
+            // For `samepage status`: this process's ksm_stat, a few times a
+            // second; the daemon answers with its orders.
+            if d.last.get().elapsed() >= REPORT_EVERY {
+                d.last.set(Instant::now());
                 let mut r = samepage_daemon::protocol::ProcessStatus {
                     cpu_ns: self.cpu_ns.load(Ordering::Relaxed),
                     ksm_mergeable: st.regions.values().map(|(start, end)| ((end - start) / PAGE_SIZE) as u64).sum(),
+                    merged_now: d.merged_now.get(),
                     ..Default::default()
                 };
                 for c in snap.regions.values() {
@@ -680,7 +779,9 @@ impl Shared {
                     r.ksm_merging_pages += c.ksm_merging_pages;
                     r.ksm_process_profit += c.ksm_process_profit;
                 }
-                let _ = conn.lock().unwrap_or_else(|e| e.into_inner()).report(r);
+                if let Ok(o) = d.conn.lock().unwrap_or_else(|e| e.into_inner()).report(r) {
+                    *d.orders.borrow_mut() = Some(o);
+                }
             }
         }
     }
@@ -724,11 +825,22 @@ fn scanner(shared: Arc<Shared>) {
             };
             continue;
         }
+        st.follow_orders();
         if st.ksm.tunables().run != Run::Merge || st.regions.is_empty() {
-            st = match shared.cond.wait(st) {
-                Ok(g) => g,
+            if st.daemon.is_none() {
+                st = match shared.cond.wait(st) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+                continue;
+            }
+            // A daemon's client reports while idle too: its orders may
+            // start it again, or ask for a merge now.
+            st = match shared.cond.wait_timeout(st, REPORT_EVERY) {
+                Ok((g, _)) => g,
                 Err(_) => return,
             };
+            shared.publish(&st);
             continue;
         }
         let now_ms = shared.started.elapsed().as_millis() as u64;

@@ -24,7 +24,8 @@ fn start_daemon() -> PathBuf {
     let path = std::env::temp_dir().join(format!("samepage-engine-test-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).unwrap();
-    let daemon = Daemon::new(Config { max_page_sharing: 256, ..Config::default() });
+    // The daemon's tunables are in force in every client: full speed.
+    let daemon = Daemon::new(Config { tunables: fast(256, false), ..Config::default() });
     std::thread::spawn(move || daemon.serve(&listener));
     path
 }

@@ -114,6 +114,15 @@ impl MemfdPool {
         unsafe { std::slice::from_raw_parts(self.slot_addr(slot).ptr().cast_const(), PAGE_SIZE) }
     }
 
+    /// Drops the view's page-table entries (the pool keeps its pages): in a
+    /// pool other processes map too, a page this view touched once would
+    /// otherwise count as one more mapping in their checks.
+    pub fn zap_view(&self) -> Result<(), SysError> {
+        // SAFETY: a shared mapping of the memfd: MADV_DONTNEED drops page
+        // table entries only; the pages stay in the memfd.
+        unsafe { mem::dont_need(self.view) }
+    }
+
     /// Frees a slot's page if nothing but the view maps it; returns whether it did.
     pub fn release(&mut self, slot: Slot, pagemap: &PageMap) -> Result<bool, SysError> {
         let addr = self.slot_addr(slot);

@@ -219,6 +219,9 @@ impl RegionMap {
 pub struct SpaceStats {
     /// `UFFDIO_MOVE` calls (pages out of a window, and back).
     pub moves: u64,
+    /// Pages a failing `UFFDIO_MOVE` moved without counting them in its
+    /// answer, found in the page tables (see `move_window`).
+    pub uncounted_moves: u64,
     /// Pages moved out to be merged.
     pub pages_moved: u64,
     /// Windows opened (`UFFDIO_REGISTER` + `UFFDIO_UNREGISTER` pairs).
@@ -549,6 +552,9 @@ pub struct LinuxPageSpace {
     breaker: Option<Breaker>,
     /// Whether the pool is shared with other processes (a daemon's).
     shared_pool: bool,
+    /// For a shared pool, the processes that may map it (unknown at first:
+    /// then no page is freed).
+    pool_users: Option<Vec<u32>>,
 }
 
 impl Drop for LinuxPageSpace {
@@ -570,9 +576,9 @@ impl LinuxPageSpace {
     }
 
     /// As [`LinuxPageSpace::new`], on a pool memfd of `pool_slots` pages
-    /// shared with other processes (a daemon's partition). No pool page is
-    /// freed by a process while the pool is shared (see `release_slots`):
-    /// the daemon frees the pool when its last client is gone.
+    /// shared with other processes (a daemon's partition); see
+    /// `release_shared_slots` for when a page of it is freed, and
+    /// [`LinuxPageSpace::set_pool_users`].
     pub fn with_shared_pool(fd: rustix::fd::OwnedFd, pool_slots: u64, vma_share: f64) -> Result<Self, SysError> {
         Self::with_options(MemfdPool::from_fd(fd, pool_slots)?, vma_share, true, true)
     }
@@ -623,11 +629,53 @@ impl LinuxPageSpace {
             scratch_locked: None,
             breaker,
             shared_pool,
+            pool_users: None,
         })
     }
 
     fn reg(&self) -> MutexGuard<'_, Registry> {
         lock(&self.registry)
+    }
+
+    /// The processes that may map a shared pool (the daemon's clients of
+    /// its partition), as the daemon last said.
+    pub fn set_pool_users(&mut self, pids: Vec<u32>) {
+        self.pool_users = Some(pids);
+    }
+
+    /// [`PageSpace::release_slots`] for a pool shared with other processes.
+    /// A page is freed only when no process but the partition's clients
+    /// maps the pool (`/proc`: a client's forked child maps it without
+    /// page-table entries the mapcount would show) and the page's mapcount,
+    /// seen through this process's view, is the view's alone: the clients'
+    /// own mappings of the page are the ones the daemon counts, all given
+    /// back. Views touch pages to compare them: each process drops its
+    /// view's entries around its checks so others' see real mappers only.
+    /// A freed slot is retired, never handed out again: another process's
+    /// pool copy may still refer to it.
+    fn release_shared_slots(&mut self, slots: &[Slot], out: &mut Vec<SlotRelease>) {
+        let others = match &self.pool_users {
+            Some(users) => samepage_daemon::procmaps::others_map_pool(&self.pool.identity(), users),
+            None => true,
+        };
+        if others {
+            out.extend(slots.iter().map(|_| SlotRelease::Kept));
+            return;
+        }
+        let _ = self.pool.zap_view();
+        for &slot in slots {
+            out.push(match self.pool.release(slot, &self.pagemap) {
+                Ok(true) => SlotRelease::Retired,
+                Ok(false) | Err(_) => SlotRelease::Kept,
+            });
+        }
+        let _ = self.pool.zap_view();
+    }
+
+    /// Whether a page is present at `addr` (pagemap), `None` if the entry
+    /// cannot be read.
+    fn present(&self, addr: PageAddr) -> Option<bool> {
+        self.pagemap.entry(addr).ok().map(|e| e & pagemap::PM_PRESENT != 0)
     }
 
     /// The userfaultfd's kind.
@@ -890,7 +938,17 @@ impl LinuxPageSpace {
                 // the scratch pages from `used` on are empty.
                 let m = unsafe { self.uffd.move_pages(scratch.range.page(used), addr(page(pos)), n) };
                 self.stats.moves += 1;
-                let got = m.bytes / PAGE_SIZE;
+                let mut got = m.bytes / PAGE_SIZE;
+                if m.stopped.is_some() {
+                    // The count is the kernel's word; the page tables are
+                    // the truth: pages it moved but did not count are in
+                    // the scratch area (empty from `used` on) and must come
+                    // back like the others, or they would be lost.
+                    while got < n && self.present(scratch.range.page(used + got)) == Some(true) {
+                        self.stats.uncounted_moves += 1;
+                        got += 1;
+                    }
+                }
                 for (j, slot) in at[pos..pos + got].iter_mut().enumerate() {
                     *slot = Some(used + j);
                 }
@@ -1079,7 +1137,15 @@ impl LinuxPageSpace {
             // source is ours.
             let m = unsafe { wuffd.move_pages(addr(page(k)), scratch.range.page(s), e - k) };
             self.stats.moves += 1;
-            let got = m.bytes / PAGE_SIZE;
+            let mut got = m.bytes / PAGE_SIZE;
+            if m.stopped.is_some() {
+                // As on the way out: a page the kernel moved back without
+                // counting it has left the scratch area.
+                while got < e - k && self.present(scratch.range.page(s + got)) == Some(false) {
+                    self.stats.uncounted_moves += 1;
+                    got += 1;
+                }
+            }
             at[k..k + got].iter_mut().for_each(|x| *x = None);
             k += got;
             match m.stopped {
@@ -1099,6 +1165,16 @@ impl LinuxPageSpace {
                     if let Some(from) = at[k].take() {
                         // SAFETY: as above, one page.
                         let single = unsafe { wuffd.move_pages(addr(page(k)), scratch.range.page(from), 1) };
+                        // Moved after all, whatever the call said: reading
+                        // the empty scratch page would wait forever (the
+                        // scratch area is registered MISSING).
+                        let single =
+                            if single.stopped.is_some() && self.present(scratch.range.page(from)) == Some(false) {
+                                self.stats.uncounted_moves += 1;
+                                super::uffd::Moved { bytes: PAGE_SIZE, stopped: None }
+                            } else {
+                                single
+                            };
                         if single.stopped.is_some() {
                             restore_by_copy(scratch.range.sub(from, from + 1), PageRange::new(addr(page(k)), 1), keep);
                         }
@@ -1707,16 +1783,7 @@ impl PageSpace for LinuxPageSpace {
         // any descendant) still maps the pool: its mappings are invisible to
         // the mapcount when the child has not touched the page yet.
         if self.shared_pool {
-            // A pool shared by several processes keeps its pages while any
-            // of them is connected: a page another process maps without a
-            // page-table entry yet (just merged, not touched) shows in no
-            // mapcount, and freeing it would make that page read zeros. The
-            // daemon frees the pool once its last client is gone. (Freeing
-            // them here, once no other process mapped them by `/proc` and
-            // the mapcount seen through this view, lost pages: 12 and 3 of
-            // 4 x 65,536 read wrong in `bench --workload processes` runs
-            // over the VMA budget; the cause is not found yet.)
-            out.extend(slots.iter().map(|_| SlotRelease::Kept));
+            self.release_shared_slots(slots, out);
             return;
         }
         let _no_fork = super::forkguard::hold();
