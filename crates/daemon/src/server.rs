@@ -138,12 +138,14 @@ impl Daemon {
         if uid != 0 && uid != self.owner {
             return Err((EACCES, format!("user {uid} may not change {name}: only root and user {} may", self.owner)));
         }
+        // Locks in the daemon's one order: the partitions, the tunables, a
+        // partition. A partition made meanwhile gets the new value.
+        let parts = lock(&self.partitions);
         let mut t = lock(&self.tunables);
         let mut next = t.clone();
         next.set(name, value).map_err(|e| (e.errno(), e.to_string()))?;
         if next.max_page_sharing != t.max_page_sharing {
-            let parts: Vec<Arc<Mutex<Partition>>> = lock(&self.partitions).values().cloned().collect();
-            let mut held: Vec<MutexGuard<'_, Partition>> = parts.iter().map(|p| lock(p)).collect();
+            let mut held: Vec<MutexGuard<'_, Partition>> = parts.values().map(|p| lock(p)).collect();
             if held.iter().any(|p| p.shared.stats().nodes > 0) {
                 let why = format!("max_page_sharing = {value}: stable pages exist (set run = 2 first)");
                 return Err((EBUSY, why));

@@ -182,7 +182,12 @@ impl State {
             d.applied = orders;
             d.effective()
         };
-        if want != *self.ksm.tunables() {
+        let mut now = self.ksm.tunables().clone();
+        if want.advisor_mode != samepage_core::AdvisorMode::None {
+            // The scan-time advisor tunes this engine's pages_to_scan itself.
+            now.pages_to_scan = want.pages_to_scan;
+        }
+        if want != now {
             // EBUSY for max_page_sharing cannot come: the daemon changes it
             // only while no stable page exists.
             let _ = self.apply_tunables(want);
