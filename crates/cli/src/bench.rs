@@ -10,7 +10,7 @@
 //! convergence against the same thread with no merging.
 
 use crate::args::UsageError;
-use crate::measure::{converge, vma_slab_bytes, Progress};
+use crate::measure::{converge, vma_slab_bytes, Memory, Progress};
 use crate::procfs;
 use crate::side::{metadata_bytes, KernelSide, SamepageOptions, SamepageSide, Settings, Side};
 use crate::workload::{Content, Mem, Workload, PAGE};
@@ -142,7 +142,7 @@ impl Figures {
 
 /// The median of each timing figure over repeated runs (counters and memory
 /// from the first run; they do not vary).
-fn median(mut runs: Vec<Figures>) -> Figures {
+fn median(runs: Vec<Figures>) -> Figures {
     fn med(mut v: Vec<f64>) -> f64 {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -157,7 +157,6 @@ fn median(mut runs: Vec<Figures>) -> Figures {
     out.freed_bytes = pick(|s| s.freed_bytes as f64, &runs) as i64;
     out.freed_bytes_process = pick(|s| s.freed_bytes_process as f64, &runs) as i64;
     out.integrity = runs.iter().all(|s| s.integrity);
-    out.series = std::mem::take(&mut runs[0].series);
     out
 }
 
@@ -377,12 +376,12 @@ fn measure(side: &mut dyn Side, w: &Workload, a: &BenchArgs) -> Result<Figures> 
     fill(w, hot, side.mem());
     let base = baseline_rate(side.mem(), w.pages.len(), hot);
     side.ready()?;
-    let before = side.memory();
+    let before = Memory::now();
     let (maps0, slab0) = (procfs::mappings(), vma_slab_bytes());
     side.start()?;
     let mut f = Figures::default();
     let (t, cpu, rate) = converge_with_app(side, w.pages.len(), hot, a, &mut f.series)?;
-    let after = side.memory();
+    let after = Memory::now();
     let counters = side.counters()?;
     f.counters = counters.iter().map(|(n, v)| (n.to_string(), *v)).collect();
     f.steady_scan_cpu_seconds = steady_cpu(side)?;

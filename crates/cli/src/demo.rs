@@ -333,13 +333,13 @@ fn merge<S: Side>(
         ready?;
     }
     let thp_before = side.mapping().filter(|_| a.thp).map(|m| ThpOutcome::measure(m, a.random_reads));
-    let before = side.memory();
+    let before = Memory::now();
     side.start()?;
     say(format!("{}: merging", side.label()));
     let (converge_t, cpu) = converge(Duration::from_secs(a.timeout), a.json, || side.poll())?;
     let churned = after_converging(side)?;
     side.stop()?;
-    let after = side.memory();
+    let after = Memory::now();
     let counters = side.counters()?;
     let thp = thp_before.zip(side.mapping()).map(|(b, m)| ThpOutcome::after(b, m, a.random_reads));
     let integrity_bad_pages = check(w, side.mem(), churned.as_ref());

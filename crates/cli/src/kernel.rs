@@ -111,19 +111,7 @@ impl KernelKsm {
 
     /// ksmd's CPU time (utime + stime from `/proc/PID/stat`).
     pub fn ksmd_cpu(&self) -> Duration {
-        let Some(pid) = self.ksmd else {
-            return Duration::ZERO;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return Duration::ZERO;
-        };
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        // Fields 14 and 15 of stat, counted after the comm field (field 2): indexes 11 and 12.
-        let ticks: u64 =
-            f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let hz = rustix::param::clock_ticks_per_second();
-        Duration::from_nanos(ticks * 1_000_000_000 / hz.max(1))
+        self.ksmd.map_or(Duration::ZERO, crate::procfs::cpu_time)
     }
 }
 

@@ -107,9 +107,10 @@ impl Memory {
     /// Memory now.
     pub fn now() -> Memory {
         let rollup = procfs::smaps_rollup(&["Pss_Anon", "Pss_Shmem"]);
+        let [anon, shmem] = procfs::meminfo(&["AnonPages", "Shmem"]);
         Memory {
-            anon: procfs::meminfo("AnonPages").unwrap_or(0),
-            shmem: procfs::meminfo("Shmem").unwrap_or(0),
+            anon: anon.unwrap_or(0),
+            shmem: shmem.unwrap_or(0),
             process: rollup.iter().map(|v| v.unwrap_or(0)).sum(),
         }
     }

@@ -54,14 +54,6 @@ pub fn workload(size: u64, distinct: u64, seed: u64, index: u64) -> Workload {
     w
 }
 
-fn cpu_of(pid: u32) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Duration::ZERO };
-    let f: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-    let ticks: u64 =
-        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Duration::from_nanos(ticks * 1_000_000_000 / rustix::param::clock_ticks_per_second().max(1))
-}
-
 /// The worker: fill, `ready`, merge on `go`, check on EOF.
 pub fn worker(a: WorkerArgs) -> Result<std::process::ExitCode> {
     let w = workload(a.size, a.distinct, a.seed, a.index);
@@ -69,7 +61,7 @@ pub fn worker(a: WorkerArgs) -> Result<std::process::ExitCode> {
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut out = std::io::stdout();
-    let mut scanned = 0;
+    let (mut scanned, mut uncounted) = (0, 0);
     let bad = match &a.socket {
         Some(socket) => {
             // The daemon's tunables apply; this process starts merging on `go`.
@@ -83,6 +75,7 @@ pub fn worker(a: WorkerArgs) -> Result<std::process::ExitCode> {
             for _ in lines.by_ref() {}
             engine.set_run(Run::Stop)?;
             scanned = engine.counters()?.pages_scanned;
+            uncounted = engine.space_stats().uncounted_moves;
             w.mismatches(&region as &dyn Mem, |_, _| {})
         }
         None => {
@@ -96,7 +89,7 @@ pub fn worker(a: WorkerArgs) -> Result<std::process::ExitCode> {
             w.mismatches(&m as &dyn Mem, |_, _| {})
         }
     };
-    writeln!(out, "done {bad} {scanned}")?;
+    writeln!(out, "done {bad} {scanned} {uncounted}")?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
@@ -146,6 +139,9 @@ pub struct Figures {
     /// Requests to the daemon per page the engines scanned, over the whole
     /// run (samepage only): each request carries a batch, never one page.
     pub requests_per_page_scanned: Option<f64>,
+    /// Pages a failing `UFFDIO_MOVE` moved without counting them, found in
+    /// the page tables by the engines (samepage only; see `move_window`).
+    pub uncounted_moves: Option<u64>,
 }
 
 /// What `bench --workload processes` runs.
@@ -219,7 +215,8 @@ fn run_side(kernel: bool, o: &Options, per: u64) -> Result<Figures> {
     }
     let mem0 = Memory::now();
     let pids: Vec<u32> = workers.iter().map(|w| w.child.id()).collect();
-    let cpu0: Duration = pids.iter().map(|&p| cpu_of(p)).sum::<Duration>() + cpu_of(std::process::id());
+    let cpu0: Duration = pids.iter().map(|&p| crate::procfs::cpu_time(p)).sum::<Duration>()
+        + crate::procfs::cpu_time(std::process::id());
     let ksmd0 = ksm.as_ref().map_or(Duration::ZERO, |k| k.ksmd_cpu());
     let t0 = Instant::now();
     // `go`: samepage's engines start merging, the kernel's workers mark
@@ -253,7 +250,9 @@ fn run_side(kernel: bool, o: &Options, per: u64) -> Result<Figures> {
     let mut requests_at_change = 0;
     let cpu_now = |ksm: &Option<KernelKsm>| match ksm {
         Some(k) => k.ksmd_cpu().saturating_sub(ksmd0),
-        None => (pids.iter().map(|&p| cpu_of(p)).sum::<Duration>() + cpu_of(std::process::id())).saturating_sub(cpu0),
+        None => (pids.iter().map(|&p| crate::procfs::cpu_time(p)).sum::<Duration>()
+            + crate::procfs::cpu_time(std::process::id()))
+        .saturating_sub(cpu0),
     };
     while changed.elapsed() < Duration::from_secs(3) && t0.elapsed() < o.timeout {
         std::thread::sleep(Duration::from_millis(20));
@@ -268,13 +267,14 @@ fn run_side(kernel: bool, o: &Options, per: u64) -> Result<Figures> {
     let mem1 = Memory::now();
     let converge = changed.duration_since(t0);
     let requests_end = poll(&ksm)?.3;
-    let (mut bad, mut scanned) = (0, 0);
+    let (mut bad, mut scanned, mut uncounted) = (0, 0, 0);
     for w in workers.iter_mut() {
         drop(w.stdin.take());
         let l = w.line()?;
         let mut f = l.strip_prefix("done ").context("a worker's check")?.split_whitespace();
         bad += f.next().and_then(|b| b.parse::<u64>().ok()).context("a worker's check")?;
         scanned += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+        uncounted += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
         w.child.wait()?;
     }
     if let Some(k) = &ksm {
@@ -295,6 +295,7 @@ fn run_side(kernel: bool, o: &Options, per: u64) -> Result<Figures> {
         bad_pages: bad,
         requests_per_merged_page: (!kernel && merged > 0).then(|| requests_at_change as f64 / merged as f64),
         requests_per_page_scanned: (!kernel && scanned > 0).then(|| requests_end as f64 / scanned as f64),
+        uncounted_moves: (!kernel).then_some(uncounted),
     })
 }
 
@@ -349,6 +350,7 @@ pub fn run(o: &Options) -> Result<std::process::ExitCode> {
         row("daemon requests per page scanned", &|x| {
             x.requests_per_page_scanned.map_or("-".into(), |r| format!("{r:.4}"))
         });
+        row("uncounted UFFDIO_MOVE pages", &|x| x.uncounted_moves.map_or("-".into(), |n| n.to_string()));
         println!("expected from the content: pages_shared {}, pages_sharing {}", expected.0, expected.1);
     }
     Ok(if ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })

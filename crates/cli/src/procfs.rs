@@ -11,9 +11,12 @@ fn field(text: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// A `/proc/meminfo` field (such as `AnonPages`, `Shmem`, `MemAvailable`) in bytes.
-pub fn meminfo(name: &str) -> Option<u64> {
-    field(&fs::read_to_string("/proc/meminfo").ok()?, name)
+/// `/proc/meminfo` fields (such as `AnonPages`, `Shmem`, `MemAvailable`) in
+/// bytes, read at one moment; `None` for a field that is missing (or all of
+/// them if the file cannot be read).
+pub fn meminfo<const N: usize>(names: &[&str; N]) -> [Option<u64>; N] {
+    let text = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    names.map(|n| field(&text, n))
 }
 
 /// `/proc/self/smaps_rollup` fields (such as `Anonymous`, `Pss_Anon`,
@@ -24,10 +27,20 @@ pub fn smaps_rollup<const N: usize>(names: &[&str; N]) -> [Option<u64>; N] {
     names.map(|n| field(&text, n))
 }
 
-/// Mappings of this process (lines of `/proc/self/maps`).
-pub fn mappings() -> u64 {
-    fs::read("/proc/self/maps").map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64).unwrap_or(0)
+/// CPU time process `pid` has used (utime + stime from `/proc/PID/stat`);
+/// zero if it cannot be read.
+pub fn cpu_time(pid: u32) -> std::time::Duration {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return std::time::Duration::ZERO };
+    // Fields 14 and 15, counted after the command name (field 2, which may
+    // hold spaces and parentheses): indexes 11 and 12.
+    let f: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    let ticks: u64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    std::time::Duration::from_nanos(ticks * 1_000_000_000 / rustix::param::clock_ticks_per_second().max(1))
 }
+
+/// Mappings of this process (lines of `/proc/self/maps`).
+pub use samepage::testing::count_mappings as mappings;
 
 #[cfg(test)]
 mod tests {
@@ -40,6 +53,6 @@ mod tests {
         assert!(super::mappings() > 0);
         let [rss, anon] = super::smaps_rollup(&["Rss", "Pss_Anon"]);
         assert!(rss.is_some_and(|r| r > 0) && anon.is_some());
-        assert!(super::meminfo("MemTotal").is_some_and(|b| b > 0));
+        assert!(super::meminfo(&["MemTotal"])[0].is_some_and(|b| b > 0));
     }
 }

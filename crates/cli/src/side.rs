@@ -9,7 +9,7 @@
 //! side puts everything back (ksmd's settings, `vm.max_map_count`).
 
 use crate::kernel::KernelKsm;
-use crate::measure::{Memory, Progress};
+use crate::measure::Progress;
 use crate::procfs;
 use crate::sysctl::{self, MapCountGuard};
 use crate::workload::{Mem, PAGE};
@@ -52,8 +52,6 @@ pub trait Side {
     fn counters(&self) -> Result<Vec<(&'static str, i64)>>;
     /// Stops merging; merged pages stay merged.
     fn stop(&mut self) -> Result<()>;
-    /// Memory now.
-    fn memory(&self) -> Memory;
     /// Whether merging adds mappings to the process (samepage maps each run
     /// of merged pages; their `vm_area_struct`s are part of its metadata).
     fn adds_mappings(&self) -> bool;
@@ -145,10 +143,6 @@ impl Side for KernelSide {
 
     fn stop(&mut self) -> Result<()> {
         Ok(self.ksm()?.set("run", "0")?)
-    }
-
-    fn memory(&self) -> Memory {
-        Memory::now()
     }
 
     fn adds_mappings(&self) -> bool {
@@ -265,10 +259,6 @@ impl Side for SamepageSide {
 
     fn stop(&mut self) -> Result<()> {
         Ok(self.engine.set_run(Run::Stop)?)
-    }
-
-    fn memory(&self) -> Memory {
-        Memory::now()
     }
 
     fn adds_mappings(&self) -> bool {

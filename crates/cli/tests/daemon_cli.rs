@@ -3,30 +3,16 @@
 //! and a client that goes is gone from status.
 
 use samepage_daemon::client::Connection;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[test]
 fn status_shows_the_daemons_clients() {
     let socket = std::env::temp_dir().join(format!("samepage-cli-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(["daemon", "--socket"])
-        .arg(&socket)
-        .args(["--max-page-sharing", "64"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let conn = loop {
-        match Connection::connect(&socket, 5) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "the daemon never listened: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let daemon = spawn_daemon(&socket, &["--max-page-sharing", "64"]);
+    let conn = retry("the daemon never listened", || Connection::connect(&socket, 5));
     let status = |json: bool| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_samepage"));
         c.args(["status", "--socket"]).arg(&socket);
@@ -53,22 +39,11 @@ fn status_shows_the_daemons_clients() {
         assert!(Instant::now() < deadline, "the client never left: {v}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    drop(daemon);
     // A second daemon on the stale socket takes it over.
-    let mut again = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(["daemon", "--socket"])
-        .arg(&socket)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Connection::connect(&socket, 0).is_err() {
-        assert!(Instant::now() < deadline, "the second daemon never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    again.kill().unwrap();
-    again.wait().unwrap();
+    let again = spawn_daemon(&socket, &[]);
+    retry("the second daemon never listened", || Connection::connect(&socket, 0));
+    drop(again);
     let _ = std::fs::remove_file(&socket);
 }
 
@@ -82,24 +57,11 @@ fn set_and_merge_through_the_daemon() {
     use samepage::{Domain, Engine, Run, Tunables};
     let socket = std::env::temp_dir().join(format!("samepage-cli-set-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(["daemon", "--socket"])
-        .arg(&socket)
-        .args(["--pages-to-scan", "500", "--sleep-ms", "50"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let engine = loop {
-        // run = 0 in this process: nothing merges until asked.
-        match Engine::connect(&socket, Domain(9), Tunables { run: Run::Stop, ..Tunables::default() }) {
-            Ok(e) => break e,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "the daemon never listened: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let daemon = spawn_daemon(&socket, &["--pages-to-scan", "500", "--sleep-ms", "50"]);
+    // run = 0 in this process: nothing merges until asked.
+    let engine = retry("the daemon never listened", || {
+        Engine::connect(&socket, Domain(9), Tunables { run: Run::Stop, ..Tunables::default() })
+    });
     let t = engine.tunables().unwrap();
     assert_eq!((t.sleep_millisecs, t.run), (50, Run::Stop), "the daemon's tunables, this process's run");
     let region = engine.alloc_region(64 * 4096).unwrap();
@@ -160,9 +122,46 @@ fn set_and_merge_through_the_daemon() {
     assert!(out.contains("max_page_sharing 32"), "{out}");
     drop(region);
     drop(engine);
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    drop(daemon);
     let _ = std::fs::remove_file(&socket);
+}
+
+/// A `samepage daemon` process, killed when dropped (a failing test leaves
+/// no daemon behind).
+struct DaemonProc(Child);
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `samepage daemon --socket SOCKET ARGS` (the socket file is left as
+/// it is: a daemon takes over a stale one).
+fn spawn_daemon(socket: &Path, args: &[&str]) -> DaemonProc {
+    let child = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(["daemon", "--socket"])
+        .arg(socket)
+        .args(args)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    DaemonProc(child)
+}
+
+/// `f` until it succeeds, for at most 20 s (the daemon starting).
+fn retry<T, E: std::fmt::Display>(what: &str, mut f: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 }
 
 fn my_uid() -> u32 {

@@ -109,13 +109,12 @@ impl Batch {
         Carried { intents: std::mem::take(&mut self.intents), decisions: std::mem::take(&mut self.decisions), results }
     }
 
-    /// Takes back the buffers of a carried-out batch (cleared); decisions
-    /// made meanwhile are kept.
+    /// Takes back the buffers of a carried-out batch (cleared). No decision
+    /// is made while a batch is carried out.
     pub fn recycle(&mut self, mut carried: Carried) {
+        debug_assert!(self.intents.is_empty() && self.decisions.is_empty(), "decided while carrying out");
         carried.intents.clear();
         carried.decisions.clear();
-        carried.intents.append(&mut self.intents);
-        carried.decisions.append(&mut self.decisions);
         self.intents = carried.intents;
         self.decisions = carried.decisions;
         self.results = carried.results;

@@ -97,6 +97,19 @@ impl Counters {
         self.pages_sharing + self.ksm_zero_pages
     }
 
+    /// Derives the counters that follow from the stable tree's totals and
+    /// the rmap items, as the kernel's do: `pages_shared`, `pages_sharing`,
+    /// the chains and dups, `pages_volatile`, and `general_profit` (from
+    /// `metadata_bytes`, set before).
+    pub fn derive_from_stable(&mut self, s: &crate::stable::StableStats) {
+        self.pages_shared = s.nodes;
+        self.pages_sharing = s.mappings - s.nodes;
+        self.pages_volatile = self.rmap_items.saturating_sub(s.mappings + self.pages_unshared);
+        self.stable_node_chains = s.chains;
+        self.stable_node_dups = s.dups;
+        self.general_profit = (self.pages_saved() * PAGE_SIZE as u64) as i64 - self.metadata_bytes as i64;
+    }
+
     /// Adds `other`'s counters to these, field by field (to sum the
     /// counters of several engines; derived ones need recomputing after).
     pub fn add(&mut self, other: &Counters) {

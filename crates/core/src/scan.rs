@@ -246,14 +246,8 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let mut c = self.c.clone();
         self.regions.tally().fill(&mut c);
         // This engine's view (the whole tree's when it has it alone).
-        let s = self.stable.held_stats();
-        c.pages_shared = s.nodes;
-        c.pages_sharing = s.mappings - s.nodes;
-        c.pages_volatile = c.rmap_items.saturating_sub(s.mappings + c.pages_unshared);
-        c.stable_node_chains = s.chains;
-        c.stable_node_dups = s.dups;
         c.metadata_bytes = self.metadata_bytes();
-        c.general_profit = (c.pages_saved() * crate::PAGE_SIZE as u64) as i64 - c.metadata_bytes as i64;
+        c.derive_from_stable(&self.stable.held_stats());
         c.pool_slots_pending = self.dead.pending();
         c.thp_kept_whole = self.thp.kept_whole();
         c.thp_left_subpages = self.thp.left_subpages();

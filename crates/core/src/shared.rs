@@ -408,12 +408,7 @@ pub fn system_counters<'a>(clients: impl IntoIterator<Item = &'a Counters>, stab
         sum.add(c);
         max_full_scans = max_full_scans.max(c.full_scans);
     }
-    sum.pages_shared = stable.nodes;
-    sum.pages_sharing = stable.mappings - stable.nodes;
-    sum.stable_node_chains = stable.chains;
-    sum.stable_node_dups = stable.dups;
-    sum.pages_volatile = sum.rmap_items.saturating_sub(stable.mappings + sum.pages_unshared);
-    sum.general_profit = (sum.pages_saved() * crate::PAGE_SIZE as u64) as i64 - sum.metadata_bytes as i64;
+    sum.derive_from_stable(&stable);
     // Each client counts its own full scans (they are not summed): the
     // busiest client's.
     sum.full_scans = max_full_scans;

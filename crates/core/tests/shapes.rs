@@ -46,12 +46,10 @@ fn max_page_sharing_is_busy_while_pages_are_shared() {
 struct SharedUnstable {
     local: LocalUnstableTree,
     elsewhere: Vec<u64>,
-    calls: usize,
 }
 
 impl UnstableTree for SharedUnstable {
     fn apply(&mut self, ops: &[UnstableOp], out: &mut Vec<UnstableReply>) {
-        self.calls += 1;
         self.local.apply(ops, out);
         for (op, r) in ops.iter().zip(out.iter_mut()) {
             if let UnstableOp::SearchInsert { key, .. } = op {
@@ -79,8 +77,7 @@ impl UnstableTree for SharedUnstable {
 /// "This page's content is also held elsewhere" is a result the scan acts
 /// on: the page becomes a stable page on its own (one mapping), which the
 /// other process's pages can then find in the stable tree; contents held
-/// nowhere else wait in the unstable tree as before. Each visit asks the
-/// unstable tree once per batch, not once per page.
+/// nowhere else wait in the unstable tree as before.
 #[test]
 fn a_content_held_elsewhere_becomes_a_stable_page_the_other_can_map() {
     let t = tunables(256);
@@ -114,7 +111,6 @@ fn a_content_held_elsewhere_becomes_a_stable_page_the_other_can_map() {
 /// range now (two visits: checksums, then merges) and leaves the rest alone.
 #[test]
 fn merge_range_merges_the_range_now_and_nothing_else() {
-    use samepage_core::sim::SimPage;
     let mut ksm = Ksm::new(Tunables { run: Run::Stop, ..tunables(256) }).unwrap();
     let mut space = SimPageSpace::new();
     let id = RegionId(1);

@@ -277,27 +277,34 @@ fn stable_fallback(ops: &[StableOp], out: &mut Vec<StableReply>) {
 
 impl StableTree for RemoteStableTree {
     fn apply(&mut self, ops: &[StableOp], out: &mut Vec<StableReply>) {
+        // Nothing to ask: no round trip.
+        if ops.is_empty() {
+            out.clear();
+            return;
+        }
         match lock(&self.conn).call(&Request::Stable(ops.to_vec())) {
             Ok(Response::Stable(replies)) if replies.len() == ops.len() => *out = replies,
             _ => stable_fallback(ops, out),
         }
     }
 
+    /// `max_page_sharing` is the daemon's, system-wide (`samepage set`
+    /// changes it for every partition): a client follows it and cannot set
+    /// another value.
     fn set_max_page_sharing(&mut self, max: u32) -> Result<(), TunableError> {
         let mut c = lock(&self.conn);
         if max == c.max_page_sharing {
             return Ok(());
         }
-        match c.call(&Request::SetMaxPageSharing(max)) {
-            Ok(_) => {
+        match c.call(&Request::Stats) {
+            Ok(Response::Stats { max_page_sharing, .. }) if max_page_sharing == max => {
                 c.max_page_sharing = max;
                 Ok(())
             }
-            Err(_) => {
-                drop(c);
-                let pages_shared = self.stats_call().map_or(0, |s| s.0.nodes);
-                Err(TunableError::Busy { pages_shared })
-            }
+            _ => Err(TunableError::Refused {
+                name: "max_page_sharing",
+                why: "it is the daemon's, system-wide: change it with `samepage set`",
+            }),
         }
     }
 
@@ -373,6 +380,11 @@ impl RemoteUnstableTree {
 
 impl UnstableTree for RemoteUnstableTree {
     fn apply(&mut self, ops: &[UnstableOp], out: &mut Vec<UnstableReply>) {
+        // Nothing to ask: no round trip.
+        if ops.is_empty() {
+            out.clear();
+            return;
+        }
         match lock(&self.conn).call(&Request::Unstable(ops.to_vec())) {
             Ok(Response::Unstable(replies)) if replies.len() == ops.len() => *out = replies,
             _ => {
@@ -418,6 +430,11 @@ impl RemotePool {
 
 impl StablePool for RemotePool {
     fn alloc(&mut self, hints: &[SlotHint], out: &mut Vec<Option<Slot>>) {
+        // Nothing to ask: no round trip.
+        if hints.is_empty() {
+            out.clear();
+            return;
+        }
         match lock(&self.conn).call(&Request::Alloc(hints.to_vec())) {
             Ok(Response::Slots(s)) if s.len() == hints.len() => *out = s,
             _ => {

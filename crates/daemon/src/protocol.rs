@@ -39,8 +39,6 @@ pub enum Request {
     Alloc(Vec<SlotHint>),
     /// Pool slots whose pages the client freed.
     Free(Vec<Slot>),
-    /// Sets `max_page_sharing` (EBUSY while stable pages exist).
-    SetMaxPageSharing(u32),
     /// The partition's totals and the client's own.
     Stats,
     /// The nodes the client maps.

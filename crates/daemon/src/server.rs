@@ -74,11 +74,11 @@ impl Partition {
     /// partition starts afresh; otherwise its orphans wait for the next
     /// client.
     fn empty(&mut self) {
-        let ino = rustix::fs::fstat(&self.pool).map_or(0, |st| st.st_ino);
-        if ino == 0 || crate::procmaps::others_map_pool(&format!(" {ino} "), &[]) {
+        let Ok(st) = rustix::fs::fstat(&self.pool) else { return };
+        if crate::procmaps::others_map_pool(&format!(" {} ", st.st_ino), &[]) {
             return;
         }
-        let len = rustix::fs::fstat(&self.pool).map_or(0, |st| st.st_size as u64);
+        let len = st.st_size as u64;
         let punched = rustix::fs::fallocate(
             &self.pool,
             rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
@@ -95,7 +95,8 @@ impl Partition {
 /// The daemon's state.
 #[derive(Debug)]
 pub struct Daemon {
-    config: Config,
+    /// Slots of each partition's pool.
+    pool_slots: u64,
     /// The system-wide tunables in force.
     tunables: Mutex<Tunables>,
     /// The daemon's own user: with root, the one who may change tunables.
@@ -115,8 +116,8 @@ impl Daemon {
     /// A daemon with no partition yet.
     pub fn new(config: Config) -> Arc<Daemon> {
         Arc::new(Daemon {
-            tunables: Mutex::new(config.tunables.clone()),
-            config,
+            tunables: Mutex::new(config.tunables),
+            pool_slots: config.pool_slots,
             owner: rustix::process::geteuid().as_raw(),
             partitions: Mutex::new(HashMap::new()),
             next_client: AtomicU32::new(1),
@@ -220,14 +221,13 @@ impl Daemon {
 
     fn partition(&self, uid: u32, domain: u32) -> std::io::Result<Arc<Mutex<Partition>>> {
         let mut parts = lock(&self.partitions);
-        let c = &self.config;
         if let Some(p) = parts.get(&(uid, domain)) {
             return Ok(Arc::clone(p));
         }
         let pool = rustix::fs::memfd_create("samepage-pool", rustix::fs::MemfdFlags::CLOEXEC)?;
-        rustix::fs::ftruncate(&pool, c.pool_slots * samepage_core::PAGE_SIZE as u64)?;
+        rustix::fs::ftruncate(&pool, self.pool_slots * samepage_core::PAGE_SIZE as u64)?;
         let p = Arc::new(Mutex::new(Partition {
-            shared: Shared::new(lock(&self.tunables).max_page_sharing, c.pool_slots),
+            shared: Shared::new(lock(&self.tunables).max_page_sharing, self.pool_slots),
             pool,
             clients: HashMap::new(),
             requests: 0,
@@ -275,7 +275,7 @@ impl Daemon {
             let hello = Response::Hello {
                 client: id,
                 max_page_sharing: p.shared.max_page_sharing(),
-                pool_slots: self.config.pool_slots,
+                pool_slots: self.pool_slots,
             };
             send_with_fd(&stream, &hello, p.pool.as_fd())
         };
@@ -399,10 +399,6 @@ fn handle(shared: &mut Shared, id: ClientId, req: Request) -> Response {
             shared.pool_free(&slots);
             Response::Done
         }
-        Request::SetMaxPageSharing(max) => match shared.set_max_page_sharing(max) {
-            Ok(()) => Response::Done,
-            Err(e) => Response::Error { errno: e.errno(), message: e.to_string() },
-        },
         Request::Stats => Response::Stats {
             partition: shared.stats(),
             held: shared.held_stats(id),

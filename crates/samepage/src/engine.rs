@@ -109,13 +109,15 @@ type Stable = Box<dyn StableTree + Send>;
 type Unstable = Box<dyn UnstableTree + Send>;
 /// The pool slots an engine uses.
 type Slots = Box<dyn StablePool + Send>;
+/// An engine's scanner.
+type EngineKsm = Ksm<Stable, Unstable, Slots>;
 
 pub(crate) struct State {
     // Fields drop in order: the page space (and the pool view) goes before
     // the scanner's trees, whose connection to a daemon closing tells the
     // daemon this process no longer maps its pool.
     space: LinuxPageSpace,
-    ksm: Ksm<Stable, Unstable, Slots>,
+    ksm: EngineKsm,
     regions: BTreeMap<RegionId, (usize, usize)>,
     /// Per region, the page ranges the engine stays away from, and why.
     excluded: BTreeMap<RegionId, Vec<(Range<u64>, Exclusion)>>,
@@ -136,9 +138,9 @@ struct DaemonLink {
     /// The last orders applied: the system-wide tunables and this
     /// process's share of `pages_to_scan`.
     applied: Orders,
-    /// The tunables the program set: only `run` is its own (whether this
-    /// process merges); the others are the daemon's, system-wide.
-    own: Tunables,
+    /// The `run` the program set: whether this process merges (the other
+    /// tunables are the daemon's, system-wide).
+    own_run: Run,
     /// The outcome of the last merge the daemon ordered, to report.
     merged_now: std::cell::Cell<Option<MergeOutcome>>,
 }
@@ -147,13 +149,17 @@ impl DaemonLink {
     /// The tunables in force: the daemon's, with this process's share of
     /// `pages_to_scan`, and `run` the program's while the daemon's is 1
     /// (the daemon's 0 stops and 2 unmerges every process, as ksmd's).
-    fn effective(&self) -> Tunables {
+    /// Under the scan-time advisor `pages_to_scan` is the advisor's, as
+    /// `now` (the tunables in force) has it.
+    fn effective(&self, now: &Tunables) -> Tunables {
         let mut t = self.applied.tunables.clone();
         if t.advisor_mode == samepage_core::AdvisorMode::None {
             t.pages_to_scan = self.applied.pages_to_scan;
+        } else if t.advisor_mode == now.advisor_mode {
+            t.pages_to_scan = now.pages_to_scan;
         }
         if t.run == Run::Merge {
-            t.run = self.own.run;
+            t.run = self.own_run;
         }
         t
     }
@@ -180,32 +186,32 @@ impl State {
         let want = {
             let d = self.daemon.as_mut().expect("orders came from it");
             d.applied = orders;
-            d.effective()
+            d.effective(self.ksm.tunables())
         };
-        let mut now = self.ksm.tunables().clone();
-        if want.advisor_mode != samepage_core::AdvisorMode::None {
-            // The scan-time advisor tunes this engine's pages_to_scan itself.
-            now.pages_to_scan = want.pages_to_scan;
-        }
-        if want != now {
+        if want != *self.ksm.tunables() {
             // EBUSY for max_page_sharing cannot come: the daemon changes it
             // only while no stable page exists.
             let _ = self.apply_tunables(want);
         }
         if let Some(id) = merge_now {
-            let mut pages = 0;
-            let before = self.ksm.counters().pages_saved();
             let all: Vec<(RegionId, u64)> =
                 self.regions.iter().map(|(id, (s, e))| (*id, ((e - s) / PAGE_SIZE) as u64)).collect();
-            for (region, n) in all {
-                let State { ksm, space, .. } = self;
-                pages += ksm.merge_range(space, region, 0..n).merged;
-            }
-            let saved_bytes = self.ksm.counters().pages_saved().saturating_sub(before) * PAGE_SIZE as u64;
+            let m = self
+                .merge_measured(|ksm, space| all.iter().map(|&(r, n)| ksm.merge_range(space, r, 0..n).merged).sum());
             if let Some(d) = &self.daemon {
-                d.merged_now.set(Some(MergeOutcome { id, pages, saved_bytes, errno: None }));
+                d.merged_now.set(Some(MergeOutcome { id, pages: m.pages, saved_bytes: m.saved_bytes, errno: None }));
             }
         }
+    }
+
+    /// Runs `merge` (which returns the pages it merged) and measures the
+    /// bytes it saved: `pages_sharing + ksm_zero_pages` grown, times the
+    /// page size.
+    fn merge_measured(&mut self, merge: impl FnOnce(&mut EngineKsm, &mut LinuxPageSpace) -> u64) -> Merged {
+        let before = self.ksm.counters().pages_saved();
+        let State { ksm, space, .. } = self;
+        let pages = merge(ksm, space);
+        Merged { pages, saved_bytes: self.ksm.counters().pages_saved().saturating_sub(before) * PAGE_SIZE as u64 }
     }
 
     /// Reads region `id`'s attributes again; unmerges what became excluded.
@@ -351,11 +357,11 @@ impl Engine {
             conn,
             last: std::cell::Cell::new(Instant::now()),
             orders: std::cell::RefCell::new(None),
-            applied: orders,
-            own: tunables,
+            own_run: tunables.run,
             merged_now: std::cell::Cell::new(None),
+            applied: orders,
         };
-        Self::start(link.effective(), space, parts, Some(socket.to_path_buf()), Some(link))
+        Self::start(link.effective(&tunables), space, parts, Some(socket.to_path_buf()), Some(link))
     }
 
     /// [`Engine::connect`] at the default socket
@@ -432,10 +438,11 @@ impl Engine {
     pub fn set_tunables(&self, t: Tunables) -> Result<(), Error> {
         t.validate()?;
         let mut st = self.shared.lock()?;
-        let t = match st.daemon.as_mut() {
+        let State { daemon, ksm, .. } = &mut *st;
+        let t = match daemon {
             Some(d) => {
-                d.own = t;
-                d.effective()
+                d.own_run = t.run;
+                d.effective(ksm.tunables())
             }
             None => t,
         };
@@ -572,12 +579,9 @@ impl Engine {
     pub fn merge_now(&self, addr: *mut u8, len: usize) -> Result<Merged, Error> {
         let mut st = self.shared.lock()?;
         let (id, pages) = st.pages_of(addr as usize, len)?;
-        let before = st.ksm.counters().pages_saved();
-        let State { ksm, space, .. } = &mut *st;
-        let r = ksm.merge_range(space, id, pages);
-        let after = st.ksm.counters().pages_saved();
+        let m = st.merge_measured(|ksm, space| ksm.merge_range(space, id, pages).merged);
         self.shared.publish(&st);
-        Ok(Merged { pages: r.merged, saved_bytes: after.saturating_sub(before) * PAGE_SIZE as u64 })
+        Ok(m)
     }
 
     /// Discards `[addr, addr + len)` of registered memory, as
@@ -784,6 +788,8 @@ impl Shared {
                     r.ksm_merging_pages += c.ksm_merging_pages;
                     r.ksm_process_profit += c.ksm_process_profit;
                 }
+                // Readers of the counters need not wait for the daemon.
+                drop(snap);
                 if let Ok(o) = d.conn.lock().unwrap_or_else(|e| e.into_inner()).report(r) {
                     *d.orders.borrow_mut() = Some(o);
                 }

@@ -8,6 +8,7 @@
 pub use crate::sys::fault::{clear as clear_faults, force_pagemap_fallback, inject, injected, Point};
 pub use crate::sys::mapping::{AnonMapping, OutOfBounds};
 pub use crate::sys::process::fork_check;
+pub use crate::sys::vma::count_mappings;
 
 use crate::sys::addr::{PageAddr, PageRange};
 use crate::sys::{mem, SysError};

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{content, fast, serial, smaps_sum_in, PAGE};
+use common::{assert_content, content, fast, serial, smaps_sum_in, PAGE};
 use samepage::{Domain, Engine};
 use samepage_daemon::client::Connection;
 use samepage_daemon::server::{Config, Daemon};
@@ -42,12 +42,9 @@ fn connected(socket: &Path) -> (Engine, samepage::Region) {
 }
 
 fn check(region: &samepage::Region, written: &[(usize, [u8; PAGE])]) {
-    let mut buf = [0u8; PAGE];
-    for i in 0..PAGES {
-        region.read(i * PAGE, &mut buf).unwrap();
-        let want = written.iter().find(|(p, _)| *p == i).map_or_else(|| content(i as u64 % CONTENTS), |(_, c)| *c);
-        assert!(buf == want, "page {i} lost its content");
-    }
+    assert_content(region, |i| {
+        written.iter().find(|(p, _)| *p == i).map_or_else(|| content(i as u64 % CONTENTS), |(_, c)| *c)
+    });
 }
 
 fn wait_for(socket: &Path, what: &str, ok: impl Fn(&samepage_daemon::protocol::PartitionStatus) -> bool) {

@@ -4,6 +4,7 @@
 
 mod common;
 use common::*;
+use samepage::testing::count_mappings as mappings;
 use samepage::Engine;
 
 struct RestoreMapCount(u64);

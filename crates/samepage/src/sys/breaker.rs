@@ -79,9 +79,9 @@ impl FaultMsg {
 }
 
 /// Looks at the `madvise` calls that discard memory (`MADV_DONTNEED`,
-/// `MADV_FREE`, `MADV_REMOVE`) the process's threads are in right now: read
-/// from `/proc/self/task/*/syscall`, which shows the arguments of a thread
-/// blocked in a system call (28 is `madvise` on x86_64). The files stay open
+/// `MADV_DONTNEED_LOCKED`, `MADV_FREE`, `MADV_REMOVE`) the process's threads
+/// are in right now: read from `/proc/self/task/*/syscall`, which shows the
+/// system call number and arguments of a thread blocked in one. The files stay open
 /// (one `pread` per thread a look); the thread list is read again when a
 /// thread is gone and at least every 100 ms, so new threads are seen.
 #[derive(Debug)]
@@ -130,14 +130,13 @@ impl Peeker {
     fn look(&mut self) -> Option<Vec<(usize, usize)>> {
         use std::os::unix::fs::FileExt;
         let discards = [g::MADV_DONTNEED, g::MADV_DONTNEED_LOCKED, g::MADV_FREE, g::MADV_REMOVE].map(|a| a as usize);
-        let madvise = g::__NR_madvise.to_string();
         let hex = |s: Option<&str>| s.and_then(|v| usize::from_str_radix(v.trim_start_matches("0x"), 16).ok());
         let mut out = Vec::new();
         for f in &self.files {
             let n = f.read_at(&mut self.buf, 0).ok()?;
             let line = std::str::from_utf8(&self.buf[..n]).unwrap_or("");
             let mut w = line.split_whitespace();
-            if w.next() != Some(madvise.as_str()) {
+            if w.next().and_then(|nr| nr.parse::<u32>().ok()) != Some(g::__NR_madvise) {
                 continue;
             }
             if let (Some(addr), Some(len), Some(advice)) = (hex(w.next()), hex(w.next()), hex(w.next())) {

@@ -100,18 +100,20 @@ impl MemfdPool {
         unsafe { mem::read_page(src, buf) };
         let h = page_hash(&buf.0);
         let dst = self.slot_addr(slot).ptr();
-        // SAFETY: the slot is empty (no mapping shares it yet) and lies inside
-        // our view; the buffer is our own.
+        // SAFETY: the slot is empty and this process's (its pool, or a slot
+        // the daemon allocated to it): no mapping shares it yet; it lies
+        // inside our view; the buffer is our own.
         unsafe { std::ptr::copy_nonoverlapping(buf.0.as_ptr(), dst, PAGE_SIZE) };
         h
     }
 
-    /// The bytes of a filled slot.
-    pub fn slot_bytes(&self, slot: Slot) -> &[u8] {
-        // SAFETY: inside our view; a filled pool page is never written again
-        // (only `fill` writes, into empty slots, through `&mut self`, which
-        // cannot happen while this borrow lives).
-        unsafe { std::slice::from_raw_parts(self.slot_addr(slot).ptr().cast_const(), PAGE_SIZE) }
+    /// Copies a slot's bytes into `buf`. A copy, not a slice: other
+    /// processes sharing the pool fill slots of their own and free dead ones
+    /// (`PUNCH_HOLE`) through mappings of the same memfd.
+    pub fn read_slot(&self, slot: Slot, buf: &mut PageBuf) {
+        // SAFETY: inside our view, mapped for the pool's life; `read_page`
+        // allows concurrent writes.
+        unsafe { mem::read_page(self.slot_addr(slot), buf) }
     }
 
     /// Drops the view's page-table entries (the pool keeps its pages): in a
@@ -177,7 +179,9 @@ mod tests {
         // SAFETY: `src` is mapped and readable for the call.
         let h = unsafe { pool.fill(Slot(3), src.start(), &mut buf) };
         assert_eq!(h, page_hash(&pattern));
-        assert_eq!(pool.slot_bytes(Slot(3)), &pattern[..]);
+        let mut slot = PageBuf::new();
+        pool.read_slot(Slot(3), &mut slot);
+        assert_eq!(&slot.0[..], &pattern[..]);
         assert_eq!(allocated(&pool), PAGE_SIZE as u64, "one page of the memfd holds memory");
 
         let dst = mem::map_anon(1).unwrap();
@@ -194,7 +198,8 @@ mod tests {
         unsafe { mem::unmap(dst) }.unwrap();
         assert!(pool.release(Slot(3), &pagemap).unwrap());
         assert_eq!(allocated(&pool), 0, "the page went back to the system");
-        assert!(pool.slot_bytes(Slot(3)).iter().all(|&b| b == 0), "a freed slot reads zeros");
+        pool.read_slot(Slot(3), &mut slot);
+        assert!(slot.0.iter().all(|&b| b == 0), "a freed slot reads zeros");
         // SAFETY: as above.
         unsafe { mem::unmap(src) }.unwrap();
     }

@@ -541,6 +541,8 @@ pub struct LinuxPageSpace {
     pool: MemfdPool,
     pagemap: PageMap,
     buf: Box<PageBuf>,
+    /// A pool slot's copy, to compare with `buf` or a moved page.
+    slot_buf: Box<PageBuf>,
     runs: Vec<pagemap::Run>,
     order: Vec<usize>,
     stats: SpaceStats,
@@ -622,6 +624,7 @@ impl LinuxPageSpace {
             pool,
             pagemap: PageMap::open()?,
             buf: PageBuf::new(),
+            slot_buf: PageBuf::new(),
             runs: Vec::new(),
             order: Vec::new(),
             stats: SpaceStats::default(),
@@ -672,10 +675,22 @@ impl LinuxPageSpace {
         let _ = self.pool.zap_view();
     }
 
-    /// Whether a page is present at `addr` (pagemap), `None` if the entry
-    /// cannot be read.
-    fn present(&self, addr: PageAddr) -> Option<bool> {
-        self.pagemap.entry(addr).ok().map(|e| e & pagemap::PM_PRESENT != 0)
+    /// Pages `m`, a move of `n` pages to or from the scratch area at
+    /// `scratch`, really moved. The count is the kernel's word and the page
+    /// tables are the truth: on 6.18 a failing `UFFDIO_MOVE` can move pages
+    /// past the count it answers. Past it, a page present in the scratch
+    /// area (`out`: the move went there) or gone from it (a move back) moved
+    /// too; left uncounted, it would be lost.
+    fn really_moved(&mut self, m: &super::uffd::Moved, n: usize, scratch: PageAddr, out: bool) -> usize {
+        let mut got = m.bytes / PAGE_SIZE;
+        if m.stopped.is_some() {
+            let present = |a: PageAddr| self.pagemap.entry(a).ok().map(|e| e & pagemap::PM_PRESENT != 0);
+            while got < n && present(scratch.add_pages(got)) == Some(out) {
+                self.stats.uncounted_moves += 1;
+                got += 1;
+            }
+        }
+        got
     }
 
     /// The userfaultfd's kind.
@@ -938,17 +953,8 @@ impl LinuxPageSpace {
                 // the scratch pages from `used` on are empty.
                 let m = unsafe { self.uffd.move_pages(scratch.range.page(used), addr(page(pos)), n) };
                 self.stats.moves += 1;
-                let mut got = m.bytes / PAGE_SIZE;
-                if m.stopped.is_some() {
-                    // The count is the kernel's word; the page tables are
-                    // the truth: pages it moved but did not count are in
-                    // the scratch area (empty from `used` on) and must come
-                    // back like the others, or they would be lost.
-                    while got < n && self.present(scratch.range.page(used + got)) == Some(true) {
-                        self.stats.uncounted_moves += 1;
-                        got += 1;
-                    }
-                }
+                // The scratch pages from `used` on were empty: a page there went out.
+                let got = self.really_moved(&m, n, scratch.range.page(used), true);
                 for (j, slot) in at[pos..pos + got].iter_mut().enumerate() {
                     *slot = Some(used + j);
                 }
@@ -991,7 +997,10 @@ impl LinuxPageSpace {
             // engine maps it, and the move checked that no device pins it.
             let moved = unsafe { std::slice::from_raw_parts(scratch.range.page(s).ptr().cast_const(), PAGE_SIZE) };
             equal[k] = match intents[idx[k]].target {
-                Target::Slot(slot) => moved == self.pool.slot_bytes(slot),
+                Target::Slot(slot) => {
+                    self.pool.read_slot(slot, &mut self.slot_buf);
+                    moved == &self.slot_buf.0[..]
+                }
                 Target::Zero => moved.iter().all(|&b| b == 0),
             };
             if !equal[k] {
@@ -1016,7 +1025,7 @@ impl LinuxPageSpace {
         // span is busy meanwhile: writes to the new runs wait).
         let (registry, pool_uffd) = (self.registry.clone(), self.pool_uffd.clone());
         let breaks = self.breaker.is_some();
-        let busy = breaks.then(|| Busy::new(&registry, &pool_uffd, span));
+        let marked = breaks.then(|| Busy::new(&registry, &pool_uffd, span));
         let mut new_runs = Vec::new();
         let mut k = 0;
         while k < idx.len() {
@@ -1137,15 +1146,8 @@ impl LinuxPageSpace {
             // source is ours.
             let m = unsafe { wuffd.move_pages(addr(page(k)), scratch.range.page(s), e - k) };
             self.stats.moves += 1;
-            let mut got = m.bytes / PAGE_SIZE;
-            if m.stopped.is_some() {
-                // As on the way out: a page the kernel moved back without
-                // counting it has left the scratch area.
-                while got < e - k && self.present(scratch.range.page(s + got)) == Some(false) {
-                    self.stats.uncounted_moves += 1;
-                    got += 1;
-                }
-            }
+            // A page gone from the scratch area came back.
+            let got = self.really_moved(&m, e - k, scratch.range.page(s), false);
             at[k..k + got].iter_mut().for_each(|x| *x = None);
             k += got;
             match m.stopped {
@@ -1165,17 +1167,10 @@ impl LinuxPageSpace {
                     if let Some(from) = at[k].take() {
                         // SAFETY: as above, one page.
                         let single = unsafe { wuffd.move_pages(addr(page(k)), scratch.range.page(from), 1) };
-                        // Moved after all, whatever the call said: reading
-                        // the empty scratch page would wait forever (the
-                        // scratch area is registered MISSING).
-                        let single =
-                            if single.stopped.is_some() && self.present(scratch.range.page(from)) == Some(false) {
-                                self.stats.uncounted_moves += 1;
-                                super::uffd::Moved { bytes: PAGE_SIZE, stopped: None }
-                            } else {
-                                single
-                            };
-                        if single.stopped.is_some() {
+                        // Moved after all, whatever the call said, it must
+                        // not be copied: reading the empty scratch page would
+                        // wait forever (the scratch area is registered MISSING).
+                        if self.really_moved(&single, 1, scratch.range.page(from), false) == 0 {
                             restore_by_copy(scratch.range.sub(from, from + 1), PageRange::new(addr(page(k)), 1), keep);
                         }
                     }
@@ -1198,7 +1193,7 @@ impl LinuxPageSpace {
             from = run.end();
         }
         window.open = false;
-        let _ = self.drain_window_events(!new_runs.is_empty());
+        self.drain_window_events(!new_runs.is_empty());
         if breaks && !new_runs.is_empty() {
             let mut found = Vec::new();
             for run in &new_runs {
@@ -1212,7 +1207,7 @@ impl LinuxPageSpace {
                 }
             }
         }
-        drop(busy);
+        drop(marked);
         let _ = wuffd.wake(span);
         scratch.clear(used);
     }
@@ -1259,19 +1254,18 @@ impl LinuxPageSpace {
     /// protection, so it changes nothing (`ENOENT`): the ioctl does not
     /// check which userfaultfd a range is registered with, so a probe on a
     /// pool mapping would lift that mapping's protection.
-    fn drain_window_events(&mut self, placed: bool) -> Vec<(usize, usize)> {
+    fn drain_window_events(&mut self, placed: bool) {
         let probe = self.scratch.range.sub(0, 1);
-        let mut out = self.serve_window_events(placed);
+        self.serve_window_events(placed);
         for _ in 0..100_000 {
             match self.window_uffd.write_protect(probe, false) {
                 Err(e) if e.errno == Errno::AGAIN => {
                     std::thread::yield_now();
-                    out.extend(self.serve_window_events(placed));
+                    self.serve_window_events(placed);
                 }
                 _ => break,
             }
         }
-        out
     }
 
     /// Moves pages `idx` that map the pool (sorted, one region and segment)
@@ -1325,7 +1319,8 @@ impl LinuxPageSpace {
                     && (0..f - j).all(|x| {
                         // SAFETY: a page of the run, write-protected and mapping the pool: it holds still.
                         unsafe { mem::read_page(run.page(x), &mut self.buf) };
-                        self.buf.0[..] == *self.pool.slot_bytes(Slot(slot.0 + x as u64))
+                        self.pool.read_slot(Slot(slot.0 + x as u64), &mut self.slot_buf);
+                        self.buf.0 == self.slot_buf.0
                     });
                 // Replaced and recorded under the registry's lock, unless
                 // the breaker made part of the run anonymous meanwhile (the
@@ -1529,7 +1524,6 @@ fn release_ref(refs: &mut HashMap<Slot, u32>, slot: Slot) {
     }
 }
 
-/// Puts the attributes `keep` back on a range the engine just mapped.
 /// Write-protects a pool run just mapped (registered with the pool
 /// mappings' userfaultfd). `EAGAIN` means an event waits for the breaker,
 /// which never waits for this thread: try again. A run the breaker already
@@ -1549,6 +1543,7 @@ fn protect(uffd: &Uffd, run: PageRange) {
     }
 }
 
+/// Puts the attributes `keep` back on a range the engine just mapped.
 fn put_back(range: PageRange, keep: Keep) -> Result<(), SysError> {
     for (flag, hint) in [
         (Keep::DONTFORK, mem::Hint::DontFork),
@@ -1782,11 +1777,11 @@ impl PageSpace for LinuxPageSpace {
         // Forks wait while slots are freed, and slots stay while a child (or
         // any descendant) still maps the pool: its mappings are invisible to
         // the mapcount when the child has not touched the page yet.
+        let _no_fork = super::forkguard::hold();
         if self.shared_pool {
             self.release_shared_slots(slots, out);
             return;
         }
-        let _no_fork = super::forkguard::hold();
         if super::forkguard::descendants_map(&self.pool.identity()) {
             out.extend(slots.iter().map(|_| SlotRelease::Kept));
             return;
@@ -1835,7 +1830,9 @@ impl PageSpace for LinuxPageSpace {
     }
 
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {
-        Ok(self.pool.slot_bytes(a) == self.pool.slot_bytes(b))
+        self.pool.read_slot(a, &mut self.buf);
+        self.pool.read_slot(b, &mut self.slot_buf);
+        Ok(self.buf.0 == self.slot_buf.0)
     }
 
     fn drain_discarded(&mut self, out: &mut Vec<PageRef>) {

@@ -203,8 +203,3 @@ pub fn status_kb(field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
 }
-
-/// Mappings of this process (lines of `/proc/self/maps`).
-pub fn mappings() -> u64 {
-    std::fs::read("/proc/self/maps").map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64).unwrap_or(0)
-}
