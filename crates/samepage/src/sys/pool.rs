@@ -27,6 +27,8 @@ pub struct MemfdPool {
     fd: OwnedFd,
     view: PageRange,
     slots: u64,
+    /// Whether other processes map the memfd too (a daemon's partition).
+    shared: bool,
 }
 
 impl MemfdPool {
@@ -35,7 +37,9 @@ impl MemfdPool {
     pub fn new(slots: u64) -> Result<MemfdPool, SysError> {
         let fd = rustix::fs::memfd_create("samepage-pool", rustix::fs::MemfdFlags::CLOEXEC).op("memfd_create")?;
         rustix::fs::ftruncate(&fd, slots * PAGE_SIZE as u64).op("ftruncate(pool)")?;
-        Self::from_fd(fd, slots)
+        let mut pool = Self::from_fd(fd, slots)?;
+        pool.shared = false;
+        Ok(pool)
     }
 
     /// A pool on an existing memfd of `slots` pages (a daemon's, shared by
@@ -64,7 +68,7 @@ impl MemfdPool {
         // DONTFORK keeps children from inheriting the view.
         mem::advise(view, mem::Hint::DontFork)?;
         super::forkguard::install();
-        Ok(MemfdPool { fd, view, slots })
+        Ok(MemfdPool { fd, view, slots, shared: true })
     }
 
     /// The memfd, to map slots from.
@@ -107,9 +111,24 @@ impl MemfdPool {
         h
     }
 
-    /// Copies a slot's bytes into `buf`. A copy, not a slice: other
-    /// processes sharing the pool fill slots of their own and free dead ones
+    /// Whether filled `slot` holds `bytes`. A pool of this process's own is
+    /// compared in place: only [`MemfdPool::fill`] writes it, into empty
+    /// slots, through `&mut self`. A shared one is copied into `copy` first:
+    /// other processes fill slots of their own and free dead ones
     /// (`PUNCH_HOLE`) through mappings of the same memfd.
+    pub fn slot_equals(&self, slot: Slot, bytes: &[u8], copy: &mut PageBuf) -> bool {
+        if self.shared {
+            self.read_slot(slot, copy);
+            return copy.0[..] == *bytes;
+        }
+        // SAFETY: inside our view; nothing but `fill` (through `&mut self`,
+        // impossible while this borrow lives) writes a pool of our own.
+        let mine = unsafe { std::slice::from_raw_parts(self.slot_addr(slot).ptr().cast_const(), PAGE_SIZE) };
+        mine == bytes
+    }
+
+    /// Copies a slot's bytes into `buf` (a copy, not a slice: see
+    /// [`MemfdPool::slot_equals`]).
     pub fn read_slot(&self, slot: Slot, buf: &mut PageBuf) {
         // SAFETY: inside our view, mapped for the pool's life; `read_page`
         // allows concurrent writes.

@@ -541,7 +541,7 @@ pub struct LinuxPageSpace {
     pool: MemfdPool,
     pagemap: PageMap,
     buf: Box<PageBuf>,
-    /// A pool slot's copy, to compare with `buf` or a moved page.
+    /// A shared pool slot's copy (see `MemfdPool::slot_equals`).
     slot_buf: Box<PageBuf>,
     runs: Vec<pagemap::Run>,
     order: Vec<usize>,
@@ -997,10 +997,7 @@ impl LinuxPageSpace {
             // engine maps it, and the move checked that no device pins it.
             let moved = unsafe { std::slice::from_raw_parts(scratch.range.page(s).ptr().cast_const(), PAGE_SIZE) };
             equal[k] = match intents[idx[k]].target {
-                Target::Slot(slot) => {
-                    self.pool.read_slot(slot, &mut self.slot_buf);
-                    moved == &self.slot_buf.0[..]
-                }
+                Target::Slot(slot) => self.pool.slot_equals(slot, moved, &mut self.slot_buf),
                 Target::Zero => moved.iter().all(|&b| b == 0),
             };
             if !equal[k] {
@@ -1319,8 +1316,7 @@ impl LinuxPageSpace {
                     && (0..f - j).all(|x| {
                         // SAFETY: a page of the run, write-protected and mapping the pool: it holds still.
                         unsafe { mem::read_page(run.page(x), &mut self.buf) };
-                        self.pool.read_slot(Slot(slot.0 + x as u64), &mut self.slot_buf);
-                        self.buf.0 == self.slot_buf.0
+                        self.pool.slot_equals(Slot(slot.0 + x as u64), &self.buf.0, &mut self.slot_buf)
                     });
                 // Replaced and recorded under the registry's lock, unless
                 // the breaker made part of the run anonymous meanwhile (the
@@ -1831,8 +1827,7 @@ impl PageSpace for LinuxPageSpace {
 
     fn slots_equal(&mut self, a: Slot, b: Slot) -> Result<bool, SpaceError> {
         self.pool.read_slot(a, &mut self.buf);
-        self.pool.read_slot(b, &mut self.slot_buf);
-        Ok(self.buf.0 == self.slot_buf.0)
+        Ok(self.pool.slot_equals(b, &self.buf.0, &mut self.slot_buf))
     }
 
     fn drain_discarded(&mut self, out: &mut Vec<PageRef>) {
