@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! `samepage`: the userspace KSM engine's command line.
 
 mod args;

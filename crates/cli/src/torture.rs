@@ -501,6 +501,7 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
         "reads_lost": io.reads_lost.load(Ordering::Relaxed),
         "attribute_forks": io.attribute_forks.load(Ordering::Relaxed),
         "attribute_violations": io.attribute_violations.load(Ordering::Relaxed),
+        "attribute_detail": *io.attribute_detail.lock().unwrap(),
         "discards": io.discards.load(Ordering::Relaxed),
         "plain_dontneeds": io.plain_dontneeds.load(Ordering::Relaxed),
         "discard_violations": io.discard_violations.load(Ordering::Relaxed),
@@ -571,7 +572,8 @@ pub fn run(a: TortureArgs) -> Result<ExitCode> {
     if lost > 0 || corrupted > 0 || child_failures > 0 || reads_lost > 0 || attr > 0 || disc > 0 || !errors.is_empty() {
         bail!(
             "torture found {lost} lost writes, {corrupted} corrupted bytes, {child_failures} failed children, \
-             {reads_lost} lost device reads, {attr} attribute violations, {disc} discard violations, {} errors: {errors:?}",
+             {reads_lost} lost device reads, {attr} attribute violations {:?}, {disc} discard violations, {} errors: {errors:?}",
+            io.attribute_detail.lock().unwrap(),
             errors.len()
         );
     }

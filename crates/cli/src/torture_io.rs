@@ -32,6 +32,8 @@ pub struct IoTally {
     pub attribute_forks: AtomicU64,
     /// Attribute checks (children and `VmFlags`) that failed.
     pub attribute_violations: AtomicU64,
+    /// What each failed attribute check saw (the first 20).
+    pub attribute_detail: std::sync::Mutex<Vec<String>>,
     /// `Engine::discard` calls on merged pages.
     pub discards: AtomicU64,
     /// Plain `madvise(MADV_DONTNEED)` calls on merged pages.
@@ -266,7 +268,7 @@ pub fn attributes(engine: &Engine, seed: u64, stop: &AtomicBool, t: &IoTally) ->
             })
             .collect();
         let (df, wf, dd, len) = (dontfork.addr(0), wipe.addr(0), dontdump.addr(0), dontfork.mem.len());
-        let child_ok = fork_check(|| {
+        let child = fork_check(|| {
             let mut v = [0u8; 16];
             // SAFETY: mincore only reports on the range; ENOMEM means unmapped.
             let unmapped = unsafe { libc::mincore(df as *mut libc::c_void, PAGE, v.as_mut_ptr()) } != 0;
@@ -280,18 +282,24 @@ pub fn attributes(engine: &Engine, seed: u64, stop: &AtomicBool, t: &IoTally) ->
                     unsafe { ((dd + p * PAGE + j) as *const u8).read_volatile() == *b }
                 })
             });
-            unmapped && wiped && kept
+            (!unmapped as i32) | (!wiped as i32) << 1 | (!kept as i32) << 2
         })?;
         t.attribute_forks.fetch_add(1, Ordering::Relaxed);
-        if !child_ok {
-            t.attribute_violations.fetch_add(1, Ordering::Relaxed);
+        if child != 0 {
+            t.violation(format!(
+                "forked child: {}{}{}(exit {child})",
+                if child & 1 != 0 { "the MADV_DONTFORK area was mapped; " } else { "" },
+                if child & 2 != 0 { "the MADV_WIPEONFORK area was not zeros; " } else { "" },
+                if child & 4 != 0 { "the MADV_DONTDUMP area differed from the parent's; " } else { "" },
+            ));
         }
         if last_flags.elapsed() > Duration::from_secs(3) {
             last_flags = Instant::now();
             for (a, flag) in [(&dontfork, "dc"), (&wipe, "wf"), (&dontdump, "dd"), (&locked, "lo")] {
                 let start = a.addr(0);
-                if !vm_flags_in(start, start + a.mem.len()).iter().all(|f| f.split(' ').any(|x| x == flag)) {
-                    t.attribute_violations.fetch_add(1, Ordering::Relaxed);
+                let flags = vm_flags_in(start, start + a.mem.len());
+                if let Some(f) = flags.iter().find(|f| !f.split(' ').any(|x| x == flag)) {
+                    t.violation(format!("VmFlags without {flag} in the area: {f}"));
                 }
             }
         }
@@ -299,22 +307,34 @@ pub fn attributes(engine: &Engine, seed: u64, stop: &AtomicBool, t: &IoTally) ->
     Ok(())
 }
 
-/// Forks a child that runs `check` (raw memory reads only) and exits 0 if it
-/// holds; returns whether it did.
-fn fork_check(check: impl FnOnce() -> bool) -> Result<bool> {
+impl IoTally {
+    /// Counts a failed attribute check and keeps what it saw.
+    fn violation(&self, what: String) {
+        self.attribute_violations.fetch_add(1, Ordering::Relaxed);
+        let mut d = self.attribute_detail.lock().unwrap();
+        if d.len() < 20 {
+            d.push(what);
+        }
+    }
+}
+
+/// Forks a child that runs `check` (raw memory reads only) and exits with
+/// what it returns (0: it held); returns that code (or -1 if the child did
+/// not exit).
+fn fork_check(check: impl FnOnce() -> i32) -> Result<i32> {
     // SAFETY: the child only runs `check`, which reads raw memory, then
     // leaves with _exit: no allocation, no locks, no destructors.
     let pid = unsafe { libc::fork() };
     anyhow::ensure!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
-        let ok = check();
+        let code = check();
         // SAFETY: ends the child without the parent's destructors.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        unsafe { libc::_exit(code) };
     }
     let mut status = 0;
     // SAFETY: our own child.
     anyhow::ensure!(unsafe { libc::waitpid(pid, &mut status, 0) } == pid, "waitpid");
-    Ok(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+    Ok(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 })
 }
 
 /// The `VmFlags` of every mapping inside `[start, end)`.

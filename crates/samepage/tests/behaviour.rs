@@ -190,6 +190,64 @@ fn dontfork_survives_merging() {
     engine.unregister(id).unwrap();
 }
 
+/// The program's attributes are on its memory at every moment, not only once
+/// a merge or a copy-on-write break is done: a fork or a read of
+/// `/proc/self/smaps` while pages merge and break (every write to a merged
+/// page makes the engine copy it) never sees a `MADV_DONTFORK` page in the
+/// child, nor a VMA of the area without `dc` or `lo`.
+#[test]
+fn attributes_hold_at_every_moment_while_pages_merge_and_break() {
+    let _g = serial();
+    let engine = Engine::new(Tunables { pages_to_scan: 64, ..fast(256, false) }).unwrap();
+    let (m, id) = registered(&engine, |m| {
+        madvise(m, libc::MADV_DONTFORK);
+        // SAFETY: locking a mapping the test owns changes no content.
+        assert_eq!(unsafe { libc::mlock(m.as_ptr().cast(), m.len()) }, 0);
+    });
+    let (start, len) = (m.as_ptr() as usize, m.len());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut forks, mut looks, mut leaked, mut flagless) = (0u64, 0u64, 0u64, Vec::new());
+    let last = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                round += 1;
+                for i in 0..PAGES {
+                    m.write(i * PAGE, &content((i as u64 + round) % 4)).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            round
+        });
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let child_clean = in_child(|| {
+                (0..PAGES).all(|i| {
+                    let mut v = [0u8; 1];
+                    // SAFETY: mincore only reports on the page (ENOMEM: unmapped).
+                    unsafe { libc::mincore((start + i * PAGE) as *mut libc::c_void, PAGE, v.as_mut_ptr()) != 0 }
+                })
+            });
+            forks += 1;
+            leaked += u64::from(!child_clean);
+            for f in vm_flags_in(start, start + len) {
+                looks += 1;
+                if !(f.split(' ').any(|x| x == "dc") && f.split(' ').any(|x| x == "lo")) && flagless.len() < 5 {
+                    flagless.push(f);
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap()
+    });
+    let c = engine.counters().unwrap();
+    assert!(c.merges > 0 && c.cow_faults > 0 && forks > 10 && looks > 10, "{forks} forks, {looks} VMAs seen, {c:?}");
+    assert_eq!(leaked, 0, "children of {forks} forks saw MADV_DONTFORK pages");
+    assert!(flagless.is_empty(), "VMAs without dc or lo: {flagless:?}");
+    assert_pages(&m, 0..PAGES, |i| content((i as u64 + last) % 4), "after");
+    engine.unregister(id).unwrap();
+}
+
 /// `MADV_WIPEONFORK` cannot be put on a pool mapping: the engine leaves such
 /// memory alone and says so, and a child reads zeros there.
 #[test]

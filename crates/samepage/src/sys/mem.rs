@@ -124,6 +124,26 @@ pub unsafe fn map_file_private_fixed(range: PageRange, fd: impl rustix::fd::AsFd
     Ok(())
 }
 
+/// Maps `pages` pages of `fd` from `offset` private and writable where the
+/// kernel picks (nothing is replaced): a mapping to dress with attributes
+/// before [`move_mapping`] puts it in place.
+pub fn map_file_private(pages: usize, fd: impl rustix::fd::AsFd, offset: u64) -> Result<PageRange, SysError> {
+    // SAFETY: without MAP_FIXED the kernel picks an unused range: nothing is replaced.
+    let p = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            pages * PAGE_SIZE,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+            fd,
+            offset,
+        )
+    }
+    .op("mmap(pool, MAP_PRIVATE)")?;
+    let start = PageAddr::new(p as usize).expect("mmap returns page-aligned addresses");
+    Ok(PageRange::new(start, pages))
+}
+
 /// Moves the mapping `from` over `to` (`mremap` with `MREMAP_FIXED`): the
 /// pages move, nothing is copied, and whatever `to` held is gone.
 ///

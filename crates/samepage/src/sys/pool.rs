@@ -18,7 +18,7 @@ use super::addr::{PageAddr, PageRange};
 use super::mem::{self, PageBuf};
 use super::pagemap::{PageMap, PM_MMAP_EXCLUSIVE, PM_PRESENT};
 use super::{Op, SysError};
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use samepage_core::{page_hash, Slot, PAGE_SIZE};
 
 /// The memfd pool and the engine's view of it.
@@ -72,8 +72,8 @@ impl MemfdPool {
     }
 
     /// The memfd, to map slots from.
-    pub fn fd(&self) -> impl AsFd + '_ {
-        &self.fd
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// How the pool's memfd appears in `/proc/PID/maps`: its name and inode,

@@ -59,6 +59,7 @@ use samepage_core::{
 };
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Pages closer than this share one window.
@@ -367,9 +368,7 @@ impl Registry {
                 let r = &self.regions[&id];
                 let span = r.range(run.clone());
                 // SAFETY: the program discards this range: its content may go.
-                unsafe { mem::map_anon_fixed(span) }?;
-                // Anonymous now, whether or not an attribute goes back on.
-                let _ = put_back(span, keep);
+                unsafe { place(span, Backing::Anon, keep) }?;
                 self.budget.spent(2);
                 let rm = self.regions.get_mut(&id).expect("region");
                 for i in run {
@@ -442,14 +441,15 @@ impl Registry {
             // written, and not pinned for writing: a pin for writing faults
             // on the protection and waits): it holds still; `tmp` is ours.
             unsafe { std::ptr::copy_nonoverlapping(addr.ptr().cast_const(), tmp.start().ptr(), PAGE_SIZE) };
-            // SAFETY: `tmp` is ours; the page holds the same bytes and no
-            // write pin.
-            if let Err(e) = unsafe { mem::move_mapping(tmp, addr) } {
+            // The attributes go on first: the move carries them over (see
+            // `place`). SAFETY: `tmp` is ours; the page holds the same bytes
+            // and no write pin.
+            if let Err(e) = put_back(tmp, keep).and_then(|()| unsafe { mem::move_mapping(tmp, addr) }) {
                 // SAFETY: still ours.
                 let _ = unsafe { mem::unmap(tmp) };
                 return Err(e);
             }
-            put_back(page, keep)
+            Ok(())
         })();
         match moved {
             Ok(()) => {}
@@ -1057,13 +1057,13 @@ impl LinuxPageSpace {
                         // SAFETY: the run's pages are out in the scratch area
                         // and equal the pool slots byte for byte; anyone
                         // touching the run waits for the window.
-                        unsafe { mem::map_file_private_fixed(run, self.pool.fd(), s.0 * PAGE_SIZE as u64) }
+                        unsafe { place(run, Backing::Pool(self.pool.fd(), s.0 * PAGE_SIZE as u64), keep) }
                     });
                     if matches!(&made, Err(e) if e.errno == Errno::PERM) {
                         // Sealed since (mseal).
                         reg.stale.insert(region);
                     }
-                    match made.and_then(|()| put_back(run, keep)) {
+                    match made {
                         Ok(()) => {
                             reg.budget.spent(2);
                             for &i in &idx[k..e] {
@@ -1098,16 +1098,8 @@ impl LinuxPageSpace {
                     for &i in &idx[k..e] {
                         results[i] = why;
                     }
-                    // A failed mmap of a pool run leaves the range as it was
-                    // (anonymous, pages out) or, if it failed after mapping
-                    // (putting an attribute back), mapping the pool: make it
-                    // anonymous again so the pages can go back.
-                    if matches!(intents[idx[k]].target, Target::Slot(_)) && why == IntentResult::Failed {
-                        // SAFETY: the run's pages are out in the scratch area.
-                        let _ = unsafe { mem::map_anon_fixed(run) }
-                            .and_then(|()| put_back(run, keep))
-                            .and_then(|()| wuffd.register(run, RegisterMode::MISSING));
-                    }
+                    // A failed `place` leaves the range as it was: anonymous,
+                    // its pages out, ready for them to come back.
                     equal[k..e].iter_mut().for_each(|x| *x = false);
                 }
             }
@@ -1326,14 +1318,11 @@ impl LinuxPageSpace {
                 // SAFETY: the run maps pool pages equal to the target slots
                 // byte for byte, write-protected.
                 let mapped = still
-                    && unsafe { mem::map_file_private_fixed(run, self.pool.fd(), slot.0 * PAGE_SIZE as u64) }.is_ok();
+                    && unsafe { place(run, Backing::Pool(self.pool.fd(), slot.0 * PAGE_SIZE as u64), keep) }.is_ok();
                 for x in j..f {
                     results[idx[x]] = if mapped { IntentResult::Merged } else { IntentResult::Failed };
                 }
                 if mapped {
-                    // An attribute that cannot be put back leaves the run
-                    // merged all the same.
-                    let _ = put_back(run, keep);
                     reg.budget.spent(2);
                     self.stats.pool_maps += 1;
                     for x in 0..f - j {
@@ -1417,6 +1406,9 @@ impl LinuxPageSpace {
                 };
                 // SAFETY: `tmp`'s part is our own; the target holds the same
                 // bytes and only pool pages (pinned, if at all, for reading).
+                // The attributes go on first: the move carries them over
+                // (see `place`).
+                put_back(tmp.sub(j, f), keep)?;
                 unsafe { mem::move_mapping(tmp.sub(j, f), span.page(j)) }?;
                 replaced.push(j..f);
                 for x in j..f {
@@ -1427,7 +1419,6 @@ impl LinuxPageSpace {
                         }
                     }
                 }
-                put_back(span.sub(j, f), keep)?;
                 j = f;
             }
             Ok(())
@@ -1539,7 +1530,53 @@ fn protect(uffd: &Uffd, run: PageRange) {
     }
 }
 
-/// Puts the attributes `keep` back on a range the engine just mapped.
+/// What [`place`] maps over program memory.
+#[derive(Clone, Copy)]
+enum Backing<'f> {
+    /// Fresh zeroed anonymous memory.
+    Anon,
+    /// Pool pages from `offset`, private.
+    Pool(BorrowedFd<'f>, u64),
+}
+
+/// Maps `backing` over `range` with the attributes `keep` already on it.
+///
+/// A mapping made with `MAP_FIXED` is a new VMA without the program's
+/// flags, and putting them back takes more system calls: a `fork()` or a
+/// read of `/proc/self/smaps` in between would see merged memory without
+/// `MADV_DONTFORK` (the child inherits it), `mlock` or `MADV_DONTDUMP`. So a
+/// mapping that must carry attributes is made where the kernel picks, given
+/// them there, and moved over `range` with one `mremap(MREMAP_FIXED)`,
+/// which keeps a VMA's flags: whoever looks sees the old VMA or the new one,
+/// each with the program's attributes. On failure `range` is as it was.
+///
+/// # Safety
+/// `range` must be memory the engine may replace (see
+/// [`mem::map_file_private_fixed`] and [`mem::map_anon_fixed`]).
+unsafe fn place(range: PageRange, backing: Backing<'_>, keep: Keep) -> Result<(), SysError> {
+    if keep.is_empty() {
+        // SAFETY: the caller may replace `range`.
+        return unsafe {
+            match backing {
+                Backing::Anon => mem::map_anon_fixed(range),
+                Backing::Pool(fd, offset) => mem::map_file_private_fixed(range, fd, offset),
+            }
+        };
+    }
+    let tmp = match backing {
+        Backing::Anon => mem::map_anon(range.pages())?,
+        Backing::Pool(fd, offset) => mem::map_file_private(range.pages(), fd, offset)?,
+    };
+    // SAFETY: `tmp` is ours alone; the caller may replace `range`.
+    let placed = put_back(tmp, keep).and_then(|()| unsafe { mem::move_mapping(tmp, range.start()) });
+    if placed.is_err() {
+        // SAFETY: `tmp` is still ours.
+        let _ = unsafe { mem::unmap(tmp) };
+    }
+    placed
+}
+
+/// Puts the attributes `keep` on a range the engine maps (see [`place`]).
 fn put_back(range: PageRange, keep: Keep) -> Result<(), SysError> {
     for (flag, hint) in [
         (Keep::DONTFORK, mem::Hint::DontFork),
@@ -1567,10 +1604,9 @@ fn restore_by_copy(from: PageRange, to: PageRange, keep: Keep) {
     let Ok(tmp) = mem::map_anon(from.pages()) else { return };
     // SAFETY: `from` is ours (scratch pages nobody else maps), `tmp` fresh.
     unsafe { std::ptr::copy_nonoverlapping(from.start().ptr().cast_const(), tmp.start().ptr(), from.len_bytes()) };
+    // The attributes go on first: the move carries them over (see `place`).
     // SAFETY: `tmp` is ours; `to` is the emptied range the pages came from.
-    if unsafe { mem::move_mapping(tmp, to.start()) }.is_ok() {
-        let _ = put_back(to, keep);
-    } else {
+    if put_back(tmp, keep).and_then(|()| unsafe { mem::move_mapping(tmp, to.start()) }).is_err() {
         // SAFETY: `tmp` is still ours.
         let _ = unsafe { mem::unmap(tmp) };
     }
