@@ -1404,11 +1404,11 @@ impl LinuxPageSpace {
                         (f - j) * PAGE_SIZE,
                     )
                 };
-                // SAFETY: `tmp`'s part is our own; the target holds the same
-                // bytes and only pool pages (pinned, if at all, for reading).
                 // The attributes go on first: the move carries them over
                 // (see `place`).
                 put_back(tmp.sub(j, f), keep)?;
+                // SAFETY: `tmp`'s part is our own; the target holds the same
+                // bytes and only pool pages (pinned, if at all, for reading).
                 unsafe { mem::move_mapping(tmp.sub(j, f), span.page(j)) }?;
                 replaced.push(j..f);
                 for x in j..f {
@@ -1555,12 +1555,11 @@ enum Backing<'f> {
 /// [`mem::map_file_private_fixed`] and [`mem::map_anon_fixed`]).
 unsafe fn place(range: PageRange, backing: Backing<'_>, keep: Keep) -> Result<(), SysError> {
     if keep.is_empty() {
-        // SAFETY: the caller may replace `range`.
-        return unsafe {
-            match backing {
-                Backing::Anon => mem::map_anon_fixed(range),
-                Backing::Pool(fd, offset) => mem::map_file_private_fixed(range, fd, offset),
-            }
+        return match backing {
+            // SAFETY: the caller may replace `range`.
+            Backing::Anon => unsafe { mem::map_anon_fixed(range) },
+            // SAFETY: the caller may replace `range`.
+            Backing::Pool(fd, offset) => unsafe { mem::map_file_private_fixed(range, fd, offset) },
         };
     }
     let tmp = match backing {
