@@ -126,6 +126,97 @@ fn set_and_merge_through_the_daemon() {
     let _ = std::fs::remove_file(&socket);
 }
 
+/// The daemon killed (SIGKILL) and started again: the engines connected to
+/// it keep every byte and their merged pages while no daemon answers, then
+/// connect to the new one, unmerge what mapped the old daemon's pool, and
+/// merge again through the new one, to the counters the content implies;
+/// no trace of the old pool is left in the process (no mapping, no fd).
+#[test]
+fn engines_outlive_a_daemon_restart_and_merge_again() {
+    use samepage::{Domain, Engine, Run, Tunables};
+    const PAGES: usize = 256;
+    let socket = std::env::temp_dir().join(format!("samepage-cli-restart-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let args = ["--pages-to-scan", "1000", "--sleep-ms", "5"];
+    let daemon = spawn_daemon(&socket, &args);
+    let page = |i: usize| [(i % 8) as u8 + 1; 4096];
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let engine = retry("the daemon never listened", || {
+            Engine::connect(&socket, Domain::default(), Tunables { run: Run::Merge, ..Tunables::default() })
+        });
+        let region = engine.alloc_region(PAGES * 4096).unwrap();
+        for i in 0..PAGES {
+            region.write(i * 4096, &page(i)).unwrap();
+        }
+        clients.push((engine, region));
+    }
+    let check = |clients: &[(Engine, samepage::Region)], when: &str| {
+        for (c, (_, region)) in clients.iter().enumerate() {
+            for i in 0..PAGES {
+                let mut b = [0u8; 4096];
+                region.read(i * 4096, &mut b).unwrap();
+                assert_eq!(b, page(i), "client {c} page {i} {when}");
+            }
+        }
+    };
+    // 2 x 256 pages of 8 contents: 8 stable pages, 504 sharing them.
+    let merged = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = Connection::status(&socket).ok();
+            let st = s.as_ref().and_then(|s| s.first()).map(|p| (p.stable.nodes, p.stable.mappings, p.clients.len()));
+            if st == Some((8, 512, 2)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: {st:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    merged("the first daemon never merged the two engines' pages");
+    let old_pools = pool_inodes();
+    assert_eq!(old_pools.len(), 1, "one pool mapped: {old_pools:?}");
+    drop(daemon);
+    // No daemon: merged pages stay merged and exact.
+    std::thread::sleep(Duration::from_millis(600));
+    check(&clients, "with no daemon");
+    for (engine, _) in &clients {
+        let link = engine.daemon_link().unwrap();
+        assert!(!link.connected, "{link:?}");
+        assert!(engine.counters().unwrap().pages_sharing + engine.counters().unwrap().pages_shared > 0);
+    }
+    let again = spawn_daemon(&socket, &args);
+    merged("the engines never merged again through the second daemon");
+    for (engine, _) in &clients {
+        let link = engine.daemon_link().unwrap();
+        assert_eq!((link.connected, link.reconnects), (true, 1), "{link:?}");
+    }
+    check(&clients, "after the restart");
+    let now = pool_inodes();
+    assert!(now.iter().all(|i| !old_pools.contains(i)), "the old pool is still held: {old_pools:?} {now:?}");
+    drop(clients);
+    drop(again);
+    let _ = std::fs::remove_file(&socket);
+}
+
+/// The inodes of the pool memfds this process maps or holds open.
+fn pool_inodes() -> std::collections::BTreeSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeSet::new();
+    for l in std::fs::read_to_string("/proc/self/maps").unwrap().lines().filter(|l| l.contains("samepage-pool")) {
+        out.insert(l.split_whitespace().nth(4).unwrap().parse::<u64>().unwrap());
+    }
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default();
+        if target.contains("samepage-pool") {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                out.insert(m.ino());
+            }
+        }
+    }
+    out
+}
+
 /// A `samepage daemon` process, killed when dropped (a failing test leaves
 /// no daemon behind).
 struct DaemonProc(Child);

@@ -131,6 +131,32 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         })
     }
 
+    /// Puts new trees and a new pool in place of the ones in use, and
+    /// returns the old ones: for an engine whose daemon went away and came
+    /// back, which starts over with its successor's partition. Refused (the
+    /// new parts handed back) while a merged page still links to the old
+    /// ones (unmerge everything first, [`Ksm::unmerge_all`]). Zero pages
+    /// stay: they map the kernel's zero page, no pool's; so do private
+    /// copies inside mappings of the old pool (the program's own memory,
+    /// never merged again). Slots still waiting to be freed belong to the
+    /// old pool and are dropped with it.
+    #[allow(clippy::type_complexity, reason = "the three parts, in and out")]
+    pub fn replace_parts(&mut self, stable: S, unstable: U, pool: P) -> Result<(S, U, P), (S, U, P)> {
+        let linked = self.regions.all_linked().any(|(_, it)| matches!(it.link(), Link::Stable(_)));
+        if linked {
+            return Err((stable, unstable, pool));
+        }
+        self.clear_unstable();
+        let old_stable = std::mem::replace(&mut self.stable, stable);
+        let old_unstable = std::mem::replace(&mut self.unstable, unstable);
+        let old_pool = std::mem::replace(&mut self.pool, pool);
+        self.dead = DeadSlots::default();
+        self.last_new_slot = None;
+        self.over_budget_scan = None;
+        self.cursor = None;
+        Ok((old_stable, old_unstable, old_pool))
+    }
+
     /// The tunables in force.
     pub fn tunables(&self) -> &Tunables {
         &self.tunables

@@ -245,6 +245,22 @@ impl SimPageSpace {
         self.regions.values().flatten().filter(|p| **p == SimPage::KsmZero).count() as u64
     }
 
+    /// The pool is replaced by another (a daemon restarted): no page may map
+    /// it any more; private copies inside its mappings become plain private
+    /// pages, as the Linux page space makes them when it unmerges (every
+    /// page of a pool mapping, copies included), and its pages go with it
+    /// (a memfd's pages are freed with its last holder).
+    pub fn replace_pool(&mut self) {
+        for p in self.regions.values_mut().flatten() {
+            assert!(!matches!(p, SimPage::Pool(_)), "a page still maps the old pool");
+            if let SimPage::PoolCopy(f, _) = p {
+                *p = SimPage::Private(f.clone());
+            }
+        }
+        self.pool.clear();
+        self.retired.clear();
+    }
+
     /// Pool slots holding a page.
     pub fn pool_pages(&self) -> usize {
         self.pool.len()

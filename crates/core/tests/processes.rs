@@ -151,6 +151,31 @@ impl Machine {
         }
     }
 
+    /// The daemon dies and a new one starts: every process unmerges
+    /// everything (its old trees answer as a dead daemon's would, forgetting
+    /// what they are given back) and starts over with the new daemon's
+    /// trees and pool, as `Engine`'s reconnection does. In the simulation
+    /// the two daemons' pools share one slot space, so every process
+    /// unmerges before any starts over (real pools are separate memfds).
+    fn restart_daemon(&mut self) {
+        for k in self.procs.iter_mut().flatten() {
+            k.unmerge_all(&mut self.space).unwrap();
+            k.set_tunables(self.tunables.clone()).unwrap();
+        }
+        // The old daemon's pool goes with its last holder.
+        self.space.replace_pool();
+        self.shared = Rc::new(RefCell::new(Shared::new(self.tunables.max_page_sharing, DEFAULT_POOL_SLOTS)));
+        for (p, k) in self.procs.iter_mut().enumerate() {
+            if let Some(k) = k {
+                let (sh, c) = (&self.shared, ClientId(p as u32));
+                let parts = (SharedStableTree::new(sh, c), SharedUnstableTree::new(sh, c), SharedPool::new(sh));
+                if k.replace_parts(parts.0, parts.1, parts.2).is_err() {
+                    panic!("process {p} still links to the old daemon's pool");
+                }
+            }
+        }
+    }
+
     /// The shared tree's mapping counts equal the pages linked to each node
     /// over all live processes and the pages mapping each slot; no pool page
     /// is left without a node; every page holds what its process wrote.
@@ -263,6 +288,21 @@ fn a_process_that_dies_gives_its_mappings_back_and_leaks_no_pool_page() {
     assert!(m.space.slot_mappings().is_empty());
 }
 
+/// A daemon restart: the processes start over with the new daemon and
+/// reach the counters they had, every byte intact, no pool page left over.
+#[test]
+fn a_daemon_restart_starts_every_process_over_and_reaches_the_same_counters() {
+    let t = tunables(4, true);
+    let mut m = Machine::new(4, &t);
+    let before = m.converge();
+    m.check(true);
+    m.restart_daemon();
+    m.check(true);
+    let after = m.converge();
+    m.check(true);
+    assert_eq!(kernel_view(&after), kernel_view(&before));
+}
+
 /// What happens on the machine: a process writes a page (one of a few
 /// contents, so pages keep merging and unmerging), every process scans,
 /// a process is killed, a killed process starts again.
@@ -272,6 +312,7 @@ enum Step {
     Scan { batches: u8 },
     Kill { p: u32 },
     Spawn { p: u32 },
+    RestartDaemon,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -280,6 +321,7 @@ fn step() -> impl Strategy<Value = Step> {
         6 => (1..8u8).prop_map(|batches| Step::Scan { batches }),
         1 => (0..3u32).prop_map(|p| Step::Kill { p }),
         1 => (0..3u32).prop_map(|p| Step::Spawn { p }),
+        1 => Just(Step::RestartDaemon),
     ]
 }
 
@@ -318,6 +360,7 @@ proptest! {
                         m.spawn(p);
                     }
                 }
+                Step::RestartDaemon => m.restart_daemon(),
             }
             m.check(false);
         }

@@ -246,20 +246,24 @@ fn recv_with_fd(stream: &mut UnixStream) -> Result<(Response, Option<OwnedFd>), 
 #[derive(Debug, Clone)]
 pub struct RemoteStableTree {
     conn: SharedConnection,
+    /// The daemon's last answer to `Stats`: what the counters show while
+    /// it is gone (the merged pages stay as they were).
+    last: std::cell::Cell<Option<(StableStats, StableStats, u64, u64)>>,
 }
 
 impl RemoteStableTree {
     /// The stable tree of `conn`'s partition.
     pub fn new(conn: &SharedConnection) -> Self {
-        RemoteStableTree { conn: Arc::clone(conn) }
+        RemoteStableTree { conn: Arc::clone(conn), last: std::cell::Cell::new(None) }
     }
 
     fn stats_call(&self) -> Option<(StableStats, StableStats, u64, u64)> {
         match lock(&self.conn).call(&Request::Stats) {
             Ok(Response::Stats { partition, held, metadata_bytes, unstable, .. }) => {
+                self.last.set(Some((partition, held, metadata_bytes, unstable)));
                 Some((partition, held, metadata_bytes, unstable))
             }
-            _ => None,
+            _ => self.last.get(),
         }
     }
 }

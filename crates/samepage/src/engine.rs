@@ -92,7 +92,8 @@ pub struct EngineInfo {
     /// merge again; without it a written page stays a private copy inside
     /// the pool mapping and is never merged again (`pages_pool_copies`).
     pub breaks_cow: bool,
-    /// The inode of the pool's memfd (how `/proc/PID/maps` shows merged pages).
+    /// The inode of the pool's memfd at start (how `/proc/PID/maps` shows
+    /// merged pages); a new daemon after a reconnection gives a new pool.
     pub pool_inode: u64,
     /// The daemon's socket when the engine merges with other processes
     /// through it ([`Engine::connect`]); `None` for an engine of its own.
@@ -102,6 +103,9 @@ pub struct EngineInfo {
 /// How often an engine connected to a daemon reports its figures (and so
 /// how soon it follows the daemon's orders: new tunables, a merge now).
 const REPORT_EVERY: Duration = Duration::from_millis(200);
+
+/// How often an engine whose daemon went away tries its socket again.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 /// The stable tree an engine uses: its own, or a daemon's.
 type Stable = Box<dyn StableTree + Send>;
@@ -143,6 +147,27 @@ struct DaemonLink {
     own_run: Run,
     /// The outcome of the last merge the daemon ordered, to report.
     merged_now: std::cell::Cell<Option<MergeOutcome>>,
+    /// Where the daemon listens, and this engine's trust domain there: to
+    /// connect again when the daemon went away.
+    socket: PathBuf,
+    domain: Domain,
+    /// When to try the socket again while the connection is broken.
+    next_try: Instant,
+    /// Daemons this engine connected to again after losing one.
+    reconnects: u64,
+}
+
+/// How an engine's link to its daemon stands ([`Engine::daemon_link`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DaemonLinkStatus {
+    /// Whether the daemon answers. While it does not, the engine's merged
+    /// pages stay as they are and nothing new merges; it tries the socket
+    /// again every second.
+    pub connected: bool,
+    /// Times the engine found a daemon again after losing one: each time it
+    /// unmerged everything (the old daemon's pool is not the new one's) and
+    /// started over with the new daemon.
+    pub reconnects: u64,
 }
 
 impl DaemonLink {
@@ -175,6 +200,54 @@ impl State {
             ksm.unmerge_all(space).map_err(Error::Unmerge)?;
         }
         Ok(())
+    }
+
+    /// The daemon went away (an exchange with it failed): every
+    /// [`RECONNECT_EVERY`], try its socket again. When a daemon answers,
+    /// every page is unmerged (the old daemon's pool is not the new one's,
+    /// and its stable tree is gone) and the engine starts over with the new
+    /// daemon's partition: its trees, its pool, its tunables. Until then
+    /// merged pages stay as they are, byte-exact, and nothing new merges.
+    /// Returns whether the engine connected again.
+    fn reconnect_if_due(&mut self) -> bool {
+        let Some(d) = self.daemon.as_mut() else { return false };
+        if !d.conn.lock().unwrap_or_else(|e| e.into_inner()).is_broken() || Instant::now() < d.next_try {
+            return false;
+        }
+        d.next_try = Instant::now() + RECONNECT_EVERY;
+        let Ok(conn) = Connection::connect(&d.socket, d.domain.0) else { return false };
+        let Some((fd, slots)) = conn.lock().unwrap_or_else(|e| e.into_inner()).take_pool() else { return false };
+        let Ok(orders) = conn.lock().unwrap_or_else(|e| e.into_inner()).report(Default::default()) else {
+            return false;
+        };
+        // Back to private memory, every page: if that fails (too little
+        // memory), the new connection closes and a later try starts again.
+        let tunables = self.ksm.tunables().clone();
+        let State { ksm, space, .. } = self;
+        if ksm.unmerge_all(space).is_err() {
+            let _ = ksm.set_tunables(tunables);
+            return false;
+        }
+        let _ = ksm.set_tunables(tunables);
+        if space.replace_shared_pool(fd, slots).is_err() {
+            return false;
+        }
+        let parts = (RemoteStableTree::new(&conn), RemoteUnstableTree::new(&conn), RemotePool::new(&conn));
+        if ksm.replace_parts(Box::new(parts.0), Box::new(parts.1), Box::new(parts.2)).is_err() {
+            // Cannot be (nothing is merged after unmerge_all), and the pool
+            // is the new one already: merging stops rather than risk it.
+            let mut t = ksm.tunables().clone();
+            t.run = Run::Stop;
+            let _ = ksm.set_tunables(t);
+            return false;
+        }
+        space.set_pool_users(orders.pool_users.clone());
+        let d = self.daemon.as_mut().expect("checked above");
+        d.conn = conn;
+        d.reconnects += 1;
+        d.orders.replace(Some(orders));
+        d.last.set(Instant::now());
+        true
     }
 
     /// Applies the daemon's latest orders (new tunables, a merge of
@@ -266,6 +339,7 @@ struct Snapshot {
     counters: Counters,
     regions: HashMap<RegionId, RegionCounters>,
     stats: SpaceStats,
+    link: Option<DaemonLinkStatus>,
 }
 
 pub(crate) struct Shared {
@@ -278,6 +352,8 @@ pub(crate) struct Shared {
     cpu_ns: AtomicU64,
     batches: AtomicU64,
     started: Instant,
+    /// The pool memfd's inode now (a reconnection to a new daemon changes it).
+    pool_inode: AtomicU64,
 }
 
 /// A running samepage engine.
@@ -360,6 +436,10 @@ impl Engine {
             own_run: tunables.run,
             merged_now: std::cell::Cell::new(None),
             applied: orders,
+            socket: socket.to_path_buf(),
+            domain,
+            next_try: Instant::now(),
+            reconnects: 0,
         };
         Self::start(link.effective(&tunables), space, parts, Some(socket.to_path_buf()), Some(link))
     }
@@ -407,6 +487,7 @@ impl Engine {
             cpu_ns: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             started: Instant::now(),
+            pool_inode: AtomicU64::new(info.pool_inode),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -510,7 +591,7 @@ impl Engine {
         // Read from /proc before taking the lock: slow with many mappings.
         // The engine maps nothing into memory it does not have registered,
         // and memory it has is refused below.
-        let pool_inode = self.info.pool_inode;
+        let pool_inode = self.shared.pool_inode.load(Ordering::Relaxed);
         check_anonymous(addr, end, pool_inode)?;
         let prepared = LinuxPageSpace::prepare_region(base, (len / PAGE_SIZE) as u64, pool_inode)?;
         let mut st = self.shared.lock()?;
@@ -697,6 +778,11 @@ impl Engine {
         self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()).stats.clone()
     }
 
+    /// How the link to the daemon stands (`None` for an engine of its own).
+    pub fn daemon_link(&self) -> Option<DaemonLinkStatus> {
+        self.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()).link
+    }
+
     /// CPU time the scanner thread has used.
     pub fn cpu_time(&self) -> Duration {
         Duration::from_nanos(self.shared.cpu_ns.load(Ordering::Relaxed))
@@ -771,6 +857,10 @@ impl Shared {
             }
         }
         snap.stats = st.space.stats().clone();
+        snap.link = st.daemon.as_ref().map(|d| DaemonLinkStatus {
+            connected: !d.conn.lock().unwrap_or_else(|e| e.into_inner()).is_broken(),
+            reconnects: d.reconnects,
+        });
         if let Some(d) = &st.daemon {
             // For `samepage status`: this process's ksm_stat, a few times a
             // second; the daemon answers with its orders.
@@ -835,6 +925,9 @@ fn scanner(shared: Arc<Shared>) {
                 Err(_) => return,
             };
             continue;
+        }
+        if st.reconnect_if_due() {
+            shared.pool_inode.store(st.space.pool_inode(), Ordering::Relaxed);
         }
         st.follow_orders();
         if st.ksm.tunables().run != Run::Merge || st.regions.is_empty() {

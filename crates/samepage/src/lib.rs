@@ -31,7 +31,7 @@ mod sys;
 #[allow(unsafe_code, reason = "typed entry points into `sys` whose contracts are the caller's")]
 pub mod testing;
 
-pub use engine::{Advice, Engine, EngineInfo, Merged, MAX_REGIONS};
+pub use engine::{Advice, DaemonLinkStatus, Engine, EngineInfo, Merged, MAX_REGIONS};
 pub use error::Error;
 pub use region::Region;
 pub use samepage_core as core;

@@ -646,6 +646,27 @@ impl LinuxPageSpace {
         self.pool_users = Some(pids);
     }
 
+    /// Maps merged pages from another daemon's partition from now on (the
+    /// daemon went away and a new one answered): `fd` of `pool_slots`
+    /// pages replaces the pool. Refused with `EBUSY` while any registered
+    /// page still maps the old pool, merged or copied (unmerge everything
+    /// first); the old pool's view goes, and its pages with the last
+    /// process holding it.
+    pub fn replace_shared_pool(&mut self, fd: rustix::fd::OwnedFd, pool_slots: u64) -> Result<(), SysError> {
+        {
+            let reg = lock(&self.registry);
+            let mapped = !reg.slot_refs.is_empty()
+                || reg.regions.values().any(|r| (0..r.npages).any(|i| r.slots.get(i).is_some()));
+            if mapped {
+                return Err(SysError::new("replace the pool while pages map it", Errno::BUSY));
+            }
+        }
+        self.pool = MemfdPool::from_fd(fd, pool_slots)?;
+        self.shared_pool = true;
+        self.pool_users = None;
+        Ok(())
+    }
+
     /// [`PageSpace::release_slots`] for a pool shared with other processes.
     /// A page is freed only when no process but the partition's clients
     /// maps the pool (`/proc`: a client's forked child maps it without
