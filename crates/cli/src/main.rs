@@ -13,6 +13,7 @@ mod side;
 mod sysctl;
 mod torture;
 mod torture_io;
+mod torture_procs;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -54,6 +55,9 @@ enum Cmd {
     /// A process of `bench --workload processes` (run by it, not by hand).
     #[command(hide = true)]
     Worker(processes::WorkerArgs),
+    /// A client process of `torture --processes` (run by it, not by hand).
+    #[command(hide = true)]
+    TortureClient(torture_procs::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Cmd::Set(a) => daemon::set(a),
         Cmd::Merge(a) => daemon::merge(a),
         Cmd::Worker(a) => processes::worker(a),
+        Cmd::TortureClient(a) => torture_procs::client(a),
     };
     match r {
         Ok(code) => code,

@@ -46,6 +46,11 @@ pub struct TortureArgs {
     /// One JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// Merge across this many client processes of a daemon instead, killing
+    /// clients (SIGKILL) and restarting the daemon as they run (`--pages`
+    /// per process; 0: one process, the threads above).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
+    processes: u64,
 }
 
 /// A few contents every page starts from and returns to, so pages merge and re-merge.
@@ -356,6 +361,16 @@ fn fork_and_check(regions: &[Region], mine: &[(usize, usize)], shadow: &[[u8; PA
 }
 
 pub fn run(a: TortureArgs) -> Result<ExitCode> {
+    if a.processes > 0 {
+        return crate::torture_procs::run(&crate::torture_procs::Options {
+            processes: a.processes,
+            seconds: a.seconds,
+            pages: a.pages,
+            max_page_sharing: a.max_page_sharing,
+            seed: a.seed,
+            json: a.json,
+        });
+    }
     let tunables = Tunables {
         run: Run::Merge,
         pages_to_scan: 8192,

@@ -58,3 +58,28 @@ fn bench_samepage_only_reports_every_figure() {
     assert_eq!(s["integrity"], true);
     assert!(s["counters"]["pages_sharing"].as_i64().unwrap() > 0);
 }
+
+/// `samepage torture --processes`, short: client processes of a daemon,
+/// some killed with SIGKILL and started again, the daemon killed and
+/// started again halfway; no page of any client wrong, no forked child
+/// seeing wrong memory, the surviving clients connected to the new daemon
+/// and holding nothing of the old one's pool, and no pool page left once
+/// every client is gone.
+#[test]
+fn torture_processes_loses_nothing_through_kills_and_a_daemon_restart() {
+    let out = samepage()
+        .args(["torture", "--processes", "3", "--seconds", "10", "--pages", "512", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    assert!(out.status.success(), "{v}\n{}", String::from_utf8_lossy(&out.stderr));
+    for k in ["lost_pages", "child_failures", "old_pools_held", "pool_bytes_left", "slots_in_use_left"] {
+        assert_eq!(v[k], 0, "{k}: {v}");
+    }
+    assert_eq!(v["daemon_restarts"], 1, "{v}");
+    for k in ["clients_killed", "reconnects", "merges", "cow_faults", "pages_checked", "forks", "discards"] {
+        assert!(v[k].as_u64().unwrap() > 0, "{k}: {v}");
+    }
+}

@@ -653,6 +653,38 @@ impl LinuxPageSpace {
     /// first); the old pool's view goes, and its pages with the last
     /// process holding it.
     pub fn replace_shared_pool(&mut self, fd: rustix::fd::OwnedFd, pool_slots: u64) -> Result<(), SysError> {
+        // Private copies inside mappings of the old pool (pages the kernel
+        // copied in place, where the breaker could not serve the write)
+        // become anonymous memory too: a pool mapping left behind would
+        // hold the old memfd.
+        let runs: Vec<(RegionId, PageAddr, Keep, Range<u64>)> = {
+            let reg = lock(&self.registry);
+            let mut runs = Vec::new();
+            for (&id, r) in &reg.regions {
+                for piece in r.pieces(0..r.npages) {
+                    let mut i = piece.start;
+                    while i < piece.end {
+                        if r.slots.get(i).is_none() {
+                            i += 1;
+                            continue;
+                        }
+                        let (from, keep) = (i, r.segment(i).keep);
+                        while i < piece.end
+                            && r.slots.get(i).is_some()
+                            && r.segment(i).keep == keep
+                            && i - from < SCRATCH_PAGES as u64
+                        {
+                            i += 1;
+                        }
+                        runs.push((id, r.base, keep, from..i));
+                    }
+                }
+            }
+            runs
+        };
+        for (id, base, keep, run) in runs {
+            self.unmerge_pool_run(id, base, keep, run, true)?;
+        }
         {
             let reg = lock(&self.registry);
             let mapped = !reg.slot_refs.is_empty()
@@ -1375,13 +1407,15 @@ impl LinuxPageSpace {
     /// Makes `pages` (a range of region `region` in pool mappings) private
     /// with their content intact: the runs of pages that map the pool are
     /// copied and the copy moved over them while writers wait; pool copies
-    /// are left where they are.
+    /// are left where they are, unless `copies_too` (they move out of the
+    /// pool mapping the same way).
     fn unmerge_pool_run(
         &mut self,
         region: RegionId,
         base: PageAddr,
         keep: Keep,
         pages: Range<u64>,
+        copies_too: bool,
     ) -> Result<(), SysError> {
         let span = PageRange::new(base.add_pages(pages.start as usize), (pages.end - pages.start) as usize);
         fault::check(Point::MapAnon, "mmap(MAP_ANONYMOUS)")?;
@@ -1405,7 +1439,7 @@ impl LinuxPageSpace {
                 // the window opened (discarded) are left as they are.
                 let mut reg = lock(&self.registry);
                 let merged = |reg: &Registry, x: usize| {
-                    !copies.contains(&span.page(x).get())
+                    (copies_too || !copies.contains(&span.page(x).get()))
                         && reg.regions.get(&region).and_then(|r| r.slots.get(index(x))).is_some()
                 };
                 if !merged(&reg, j) {
@@ -1791,7 +1825,7 @@ impl PageSpace for LinuxPageSpace {
             (r.base, pool_runs, zero)
         };
         for (run, keep) in pool_runs {
-            self.unmerge_pool_run(region, base, keep, run)?;
+            self.unmerge_pool_run(region, base, keep, run, false)?;
         }
         let mut k = 0;
         while k < zero.len() {
