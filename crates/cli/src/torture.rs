@@ -47,8 +47,8 @@ pub struct TortureArgs {
     #[arg(long)]
     json: bool,
     /// Merge across this many client processes of a daemon instead, killing
-    /// clients (SIGKILL) and restarting the daemon as they run (`--pages`
-    /// per process; 0: one process, the threads above).
+    /// clients (SIGKILL) and killing and restarting the daemon every third
+    /// of the run (`--pages` per process; 0: one process, the threads above).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=64))]
     processes: u64,
 }

@@ -6,7 +6,8 @@
 //! children that check what they inherit, discarding pages and asking for
 //! merges now. Meanwhile clients are killed with SIGKILL (mid-merge, as it
 //! happens) and started again, and the daemon is killed and started again
-//! halfway: the clients keep their bytes and connect to the new daemon.
+//! every third of the run: the clients keep their bytes and connect to the
+//! new daemon.
 //!
 //! Checked: every client's every page against what it wrote (each second
 //! and at the end, and by its forked children); after the restart, no
@@ -319,7 +320,9 @@ pub fn run(o: &Options) -> Result<ExitCode> {
     let total = Duration::from_secs(o.seconds);
     let kill_every = (total / (o.processes as u32 + 4)).max(Duration::from_millis(1500));
     let mut next_kill = start + kill_every;
-    let mut restart_at = Some(start + total / 2);
+    // The daemon is killed and started again every third of the run.
+    let restart_every = (total / 3).max(Duration::from_secs(3));
+    let mut next_restart = start + restart_every;
     let (mut killed, mut restarts, mut killed_lost) = (0u64, 0u64, 0u64);
     let mut old_pools: BTreeSet<u64> = BTreeSet::new();
     let mut errors: Vec<String> = Vec::new();
@@ -344,8 +347,8 @@ pub fn run(o: &Options) -> Result<ExitCode> {
             killed_lost += c.out.lock().unwrap().lost;
             killed += 1;
         }
-        if restart_at.is_some_and(|t| Instant::now() >= t) {
-            restart_at = None;
+        if Instant::now() >= next_restart && start.elapsed() + Duration::from_secs(2) < total {
+            next_restart += restart_every;
             for c in &clients {
                 old_pools.extend(pool_inodes(c.child.id()));
             }

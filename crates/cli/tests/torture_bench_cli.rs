@@ -61,7 +61,7 @@ fn bench_samepage_only_reports_every_figure() {
 
 /// `samepage torture --processes`, short: client processes of a daemon,
 /// some killed with SIGKILL and started again, the daemon killed and
-/// started again halfway; no page of any client wrong, no forked child
+/// started again; no page of any client wrong, no forked child
 /// seeing wrong memory, the surviving clients connected to the new daemon
 /// and holding nothing of the old one's pool, and no pool page left once
 /// every client is gone.
@@ -78,8 +78,16 @@ fn torture_processes_loses_nothing_through_kills_and_a_daemon_restart() {
     for k in ["lost_pages", "child_failures", "old_pools_held", "pool_bytes_left", "slots_in_use_left"] {
         assert_eq!(v[k], 0, "{k}: {v}");
     }
-    assert_eq!(v["daemon_restarts"], 1, "{v}");
-    for k in ["clients_killed", "reconnects", "merges", "cow_faults", "pages_checked", "forks", "discards"] {
+    for k in [
+        "daemon_restarts",
+        "clients_killed",
+        "reconnects",
+        "merges",
+        "cow_faults",
+        "pages_checked",
+        "forks",
+        "discards",
+    ] {
         assert!(v[k].as_u64().unwrap() > 0, "{k}: {v}");
     }
 }

@@ -48,6 +48,7 @@ pub mod batch;
 pub mod counters;
 pub mod defrag;
 pub mod links;
+pub mod machine;
 pub mod merge;
 pub mod model;
 pub mod page;
