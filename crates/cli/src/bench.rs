@@ -98,6 +98,9 @@ struct Figures {
     converge_cpu_seconds: f64,
     counters: BTreeMap<String, i64>,
     freed_bytes: i64,
+    /// `freed_bytes` net of the kernel memory that grew meanwhile
+    /// (`SUnreclaim + PageTables`: samepage's mappings, ksmd's rmap items).
+    freed_bytes_with_kernel: i64,
     /// Freed in this process's own accounting (see `measure::Memory`).
     freed_bytes_process: i64,
     metadata_bytes_per_page: f64,
@@ -111,10 +114,11 @@ struct Figures {
     series: Vec<(f64, f64)>,
 }
 
-const RATIO_KEYS: [&str; 10] = [
+const RATIO_KEYS: [&str; 11] = [
     "converge_seconds",
     "converge_cpu_seconds",
     "freed_bytes",
+    "freed_bytes_with_kernel",
     "freed_bytes_process",
     "metadata_bytes_per_page",
     "steady_scan_cpu_seconds",
@@ -130,6 +134,7 @@ impl Figures {
             "converge_seconds" => self.converge_seconds,
             "converge_cpu_seconds" => self.converge_cpu_seconds,
             "freed_bytes" => self.freed_bytes as f64,
+            "freed_bytes_with_kernel" => self.freed_bytes_with_kernel as f64,
             "freed_bytes_process" => self.freed_bytes_process as f64,
             "metadata_bytes_per_page" => self.metadata_bytes_per_page,
             "steady_scan_cpu_seconds" => self.steady_scan_cpu_seconds,
@@ -155,6 +160,7 @@ fn median(runs: Vec<Figures>) -> Figures {
     out.cow_fault_ns = pick(|s| s.cow_fault_ns, &runs);
     out.app_throughput_ratio = pick(|s| s.app_throughput_ratio, &runs);
     out.freed_bytes = pick(|s| s.freed_bytes as f64, &runs) as i64;
+    out.freed_bytes_with_kernel = pick(|s| s.freed_bytes_with_kernel as f64, &runs) as i64;
     out.freed_bytes_process = pick(|s| s.freed_bytes_process as f64, &runs) as i64;
     out.integrity = runs.iter().all(|s| s.integrity);
     out
@@ -393,6 +399,7 @@ fn measure(side: &mut dyn Side, w: &Workload, a: &BenchArgs) -> Result<Figures> 
     f.converge_seconds = t.as_secs_f64();
     f.converge_cpu_seconds = cpu.as_secs_f64();
     f.freed_bytes = before.freed_system(&after);
+    f.freed_bytes_with_kernel = before.freed_with_kernel(&after);
     f.freed_bytes_process = before.freed_process(&after);
     f.app_throughput_ratio = rate / base;
     f.integrity = integrity(w, side.mem());
@@ -470,7 +477,7 @@ fn bench_one(kind: Kind, a: &BenchArgs) -> Result<serde_json::Value> {
 fn print_table(name: &str, k: Option<&Figures>, s: &Figures) {
     println!("\n{name}");
     println!("{:<28} {:>16} {:>16} {:>16}", "figure", "kernel ksmd", "samepage", "samepage/kernel");
-    let rows: [(&str, &str, f64); 13] = [
+    let rows: [(&str, &str, f64); 14] = [
         ("converge_seconds", "converge (s)", 1.0),
         ("converge_cpu_seconds", "CPU to converge (s)", 1.0),
         ("pages_shared", "pages_shared", 1.0),
@@ -478,6 +485,7 @@ fn print_table(name: &str, k: Option<&Figures>, s: &Figures) {
         ("ksm_zero_pages", "ksm_zero_pages", 1.0),
         ("stable_node_dups", "stable_node_dups", 1.0),
         ("freed_bytes", "freed (MiB, net)", 1.0 / (1 << 20) as f64),
+        ("freed_bytes_with_kernel", "freed net of kernel memory (MiB)", 1.0 / (1 << 20) as f64),
         ("freed_bytes_process", "freed (MiB, this process)", 1.0 / (1 << 20) as f64),
         ("metadata_bytes_per_page", "metadata (B/page)", 1.0),
         ("steady_scan_cpu_seconds", "CPU per full scan (ms)", 1000.0),

@@ -101,18 +101,32 @@ pub struct Memory {
     pub shmem: u64,
     /// This process: `Pss_Anon + Pss_Shmem` (/proc/self/smaps_rollup), bytes.
     pub process: u64,
+    /// System-wide kernel memory merging costs: `SUnreclaim` (the
+    /// `vm_area_struct`s and maple-tree nodes of samepage's mappings; the
+    /// kernel KSM's rmap items and stable nodes) plus `PageTables`, bytes.
+    pub kernel: u64,
 }
 
 impl Memory {
     /// Memory now.
     pub fn now() -> Memory {
         let rollup = procfs::smaps_rollup(&["Pss_Anon", "Pss_Shmem"]);
-        let [anon, shmem] = procfs::meminfo(&["AnonPages", "Shmem"]);
+        let [anon, shmem, slab, tables] = procfs::meminfo(&["AnonPages", "Shmem", "SUnreclaim", "PageTables"]);
         Memory {
             anon: anon.unwrap_or(0),
             shmem: shmem.unwrap_or(0),
             process: rollup.iter().map(|v| v.unwrap_or(0)).sum(),
+            kernel: slab.unwrap_or(0) + tables.unwrap_or(0),
         }
+    }
+
+    /// [`Memory::freed_system`] net of the kernel memory that grew meanwhile
+    /// (`SUnreclaim + PageTables`): what merging really gave back, with
+    /// what each side costs the kernel (ksmd's rmap items and stable nodes,
+    /// samepage's mappings) counted against it. Moves when anything else
+    /// allocates kernel memory.
+    pub fn freed_with_kernel(&self, after: &Memory) -> i64 {
+        self.freed_system(after) - (after.kernel as i64 - self.kernel as i64)
     }
 
     /// Bytes freed system-wide from `self` to `after`: the drop of anonymous

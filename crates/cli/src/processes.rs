@@ -133,6 +133,9 @@ pub struct Figures {
     pub pages_sharing: u64,
     pub stable_node_dups: u64,
     pub freed_bytes: i64,
+    /// `freed_bytes` net of the kernel memory (`SUnreclaim + PageTables`)
+    /// that grew meanwhile.
+    pub freed_bytes_with_kernel: i64,
     pub bad_pages: u64,
     /// Requests to the daemon until convergence per page merged (samepage only).
     pub requests_per_merged_page: Option<f64>,
@@ -292,6 +295,7 @@ fn run_side(kernel: bool, o: &Options, per: u64) -> Result<Figures> {
         pages_sharing: last.1,
         stable_node_dups: last.2,
         freed_bytes: mem0.freed_system(&mem1),
+        freed_bytes_with_kernel: mem0.freed_with_kernel(&mem1),
         bad_pages: bad,
         requests_per_merged_page: (!kernel && merged > 0).then(|| requests_at_change as f64 / merged as f64),
         requests_per_page_scanned: (!kernel && scanned > 0).then(|| requests_end as f64 / scanned as f64),
@@ -343,6 +347,9 @@ pub fn run(o: &Options) -> Result<std::process::ExitCode> {
         row("pages_sharing", &|x| x.pages_sharing.to_string());
         row("stable_node_dups", &|x| x.stable_node_dups.to_string());
         row("memory freed (MiB)", &|x| format!("{:.1}", x.freed_bytes as f64 / (1 << 20) as f64));
+        row("freed net of kernel memory (MiB)", &|x| {
+            format!("{:.1}", x.freed_bytes_with_kernel as f64 / (1 << 20) as f64)
+        });
         row("pages not byte-exact", &|x| x.bad_pages.to_string());
         row("daemon requests per merged page", &|x| {
             x.requests_per_merged_page.map_or("-".into(), |r| format!("{r:.4}"))
