@@ -9,6 +9,7 @@ mod kernel;
 mod measure;
 mod processes;
 mod procfs;
+mod run;
 mod side;
 mod sysctl;
 mod torture;
@@ -52,6 +53,10 @@ enum Cmd {
     /// Merge a process's mergeable memory now, through the daemon, and
     /// print what it saved.
     Merge(daemon::MergeArgs),
+    /// Run a program that knows nothing of samepage so that its
+    /// madvise(MADV_MERGEABLE) memory merges (through the daemon if one
+    /// answers, else inside the program).
+    Run(run::RunArgs),
     /// A process of `bench --workload processes` (run by it, not by hand).
     #[command(hide = true)]
     Worker(processes::WorkerArgs),
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Cmd::Status(a) => daemon::status(a),
         Cmd::Set(a) => daemon::set(a),
         Cmd::Merge(a) => daemon::merge(a),
+        Cmd::Run(a) => run::run(a),
         Cmd::Worker(a) => processes::worker(a),
         Cmd::TortureClient(a) => torture_procs::client(a),
     };
