@@ -15,7 +15,7 @@ use samepage::{Discard, Domain, Engine, Error, RegionId, Tunables};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::PathBuf;
 
 /// An engine, as C holds it (opaque: `samepage_engine *`).
 pub struct SamepageEngine(Engine);
@@ -143,11 +143,11 @@ pub extern "C" fn samepage_new() -> *mut SamepageEngine {
 #[no_mangle]
 pub unsafe extern "C" fn samepage_connect(socket: *const c_char, domain: u32) -> *mut SamepageEngine {
     let path = if socket.is_null() {
-        None
+        samepage_daemon::default_socket()
     } else {
         // SAFETY: guaranteed by the caller.
         match unsafe { text(socket, "socket") } {
-            Ok(p) => Some(p.to_string()),
+            Ok(p) => PathBuf::from(p),
             Err((errno, msg)) => {
                 set_error(msg);
                 set_errno(errno);
@@ -155,14 +155,7 @@ pub unsafe extern "C" fn samepage_connect(socket: *const c_char, domain: u32) ->
             }
         }
     };
-    catch_unwind(|| {
-        let t = Tunables::default();
-        boxed(match path {
-            Some(p) => Engine::connect(Path::new(&p), Domain(domain), t),
-            None => Engine::connect(&samepage_daemon::default_socket(), Domain(domain), t),
-        })
-    })
-    .unwrap_or(std::ptr::null_mut())
+    catch_unwind(|| boxed(Engine::connect(&path, Domain(domain), Tunables::default()))).unwrap_or(std::ptr::null_mut())
 }
 
 /// `samepage_free`: stops the engine (NULL is ignored).

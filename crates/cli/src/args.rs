@@ -1,5 +1,5 @@
 //! What the subcommands share on their command lines: the usage error (exit
-//! status 2) and sizes with K/M/G/T suffixes.
+//! status 2), the kernel's tunables, and sizes with K/M/G/T suffixes.
 
 use crate::workload::PAGE;
 
@@ -13,6 +13,47 @@ impl std::fmt::Display for UsageError {
     }
 }
 impl std::error::Error for UsageError {}
+
+/// The kernel's tunables that `samepage daemon` and `samepage run` take on
+/// their command lines, with the kernel's defaults.
+#[derive(clap::Args, Debug)]
+pub struct KsmTunables {
+    /// pages_to_scan: pages scanned per batch (the daemon's is machine-wide,
+    /// shared out across the processes in proportion to their mergeable
+    /// memory).
+    #[arg(long, default_value_t = 100)]
+    pub pages_to_scan: u32,
+    /// sleep_millisecs: sleep between batches.
+    #[arg(long, default_value_t = 20)]
+    pub sleep_ms: u32,
+    /// max_page_sharing: most mappings of one stable page (2 to 2147483647).
+    #[arg(long, default_value_t = 256)]
+    pub max_page_sharing: u32,
+    /// use_zero_pages: merge empty pages with the kernel's zero page.
+    #[arg(long)]
+    pub use_zero_pages: bool,
+}
+
+impl KsmTunables {
+    /// The values by their sysfs names.
+    pub fn named(&self) -> [(&'static str, String); 4] {
+        [
+            ("pages_to_scan", self.pages_to_scan.to_string()),
+            ("sleep_millisecs", self.sleep_ms.to_string()),
+            ("max_page_sharing", self.max_page_sharing.to_string()),
+            ("use_zero_pages", u32::from(self.use_zero_pages).to_string()),
+        ]
+    }
+
+    /// Sets them in `t`, validated as the kernel does (the error names the
+    /// bad value and the allowed range).
+    pub fn apply(&self, t: &mut samepage::Tunables) -> Result<(), UsageError> {
+        for (name, value) in self.named() {
+            t.set(name, &value).map_err(|e| UsageError(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
 
 /// A size in bytes: a number with an optional K, M, G or T suffix (powers of
 /// 1024, `B`/`iB` accepted), from one page to 1 TiB.

@@ -21,19 +21,8 @@ pub struct DaemonArgs {
     /// run: 0 stop, 1 merge (each process still opts in), 2 unmerge everything.
     #[arg(long, default_value_t = 1)]
     run: u32,
-    /// pages_to_scan: pages scanned per batch, machine-wide, shared out
-    /// across the processes in proportion to their mergeable memory.
-    #[arg(long, default_value_t = 100)]
-    pages_to_scan: u32,
-    /// sleep_millisecs: sleep between batches.
-    #[arg(long, default_value_t = 20)]
-    sleep_ms: u32,
-    /// max_page_sharing: most mappings of one stable page (2 to 2147483647).
-    #[arg(long, default_value_t = 256)]
-    max_page_sharing: u32,
-    /// use_zero_pages: merge empty pages with the kernel's zero page.
-    #[arg(long)]
-    use_zero_pages: bool,
+    #[command(flatten)]
+    tunables: crate::args::KsmTunables,
     /// smart_scan: skip pages that keep failing to merge.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     smart_scan: bool,
@@ -95,12 +84,9 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
     // kernel's peer credentials), never another user's.
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
     let mut t = samepage::Tunables::default();
+    a.tunables.apply(&mut t)?;
     for (name, value) in [
         ("run", a.run.to_string()),
-        ("pages_to_scan", a.pages_to_scan.to_string()),
-        ("sleep_millisecs", a.sleep_ms.to_string()),
-        ("max_page_sharing", a.max_page_sharing.to_string()),
-        ("use_zero_pages", u32::from(a.use_zero_pages).to_string()),
         ("smart_scan", u32::from(a.smart_scan).to_string()),
         ("stable_node_chains_prune_millisecs", a.stable_node_chains_prune_ms.to_string()),
     ] {

@@ -24,18 +24,9 @@ pub struct RunArgs {
     /// domains never share a page.
     #[arg(long, default_value_t = 0)]
     domain: u32,
-    /// pages_to_scan of the program's own engine.
-    #[arg(long, default_value_t = 100)]
-    pages_to_scan: u32,
-    /// sleep_millisecs of the program's own engine.
-    #[arg(long, default_value_t = 20)]
-    sleep_ms: u32,
-    /// max_page_sharing of the program's own engine.
-    #[arg(long, default_value_t = 256)]
-    max_page_sharing: u32,
-    /// use_zero_pages of the program's own engine.
-    #[arg(long)]
-    use_zero_pages: bool,
+    /// The program's own engine's tunables (a daemon's are the daemon's).
+    #[command(flatten)]
+    tunables: crate::args::KsmTunables,
     /// prctl(PR_SET_MEMORY_MERGE) for the program from the start: not
     /// supported yet.
     #[arg(long)]
@@ -75,31 +66,19 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 .into()
         ));
     }
-    let mut t = samepage::Tunables::default();
-    for (k, v) in [
-        ("pages_to_scan", a.pages_to_scan.to_string()),
-        ("sleep_millisecs", a.sleep_ms.to_string()),
-        ("max_page_sharing", a.max_page_sharing.to_string()),
-        ("use_zero_pages", u8::from(a.use_zero_pages).to_string()),
-    ] {
-        t.set(k, &v).map_err(|e| crate::args::UsageError(e.to_string()))?;
-    }
+    // Validated here, so a bad value is refused before the program runs.
+    a.tunables.apply(&mut samepage::Tunables::default())?;
     let lib = preload_library()?;
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(old) if !old.is_empty() => format!("{} {old}", lib.display()),
         _ => lib.display().to_string(),
     };
     let mut c = std::process::Command::new(&a.cmd[0]);
-    c.args(&a.cmd[1..]).env("LD_PRELOAD", preload).env("SAMEPAGE_DOMAIN", a.domain.to_string()).env(
-        "SAMEPAGE_TUNABLES",
-        format!(
-            "pages_to_scan={},sleep_millisecs={},max_page_sharing={},use_zero_pages={}",
-            t.pages_to_scan,
-            t.sleep_millisecs,
-            t.max_page_sharing,
-            u8::from(t.use_zero_pages)
-        ),
-    );
+    let spec: Vec<String> = a.tunables.named().iter().map(|(name, value)| format!("{name}={value}")).collect();
+    c.args(&a.cmd[1..])
+        .env("LD_PRELOAD", preload)
+        .env("SAMEPAGE_DOMAIN", a.domain.to_string())
+        .env("SAMEPAGE_TUNABLES", spec.join(","));
     if let Some(s) = &a.socket {
         c.env("SAMEPAGE_SOCKET", s);
     }

@@ -321,7 +321,7 @@ impl IoTally {
 /// Forks a child that runs `check` (raw memory reads only) and exits with
 /// what it returns (0: it held); returns that code (or -1 if the child did
 /// not exit).
-fn fork_check(check: impl FnOnce() -> i32) -> Result<i32> {
+pub fn fork_check(check: impl FnOnce() -> i32) -> Result<i32> {
     // SAFETY: the child only runs `check`, which reads raw memory, then
     // leaves with _exit: no allocation, no locks, no destructors.
     let pid = unsafe { libc::fork() };

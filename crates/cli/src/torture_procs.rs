@@ -174,11 +174,7 @@ pub fn client(a: ClientArgs) -> Result<ExitCode> {
 /// Forks a child that reads every page of the region at `base` (its copy)
 /// against `shadow`, allocation-free; returns whether it saw them all right.
 fn child_sees(base: usize, shadow: &[u64]) -> Result<bool> {
-    // SAFETY: the child only reads raw memory and computes contents on its
-    // stack, then leaves with _exit: no allocation, no locks, no destructors.
-    let pid = unsafe { libc::fork() };
-    anyhow::ensure!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
+    let code = crate::torture_io::fork_check(|| {
         let mut want = [0u8; PAGE];
         let ok = shadow.iter().enumerate().all(|(p, &v)| {
             content(v, &mut want);
@@ -187,13 +183,9 @@ fn child_sees(base: usize, shadow: &[u64]) -> Result<bool> {
                 unsafe { ((base + p * PAGE + j) as *const u8).read_volatile() == *b }
             })
         });
-        // SAFETY: ends the child without the parent's destructors.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-    }
-    let mut status = 0;
-    // SAFETY: our own child.
-    anyhow::ensure!(unsafe { libc::waitpid(pid, &mut status, 0) } == pid, "waitpid");
-    Ok(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+        i32::from(!ok)
+    })?;
+    Ok(code == 0)
 }
 
 /// A client process and what it printed.

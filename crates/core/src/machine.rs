@@ -122,15 +122,20 @@ impl Machine {
         system_counters(&each, self.shared.borrow().stats())
     }
 
+    /// Every running process scans one batch, 7 ms later.
+    pub fn scan_round(&mut self) {
+        self.now += 7;
+        for k in self.procs.iter_mut().flatten() {
+            k.scan_batch(&mut self.space, self.now);
+        }
+    }
+
     /// Every process scans in turn (one batch each) until the system-wide
     /// counters held still for a few rounds.
     pub fn converge(&mut self) -> Counters {
         let mut last = (self.counters(), 0);
         for _ in 0..2000 {
-            self.now += 7;
-            for k in self.procs.iter_mut().flatten() {
-                k.scan_batch(&mut self.space, self.now);
-            }
+            self.scan_round();
             let c = self.counters();
             let key = |c: &Counters| {
                 (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.stable_node_dups, c.pages_unshared)
@@ -173,7 +178,6 @@ impl Machine {
     pub fn restart_daemon(&mut self) {
         for k in self.procs.iter_mut().flatten() {
             k.unmerge_all(&mut self.space).unwrap();
-            k.set_tunables(self.tunables.clone()).unwrap();
         }
         // The old daemon's pool goes with its last holder.
         self.space.replace_pool();
@@ -275,14 +279,7 @@ impl Machine {
     pub fn apply(&mut self, step: &Step) {
         match *step {
             Step::Write { p, i, which } => self.write(p, i, if which < 5 { common(which) } else { content(p, i) }),
-            Step::Scan { batches } => {
-                for _ in 0..batches {
-                    self.now += 7;
-                    for k in self.procs.iter_mut().flatten() {
-                        k.scan_batch(&mut self.space, self.now);
-                    }
-                }
-            }
+            Step::Scan { batches } => (0..batches).for_each(|_| self.scan_round()),
             Step::Kill { p } => self.kill(p),
             Step::Spawn { p } => {
                 if self.procs[p as usize].is_none() {

@@ -225,20 +225,7 @@ fn recv_with_fd(stream: &mut UnixStream) -> Result<(Response, Option<OwnedFd>), 
         }
     }
     // The frame: what came with the descriptor, then the rest of it.
-    let mut bytes = first[..got].to_vec();
-    while bytes.len() < 4 {
-        let mut b = [0u8; 1];
-        std::io::Read::read_exact(stream, &mut b).map_err(|e| ClientError::Frame(e.into()))?;
-        bytes.push(b[0]);
-    }
-    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
-    if len > crate::protocol::MAX_FRAME {
-        return Err(FrameError::TooLong(len).into());
-    }
-    let mut rest = vec![0u8; (4 + len).saturating_sub(bytes.len())];
-    std::io::Read::read_exact(stream, &mut rest).map_err(|e| ClientError::Frame(e.into()))?;
-    bytes.extend_from_slice(&rest);
-    let value = postcard::from_bytes(&bytes[4..4 + len]).map_err(|e| ClientError::Frame(e.into()))?;
+    let value = read_frame(&mut std::io::Read::chain(&first[..got], &mut *stream))?;
     Ok((value, fd))
 }
 

@@ -262,34 +262,44 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -
                 inside(|| take_back(a, b))
             }
         }
-        libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE if managed() && !overlapping(a, b).is_empty() => {
+        libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE if managed() => {
+            let parts = overlapping(a, b);
+            if parts.is_empty() {
+                return raw(libc::SYS_madvise, [a, l, advice as usize, 0, 0, 0]) as c_int;
+            }
             if !a.is_multiple_of(PAGE) {
                 set_errno(libc::EINVAL);
                 return -1;
             }
-            let how = match advice {
-                libc::MADV_DONTNEED => Discard::DontNeed,
-                libc::MADV_FREE => Discard::Free,
-                _ => Discard::Remove,
-            };
-            inside(|| {
-                let e = engine().ok_or(libc::EAGAIN)?;
-                let mut pos = a;
-                for (os, oe, _) in overlapping(a, b) {
-                    if os > pos && raw(libc::SYS_madvise, [pos, os - pos, advice as usize, 0, 0, 0]) != 0 {
-                        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL));
-                    }
-                    e.discard(os as *mut u8, oe - os, how).map_err(|err| err.errno().unwrap_or(libc::EINVAL))?;
-                    pos = oe;
-                }
-                if pos < b && raw(libc::SYS_madvise, [pos, b - pos, advice as usize, 0, 0, 0]) != 0 {
-                    return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL));
-                }
-                Ok(())
-            })
+            inside(|| discard(a, b, advice, &parts))
         }
         _ => raw(libc::SYS_madvise, [a, l, advice as usize, 0, 0, 0]) as c_int,
     }
+}
+
+/// `MADV_DONTNEED`, `MADV_FREE` or `MADV_REMOVE` (`advice`) over `[a, b)`:
+/// through the engine on the registered `parts` (so merged pages read zeros
+/// afterwards), straight to the kernel between them.
+fn discard(a: usize, b: usize, advice: c_int, parts: &[(usize, usize, RegionId)]) -> Result<(), c_int> {
+    let how = match advice {
+        libc::MADV_DONTNEED => Discard::DontNeed,
+        libc::MADV_FREE => Discard::Free,
+        _ => Discard::Remove,
+    };
+    let plain = |from: usize, to: usize| {
+        if from < to && raw(libc::SYS_madvise, [from, to - from, advice as usize, 0, 0, 0]) != 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL));
+        }
+        Ok(())
+    };
+    let e = engine().ok_or(libc::EAGAIN)?;
+    let mut pos = a;
+    for &(os, oe, _) in parts {
+        plain(pos, os)?;
+        e.discard(os as *mut u8, oe - os, how).map_err(|err| err.errno().unwrap_or(libc::EINVAL))?;
+        pos = oe;
+    }
+    plain(pos, b)
 }
 
 /// Takes registered memory in `[a, a + len)` back before a call that would

@@ -170,6 +170,37 @@ pub struct DaemonLinkStatus {
     pub reconnects: u64,
 }
 
+/// A partition of the daemon at a socket, joined: the connection, the
+/// pool memfd and its slots, the first orders (the daemon's tunables).
+struct Joined {
+    conn: samepage_daemon::client::SharedConnection,
+    pool: (rustix::fd::OwnedFd, u64),
+    orders: Orders,
+}
+
+impl Joined {
+    fn join(socket: &Path, domain: Domain) -> Result<Joined, Error> {
+        let conn = Connection::connect(socket, domain.0)?;
+        let (pool, orders) = {
+            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            let pool = c
+                .take_pool()
+                .ok_or_else(|| samepage_daemon::client::ClientError::Unexpected("no pool memfd".into()))?;
+            (pool, c.report(Default::default())?)
+        };
+        Ok(Joined { conn, pool, orders })
+    }
+
+    /// The scanner's parts: the partition's trees and pool slots.
+    fn parts(&self) -> (Stable, Unstable, Slots) {
+        (
+            Box::new(RemoteStableTree::new(&self.conn)),
+            Box::new(RemoteUnstableTree::new(&self.conn)),
+            Box::new(RemotePool::new(&self.conn)),
+        )
+    }
+}
+
 impl DaemonLink {
     /// The tunables in force: the daemon's, with this process's share of
     /// `pages_to_scan`, and `run` the program's while the daemon's is 1
@@ -215,25 +246,22 @@ impl State {
             return false;
         }
         d.next_try = Instant::now() + RECONNECT_EVERY;
-        let Ok(conn) = Connection::connect(&d.socket, d.domain.0) else { return false };
-        let Some((fd, slots)) = conn.lock().unwrap_or_else(|e| e.into_inner()).take_pool() else { return false };
-        let Ok(orders) = conn.lock().unwrap_or_else(|e| e.into_inner()).report(Default::default()) else {
-            return false;
-        };
+        let Ok(joined) = Joined::join(&d.socket, d.domain) else { return false };
         // Back to private memory, every page: if that fails (too little
-        // memory), the new connection closes and a later try starts again.
+        // memory; `unmerge_all` then leaves `run` at 0), the new connection
+        // closes and a later try starts again.
         let tunables = self.ksm.tunables().clone();
         let State { ksm, space, .. } = self;
         if ksm.unmerge_all(space).is_err() {
             let _ = ksm.set_tunables(tunables);
             return false;
         }
-        let _ = ksm.set_tunables(tunables);
+        let parts = joined.parts();
+        let Joined { conn, pool: (fd, slots), orders } = joined;
         if space.replace_shared_pool(fd, slots).is_err() {
             return false;
         }
-        let parts = (RemoteStableTree::new(&conn), RemoteUnstableTree::new(&conn), RemotePool::new(&conn));
-        if ksm.replace_parts(Box::new(parts.0), Box::new(parts.1), Box::new(parts.2)).is_err() {
+        if ksm.replace_parts(parts.0, parts.1, parts.2).is_err() {
             // Cannot be (nothing is merged after unmerge_all), and the pool
             // is the new one already: merging stops rather than risk it.
             let mut t = ksm.tunables().clone();
@@ -410,25 +438,14 @@ impl Engine {
     /// errno says why: `ENOENT`, `ECONNREFUSED`); use [`Engine::new`] for an
     /// engine of its own.
     pub fn connect(socket: &Path, domain: Domain, mut tunables: Tunables) -> Result<Engine, Error> {
-        let conn = Connection::connect(socket, domain.0)?;
-        let (fd, slots, max) = {
-            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
-            let (fd, slots) = c
-                .take_pool()
-                .ok_or_else(|| samepage_daemon::client::ClientError::Unexpected("no pool memfd".into()))?;
-            (fd, slots, c.max_page_sharing())
-        };
-        tunables.max_page_sharing = max;
+        let joined = Joined::join(socket, domain)?;
+        tunables.max_page_sharing = joined.conn.lock().unwrap_or_else(|e| e.into_inner()).max_page_sharing();
         tunables.validate()?;
+        let parts = joined.parts();
         // The daemon's tunables are in force from the start.
-        let orders = conn.lock().unwrap_or_else(|e| e.into_inner()).report(Default::default())?;
+        let Joined { conn, pool: (fd, slots), orders } = joined;
         let mut space = LinuxPageSpace::with_shared_pool(fd, slots, 0.5)?;
         space.set_pool_users(orders.pool_users.clone());
-        let parts: (Stable, Unstable, Slots) = (
-            Box::new(RemoteStableTree::new(&conn)),
-            Box::new(RemoteUnstableTree::new(&conn)),
-            Box::new(RemotePool::new(&conn)),
-        );
         let link = DaemonLink {
             conn,
             last: std::cell::Cell::new(Instant::now()),

@@ -71,6 +71,11 @@ impl MemfdPool {
         Ok(MemfdPool { fd, view, slots, shared: true })
     }
 
+    /// Whether other processes map the memfd too (a daemon's partition).
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
     /// The memfd, to map slots from.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

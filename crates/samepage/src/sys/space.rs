@@ -200,6 +200,28 @@ impl RegionMap {
         out
     }
 
+    /// The runs of pages in pool mappings (merged, or copied since) within
+    /// the live part of `within`: consecutive pages with the same
+    /// attributes, at most `max` pages a run.
+    fn pool_runs(&self, within: Range<u64>, max: u64) -> Vec<(Range<u64>, Keep)> {
+        let mut runs = Vec::new();
+        for piece in self.pieces(within) {
+            let mut i = piece.start;
+            while i < piece.end {
+                if self.slots.get(i).is_none() {
+                    i += 1;
+                    continue;
+                }
+                let (from, keep) = (i, self.segment(i).keep);
+                while i < piece.end && self.slots.get(i).is_some() && self.segment(i).keep == keep && i - from < max {
+                    i += 1;
+                }
+                runs.push((from..i, keep));
+            }
+        }
+        runs
+    }
+
     /// Whether a released range meets pages `a..=b`.
     fn released_between(&self, a: u64, b: u64) -> bool {
         self.released.iter().any(|r| r.start <= b && a < r.end)
@@ -349,22 +371,7 @@ impl Registry {
             }
             let from = ((start.max(rs) - rs) / PAGE_SIZE) as u64;
             let to = (end.min(re) - rs).div_ceil(PAGE_SIZE) as u64;
-            let mut runs = Vec::new();
-            for piece in r.pieces(from..to) {
-                let mut i = piece.start;
-                while i < piece.end {
-                    if r.slots.get(i).is_none() {
-                        i += 1;
-                        continue;
-                    }
-                    let (a, keep) = (i, r.segment(i).keep);
-                    while i < piece.end && r.slots.get(i).is_some() && r.segment(i).keep == keep {
-                        i += 1;
-                    }
-                    runs.push((a..i, keep));
-                }
-            }
-            for (run, keep) in runs {
+            for (run, keep) in r.pool_runs(from..to, u64::MAX) {
                 let r = &self.regions[&id];
                 let span = r.range(run.clone());
                 // SAFETY: the program discards this range: its content may go.
@@ -552,8 +559,6 @@ pub struct LinuxPageSpace {
     /// them (full-mode userfaultfd); without it, a write copies the page in
     /// place and it becomes a pool copy.
     breaker: Option<Breaker>,
-    /// Whether the pool is shared with other processes (a daemon's).
-    shared_pool: bool,
     /// For a shared pool, the processes that may map it (unknown at first:
     /// then no page is freed).
     pool_users: Option<Vec<u32>>,
@@ -574,7 +579,7 @@ impl LinuxPageSpace {
     /// (full-mode userfaultfd only). `vma_share` is the share of the
     /// `vm.max_map_count` headroom the engine may use.
     pub fn new(pool_slots: u64, vma_share: f64) -> Result<Self, SysError> {
-        Self::with_options(MemfdPool::new(pool_slots)?, vma_share, true, false)
+        Self::with_options(MemfdPool::new(pool_slots)?, vma_share, true)
     }
 
     /// As [`LinuxPageSpace::new`], on a pool memfd of `pool_slots` pages
@@ -582,13 +587,13 @@ impl LinuxPageSpace {
     /// `release_shared_slots` for when a page of it is freed, and
     /// [`LinuxPageSpace::set_pool_users`].
     pub fn with_shared_pool(fd: rustix::fd::OwnedFd, pool_slots: u64, vma_share: f64) -> Result<Self, SysError> {
-        Self::with_options(MemfdPool::from_fd(fd, pool_slots)?, vma_share, true, true)
+        Self::with_options(MemfdPool::from_fd(fd, pool_slots)?, vma_share, true)
     }
 
     /// As [`LinuxPageSpace::new`] on `pool`; `break_cow = false` leaves
     /// writes to merged pages to the kernel's copy-on-write in place (pool
     /// copies).
-    pub fn with_options(pool: MemfdPool, vma_share: f64, break_cow: bool, shared_pool: bool) -> Result<Self, SysError> {
+    pub fn with_options(pool: MemfdPool, vma_share: f64, break_cow: bool) -> Result<Self, SysError> {
         let uffd = Arc::new(Uffd::open()?);
         let window_uffd = match Uffd::open_with(true) {
             Ok(u) if u.mode() == uffd.mode() => Arc::new(u),
@@ -631,7 +636,6 @@ impl LinuxPageSpace {
             scratch,
             scratch_locked: None,
             breaker,
-            shared_pool,
             pool_users: None,
         })
     }
@@ -659,28 +663,11 @@ impl LinuxPageSpace {
         // hold the old memfd.
         let runs: Vec<(RegionId, PageAddr, Keep, Range<u64>)> = {
             let reg = lock(&self.registry);
-            let mut runs = Vec::new();
-            for (&id, r) in &reg.regions {
-                for piece in r.pieces(0..r.npages) {
-                    let mut i = piece.start;
-                    while i < piece.end {
-                        if r.slots.get(i).is_none() {
-                            i += 1;
-                            continue;
-                        }
-                        let (from, keep) = (i, r.segment(i).keep);
-                        while i < piece.end
-                            && r.slots.get(i).is_some()
-                            && r.segment(i).keep == keep
-                            && i - from < SCRATCH_PAGES as u64
-                        {
-                            i += 1;
-                        }
-                        runs.push((id, r.base, keep, from..i));
-                    }
-                }
-            }
-            runs
+            let per_region =
+                reg.regions.iter().map(|(&id, r)| (id, r.base, r.pool_runs(0..r.npages, SCRATCH_PAGES as u64)));
+            per_region
+                .flat_map(|(id, base, runs)| runs.into_iter().map(move |(run, keep)| (id, base, keep, run)))
+                .collect()
         };
         for (id, base, keep, run) in runs {
             self.unmerge_pool_run(id, base, keep, run, true)?;
@@ -694,7 +681,6 @@ impl LinuxPageSpace {
             }
         }
         self.pool = MemfdPool::from_fd(fd, pool_slots)?;
-        self.shared_pool = true;
         self.pool_users = None;
         Ok(())
     }
@@ -1800,26 +1786,7 @@ impl PageSpace for LinuxPageSpace {
             let end = range.end.min(r.npages);
             // Pool mappings: every page inside one, merged or copied since, so
             // that no pool page is left mapped.
-            let mut pool_runs = Vec::new();
-            for piece in r.pieces(range.start..end) {
-                let mut i = piece.start;
-                while i < piece.end {
-                    if r.slots.get(i).is_none() {
-                        i += 1;
-                        continue;
-                    }
-                    let from = i;
-                    let keep = r.segment(i).keep;
-                    while i < piece.end
-                        && r.slots.get(i).is_some()
-                        && r.segment(i).keep == keep
-                        && i - from < SCRATCH_PAGES as u64
-                    {
-                        i += 1;
-                    }
-                    pool_runs.push((from..i, keep));
-                }
-            }
+            let pool_runs = r.pool_runs(range.start..end, SCRATCH_PAGES as u64);
             // Zero pages in anonymous memory: made private in place.
             let zero: Vec<u64> = pages.iter().copied().filter(|&p| r.slots.get(p).is_none()).collect();
             (r.base, pool_runs, zero)
@@ -1864,7 +1831,7 @@ impl PageSpace for LinuxPageSpace {
         // any descendant) still maps the pool: its mappings are invisible to
         // the mapcount when the child has not touched the page yet.
         let _no_fork = super::forkguard::hold();
-        if self.shared_pool {
+        if self.pool.is_shared() {
             self.release_shared_slots(slots, out);
             return;
         }
