@@ -179,6 +179,7 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                         "ksm_process_profit": r.ksm_process_profit,
                         "ksm_mergeable": r.ksm_mergeable,
                         "cpu_seconds": r.cpu_ns as f64 / 1e9,
+                        "full_scans": r.full_scans,
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -206,13 +207,14 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         );
         for r in &p.processes {
             println!(
-                "  pid {}: ksm_rmap_items {} ksm_zero_pages {} ksm_merging_pages {} ksm_process_profit {} ksm_mergeable {}, scanner CPU {:.2} s",
+                "  pid {}: ksm_rmap_items {} ksm_zero_pages {} ksm_merging_pages {} ksm_process_profit {} ksm_mergeable {} full_scans {}, scanner CPU {:.2} s",
                 r.pid,
                 r.ksm_rmap_items,
                 r.ksm_zero_pages,
                 r.ksm_merging_pages,
                 r.ksm_process_profit,
                 r.ksm_mergeable,
+                r.full_scans,
                 r.cpu_ns as f64 / 1e9
             );
         }

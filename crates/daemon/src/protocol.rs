@@ -123,6 +123,8 @@ pub struct ProcessStatus {
     pub ksm_mergeable: u64,
     /// CPU its engine's scanner spent (ns).
     pub cpu_ns: u64,
+    /// Full scans its engine's scanner completed (`full_scans`).
+    pub full_scans: u64,
     /// The last merge ordered through the daemon, once done.
     pub merged_now: Option<MergeOutcome>,
 }

@@ -885,6 +885,7 @@ impl Shared {
                 d.last.set(Instant::now());
                 let mut r = samepage_daemon::protocol::ProcessStatus {
                     cpu_ns: self.cpu_ns.load(Ordering::Relaxed),
+                    full_scans: snap.counters.full_scans,
                     ksm_mergeable: st.regions.values().map(|(start, end)| ((end - start) / PAGE_SIZE) as u64).sum(),
                     merged_now: d.merged_now.get(),
                     ..Default::default()
