@@ -387,7 +387,9 @@ fn read_process(
     let vmas = eligible_vmas(&smaps, mergeable_only);
     let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(|e| proc_error(pid, "pagemap", e))?;
     let kpageflags = if kpageflags { File::open("/proc/kpageflags").ok() } else { None };
-    let mut reader = Reader { pid, mem: None, no_vm_readv: false, pagemap, kpageflags, buf: Vec::new() };
+    // For tests: the /proc/PID/mem path, as where process_vm_readv is refused.
+    let no_vm_readv = std::env::var_os("SAMEPAGE_ESTIMATE_NO_VM_READV").is_some();
+    let mut reader = Reader { pid, mem: None, no_vm_readv, pagemap, kpageflags, buf: Vec::new() };
     let mut r = ProcessReport { pid, comm: comm(pid), vmas: vmas.len() as u64, ..ProcessReport::default() };
     census.add_holder(holder);
     let mut runs = Vec::new();

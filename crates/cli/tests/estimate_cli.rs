@@ -16,13 +16,17 @@ use std::time::{Duration, Instant};
 const PAGE: u64 = 4096;
 
 /// Maps the pages, fills them, madvise(MADV_MERGEABLE), says `ready`, waits
-/// for stdin to close.
+/// for stdin to close. Then `reads` more pages, only read (they map the
+/// kernel's zero page: ksmd does not scan them), and as many never touched.
 const CHILD: &str = r#"
 import mmap, struct, sys
 ids = [int(x) for x in sys.argv[1].split(',')]
-m = mmap.mmap(-1, len(ids) * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+reads = int(sys.argv[2])
+m = mmap.mmap(-1, (len(ids) + 2 * reads) * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for i, c in enumerate(ids):
     m[i * 4096:(i + 1) * 4096] = bytes(4096) if c == 0 else struct.pack('<Q', c) * 512
+for i in range(len(ids), len(ids) + reads):
+    assert m[i * 4096] == 0
 m.madvise(mmap.MADV_MERGEABLE)
 print('ready', flush=True)
 sys.stdin.read()
@@ -32,13 +36,15 @@ sys.stdin.read()
 struct Holder {
     child: Child,
     ids: Vec<u64>,
+    /// Pages only read (zero-page mappings).
+    reads: u64,
 }
 
 impl Holder {
-    fn spawn(ids: Vec<u64>) -> Holder {
+    fn spawn(ids: Vec<u64>, reads: u64) -> Holder {
         let list: Vec<String> = ids.iter().map(u64::to_string).collect();
         let mut child = Command::new("python3")
-            .args(["-c", CHILD, &list.join(",")])
+            .args(["-c", CHILD, &list.join(","), &reads.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -46,7 +52,7 @@ impl Holder {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line.trim(), "ready", "the child did not start");
-        Holder { child, ids }
+        Holder { child, ids, reads }
     }
 
     fn pid(&self) -> String {
@@ -88,7 +94,7 @@ fn holders() -> Vec<Holder> {
             v.swap(j, (j * 7919 + i) % n);
         }
     }
-    [a, b, c].into_iter().map(Holder::spawn).collect()
+    [a, b, c].into_iter().zip([3, 0, 40]).map(|(ids, reads)| Holder::spawn(ids, reads)).collect()
 }
 
 /// What the kernel's rule gives for these holders, computed from the ids.
@@ -225,12 +231,30 @@ fn the_estimate_is_the_kernels_rule_on_the_pages_read() {
     let v = check(&hs, 256, true);
     assert_eq!(v["counters"]["ksm_zero_pages"], 16);
     check(&hs, 3, true);
-    let pids: Vec<String> = hs.iter().map(Holder::pid).collect();
-    for (p, pid) in v["processes"].as_array().unwrap().iter().zip(&pids) {
-        assert_eq!(p["pid"].to_string(), *pid);
+    for (p, h) in v["processes"].as_array().unwrap().iter().zip(&hs) {
+        assert_eq!(p["pid"].to_string(), h.pid());
         assert_eq!(p["comm"], "python3");
         assert_eq!(p["vmas"], 1, "only the MADV_MERGEABLE mapping: {p}");
+        // Pages only read map the zero page: left out, and said so.
+        assert_eq!(p["pages_zero_mapped"], h.reads, "{p}");
+        assert_eq!((&p["pages_swapped"], &p["pages_unreadable"]), (&0.into(), &0.into()), "{p}");
     }
+}
+
+#[test]
+fn through_proc_pid_mem_the_estimate_is_the_same() {
+    let hs = holders();
+    let v = check(&hs, 3, true);
+    let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .env("SAMEPAGE_ESTIMATE_NO_VM_READV", "1")
+        .args(["estimate", "--json", "--mergeable-only", "--max-page-sharing", "3", "--use-zero-pages", "--pid"])
+        .args(hs.iter().map(Holder::pid))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got(&w), got(&v));
+    assert_eq!(w["processes"], v["processes"]);
 }
 
 #[test]
