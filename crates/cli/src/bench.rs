@@ -350,7 +350,7 @@ fn run_kernel(w: &Workload, a: &BenchArgs) -> Result<Figures> {
 
 fn run_samepage(w: &Workload, a: &BenchArgs) -> Result<Figures> {
     let (_, total) = hot_pages(w);
-    let (shared, sharing, zero) = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
+    let (shared, sharing, zero) = w.expected(a.max_page_sharing as u64, a.use_zero_pages)?;
     let s = settings(a);
     let side = SamepageSide::new(SamepageOptions {
         tunables: Tunables {

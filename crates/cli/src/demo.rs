@@ -225,7 +225,7 @@ type Expected = (u64, u64, u64);
 pub fn run(a: DemoArgs) -> Result<ExitCode> {
     let w = workload(&a)?;
     let tunables = tunables(&a)?;
-    let expected = w.expected(a.max_page_sharing as u64, a.use_zero_pages);
+    let expected = w.expected(a.max_page_sharing as u64, a.use_zero_pages)?;
     let say = |s: String| {
         if !a.json {
             eprintln!("{s}");

@@ -5,6 +5,7 @@ mod args;
 mod bench;
 mod daemon;
 mod demo;
+mod estimate;
 mod kernel;
 mod measure;
 mod processes;
@@ -57,6 +58,10 @@ enum Cmd {
     /// madvise(MADV_MERGEABLE) memory merges (through the daemon if one
     /// answers, else inside the program).
     Run(run::RunArgs),
+    /// What the kernel's KSM would save by merging these processes' memory,
+    /// read from outside (nothing is merged): counters by kernel name,
+    /// bytes saved net of metadata, where the savings come from.
+    Estimate(estimate::EstimateArgs),
     /// A process of `bench --workload processes` (run by it, not by hand).
     #[command(hide = true)]
     Worker(processes::WorkerArgs),
@@ -83,6 +88,7 @@ fn main() -> ExitCode {
         Cmd::Set(a) => daemon::set(a),
         Cmd::Merge(a) => daemon::merge(a),
         Cmd::Run(a) => run::run(a),
+        Cmd::Estimate(a) => estimate::run(a),
         Cmd::Worker(a) => processes::worker(a),
         Cmd::TortureClient(a) => torture_procs::client(a),
     };

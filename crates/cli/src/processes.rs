@@ -312,7 +312,7 @@ pub fn run(o: &Options) -> Result<std::process::ExitCode> {
     let per = o.size / n;
     let all: Vec<Content> = (0..n).flat_map(|i| workload(per, o.distinct, o.seed, i).pages).collect();
     let expected = Workload { name: String::new(), pages: all, files: Vec::new() }
-        .expected(o.max_page_sharing as u64, o.use_zero_pages);
+        .expected(o.max_page_sharing as u64, o.use_zero_pages)?;
     eprintln!("processes: {n} x {} MiB; expected pages_shared {}, pages_sharing {}", per >> 20, expected.0, expected.1);
     let kernel = if o.samepage_only {
         None

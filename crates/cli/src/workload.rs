@@ -186,30 +186,18 @@ impl Workload {
     /// What the content implies with `max_page_sharing` and `use_zero_pages`:
     /// `(pages_shared, pages_sharing, ksm_zero_pages)` once fully merged, as
     /// the kernel's chains reach it (a remainder of one copy stays unshared).
-    pub fn expected(&self, max_page_sharing: u64, use_zero_pages: bool) -> (u64, u64, u64) {
-        // Keyed by the 64-bit content hash (a collision would need 2^32 pages).
-        let mut counts: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+    /// A `max_page_sharing` below 2 is a usage error, as the kernel's EINVAL.
+    pub fn expected(&self, max_page_sharing: u64, use_zero_pages: bool) -> Result<(u64, u64, u64)> {
+        // The rule lives in samepage_core::estimate (one home for it).
+        let rule = samepage::core::estimate::SharingRule::new(max_page_sharing, use_zero_pages)
+            .map_err(|e| crate::args::UsageError(format!("--max-page-sharing: {e}")))?;
+        let mut census = samepage::core::estimate::Census::new();
         let mut buf = [0u8; PAGE];
-        let mut zero = 0;
-        let zero_hash = samepage::core::zero_page_hash();
         for i in 0..self.pages.len() {
             self.page(i, &mut buf);
-            let h = samepage::core::page_hash(&buf);
-            if use_zero_pages && h == zero_hash {
-                zero += 1;
-                continue;
-            }
-            *counts.entry(h).or_default() += 1;
+            census.add(0, samepage::core::page_hash(&buf), 1);
         }
-        let m = max_page_sharing;
-        let (mut shared, mut sharing) = (0, 0);
-        for &k in counts.values() {
-            if k < 2 {
-                continue;
-            }
-            shared += k / m + u64::from(k % m >= 2);
-            sharing += (k / m) * (m - 1) + (k % m).saturating_sub(1);
-        }
-        (shared, sharing, zero)
+        let c = census.estimate(rule).counters;
+        Ok((c.pages_shared, c.pages_sharing, c.ksm_zero_pages))
     }
 }

@@ -29,6 +29,7 @@
 //! | `should_skip_rmap_item` (smart_scan) | `Ksm::should_skip` | [`scan`] |
 //! | `scan_time_advisor` | [`advisor::scan_time_advisor`] | [`advisor`] |
 //! | THP split on merge (no kernel tunable) | [`thp::HugePagePolicy`], `thp_split_min_subpages` | [`thp`] |
+//! | ksm.rst's counting rule (`max_page_sharing`, `general_profit`), without merging | [`estimate::Census`], [`estimate::SharingRule`] | [`estimate`] |
 //! | `/sys/kernel/mm/ksm/*` | [`Tunables`], [`Counters`] | [`tunables`], [`counters`] |
 //!
 //! Hash-indexed tables replace the kernel's memcmp-ordered rbtrees: a lookup
@@ -47,6 +48,7 @@ pub mod advisor;
 pub mod batch;
 pub mod counters;
 pub mod defrag;
+pub mod estimate;
 pub mod links;
 pub mod machine;
 pub mod merge;

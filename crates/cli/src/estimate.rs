@@ -1,0 +1,570 @@
+//! `samepage estimate --pid PID...`: what the kernel's KSM would save by
+//! merging those processes' memory, read from outside; nothing is merged.
+//!
+//! Which memory: what ksmd would scan if each process had asked for
+//! `prctl(PR_SET_MEMORY_MERGE)`: the private anonymous writable VMAs
+//! (`rw-p`, inode 0 in `/proc/PID/smaps`: heap, stack, `[anon:...]`, plain
+//! anonymous mappings), minus those the kernel's `vma_ksm_compatible`
+//! refuses (`VmFlags` `sh ms pf io de ht mm ss`); with `--mergeable-only`,
+//! only the VMAs marked by `madvise(MADV_MERGEABLE)` (`VmFlags` `mg`).
+//!
+//! Which pages: the present ones (`/proc/PID/pagemap` bit 63), as ksmd
+//! only looks at pages mapped in memory: untouched pages are not counted,
+//! and swapped-out pages (bit 62) are counted apart and not read (reading
+//! them would swap them in). Pages that map the kernel's shared zero page
+//! (read but never written) are not anonymous pages ksmd scans either: they
+//! are left out too. As root they are told by `/proc/kpageflags`
+//! (`KPF_ZERO_PAGE`); without the page frame numbers, a present page of
+//! zeros that is not exclusively mapped (pagemap bit 56) is taken for one.
+//!
+//! How: pages are copied into this process's own buffer with
+//! `process_vm_readv` (4 MiB and up to 1024 runs of present pages per call),
+//! or with `pread` of `/proc/PID/mem` where that fails, hashed with xxh3
+//! ([`samepage::core::page_hash`]) and counted in a
+//! [`samepage::core::estimate::Census`], which applies the kernel's rule.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use samepage::core::estimate::{Census, Estimate, SharingRule, RMAP_ITEM_BYTES};
+use samepage::core::{page_hash, zero_page_hash};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::process::ExitCode;
+use std::time::Instant;
+
+const PAGE: usize = samepage::PAGE_SIZE;
+/// Bytes copied per `process_vm_readv` call.
+const BATCH: usize = 4 << 20;
+/// Remote runs per call (`IOV_MAX`).
+const MAX_IOV: usize = 1024;
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+const PM_EXCLUSIVE: u64 = 1 << 56;
+const PM_PFN: u64 = (1 << 55) - 1;
+/// `KPF_ZERO_PAGE` in `/proc/kpageflags`.
+const KPF_ZERO_PAGE: u64 = 1 << 24;
+
+/// `samepage estimate`.
+#[derive(Args, Debug)]
+pub struct EstimateArgs {
+    /// Processes to read (one or more).
+    #[arg(long, num_args = 1.., required = true, value_name = "PID")]
+    pid: Vec<u32>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The kernel's `max_page_sharing` to count with (at least 2).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    max_page_sharing: u64,
+    /// Count as the kernel's `use_zero_pages` 1: pages of zeros map the zero
+    /// page (`ksm_zero_pages`) instead of merging with each other.
+    #[arg(long)]
+    use_zero_pages: bool,
+    /// Only VMAs marked with madvise(MADV_MERGEABLE) (`mg` in
+    /// /proc/PID/smaps), rather than every private anonymous writable VMA.
+    #[arg(long)]
+    mergeable_only: bool,
+}
+
+/// A VMA to read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Vma {
+    start: u64,
+    end: u64,
+}
+
+/// The VMAs of `smaps` text that KSM could scan.
+fn eligible_vmas(smaps: &str, mergeable_only: bool) -> Vec<Vma> {
+    // vma_ksm_compatible(): VM_SHARED, VM_MAYSHARE, VM_PFNMAP, VM_IO,
+    // VM_DONTEXPAND, VM_HUGETLB, VM_MIXEDMAP, shadow stacks.
+    const REFUSED: [&str; 8] = ["sh", "ms", "pf", "io", "de", "ht", "mm", "ss"];
+    let mut out = Vec::new();
+    let mut current: Option<Vma> = None;
+    let mut finish = |vma: Option<Vma>, flags: &str| {
+        if let Some(v) = vma {
+            let f: Vec<&str> = flags.split_whitespace().collect();
+            if !f.iter().any(|x| REFUSED.contains(x)) && (!mergeable_only || f.contains(&"mg")) {
+                out.push(v);
+            }
+        }
+    };
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            finish(current.take(), flags);
+            continue;
+        }
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let Some((s, e)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
+        // A header line whose VMA had no VmFlags line (old kernels): decide
+        // on the header alone.
+        if let Some(prev) = current.take() {
+            finish(Some(prev), "");
+        }
+        if perms == "rw-p" && inode == "0" {
+            current = Some(Vma { start, end });
+        }
+    }
+    finish(current.take(), "");
+    out
+}
+
+/// A run of present pages, all exclusive or all not.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    addr: u64,
+    pages: u64,
+    exclusive: bool,
+}
+
+/// What was found in one process.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct ProcessReport {
+    pid: u32,
+    comm: String,
+    vmas: u64,
+    /// Pages counted (present, read, not a zero-page mapping).
+    pages_scanned: u64,
+    /// Pages of this process merging frees (see `HolderEstimate::freed`).
+    pages_freed: u64,
+    /// Pages merging this process alone would free.
+    pages_freed_alone: u64,
+    /// Swapped-out pages: not read, not counted.
+    pages_swapped: u64,
+    /// Present pages that map the shared zero page: not counted.
+    pages_zero_mapped: u64,
+    /// Present pages that could not be read (unmapped meanwhile).
+    pages_unreadable: u64,
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default()
+}
+
+/// Why a file of `/proc/PID` could not be read, in words that name the pid.
+fn proc_error(pid: u32, file: &str, e: io::Error) -> anyhow::Error {
+    match e.kind() {
+        io::ErrorKind::NotFound => anyhow::anyhow!("pid {pid}: no such process"),
+        io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "pid {pid}: cannot read /proc/{pid}/{file}: permission denied (reading another process needs ptrace access: root or \
+             CAP_SYS_PTRACE, in the same or a parent user namespace)"
+        ),
+        _ if e.raw_os_error() == Some(libc::ESRCH) => anyhow::anyhow!("pid {pid}: the process exited"),
+        _ => anyhow::anyhow!("pid {pid}: cannot read /proc/{pid}/{file}: {e}"),
+    }
+}
+
+/// `process_vm_readv` of the remote ranges `remote` into `local`.
+fn vm_readv(pid: u32, local: &mut [u8], remote: &[libc::iovec]) -> io::Result<usize> {
+    let liov = libc::iovec { iov_base: local.as_mut_ptr().cast(), iov_len: local.len() };
+    // SAFETY: `liov` describes `local`, which this function borrows mutably
+    // for the call, so the kernel writes at most `local.len()` bytes into
+    // memory nothing else uses; `remote` is a live slice of iovecs that
+    // name addresses of the other process, which the kernel checks and this
+    // process never dereferences.
+    let n = unsafe {
+        libc::process_vm_readv(pid as libc::pid_t, &liov, 1, remote.as_ptr(), remote.len() as libc::c_ulong, 0)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Reads one process's memory and counts its pages in a census.
+struct Reader {
+    pid: u32,
+    /// `/proc/PID/mem`, opened once `process_vm_readv` failed.
+    mem: Option<File>,
+    /// `process_vm_readv` is refused (EPERM, ENOSYS): use `/proc/PID/mem`.
+    no_vm_readv: bool,
+    pagemap: File,
+    /// `/proc/kpageflags`, when page frame numbers are visible (root).
+    kpageflags: Option<File>,
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    fn mem(&mut self) -> Result<&File> {
+        match self.mem {
+            Some(ref f) => Ok(f),
+            None => {
+                let pid = self.pid;
+                let f = File::open(format!("/proc/{pid}/mem")).map_err(|e| proc_error(pid, "mem", e))?;
+                Ok(self.mem.insert(f))
+            }
+        }
+    }
+
+    /// Runs of present pages of `vma`; counts the swapped ones in `r`.
+    fn runs(&mut self, vma: &Vma, r: &mut ProcessReport, out: &mut Vec<Run>) -> Result<()> {
+        const CHUNK: u64 = 65536;
+        let mut entries = vec![0u8; CHUNK as usize * 8];
+        let (first, last) = (vma.start / PAGE as u64, vma.end / PAGE as u64);
+        let mut page = first;
+        while page < last {
+            let n = (last - page).min(CHUNK);
+            let bytes = &mut entries[..n as usize * 8];
+            let got = self.pagemap.read_at(bytes, page * 8).map_err(|e| proc_error(self.pid, "pagemap", e))?;
+            if got < 8 {
+                // The VMA shrank meanwhile: nothing more to read here.
+                break;
+            }
+            for (i, e) in bytes[..got / 8 * 8].chunks_exact(8).enumerate() {
+                let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                let addr = (page + i as u64) * PAGE as u64;
+                if e & PM_PRESENT == 0 {
+                    r.pages_swapped += u64::from(e & PM_SWAP != 0);
+                    continue;
+                }
+                let exclusive = e & PM_EXCLUSIVE != 0;
+                match out.last_mut() {
+                    Some(run) if run.addr + run.pages * PAGE as u64 == addr && run.exclusive == exclusive => {
+                        run.pages += 1
+                    }
+                    _ => out.push(Run { addr, pages: 1, exclusive }),
+                }
+            }
+            page += (got / 8) as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether the present page at `addr` maps the shared zero page (its
+    /// content is zeros and it is not exclusively mapped).
+    fn maps_zero_page(&self, addr: u64) -> bool {
+        let Some(flags) = &self.kpageflags else { return true };
+        let mut e = [0u8; 8];
+        if self.pagemap.read_exact_at(&mut e, addr / PAGE as u64 * 8).is_err() {
+            return true;
+        }
+        let pfn = u64::from_ne_bytes(e) & PM_PFN;
+        if pfn == 0 {
+            return true;
+        }
+        let mut f = [0u8; 8];
+        flags.read_exact_at(&mut f, pfn * 8).map_or(true, |()| u64::from_ne_bytes(f) & KPF_ZERO_PAGE != 0)
+    }
+
+    /// Reads `runs` (their pages in order) and counts each page.
+    fn count(&mut self, runs: &[Run], holder: u32, census: &mut Census, r: &mut ProcessReport) -> Result<()> {
+        let zero = zero_page_hash();
+        // Pages of a batch: (address, exclusive) per remote iovec.
+        let mut pieces: Vec<Run> = Vec::with_capacity(MAX_IOV);
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_IOV);
+        let mut runs = runs.iter().copied();
+        let mut pending: Option<Run> = None;
+        loop {
+            pieces.clear();
+            let mut bytes = 0;
+            while pieces.len() < MAX_IOV && bytes < BATCH {
+                let Some(mut run) = pending.take().or_else(|| runs.next()) else { break };
+                let room = ((BATCH - bytes) / PAGE) as u64;
+                if run.pages > room {
+                    pending = Some(Run { addr: run.addr + room * PAGE as u64, pages: run.pages - room, ..run });
+                    run.pages = room;
+                }
+                bytes += run.pages as usize * PAGE;
+                pieces.push(run);
+            }
+            if pieces.is_empty() {
+                return Ok(());
+            }
+            let ok = self.read_batch(&pieces, &mut iov, bytes)?;
+            let mut off = 0;
+            for (piece, readable) in pieces.iter().zip(ok) {
+                for p in 0..piece.pages {
+                    let at = off + p as usize * PAGE;
+                    if !readable[p as usize] {
+                        r.pages_unreadable += 1;
+                        continue;
+                    }
+                    let h = page_hash(&self.buf[at..at + PAGE]);
+                    if h == zero && !piece.exclusive && self.maps_zero_page(piece.addr + p * PAGE as u64) {
+                        r.pages_zero_mapped += 1;
+                        continue;
+                    }
+                    r.pages_scanned += 1;
+                    census.add(holder, h, 1);
+                }
+                off += piece.pages as usize * PAGE;
+            }
+        }
+    }
+
+    /// Copies the pages of `pieces` (`bytes` in all) into `self.buf`, in
+    /// order; per piece, per page, whether it could be read.
+    fn read_batch(&mut self, pieces: &[Run], iov: &mut Vec<libc::iovec>, bytes: usize) -> Result<Vec<Vec<bool>>> {
+        let pid = self.pid;
+        let mut ok: Vec<Vec<bool>> = pieces.iter().map(|p| vec![false; p.pages as usize]).collect();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(BATCH.max(bytes), 0);
+        let mut i = 0;
+        let mut off = 0;
+        let result = (|| -> Result<()> {
+            while i < pieces.len() {
+                if !self.no_vm_readv {
+                    iov.clear();
+                    iov.extend(pieces[i..].iter().map(|p| libc::iovec {
+                        iov_base: p.addr as usize as *mut libc::c_void,
+                        iov_len: p.pages as usize * PAGE,
+                    }));
+                    match vm_readv(pid, &mut buf[off..bytes], iov) {
+                        Ok(mut n) => {
+                            // Whole pieces first, then whole pages of the
+                            // piece where the copy stopped.
+                            while i < pieces.len() && n >= pieces[i].pages as usize * PAGE {
+                                let len = pieces[i].pages as usize * PAGE;
+                                ok[i].fill(true);
+                                (n, off, i) = (n - len, off + len, i + 1);
+                            }
+                            if i == pieces.len() {
+                                break;
+                            }
+                            let done = n / PAGE;
+                            ok[i][..done].fill(true);
+                            // The rest of this piece, page by page.
+                            let p = pieces[i];
+                            let len = p.pages as usize * PAGE;
+                            let skip = done * PAGE;
+                            let mem = self.mem()?;
+                            read_pages(mem, &mut buf[off + skip..off + len], p.addr + skip as u64, &mut ok[i][done..]);
+                            (off, i) = (off + len, i + 1);
+                            continue;
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                            bail!("pid {pid}: the process exited while its memory was read")
+                        }
+                        // The first range is gone (unmapped meanwhile):
+                        // read it page by page below.
+                        Err(e) if e.raw_os_error() == Some(libc::EFAULT) => {}
+                        Err(_) => self.no_vm_readv = true,
+                    }
+                }
+                // /proc/PID/mem: the piece at once, else page by page.
+                let p = pieces[i];
+                let len = p.pages as usize * PAGE;
+                let mem = self.mem()?;
+                if mem.read_exact_at(&mut buf[off..off + len], p.addr).is_ok() {
+                    ok[i].fill(true);
+                } else {
+                    read_pages(mem, &mut buf[off..off + len], p.addr, &mut ok[i]);
+                }
+                (off, i) = (off + len, i + 1);
+            }
+            Ok(())
+        })();
+        self.buf = buf;
+        result.map(|()| ok)
+    }
+}
+
+/// Reads the pages at `addr` into `buf` one by one from `/proc/PID/mem`;
+/// `ok` says which could be read.
+fn read_pages(mem: &File, buf: &mut [u8], addr: u64, ok: &mut [bool]) {
+    for (page, (ok, chunk)) in ok.iter_mut().zip(buf.chunks_exact_mut(PAGE)).enumerate() {
+        *ok = mem.read_exact_at(chunk, addr + (page * PAGE) as u64).is_ok();
+    }
+}
+
+/// Reads process `pid` (holder `holder` of the census).
+fn read_process(
+    pid: u32,
+    holder: u32,
+    mergeable_only: bool,
+    census: &mut Census,
+    kpageflags: bool,
+) -> Result<ProcessReport> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| proc_error(pid, "smaps", e))?;
+    let vmas = eligible_vmas(&smaps, mergeable_only);
+    let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(|e| proc_error(pid, "pagemap", e))?;
+    let kpageflags = if kpageflags { File::open("/proc/kpageflags").ok() } else { None };
+    // For tests: the /proc/PID/mem path, as where process_vm_readv is refused.
+    let no_vm_readv = std::env::var_os("SAMEPAGE_ESTIMATE_NO_VM_READV").is_some();
+    let mut reader = Reader { pid, mem: None, no_vm_readv, pagemap, kpageflags, buf: Vec::new() };
+    let mut r = ProcessReport { pid, comm: comm(pid), vmas: vmas.len() as u64, ..ProcessReport::default() };
+    census.add_holder(holder);
+    let mut runs = Vec::new();
+    for vma in &vmas {
+        reader.runs(vma, &mut r, &mut runs)?;
+    }
+    reader.count(&runs, holder, census, &mut r)?;
+    Ok(r)
+}
+
+/// Whether this process sees page frame numbers in pagemap (CAP_SYS_ADMIN)
+/// and can read `/proc/kpageflags`.
+fn sees_page_frames() -> bool {
+    let Ok(flags) = File::open("/proc/kpageflags") else { return false };
+    let mut f = [0u8; 8];
+    if flags.read_exact_at(&mut f, 0).is_err() {
+        return false;
+    }
+    // The PFN of a page of this process's own stack, which is present.
+    let probe = [1u8; 64];
+    let addr = std::hint::black_box(&probe).as_ptr() as u64;
+    let Ok(pm) = File::open("/proc/self/pagemap") else { return false };
+    let mut e = [0u8; 8];
+    pm.read_exact_at(&mut e, addr / PAGE as u64 * 8).is_ok() && u64::from_ne_bytes(e) & PM_PFN != 0
+}
+
+/// `samepage estimate`.
+pub fn run(a: EstimateArgs) -> Result<ExitCode> {
+    let rule = SharingRule::new(a.max_page_sharing, a.use_zero_pages)
+        .map_err(|e| crate::args::UsageError(format!("--max-page-sharing {}: {e}", a.max_page_sharing)))?;
+    for (i, p) in a.pid.iter().enumerate() {
+        if a.pid[..i].contains(p) {
+            bail!(crate::args::UsageError(format!("--pid {p} is given twice (its pages would count twice)")));
+        }
+    }
+    let holders = u32::try_from(a.pid.len()).context("too many --pid")?;
+    let kpageflags = sees_page_frames();
+    let mut census = Census::new();
+    let t0 = Instant::now();
+    let mut reports = Vec::new();
+    for (holder, &pid) in (0..holders).zip(&a.pid) {
+        reports.push(read_process(pid, holder, a.mergeable_only, &mut census, kpageflags)?);
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let e = census.estimate(rule);
+    for (r, h) in reports.iter_mut().zip(&e.holders) {
+        r.pages_freed = h.freed;
+        r.pages_freed_alone = h.freed_alone;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json(&a, &e, &reports, seconds))?);
+    } else {
+        print!("{}", table(&a, &e, &reports, seconds));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn json(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64) -> serde_json::Value {
+    let c = &e.counters;
+    let counters: serde_json::Map<String, serde_json::Value> =
+        c.named().iter().map(|&(n, v)| (n.to_string(), v.into())).collect();
+    let scanned: u64 = reports.iter().map(|r| r.pages_scanned).sum();
+    serde_json::json!({
+        "max_page_sharing": a.max_page_sharing,
+        "use_zero_pages": a.use_zero_pages,
+        "mergeable_only": a.mergeable_only,
+        "counters": counters,
+        "rmap_items": c.rmap_items,
+        "pages_scanned": scanned,
+        "distinct_contents": e.contents,
+        "saved_bytes": c.pages_saved() * PAGE as u64,
+        "metadata_bytes": c.rmap_items * RMAP_ITEM_BYTES,
+        "net_saved_bytes": c.general_profit,
+        "pages_freed": {
+            "zero_pages": e.freed_zero,
+            "within_process": e.freed_within,
+            "across_processes": e.freed_across,
+        },
+        "processes": reports,
+        "bytes_read": scanned * PAGE as u64,
+        "read_seconds": seconds,
+    })
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1u64 << 20) as f64)
+}
+
+fn table(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64) -> String {
+    use std::fmt::Write;
+    let c = &e.counters;
+    let scanned: u64 = reports.iter().map(|r| r.pages_scanned).sum();
+    let read = (reports.iter().map(|r| r.pages_scanned + r.pages_zero_mapped).sum::<u64>() * PAGE as u64) as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "samepage estimate: {} process{}, {} pages ({}) of {} memory read in {:.2} s ({:.0} MiB/s); nothing merged",
+        reports.len(),
+        if reports.len() == 1 { "" } else { "es" },
+        scanned,
+        mib((scanned * PAGE as u64) as f64),
+        if a.mergeable_only { "MADV_MERGEABLE" } else { "private anonymous" },
+        seconds,
+        read / (1u64 << 20) as f64 / seconds.max(1e-9),
+    );
+    let _ = writeln!(
+        s,
+        "once merged, the kernel's KSM would show (max_page_sharing {}, use_zero_pages {}):",
+        a.max_page_sharing,
+        u8::from(a.use_zero_pages)
+    );
+    for (n, v) in c.named() {
+        let _ = writeln!(s, "  {n:<20} {v}");
+    }
+    let _ = writeln!(
+        s,
+        "saved: {} of pages - {} of rmap items ({} bytes per page tracked) = {} net",
+        mib((c.pages_saved() * PAGE as u64) as f64),
+        mib((c.rmap_items * RMAP_ITEM_BYTES) as f64),
+        RMAP_ITEM_BYTES,
+        mib(c.general_profit as f64),
+    );
+    let _ = writeln!(s, "pages freed ({} distinct contents):", e.contents);
+    let _ = writeln!(s, "  {:<32} {}", "zero pages", e.freed_zero);
+    let _ = writeln!(s, "  {:<32} {}", "duplicates within a process", e.freed_within);
+    let _ = writeln!(s, "  {:<32} {}", "duplicates across processes", e.freed_across);
+    let _ = writeln!(
+        s,
+        "{:>8}  {:<16} {:>10} {:>10} {:>12} {:>9} {:>11}",
+        "PID", "COMM", "SCANNED", "FREED", "FREED ALONE", "SWAPPED", "ZERO-MAPPED"
+    );
+    for r in reports {
+        let _ = writeln!(
+            s,
+            "{:>8}  {:<16} {:>10} {:>10} {:>12} {:>9} {:>11}",
+            r.pid, r.comm, r.pages_scanned, r.pages_freed, r.pages_freed_alone, r.pages_swapped, r.pages_zero_mapped
+        );
+    }
+    let unreadable: u64 = reports.iter().map(|r| r.pages_unreadable).sum();
+    if unreadable > 0 {
+        let _ = writeln!(s, "{unreadable} present pages could not be read (unmapped while being read): not counted");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eligible_vmas_are_private_anonymous_and_compatible() {
+        let smaps = "\
+55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0                          [heap]
+Size:                132 kB
+VmFlags: rd wr mr mw me ac sd
+7f0000000000-7f0000001000 rw-p 00001000 08:01 1234                       /usr/lib/libc.so.6
+VmFlags: rd wr mr mw me ac sd
+7f0000100000-7f0000200000 rw-s 00000000 00:01 5                          /dev/zero (deleted)
+VmFlags: rd wr sh mr mw me ms sd
+7f0000200000-7f0000300000 rw-p 00000000 00:00 0 
+VmFlags: rd wr mr mw me ac sd mg
+7f0000300000-7f0000400000 rw-p 00000000 00:00 0                          [anon:x]
+VmFlags: rd wr mr mw me ac sd io
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+VmFlags: rd wr mr mw me gd ac
+";
+        let all = eligible_vmas(smaps, false);
+        assert_eq!(
+            all,
+            [
+                Vma { start: 0x55d0c0000000, end: 0x55d0c0021000 },
+                Vma { start: 0x7f0000200000, end: 0x7f0000300000 },
+                Vma { start: 0x7ffd00000000, end: 0x7ffd00021000 },
+            ]
+        );
+        assert_eq!(eligible_vmas(smaps, true), [Vma { start: 0x7f0000200000, end: 0x7f0000300000 }]);
+    }
+}
