@@ -10,7 +10,9 @@
 #                runs under `samepage run` as a client of a samepage daemon started
 #                here with the same settings as ksmd gets (run=0 until the first
 #                snapshot, then run=1), sampled until its counters stop changing.
-#                $SAMEPAGE names the binary [target/release/samepage],
+#                vm.max_map_count is raised to --map-count [1048576; 0 leaves it]
+#                for the run and restored. $SAMEPAGE names the binary
+#                [target/release/samepage],
 #                $SAMEPAGE_DAEMON_ARGS adds daemon options (e.g. "--smart-scan false").
 # --mode none    no merging (mem-merge=off unless --mem-merge on); the guests run
 #                for --seconds. With --qemu-prefix this is the mode for an
@@ -48,7 +50,7 @@ KSM=/sys/kernel/mm/ksm
 
 guests=2 mem=192 guest_ram="" seconds=180 mode="" pts=1000 sleep_ms=20 mps="" uzp=""
 tol=0.01 full=0 seed_base=1 unique=10 churn=0.1 interval=5 verify=100 diskmb=8
-census=1 append="" qemu_prefix="" mem_merge="" tb_size=256 build=$repo/target/guests out="" boot_timeout=300 keep=0
+census=1 map_count=1048576 append="" qemu_prefix="" mem_merge="" tb_size=256 build=$repo/target/guests out="" boot_timeout=300 keep=0
 qemu_extra=()
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2; exit 2; }
@@ -81,6 +83,7 @@ while [ $# -gt 0 ]; do
 	--boot-timeout) boot_timeout=$2; shift 2 ;;
 	--keep) keep=1; shift ;;
 	--no-census) census=0; shift ;;
+	--map-count) map_count=$2; shift 2 ;;
 	-h | --help) usage ;;
 	*) echo "run.sh: unknown argument: $1" >&2; usage ;;
 	esac
@@ -140,11 +143,17 @@ ksm_restore() {
 
 # ---------------------------------------------------------- samepage daemon
 daemon_pid=""
+saved_map_count=""
 stop_daemon() {
-	[ -n "$daemon_pid" ] || return 0
-	kill -TERM "$daemon_pid" 2>/dev/null || true
-	wait "$daemon_pid" 2>/dev/null || true
-	daemon_pid=""
+	if [ -n "$daemon_pid" ]; then
+		kill -TERM "$daemon_pid" 2>/dev/null || true
+		wait "$daemon_pid" 2>/dev/null || true
+		daemon_pid=""
+	fi
+	if [ -n "$saved_map_count" ]; then
+		echo "$saved_map_count" >/proc/sys/vm/max_map_count || log "warning: cannot restore vm.max_map_count=$saved_map_count"
+		saved_map_count=""
+	fi
 }
 
 # ------------------------------------------------------------------ guests
@@ -219,6 +228,14 @@ if [ "$mode" = samepage ]; then
 	[ -x "$sp_bin" ] || { echo "run.sh: $sp_bin missing: cargo build --release" >&2; exit 2; }
 	sock=$out/samepage.sock
 	rm -f "$sock"
+	# Scattered merged pages are a mapping each: with the default
+	# vm.max_map_count (65530) the engine's VMA budget stops merging a guest
+	# at ~32k mappings (README, "vm.max_map_count"). Raised for the run
+	# (--map-count), restored at the end.
+	if [ "$map_count" != 0 ] && [ -w /proc/sys/vm/max_map_count ] && [ "$(cat /proc/sys/vm/max_map_count)" -lt "$map_count" ]; then
+		saved_map_count=$(cat /proc/sys/vm/max_map_count)
+		echo "$map_count" >/proc/sys/vm/max_map_count
+	fi
 	uzp_arg=()
 	[ "$uzp" = 1 ] && uzp_arg=(--use-zero-pages)
 	"$sp_bin" daemon --socket "$sock" --run 0 --pages-to-scan "$pts" --sleep-ms "$sleep_ms" \
