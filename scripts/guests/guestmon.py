@@ -84,9 +84,10 @@ def ksmd_pid():
     return None
 
 
-def cpu_ticks(pid):
-    """utime+stime of a process (all threads) in clock ticks, or None."""
-    s = read(f"/proc/{pid}/stat")
+def cpu_ticks(pid, stat=None):
+    """utime+stime of a process (all threads), or of the thread whose stat
+    file is `stat`, in clock ticks, or None."""
+    s = read(stat or f"/proc/{pid}/stat")
     if not s:
         return None
     fields = s[s.rindex(")") + 2:].split()
@@ -103,12 +104,8 @@ def merger_cpu_ticks(pids):
     for pid in pids:
         for task in glob.glob(f"/proc/{pid}/task/*"):
             if read(task + "/comm", "").startswith("samepage-"):
-                t += cpu_ticks(pid_task(task)) or 0
+                t += cpu_ticks(pid, task + "/stat") or 0
     return t
-
-
-def pid_task(task):
-    return task[len("/proc/"):]
 
 
 def meminfo():

@@ -95,21 +95,14 @@ fn eligible_vmas(smaps: &str, mergeable_only: bool) -> Vec<Vma> {
             finish(current.take(), flags);
             continue;
         }
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        let Some((s, e)) = range.split_once('-') else { continue };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
+        let Some(m) = samepage::MapsLine::parse(line) else { continue };
         // A header line whose VMA had no VmFlags line (old kernels): decide
         // on the header alone.
         if let Some(prev) = current.take() {
             finish(Some(prev), "");
         }
-        if perms == "rw-p" && inode == "0" {
-            current = Some(Vma { start, end });
+        if m.perms == "rw-p" && m.inode == 0 {
+            current = Some(Vma { start: m.start as u64, end: m.end as u64 });
         }
     }
     finish(current.take(), "");
@@ -190,6 +183,9 @@ struct Reader {
     /// `/proc/kpageflags`, when page frame numbers are visible (root).
     kpageflags: Option<File>,
     buf: Vec<u8>,
+    /// Pagemap entries being read (kept across VMAs: a process merged by
+    /// samepage has tens of thousands).
+    entries: Vec<u8>,
 }
 
 impl Reader {
@@ -207,7 +203,8 @@ impl Reader {
     /// Runs of present pages of `vma`; counts the swapped ones in `r`.
     fn runs(&mut self, vma: &Vma, r: &mut ProcessReport, out: &mut Vec<Run>) -> Result<()> {
         const CHUNK: u64 = 65536;
-        let mut entries = vec![0u8; CHUNK as usize * 8];
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.resize(CHUNK as usize * 8, 0);
         let (first, last) = (vma.start / PAGE as u64, vma.end / PAGE as u64);
         let mut page = first;
         while page < last {
@@ -235,6 +232,7 @@ impl Reader {
             }
             page += (got / 8) as u64;
         }
+        self.entries = entries;
         Ok(())
     }
 
@@ -389,7 +387,7 @@ fn read_process(
     let kpageflags = if kpageflags { File::open("/proc/kpageflags").ok() } else { None };
     // For tests: the /proc/PID/mem path, as where process_vm_readv is refused.
     let no_vm_readv = std::env::var_os("SAMEPAGE_ESTIMATE_NO_VM_READV").is_some();
-    let mut reader = Reader { pid, mem: None, no_vm_readv, pagemap, kpageflags, buf: Vec::new() };
+    let mut reader = Reader { pid, mem: None, no_vm_readv, pagemap, kpageflags, buf: Vec::new(), entries: Vec::new() };
     let mut r = ProcessReport { pid, comm: comm(pid), vmas: vmas.len() as u64, ..ProcessReport::default() };
     census.add_holder(holder);
     let mut runs = Vec::new();

@@ -136,29 +136,16 @@ fn engine() -> Option<&'static Engine> {
 /// The private anonymous read-write parts of `[a, b)` and whether all of
 /// it is mapped (`/proc/self/maps`).
 fn mergeable_parts(a: usize, b: usize) -> (Vec<(usize, usize)>, bool) {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     let (mut parts, mut pos) = (Vec::new(), a);
     let mut covered = true;
-    for l in maps.lines() {
-        let mut f = l.split_whitespace();
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        let Some((s, e)) = range.split_once('-') else { continue };
-        let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) else { continue };
-        if e <= a || s >= b {
-            continue;
-        }
-        if s > pos {
+    for m in samepage::maps_in(a, b).unwrap_or_default() {
+        if m.start > pos {
             covered = false;
         }
-        pos = pos.max(e);
-        let name = f.next().unwrap_or("");
-        let anon = inode == "0" && (name.is_empty() || name.starts_with("[anon:") || name == "[heap]");
-        if anon && perms.starts_with("rw") && perms.ends_with('p') {
-            parts.push((s.max(a), e.min(b)));
+        pos = pos.max(m.end);
+        let anon = m.inode == 0 && (m.path.is_empty() || m.path.starts_with("[anon:") || m.path == "[heap]");
+        if anon && m.perms.starts_with("rw") && m.perms.ends_with('p') {
+            parts.push((m.start.max(a), m.end.min(b)));
         }
     }
     (parts, covered && pos >= b)

@@ -37,6 +37,7 @@ pub use region::Region;
 pub use samepage_core as core;
 pub use samepage_core::{Counters, Discard, Domain, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
 pub use sys::mapping::OutOfBounds;
+pub use sys::mem::{maps_in, MapsLine};
 pub use sys::space::SpaceStats;
 pub use sys::uffd::UffdMode;
 pub use sys::{SysError, HUGE_PAGE_SIZE};

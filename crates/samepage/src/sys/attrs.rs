@@ -127,9 +127,9 @@ pub fn parse(smaps: &str, numa_maps: &str, range: PageRange, own_inode: u64) -> 
     let mut cur: Option<(usize, usize, String, bool)> = None;
     let mut pkey = 0u32;
     for line in smaps.lines() {
-        if let Some((a, b, inode, name)) = header(line) {
-            let ours = own_inode != 0 && inode == own_inode;
-            cur = (b > lo && a < hi).then(|| (a.max(lo), b.min(hi), name, ours));
+        if let Some(m) = super::mem::MapsLine::parse(line) {
+            let ours = own_inode != 0 && m.inode == own_inode;
+            cur = (m.end > lo && m.start < hi).then(|| (m.start.max(lo), m.end.min(hi), m.path, ours));
             pkey = 0;
             continue;
         }
@@ -171,16 +171,6 @@ pub fn parse(smaps: &str, numa_maps: &str, range: PageRange, own_inode: u64) -> 
         }
     }
     out
-}
-
-/// `start-end perms offset dev inode [name]`: the VMA's bounds, inode and name.
-fn header(line: &str) -> Option<(usize, usize, u64, String)> {
-    let mut f = line.split_whitespace();
-    let (a, b) = f.next()?.split_once('-')?;
-    let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
-    let _perms = f.next().filter(|p| p.len() == 4)?;
-    let (_off, _dev, inode) = (f.next()?, f.next()?, f.next()?.parse().ok()?);
-    Some((a, b, inode, f.collect::<Vec<_>>().join(" ")))
 }
 
 /// The memory policy `numa_maps` gives the VMA starting at or containing

@@ -321,6 +321,25 @@ pub struct MapsLine {
     pub path: String,
 }
 
+impl MapsLine {
+    /// Parses one line of `/proc/PID/maps` (or a mapping's header line in
+    /// `/proc/PID/smaps`); `None` for anything else.
+    pub fn parse(line: &str) -> Option<MapsLine> {
+        let mut f = line.split_whitespace();
+        let (range, perms, off, _dev, inode) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        let (a, b) = range.split_once('-')?;
+        let (start, end) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+        Some(MapsLine {
+            start,
+            end,
+            perms: perms.to_string(),
+            offset: u64::from_str_radix(off, 16).unwrap_or(0),
+            inode: inode.parse().unwrap_or(0),
+            path: f.collect::<Vec<_>>().join(" "),
+        })
+    }
+}
+
 /// The mappings overlapping `[start, end)`, from `/proc/self/maps` (read
 /// only up to `end`: the kernel formats only what is read).
 pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
@@ -331,33 +350,13 @@ pub fn maps_in(start: usize, end: usize) -> Result<Vec<MapsLine>, SysError> {
     let mut out = Vec::new();
     for line in std::io::BufReader::with_capacity(1 << 16, f).lines() {
         let Ok(line) = line else { break };
-        if line.split('-').next().and_then(|a| usize::from_str_radix(a, 16).ok()).is_some_and(|a| a >= end) {
+        let Some(m) = MapsLine::parse(&line) else { continue };
+        if m.start >= end {
             break;
         }
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
-            continue;
-        };
-        let path = f.collect::<Vec<_>>().join(" ");
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
-            continue;
-        };
-        if b <= start || a >= end {
-            continue;
+        if m.end > start {
+            out.push(m);
         }
-        out.push(MapsLine {
-            start: a,
-            end: b,
-            perms: perms.to_string(),
-            offset: u64::from_str_radix(off, 16).unwrap_or(0),
-            inode: inode.parse().unwrap_or(0),
-            path,
-        });
     }
     Ok(out)
 }
