@@ -20,7 +20,8 @@ pub struct Progress {
     pub cpu: Duration,
 }
 
-/// Polls until the counters hold still for two full scans; returns the time
+/// Polls until the counters hold still for two full scans (and at least four
+/// full scans have ended since the first poll); returns the time
 /// and CPU at the last change.
 pub fn converge(
     timeout: Duration,
@@ -47,7 +48,10 @@ pub fn converge(
             "full_scans {scans}  pages_shared {}  pages_sharing {}  ksm_zero_pages {}  pages_unshared {}",
             key.0, key.1, key.2, unshared
         ));
-        if scans >= scans_at_change + 2 && scans >= 3 {
+        // Two quiet scans, and four since the first poll: a scan was in
+        // progress at that poll, and a page needs two more over its content
+        // (checksum, unstable tree) before anything can merge.
+        if scans >= scans_at_change + 2 && scans >= first.full_scans + 4 {
             break;
         }
         if start.elapsed() > timeout {

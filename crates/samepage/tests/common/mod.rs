@@ -25,18 +25,27 @@ pub fn fast(max_page_sharing: u32, use_zero_pages: bool) -> Tunables {
     }
 }
 
-/// Waits until the counters have not changed for `quiet` full scans (at least 3 scans).
+/// Waits until the counters have not changed for `quiet` full scans, and at
+/// least four full scans have ended since the call.
+///
+/// Counted from the call, not from the engine's start: with `sleep_millisecs`
+/// 0 an engine finishes hundreds of empty full scans before the test's pages
+/// exist, and a page needs two scans over its final content (checksum, then
+/// the unstable tree) before anything merges, plus the one in progress at the
+/// call. Counting from the engine's start let a CI run return after a single
+/// scan with every page still volatile.
 pub fn converge(engine: &Engine, quiet: u64) -> Counters {
     let deadline = Instant::now() + Duration::from_secs(120);
     let key = |c: &Counters| (c.pages_shared, c.pages_sharing, c.ksm_zero_pages, c.pages_unshared);
     let mut last = engine.counters().unwrap();
+    let start = last.full_scans;
     let mut since = last.full_scans;
     loop {
         std::thread::sleep(Duration::from_millis(5));
         let c = engine.counters().unwrap();
         if key(&c) != key(&last) {
             since = c.full_scans;
-        } else if c.full_scans >= since + quiet && c.full_scans >= 3 {
+        } else if c.full_scans >= since + quiet && c.full_scans >= start + 4 {
             return c;
         }
         last = c;
