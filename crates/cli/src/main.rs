@@ -12,6 +12,7 @@ mod processes;
 mod procfs;
 mod run;
 mod side;
+mod supervisor;
 mod sysctl;
 mod torture;
 mod torture_io;

@@ -27,10 +27,21 @@ pub struct RunArgs {
     /// The program's own engine's tunables (a daemon's are the daemon's).
     #[command(flatten)]
     tunables: crate::args::KsmTunables,
-    /// prctl(PR_SET_MEMORY_MERGE) for the program from the start: not
-    /// supported yet.
+    /// prctl(PR_SET_MEMORY_MERGE, 1) for the program from the start (as
+    /// systemd's MemoryKSM=yes): every private anonymous mapping merges,
+    /// present and future, in the program and its children. Runs the
+    /// program under the seccomp supervisor.
     #[arg(long)]
     merge_any: bool,
+    /// Run the program under the seccomp supervisor (implied by
+    /// --merge-any), so that it may call prctl(PR_SET_MEMORY_MERGE) itself:
+    /// the mapping changes glibc makes internally are then seen before they
+    /// run.
+    #[arg(long)]
+    supervise: bool,
+    /// Print what the supervisor did when the program ends.
+    #[arg(long)]
+    verbose: bool,
     /// The program and its arguments.
     #[arg(required = true, last = true)]
     cmd: Vec<String>,
@@ -57,15 +68,9 @@ fn preload_library() -> Result<PathBuf> {
     )
 }
 
-/// Runs the program (replacing this process).
+/// Runs the program (replacing this process, or, supervised, as its
+/// parent).
 pub fn run(a: RunArgs) -> Result<ExitCode> {
-    if a.merge_any {
-        bail!(crate::args::UsageError(
-            "--merge-any (prctl(PR_SET_MEMORY_MERGE) for every mapping) is not supported yet: only memory the \
-             program marks with madvise(MADV_MERGEABLE) merges"
-                .into()
-        ));
-    }
     // Validated here, so a bad value is refused before the program runs.
     a.tunables.apply(&mut samepage::Tunables::default())?;
     let lib = preload_library()?;
@@ -85,6 +90,84 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     if a.own {
         c.env("SAMEPAGE_MODE", "process");
     }
-    let err = c.exec();
-    bail!("cannot run {}: {err}", a.cmd[0])
+    if a.merge_any {
+        c.env("SAMEPAGE_MERGE_ANY", "1");
+    }
+    if !(a.merge_any || a.supervise) {
+        let err = c.exec();
+        bail!("cannot run {}: {err}", a.cmd[0])
+    }
+    supervised(c, &a)
+}
+
+/// Starts the program under the seccomp filter and serves its listener
+/// until no process under the filter is left; returns the program's status.
+fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
+    use std::os::unix::net::{UnixDatagram, UnixListener};
+    let dir = std::env::temp_dir().join(format!("samepage-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let sock = dir.join("agents.sock");
+    let agents = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let (ours, theirs) = UnixDatagram::pair().context("socketpair")?;
+    c.env(crate::supervisor::AGENT_SOCKET_ENV, &sock);
+    let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    // SAFETY: the closure runs in the child between fork and exec, while this
+    // process has no other thread (clap has parsed; nothing was spawned): it
+    // installs the filter on the only thread and sends the listener to the
+    // parent over the socketpair; both are plain system calls.
+    unsafe {
+        c.pre_exec(move || {
+            let listener = samepage::supervise::install_filter().map_err(|e| std::io::Error::from(e.errno))?;
+            // SAFETY: the fd is the socketpair end the parent created and
+            // keeps open until after the spawn.
+            let sock = std::os::fd::BorrowedFd::borrow_raw(theirs_fd);
+            let fds = [std::os::fd::AsFd::as_fd(&listener)];
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut anc = rustix::net::SendAncillaryBuffer::new(&mut space);
+            anc.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+            rustix::net::sendmsg(sock, &[std::io::IoSlice::new(b"L")], &mut anc, rustix::net::SendFlags::empty())?;
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().with_context(|| format!("cannot run {}", a.cmd[0]))?;
+    drop(theirs);
+    let listener = {
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut anc = rustix::net::RecvAncillaryBuffer::new(&mut space);
+        let mut byte = [0u8; 1];
+        rustix::net::recvmsg(
+            &ours,
+            &mut [std::io::IoSliceMut::new(&mut byte)],
+            &mut anc,
+            rustix::net::RecvFlags::empty(),
+        )
+        .context("receiving the seccomp listener")?;
+        let mut fd = None;
+        for m in anc.drain() {
+            if let rustix::net::RecvAncillaryMessage::ScmRights(mut fds) = m {
+                fd = fds.next();
+            }
+        }
+        fd.context("the program's child sent no seccomp listener")?
+    };
+    // The terminal's ^C reaches the program too; the supervisor must outlive
+    // it (a program under the filter without its listener fails every
+    // stopped call with ENOSYS).
+    let _ = ctrlc::set_handler(|| {});
+    let tally = crate::supervisor::serve(samepage::supervise::Listener::new(listener), agents)?;
+    let status = child.wait().context("waiting for the program")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if a.verbose {
+        eprintln!(
+            "samepage run: {} calls stopped, {} passed to an agent first, {} failed by it",
+            tally.notified, tally.forwarded, tally.failed
+        );
+    }
+    use std::os::unix::process::ExitStatusExt;
+    Ok(match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(c as u8),
+        (None, Some(s)) => ExitCode::from(128 + s as u8),
+        _ => ExitCode::FAILURE,
+    })
 }

@@ -21,22 +21,44 @@
 //!   memory first take it back from the engine (`unregister_range`: merged
 //!   pages become private with their content), then run.
 //!
+//! * `prctl(PR_SET_MEMORY_MERGE, 1/0)` and `PR_GET_MEMORY_MERGE` (the
+//!   kernel's "merge any", 6.4+): every private anonymous mapping, present
+//!   and future, is registered by a sweep of `/proc/self/maps` every
+//!   [`SWEEP`]; `0` takes everything back. Inherited across fork and exec
+//!   (`SAMEPAGE_MERGE_ANY` in the environment). It needs `samepage run`'s
+//!   seccomp supervisor (`--merge-any` or `--supervise`): without it the
+//!   prctl fails with `EINVAL`.
+//!
 //! Everything else goes straight to the system call. What an interposed
 //! symbol cannot see: the C library's own internal calls (malloc arenas,
-//! thread stacks) and raw `syscall(2)`s bypass it (see the README), which is
-//! why only memory the program itself marks is registered. A forked child
-//! does not inherit the engine (its threads stay in the parent): in a child
-//! every call goes straight to the kernel, and its inherited merged pages
-//! are ordinary copy-on-write memory.
+//! `realloc`'s `mremap`, thread stacks) and raw `syscall(2)`s. Under the
+//! supervisor (`$SAMEPAGE_AGENT_SOCKET`) those are stopped by a seccomp
+//! filter before they run and passed to this library's agent thread, which
+//! takes the range back first (see `samepage::supervise`); without it only
+//! memory the program itself marks may be registered.
+//!
+//! A forked child (its own engine threads do not survive the fork) first
+//! copies the merged pages it inherited into private memory (alone in the
+//! child, no other thread can write them meanwhile), then, if the parent
+//! had registered memory or merge-any is on, starts an engine of its own
+//! and registers the same ranges, as the kernel's `VM_MERGEABLE` is
+//! inherited.
 
 #![deny(missing_docs)]
+
+mod heap;
 
 use samepage::{Discard, Domain, Engine, RegionId, Run, Tunables};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, c_long, c_void};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Mutex, OnceLock, RwLock};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+/// How often merge-any looks for new mappings (the kernel marks them at
+/// `mmap` time; ksmd then finds them at its own pace).
+pub const SWEEP: Duration = Duration::from_millis(500);
 
 const PAGE: usize = 4096;
 
@@ -48,15 +70,43 @@ static LIVE: RwLock<BTreeMap<usize, (usize, RegionId)>> = RwLock::new(BTreeMap::
 static ANY: AtomicBool = AtomicBool::new(false);
 /// Serializes the calls that change registrations.
 static OPS: Mutex<()> = Mutex::new(());
-/// The engine, made at the first `MADV_MERGEABLE`, and the process it
-/// belongs to.
-static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+/// The engine, made at the first `MADV_MERGEABLE` (or by merge-any), and
+/// the process it belongs to. An engine is never dropped: a forked child
+/// forgets its parent's (whose threads are not in the child) and makes its
+/// own.
+static ENGINE: RwLock<Option<&'static Engine>> = RwLock::new(None);
 static OWNER: AtomicI32 = AtomicI32::new(0);
+/// Whether making an engine failed in this process (then every
+/// `MADV_MERGEABLE` fails with `EAGAIN`).
+static FAILED: AtomicI32 = AtomicI32::new(0);
+/// Serializes making the engine.
+static MAKING: Mutex<()> = Mutex::new(());
+/// `prctl(PR_SET_MEMORY_MERGE)` is on.
+static MERGE_ANY: AtomicBool = AtomicBool::new(false);
+/// The connection to the supervisor, while the agent serves it.
+static AGENT: Mutex<Option<std::os::unix::net::UnixStream>> = Mutex::new(None);
+/// Whether the sweeper thread of this process runs.
+static SWEEPER: AtomicI32 = AtomicI32::new(0);
 
 thread_local! {
     /// Set while this thread is inside the library: its own calls go
     /// straight to the kernel.
     static INSIDE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The program's threads inside the library right now (their engine work
+/// may hold the engine's lock): a hidden call one of them makes meanwhile
+/// (the C library's own, e.g. `closedir`'s `free` trimming the heap) is the
+/// library's, and the agent lets it run without taking the lock it holds.
+static INSIDE_TIDS: [std::sync::atomic::AtomicU32; 64] = [const { std::sync::atomic::AtomicU32::new(0) }; 64];
+
+fn inside_enter(tid: u32) -> Option<usize> {
+    (0..INSIDE_TIDS.len())
+        .find(|&i| INSIDE_TIDS[i].compare_exchange(0, tid, Ordering::AcqRel, Ordering::Relaxed).is_ok())
+}
+
+fn is_inside(tid: u32) -> bool {
+    INSIDE_TIDS.iter().any(|t| t.load(Ordering::Acquire) == tid)
 }
 
 fn set_errno(errno: c_int) {
@@ -77,7 +127,12 @@ fn managed() -> bool {
 /// Runs `f` marked as inside the library; turns its errno into -1.
 fn inside(f: impl FnOnce() -> Result<(), c_int>) -> c_int {
     INSIDE.with(|i| i.set(true));
+    let tid = rustix::thread::gettid().as_raw_nonzero().get() as u32;
+    let slot = inside_enter(tid);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(Err(libc::EIO));
+    if let Some(s) = slot {
+        INSIDE_TIDS[s].store(0, Ordering::Release);
+    }
     INSIDE.with(|i| i.set(false));
     match r {
         Ok(()) => 0,
@@ -113,24 +168,65 @@ fn tunables_from_env() -> Result<Tunables, c_int> {
     Ok(t)
 }
 
+fn pid() -> i32 {
+    std::process::id() as i32
+}
+
 /// The engine: a daemon's client when one answers, else one of this
 /// process's own. `None` if neither could start (every `MADV_MERGEABLE`
-/// then fails with `EAGAIN`, as the kernel's does without memory).
+/// then fails with `EAGAIN`, as the kernel's does without memory). Under
+/// the supervisor the agent is connected before the engine is handed out,
+/// so nothing is registered before the program's hidden calls are seen.
 fn engine() -> Option<&'static Engine> {
-    ENGINE
-        .get_or_init(|| {
-            let t = tunables_from_env().ok()?;
-            let socket = std::env::var_os("SAMEPAGE_SOCKET")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(samepage_daemon::default_socket);
-            let domain = std::env::var("SAMEPAGE_DOMAIN").ok().and_then(|d| d.parse().ok()).unwrap_or(0);
-            let own = std::env::var("SAMEPAGE_MODE").is_ok_and(|m| m == "process");
-            let e = if own { None } else { Engine::connect(&socket, Domain(domain), t.clone()).ok() };
-            let e = e.or_else(|| Engine::new(t).ok());
-            OWNER.store(std::process::id() as i32, Ordering::Relaxed);
-            e
-        })
-        .as_ref()
+    let me = pid();
+    if OWNER.load(Ordering::Acquire) == me {
+        if let Some(e) = *ENGINE.read().unwrap_or_else(|e| e.into_inner()) {
+            return Some(e);
+        }
+    }
+    if FAILED.load(Ordering::Relaxed) == me {
+        return None;
+    }
+    let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    if OWNER.load(Ordering::Acquire) == me {
+        if let Some(e) = *ENGINE.read().unwrap_or_else(|e| e.into_inner()) {
+            return Some(e);
+        }
+    }
+    let made = (|| {
+        // The library's allocations come from its own heap (`heap`):
+        // trimming the C library's would only touch the program's memory.
+        samepage::set_heap_trim(false);
+        let t = tunables_from_env().ok()?;
+        let socket = std::env::var_os("SAMEPAGE_SOCKET")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(samepage_daemon::default_socket);
+        let domain = std::env::var("SAMEPAGE_DOMAIN").ok().and_then(|d| d.parse().ok()).unwrap_or(0);
+        let own = std::env::var("SAMEPAGE_MODE").is_ok_and(|m| m == "process");
+        let e = if own { None } else { Engine::connect(&socket, Domain(domain), t.clone()).ok() };
+        let e = e.or_else(|| Engine::new(t).ok())?;
+        if supervised() {
+            if let Err(err) = start_agent() {
+                eprintln!("samepage: cannot reach the supervisor's agent socket: {err}");
+                return None;
+            }
+        }
+        Some(&*Box::leak(Box::new(e)))
+    })();
+    match made {
+        Some(e) => {
+            *ENGINE.write().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            OWNER.store(me, Ordering::Release);
+        }
+        None => FAILED.store(me, Ordering::Relaxed),
+    }
+    made
+}
+
+/// Whether `samepage run`'s supervisor stops this process's hidden mapping
+/// changes.
+fn supervised() -> bool {
+    std::env::var_os("SAMEPAGE_AGENT_SOCKET").is_some()
 }
 
 /// The private anonymous read-write parts of `[a, b)` and whether all of
@@ -143,19 +239,34 @@ fn mergeable_parts(a: usize, b: usize) -> (Vec<(usize, usize)>, bool) {
             covered = false;
         }
         pos = pos.max(m.end);
-        let anon = m.inode == 0 && (m.path.is_empty() || m.path.starts_with("[anon:") || m.path == "[heap]");
-        if anon && m.perms.starts_with("rw") && m.perms.ends_with('p') {
+        if private_anon_rw(&m) {
             parts.push((m.start.max(a), m.end.min(b)));
         }
     }
     (parts, covered && pos >= b)
 }
 
+/// A private anonymous read-write mapping (what the kernel's KSM merges).
+fn private_anon_rw(m: &samepage::MapsLine) -> bool {
+    let anon = m.inode == 0 && (m.path.is_empty() || m.path.starts_with("[anon:") || m.path == "[heap]");
+    anon && m.perms.starts_with("rw") && m.perms.ends_with('p')
+}
+
 fn register(a: usize, b: usize) -> Result<(), c_int> {
     let e = engine().ok_or(libc::EAGAIN)?;
     let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
     let (parts, covered) = mergeable_parts(a, b);
-    for (s, e2) in parts {
+    register_parts(e, &parts)?;
+    if covered {
+        Ok(())
+    } else {
+        Err(libc::ENOMEM)
+    }
+}
+
+/// Registers the parts of `parts` not registered yet (`OPS` held).
+fn register_parts(e: &Engine, parts: &[(usize, usize)]) -> Result<(), c_int> {
+    for &(s, e2) in parts {
         // The gaps of [s, e2) not registered yet.
         let mut pos = s;
         let mut gaps = Vec::new();
@@ -178,16 +289,15 @@ fn register(a: usize, b: usize) -> Result<(), c_int> {
             ANY.store(true, Ordering::Release);
         }
     }
-    if covered {
-        Ok(())
-    } else {
-        Err(libc::ENOMEM)
-    }
+    Ok(())
 }
 
 /// Takes `[a, b)` back from the engine (its merged pages become private,
 /// content intact) and forgets it.
 fn take_back(a: usize, b: usize) -> Result<(), c_int> {
+    if !ANY.load(Ordering::Acquire) || OWNER.load(Ordering::Acquire) != pid() {
+        return Ok(());
+    }
     let Some(e) = engine() else { return Ok(()) };
     let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
     let parts = overlapping(a, b);
@@ -232,10 +342,9 @@ fn raw(nr: c_long, args: [usize; 6]) -> c_long {
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -> c_int {
     let (a, l) = (addr as usize, len);
     let b = a.saturating_add(l.div_ceil(PAGE) * PAGE);
-    let own = OWNER.load(Ordering::Relaxed) == 0 || OWNER.load(Ordering::Relaxed) == std::process::id() as i32;
     let outside = INSIDE.with(|i| !i.get());
     match advice {
-        libc::MADV_MERGEABLE | libc::MADV_UNMERGEABLE if own && outside => {
+        libc::MADV_MERGEABLE | libc::MADV_UNMERGEABLE if outside => {
             if !a.is_multiple_of(PAGE) || a.checked_add(l).is_none() {
                 set_errno(libc::EINVAL);
                 return -1;
@@ -372,3 +481,360 @@ pub unsafe extern "C" fn mmap(
     raw(libc::SYS_mmap, [addr as usize, len, prot as usize, flags as usize, fd as usize, offset as usize])
         as *mut c_void
 }
+
+// ---------------------------------------------------------------------------
+// The agent: serves the supervisor's stopped calls of this process.
+
+/// Connects to the supervisor, says hello (this pid, this library's code
+/// range: calls made from it are the engine's own and run at once), waits
+/// for the ack, and starts the `samepage-agent` thread.
+fn start_agent() -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let path = std::env::var_os("SAMEPAGE_AGENT_SOCKET").ok_or(std::io::ErrorKind::NotFound)?;
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    let here = start_agent as *const () as usize;
+    let text = samepage::maps_in(here, here + 1)
+        .ok()
+        .and_then(|m| m.into_iter().find(|m| m.start <= here && here < m.end))
+        .map_or((0, 0), |m| (m.start as u64, m.end as u64));
+    let mut hello = [0u8; 24];
+    hello[0..4].copy_from_slice(b"SPAG");
+    hello[4..8].copy_from_slice(&(pid() as u32).to_le_bytes());
+    hello[8..16].copy_from_slice(&text.0.to_le_bytes());
+    hello[16..24].copy_from_slice(&text.1.to_le_bytes());
+    s.write_all(&hello)?;
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack)?;
+    let serving = s.try_clone()?;
+    *AGENT.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+    std::thread::Builder::new().name("samepage-agent".into()).spawn(move || agent(serving))?;
+    Ok(())
+}
+
+fn agent(mut s: std::os::unix::net::UnixStream) {
+    use samepage::supervise::nr;
+    use std::io::{Read, Write};
+    INSIDE.with(|i| i.set(true));
+    let mut req = [0u8; 56];
+    while s.read_exact(&mut req).is_ok() {
+        let call = i32::from_le_bytes(req[0..4].try_into().expect("4 bytes"));
+        let tid = u32::from_le_bytes(req[4..8].try_into().expect("4 bytes"));
+        if is_inside(tid) {
+            if s.write_all(&0i32.to_le_bytes()).is_err() {
+                return;
+            }
+            continue;
+        }
+        let arg = |i: usize| u64::from_le_bytes(req[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes")) as usize;
+        let pages = |a: usize, len: usize| a.saturating_add(len.div_ceil(PAGE) * PAGE);
+        let r = std::panic::catch_unwind(|| match call {
+            nr::MUNMAP | nr::MPROTECT | nr::MMAP if arg(0).is_multiple_of(PAGE) => {
+                take_back(arg(0), pages(arg(0), arg(1)))
+            }
+            nr::MREMAP if arg(0).is_multiple_of(PAGE) => {
+                take_back(arg(0), pages(arg(0), arg(1)))?;
+                if arg(3) as c_int & libc::MREMAP_FIXED != 0 && arg(4).is_multiple_of(PAGE) {
+                    take_back(arg(4), pages(arg(4), arg(2)))?;
+                }
+                Ok(())
+            }
+            nr::BRK if arg(0) != 0 => {
+                // Shrinking the heap unmaps [new, end).
+                let heap = samepage::maps_in(arg(0).saturating_sub(1), usize::MAX)
+                    .ok()
+                    .and_then(|m| m.into_iter().find(|m| m.path == "[heap]"));
+                match heap {
+                    Some(h) if arg(0) < h.end => take_back(arg(0).next_multiple_of(PAGE).max(h.start), h.end),
+                    _ => Ok(()),
+                }
+            }
+            nr::MADVISE if arg(0).is_multiple_of(PAGE) => {
+                let (a, b) = (arg(0), pages(arg(0), arg(1)));
+                let parts = overlapping(a, b);
+                if parts.is_empty() || OWNER.load(Ordering::Acquire) != pid() {
+                    return Ok(());
+                }
+                let how = match arg(2) as c_int {
+                    libc::MADV_FREE => Discard::Free,
+                    libc::MADV_REMOVE => Discard::Remove,
+                    _ => Discard::DontNeed,
+                };
+                let e = engine().ok_or(libc::EAGAIN)?;
+                for (os, oe, _) in parts {
+                    e.discard(os as *mut u8, oe - os, how).map_err(|err| err.errno().unwrap_or(libc::EINVAL))?;
+                }
+                Ok(())
+            }
+            // Unaligned: the kernel refuses it with EINVAL and changes nothing.
+            _ => Ok(()),
+        })
+        .unwrap_or(Err(libc::EIO));
+        let errno: i32 = r.err().unwrap_or(0);
+        if s.write_all(&errno.to_le_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Merge any: prctl(PR_SET_MEMORY_MERGE).
+
+const PR_SET_MEMORY_MERGE: c_int = 67;
+const PR_GET_MEMORY_MERGE: c_int = 68;
+
+/// The address ranges of every loaded object's segments (its `.data` and
+/// `.bss` included: the C library's and this library's own statics).
+fn object_segments() -> Vec<(usize, usize)> {
+    unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _: usize, data: *mut c_void) -> c_int {
+        // SAFETY: the C library passes a valid `info` for the duration of
+        // the callback, and `data` is the Vec given to dl_iterate_phdr below.
+        let (info, out) = unsafe { (&*info, &mut *data.cast::<Vec<(usize, usize)>>()) };
+        for i in 0..info.dlpi_phnum as usize {
+            // SAFETY: `dlpi_phdr` points to `dlpi_phnum` program headers.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type == libc::PT_LOAD {
+                let start = (info.dlpi_addr as usize + ph.p_vaddr as usize) & !(PAGE - 1);
+                let end = (info.dlpi_addr as usize + (ph.p_vaddr + ph.p_memsz) as usize).next_multiple_of(PAGE);
+                out.push((start, end));
+            }
+        }
+        0
+    }
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    // SAFETY: the callback only reads what it is given and pushes to `out`,
+    // which outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(each), std::ptr::from_mut(&mut out).cast()) };
+    out
+}
+
+/// Whether `[a, b)` meets any of `ranges`.
+fn meets(ranges: &[(usize, usize)], a: usize, b: usize) -> bool {
+    ranges.iter().any(|&(s, e)| s < b && a < e)
+}
+
+/// One sweep: registers every private anonymous read-write mapping not
+/// registered yet, except the engine's own memory, this library's heap,
+/// loaded objects' segments, and stacks (the main one and every thread's:
+/// a mapping right above a `---p` guard). Stacks are left out because the
+/// engine's code runs on the program's threads too (interposed calls), and
+/// a thread must never fault on a merged page of its own stack while it
+/// holds the engine's lock.
+fn sweep(e: &Engine) {
+    let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+    if !MERGE_ANY.load(Ordering::Acquire) {
+        return;
+    }
+    let Ok(text) = std::fs::read_to_string("/proc/self/maps") else { return };
+    let mut skip = object_segments();
+    skip.extend(heap::chunks());
+    skip.extend(samepage::engine_mappings());
+    let mut parts = Vec::new();
+    let mut prev: Option<samepage::MapsLine> = None;
+    for m in text.lines().filter_map(samepage::MapsLine::parse) {
+        let guard_below = prev.as_ref().is_some_and(|p| p.end == m.start && p.perms == "---p" && p.inode == 0);
+        let stack = m.path == "[stack]" || (guard_below && m.path.is_empty());
+        if private_anon_rw(&m) && !stack && !meets(&skip, m.start, m.end) && !m.path.starts_with("[anon:samepage") {
+            // Neighbouring mappings go in as one range (registering reads
+            // the attributes of its range once).
+            match parts.last_mut() {
+                Some((_, end)) if *end == m.start => *end = m.end,
+                _ => parts.push((m.start, m.end)),
+            }
+        }
+        prev = Some(m);
+    }
+    let _ = register_parts(e, &parts);
+}
+
+/// Starts the sweeper of this process (once per process).
+fn start_sweeper() {
+    let me = pid();
+    if SWEEPER.swap(me, Ordering::AcqRel) == me {
+        return;
+    }
+    let _ = std::thread::Builder::new().name("samepage-sweep".into()).spawn(move || {
+        INSIDE.with(|i| i.set(true));
+        while pid() == me && MERGE_ANY.load(Ordering::Acquire) {
+            if let Some(e) = engine() {
+                sweep(e);
+            }
+            std::thread::sleep(SWEEP);
+        }
+        let _ = SWEEPER.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
+    });
+}
+
+fn set_merge_any(on: bool) -> Result<(), c_int> {
+    if on {
+        if !supervised() {
+            static SAID: AtomicBool = AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "samepage: prctl(PR_SET_MEMORY_MERGE) needs the supervisor (samepage run --supervise or \
+                     --merge-any): refused with EINVAL"
+                );
+            }
+            return Err(libc::EINVAL);
+        }
+        engine().ok_or(libc::EAGAIN)?;
+        MERGE_ANY.store(true, Ordering::Release);
+        // SAFETY: setenv with valid C strings; the program's exec'd images
+        // inherit merge-any from it, as the kernel's flag survives exec.
+        unsafe { libc::setenv(c"SAMEPAGE_MERGE_ANY".as_ptr(), c"1".as_ptr(), 1) };
+        start_sweeper();
+        Ok(())
+    } else {
+        MERGE_ANY.store(false, Ordering::Release);
+        // SAFETY: unsetenv with a valid C string.
+        unsafe { libc::unsetenv(c"SAMEPAGE_MERGE_ANY".as_ptr()) };
+        // As the kernel's: everything unmerged.
+        take_back(0, usize::MAX - PAGE)
+    }
+}
+
+/// `prctl(2)`, with `PR_SET_MEMORY_MERGE` and `PR_GET_MEMORY_MERGE` served
+/// by samepage. The C prototype is variadic; on x86-64 the arguments arrive
+/// in the same registers either way.
+///
+/// # Safety
+/// As `prctl(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn prctl(option: c_int, a2: usize, a3: usize, a4: usize, a5: usize) -> c_int {
+    match option {
+        PR_SET_MEMORY_MERGE | PR_GET_MEMORY_MERGE if INSIDE.with(|i| !i.get()) => {
+            if a3 != 0 || a4 != 0 || a5 != 0 || (option == PR_GET_MEMORY_MERGE && a2 != 0) || a2 > 1 {
+                set_errno(libc::EINVAL);
+                return -1;
+            }
+            if option == PR_GET_MEMORY_MERGE {
+                return MERGE_ANY.load(Ordering::Acquire) as c_int;
+            }
+            inside(|| set_merge_any(a2 == 1))
+        }
+        _ => raw(libc::SYS_prctl, [option as usize, a2, a3, a4, a5, 0]) as c_int,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fork and exec.
+
+thread_local! {
+    static FORKING: std::cell::RefCell<Option<(std::sync::MutexGuard<'static, ()>, lock_api::MutexGuard<'static, spin::Mutex<()>, talc::Talc<heap::MapMore>>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn before_fork() {
+    let ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+    let heap = heap::HEAP.lock();
+    FORKING.with(|f| *f.borrow_mut() = Some((ops, heap)));
+}
+
+extern "C" fn after_fork_parent() {
+    FORKING.with(|f| drop(f.borrow_mut().take()));
+}
+
+extern "C" fn after_fork_child() {
+    FORKING.with(|f| drop(f.borrow_mut().take()));
+    if OWNER.load(Ordering::Acquire) == 0 && !MERGE_ANY.load(Ordering::Acquire) {
+        return;
+    }
+    INSIDE.with(|i| i.set(true));
+    // Alone in the child: the merged pages inherited become private copies
+    // (no userfaultfd protects them here; a discard must read zeros).
+    unmerge_inherited();
+    let inherited: Vec<(usize, usize)> = {
+        let mut live = LIVE.write().unwrap_or_else(|e| e.into_inner());
+        let v = live.iter().map(|(s, (e, _))| (*s, *e)).collect();
+        live.clear();
+        v
+    };
+    ANY.store(false, Ordering::Release);
+    // The parent's agent connection is the parent's.
+    if let Some(s) = AGENT.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        drop(s);
+    }
+    *ENGINE.write().unwrap_or_else(|e| e.into_inner()) = None;
+    OWNER.store(0, Ordering::Release);
+    let any = MERGE_ANY.load(Ordering::Acquire);
+    INSIDE.with(|i| i.set(false));
+    if inherited.is_empty() && !any {
+        return;
+    }
+    // A child that execs at once never needs an engine: start after a beat.
+    let _ = std::thread::Builder::new().name("samepage-start".into()).spawn(move || {
+        INSIDE.with(|i| i.set(true));
+        std::thread::sleep(Duration::from_millis(20));
+        let Some(e) = engine() else { return };
+        {
+            let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+            for (a, b) in inherited {
+                let (parts, _) = mergeable_parts(a, b);
+                let _ = register_parts(e, &parts);
+            }
+        }
+        if any {
+            start_sweeper();
+        }
+    });
+}
+
+/// Replaces every mapping of the pool in this (single-threaded, just
+/// forked) process with a private anonymous copy of its content.
+fn unmerge_inherited() {
+    let Ok(maps) = samepage::maps_in(0, usize::MAX - PAGE) else { return };
+    for m in maps.into_iter().filter(|m| m.path.contains("samepage-pool")) {
+        let len = m.end - m.start;
+        // SAFETY: a fresh mapping where the kernel picks; raw system call.
+        let Ok(tmp) = (unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE,
+            )
+        }) else {
+            continue;
+        };
+        // SAFETY: both ranges are mapped and `len` long; no other thread
+        // exists in the child to write them meanwhile; then the copy moves
+        // over the pool mapping, whose content it holds.
+        unsafe {
+            std::ptr::copy_nonoverlapping(m.start as *const u8, tmp.cast::<u8>(), len);
+            let _ = rustix::mm::mprotect(tmp, len, prot_of(&m.perms));
+            let _ = rustix::mm::mremap_fixed(tmp, len, len, rustix::mm::MremapFlags::MAYMOVE, m.start as *mut c_void);
+        }
+    }
+}
+
+fn prot_of(perms: &str) -> rustix::mm::MprotectFlags {
+    use rustix::mm::MprotectFlags as P;
+    let b = perms.as_bytes();
+    let mut p = P::empty();
+    if b.first() == Some(&b'r') {
+        p |= P::READ;
+    }
+    if b.get(1) == Some(&b'w') {
+        p |= P::WRITE;
+    }
+    p
+}
+
+extern "C" fn at_load() {
+    // SAFETY: plain functions valid for the life of the process.
+    unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
+    if std::env::var_os("SAMEPAGE_MERGE_ANY").is_some_and(|v| v == "1") && supervised() {
+        MERGE_ANY.store(true, Ordering::Release);
+        let _ = std::thread::Builder::new().name("samepage-start".into()).spawn(|| {
+            INSIDE.with(|i| i.set(true));
+            if engine().is_some() {
+                start_sweeper();
+            }
+        });
+    }
+}
+
+/// Runs [`at_load`] when the library is loaded (before the program's
+/// `main`).
+#[used]
+#[link_section = ".init_array"]
+static AT_LOAD: extern "C" fn() = at_load;

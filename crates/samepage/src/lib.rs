@@ -37,7 +37,14 @@ pub use region::Region;
 pub use samepage_core as core;
 pub use samepage_core::{Counters, Discard, Domain, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
 pub use sys::mapping::OutOfBounds;
-pub use sys::mem::{maps_in, MapsLine};
+pub use sys::mem::{engine_mappings, maps_in, set_heap_trim, MapsLine};
 pub use sys::space::SpaceStats;
 pub use sys::uffd::UffdMode;
 pub use sys::{SysError, HUGE_PAGE_SIZE};
+
+/// seccomp user notification for `samepage run`'s supervisor: the filter
+/// that stops a program's mapping changes (glibc's internal ones included)
+/// before they run, and its listener.
+pub mod supervise {
+    pub use crate::sys::seccomp::{install_filter, nr, Listener, Notification};
+}

@@ -51,6 +51,35 @@ pub unsafe fn read_page(src: PageAddr, dst: &mut PageBuf) {
     unsafe { std::ptr::copy_nonoverlapping(src.ptr().cast_const(), dst.0.as_mut_ptr(), PAGE_SIZE) };
 }
 
+/// The anonymous mappings the engine made for itself (scratch areas,
+/// temporaries on their way into place), start -> end, until unmapped or
+/// moved: a sweep that registers every anonymous mapping of the process
+/// (`prctl(PR_SET_MEMORY_MERGE)` served by the preload library) must never
+/// take these for the program's memory.
+static OWN: std::sync::Mutex<std::collections::BTreeMap<usize, usize>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn own_insert(r: PageRange) {
+    OWN.lock().unwrap_or_else(|e| e.into_inner()).insert(r.start().get(), r.start().get() + r.len_bytes());
+}
+
+/// Forgets the engine's own mappings inside `[a, b)` (unmapped or moved
+/// away; a partial unmap forgets the whole mapping, which only makes a sweep
+/// see it sooner).
+fn own_remove(a: usize, b: usize) {
+    let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
+    let first = own.range(..=a).next_back().filter(|(_, e)| **e > a).map(|(s, _)| *s);
+    let gone: Vec<usize> = own.range(first.unwrap_or(a)..b).map(|(s, _)| *s).collect();
+    for s in gone {
+        own.remove(&s);
+    }
+}
+
+/// The engine's own anonymous mappings right now, as `(start, end)`.
+pub fn engine_mappings() -> Vec<(usize, usize)> {
+    OWN.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(s, e)| (*s, *e)).collect()
+}
+
 /// Fresh private anonymous memory where the kernel picks, zeroed.
 pub fn map_anon(pages: usize) -> Result<PageRange, SysError> {
     // SAFETY: without MAP_FIXED the kernel picks an unused range: nothing is replaced.
@@ -64,6 +93,7 @@ pub fn map_anon(pages: usize) -> Result<PageRange, SysError> {
     }
     .op("mmap(MAP_ANONYMOUS)")?;
     let start = PageAddr::new(p as usize).expect("mmap returns page-aligned addresses");
+    own_insert(PageRange::new(start, pages));
     Ok(PageRange::new(start, pages))
 }
 
@@ -81,6 +111,7 @@ pub fn map_anon_noreserve(pages: usize) -> Result<PageRange, SysError> {
     }
     .op("mmap(MAP_ANONYMOUS|MAP_NORESERVE)")?;
     let start = PageAddr::new(p as usize).expect("mmap returns page-aligned addresses");
+    own_insert(PageRange::new(start, pages));
     Ok(PageRange::new(start, pages))
 }
 
@@ -141,6 +172,7 @@ pub fn map_file_private(pages: usize, fd: impl rustix::fd::AsFd, offset: u64) ->
     }
     .op("mmap(pool, MAP_PRIVATE)")?;
     let start = PageAddr::new(p as usize).expect("mmap returns page-aligned addresses");
+    own_insert(PageRange::new(start, pages));
     Ok(PageRange::new(start, pages))
 }
 
@@ -162,6 +194,7 @@ pub unsafe fn move_mapping(from: PageRange, to: PageAddr) -> Result<(), SysError
         )
     }
     .op("mremap(MREMAP_FIXED)")?;
+    own_remove(from.start().get(), from.start().get() + from.len_bytes());
     Ok(())
 }
 
@@ -171,7 +204,9 @@ pub unsafe fn move_mapping(from: PageRange, to: PageAddr) -> Result<(), SysError
 /// Nothing may use the range afterwards.
 pub unsafe fn unmap(range: PageRange) -> Result<(), SysError> {
     // SAFETY: guaranteed by the caller.
-    unsafe { rustix::mm::munmap(c(range.start()), range.len_bytes()) }.op("munmap")
+    unsafe { rustix::mm::munmap(c(range.start()), range.len_bytes()) }.op("munmap")?;
+    own_remove(range.start().get(), range.start().get() + range.len_bytes());
+    Ok(())
 }
 
 /// `madvise(MADV_DONTNEED)`: drops the pages of `range`; anonymous memory
@@ -293,9 +328,23 @@ pub fn resident(range: PageRange) -> Result<bool, SysError> {
     Ok(vec.iter().all(|b| b & 1 == 1))
 }
 
+/// Whether [`trim_heap`] calls `malloc_trim` (see [`set_heap_trim`]).
+static TRIM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the engine's `malloc_trim` after unregistering off (or on again):
+/// for a host whose Rust allocations do not come from the C library's heap
+/// (the preload library's own heap), where trimming would only touch the
+/// program's memory, under the engine's lock.
+pub fn set_heap_trim(on: bool) {
+    TRIM.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Returns the free memory at the top of malloc's heaps and inside them to
 /// the system (glibc's `malloc_trim(0)`); a no-op with other C libraries.
 pub fn trim_heap() {
+    if !TRIM.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free memory malloc holds; it is
     // thread-safe and touches no live allocation.

@@ -9,6 +9,7 @@
 //! * [`pool`]: the stable pool, a memfd whose pages are mapped `MAP_PRIVATE`.
 //! * [`vma`]: the `vm.max_map_count` budget.
 //! * [`fault`]: fault injection for tests.
+//! * [`seccomp`]: the user-notification filter and its listener (typed ioctls).
 //! * [`space`]: [`space::LinuxPageSpace`], the core's page space on real memory.
 
 pub mod addr;
@@ -22,6 +23,7 @@ pub mod pagemap;
 pub mod pool;
 #[cfg(feature = "testing")]
 pub mod process;
+pub mod seccomp;
 pub mod space;
 pub mod uffd;
 pub mod vma;
