@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Prefork-style Python workers with identical memory, for KSM.
+
+The master optionally calls prctl(PR_SET_MEMORY_MERGE, 1) (--prctl: the
+kernel's ksmd then merges every worker, as systemd's MemoryKSM=yes does),
+forks --workers workers, and each builds the same "model" of --mib MiB
+(pages of a deterministic generator, half of them repeated inside the model,
+so a process alone has duplicates and the workers share all of it), then
+serves "requests" (checksums over its model, recomputed and compared every
+round) until told to stop. The master samples the workers' Pss from
+/proc/PID/smaps_rollup until it holds still (or --seconds pass), and prints
+one JSON line: Pss before/after, time to settle, and whether every worker's
+model stayed byte-exact.
+"""
+import argparse, ctypes, hashlib, json, os, signal, sys, time
+
+PAGE = 4096
+
+
+def model(mib):
+    pages = mib * 256
+    distinct = pages // 2
+    out = []
+    for i in range(pages):
+        k = i if i < distinct else (i - distinct) % 97
+        seed = hashlib.sha256(k.to_bytes(8, "little")).digest()
+        out.append(bytearray(seed * (PAGE // 32)))
+    return out
+
+
+def pss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+def worker(mib, ready_w, stop_r, result_w):
+    m = model(mib)
+    want = hashlib.sha256(b"".join(m)).hexdigest()
+    os.write(ready_w, b"r")
+    rounds, ok = 0, True
+    os.set_blocking(stop_r, False)
+    while True:
+        try:
+            if os.read(stop_r, 1):
+                break
+        except BlockingIOError:
+            pass
+        # A request: touch the model (reads), sometimes write and restore a byte.
+        i = (rounds * 7919) % len(m)
+        old = m[i][100]
+        m[i][100] = (old + 1) & 0xFF
+        m[i][100] = old
+        if hashlib.sha256(b"".join(m)).hexdigest() != want:
+            ok = False
+        rounds += 1
+        time.sleep(0.2)
+    os.write(result_w, json.dumps({"ok": ok, "rounds": rounds}).encode() + b"\n")
+    os._exit(0)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--mib", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--prctl", action="store_true")
+    a = ap.parse_args()
+    if a.prctl:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(67, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+            sys.exit(f"prctl(PR_SET_MEMORY_MERGE): errno {ctypes.get_errno()}")
+    pids, stops, results = [], [], []
+    ready_r, ready_w = os.pipe()
+    for _ in range(a.workers):
+        stop_r, stop_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            worker(a.mib, ready_w, stop_r, res_w)
+        pids.append(pid)
+        stops.append(stop_w)
+        results.append(res_r)
+    for _ in range(a.workers):
+        os.read(ready_r, 1)
+    t0 = time.monotonic()
+    before = sum(pss_kib(p) for p in pids)
+    last, still, settled = before, 0, None
+    samples = []
+    while time.monotonic() - t0 < a.seconds:
+        time.sleep(0.5)
+        now = sum(pss_kib(p) for p in pids)
+        samples.append([round(time.monotonic() - t0, 1), now])
+        if abs(now - last) <= 256:
+            still += 1
+            if still >= 6 and now < before:
+                settled = time.monotonic() - t0 - 3.0
+                break
+        else:
+            still = 0
+        last = now
+    after = sum(pss_kib(p) for p in pids)
+    # A few more rounds on merged memory, then stop.
+    time.sleep(1.0)
+    out = []
+    for s in stops:
+        os.write(s, b"x")
+    for r in results:
+        out.append(json.loads(os.read(r, 4096).decode()))
+    for p in pids:
+        os.waitpid(p, 0)
+    print(json.dumps({
+        "workers": a.workers, "mib_each": a.mib,
+        "pss_before_mib": round(before / 1024, 1), "pss_after_mib": round(after / 1024, 1),
+        "freed_mib": round((before - after) / 1024, 1),
+        "settled_s": None if settled is None else round(settled, 1),
+        "ok": all(o["ok"] for o in out), "rounds": [o["rounds"] for o in out],
+    }))
+    return 0 if all(o["ok"] for o in out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
