@@ -8,6 +8,7 @@ mod demo;
 mod estimate;
 mod kernel;
 mod measure;
+mod metrics;
 mod processes;
 mod procfs;
 mod run;
