@@ -401,12 +401,17 @@ mod tests {
     #[test]
     fn merger_threads_are_found_by_name() {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        // std names the thread before it runs the closure: once it runs,
+        // /proc shows the name.
         let t = std::thread::Builder::new()
             .name("samepage-test".into())
             .spawn(move || {
+                let _ = started_tx.send(());
                 let _ = rx.recv();
             })
             .unwrap();
+        started.recv().unwrap();
         let found = merger_threads_cpu(std::process::id() as i32);
         drop(tx);
         t.join().unwrap();

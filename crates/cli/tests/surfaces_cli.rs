@@ -215,3 +215,158 @@ fn metrics_pass_promtool_and_prometheus_reads_the_status_figures() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&socket);
 }
+
+/// `samepage sysfs DIR/kernel/mm/ksm`, unmounted when dropped.
+struct Mounted {
+    child: Killed,
+    dir: PathBuf,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        // auto_unmount has unmounted it; in case it has not, lazily.
+        let _ = Command::new("fusermount3").arg("-uzq").arg(&self.dir).stderr(Stdio::null()).status();
+    }
+}
+
+/// `bash -c SCRIPT`: whether it succeeded, and its stderr.
+fn bash(script: &str) -> (bool, String) {
+    let out = Command::new("bash").args(["-c", script]).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The files and modes of a directory, sorted.
+fn listing(dir: &Path) -> Vec<(String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut v: Vec<(String, u32)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().permissions().mode() & 0o7777))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `samepage sysfs`: the kernel's files with the kernel's names, modes and
+/// formats, values equal to what `samepage status --json` reports; shell
+/// writes as ksmtuned makes them change the daemon's tunables or fail with
+/// the kernel's errno; bind-mounted over /sys/kernel/mm/ksm in a private
+/// mount namespace, `cat` reads samepage's numbers there; node_exporter's
+/// ksmd collector reports them from `--path.sysfs`.
+#[test]
+fn sysfs_shows_the_daemon_as_the_kernels_files() {
+    let root = rustix::process::geteuid().is_root();
+    if !root || !Path::new("/dev/fuse").exists() || !have("fusermount3") {
+        eprintln!("skipped: needs root, /dev/fuse and fusermount3 (Debian package fuse3; .ci/run installs it)");
+        return;
+    }
+    let socket = temp("sysfs.sock");
+    let _daemon = spawn_daemon(&socket, &["--pages-to-scan", "1000", "--sleep-ms", "5"]);
+    let (_engine, _region) = merged_client(&socket);
+    let sys = temp("sys");
+    let ksm = sys.join("kernel/mm/ksm");
+    let _ = Command::new("fusermount3").arg("-uzq").arg(&ksm).stderr(Stdio::null()).status();
+    std::fs::create_dir_all(&ksm).unwrap();
+    let mounted = Mounted {
+        child: Killed(
+            Command::new(env!("CARGO_BIN_EXE_samepage"))
+                .args(["sysfs", "--socket"])
+                .arg(&socket)
+                .arg(&ksm)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ),
+        dir: ksm.clone(),
+    };
+    let read = |name: &str| std::fs::read_to_string(ksm.join(name));
+    wait_for("samepage sysfs never mounted", || read("run").ok());
+
+    // The kernel's file set and modes, where this kernel has KSM.
+    let files = listing(&ksm);
+    assert!(files.contains(&("ksm_stat".to_string(), 0o755)), "{files:?}");
+    let ours: Vec<(String, u32)> = files.into_iter().filter(|(n, _)| n != "ksm_stat").collect();
+    assert_eq!(ours.len(), 24, "{ours:?}");
+    if Path::new("/sys/kernel/mm/ksm/run").exists() {
+        assert_eq!(ours, listing(Path::new("/sys/kernel/mm/ksm")), "the kernel's names and modes");
+    }
+
+    // Values as the daemon reports them.
+    let v = status(&socket);
+    let part = &v["partitions"][0];
+    assert_eq!(read("pages_sharing").unwrap(), format!("{}\n", part["pages_sharing"]));
+    assert_eq!(read("pages_shared").unwrap(), format!("{}\n", part["pages_shared"]));
+    assert_eq!(read("advisor_mode").unwrap(), "[none] scan-time\n");
+    assert_eq!(read("run").unwrap(), "1\n");
+    let me = &part["processes"][0];
+    let stat = read(&format!("ksm_stat/{}", std::process::id())).unwrap();
+    let want = format!(
+        "ksm_rmap_items {}\nksm_zero_pages {}\nksm_merging_pages {}\nksm_process_profit {}\nksm_merge_any: no\nksm_mergeable: yes\n",
+        me["ksm_rmap_items"], me["ksm_zero_pages"], me["ksm_merging_pages"], me["ksm_process_profit"]
+    );
+    assert_eq!(stat, want);
+    assert_eq!(me["ksm_merging_pages"], 64);
+
+    // ksmtuned-style writes.
+    let d = ksm.display();
+    let (ok, err) = bash(&format!("echo 1250 > {d}/pages_to_scan"));
+    assert!(ok, "{err}");
+    assert_eq!(status(&socket)["tunables"]["pages_to_scan"], "1250");
+    assert_eq!(read("pages_to_scan").unwrap(), "1250\n");
+    let (ok, err) = bash(&format!("echo 1 > {d}/max_page_sharing"));
+    assert!(!ok && err.contains("Invalid argument"), "{err}");
+    let (ok, err) = bash(&format!("echo 64 > {d}/max_page_sharing"));
+    assert!(!ok && err.contains("Device or resource busy"), "EBUSY while pages are shared: {err}");
+    let (ok, err) = bash(&format!("echo 3 > {d}/run"));
+    assert!(!ok && err.contains("Invalid argument"), "{err}");
+    let (ok, err) = bash(&format!("echo 7 > {d}/pages_shared"));
+    assert!(!ok && err.contains("Permission denied"), "{err}");
+    assert_eq!(status(&socket)["tunables"]["max_page_sharing"], "256");
+
+    // Bind-mounted over the kernel's directory in a private mount namespace.
+    if have("unshare") && Path::new("/sys/kernel/mm/ksm").is_dir() {
+        let out = Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {d} /sys/kernel/mm/ksm && cat /sys/kernel/mm/ksm/pages_sharing /sys/kernel/mm/ksm/pages_to_scan"
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{}\n1250\n", part["pages_sharing"]));
+    } else {
+        eprintln!("the bind mount part skipped: no unshare or no /sys/kernel/mm/ksm");
+    }
+
+    // node_exporter's ksmd collector on --path.sysfs.
+    let exporter = ["prometheus-node-exporter", "node_exporter"].into_iter().find(|t| have(t));
+    if let Some(exporter) = exporter {
+        let port = free_port();
+        let _ne = Killed(
+            Command::new(exporter)
+                .arg(format!("--path.sysfs={}", sys.display()))
+                .args(["--collector.disable-defaults", "--collector.ksmd"])
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("node_exporter never answered", || TcpStream::connect(("127.0.0.1", port)).ok());
+        let (code, body) = get(port, "/metrics", "text/plain");
+        assert_eq!(code, 200);
+        let sample = |name: &str| {
+            body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap()
+        };
+        assert_eq!(sample("node_ksmd_pages_sharing"), part["pages_sharing"].as_f64().unwrap(), "{body}");
+        assert_eq!(sample("node_ksmd_pages_to_scan"), 1250.0);
+        assert_eq!(sample("node_ksmd_run"), 1.0);
+    } else {
+        eprintln!("the node_exporter part skipped: prometheus-node-exporter is not installed (.ci/run installs it)");
+    }
+    drop(mounted);
+    let _ = std::fs::remove_dir_all(&sys);
+    let _ = std::fs::remove_file(&socket);
+}
