@@ -179,6 +179,17 @@ fn errno(e: i32) -> Errno {
     Errno::from_i32(e)
 }
 
+/// The errno a failed exchange with the daemon gives a reader or writer:
+/// the daemon's refusal as it is; no daemon at the socket `ENOTCONN`
+/// ("Transport endpoint is not connected"), not the socket's `ENOENT`,
+/// which would say the file is missing.
+fn daemon_errno(e: &samepage_daemon::client::ClientError) -> Errno {
+    match e {
+        samepage_daemon::client::ClientError::Connect { .. } => Errno::ENOTCONN,
+        e => errno(e.errno().unwrap_or(EIO)),
+    }
+}
+
 impl KsmFs {
     fn attr(&self, node: Node, owner: u32) -> FileAttr {
         let (kind, perm, size, nlink) = match node {
@@ -207,7 +218,7 @@ impl KsmFs {
     }
 
     fn status(&self) -> Result<Vec<PartitionStatus>, Errno> {
-        Connection::status(&self.socket).map_err(|e| errno(e.errno().unwrap_or(EIO)))
+        Connection::status(&self.socket).map_err(|e| daemon_errno(&e))
     }
 
     /// The process `pid` as the daemon last heard from it, and its user.
@@ -222,7 +233,7 @@ impl KsmFs {
         match node {
             Node::File(i) => {
                 let parts = self.status()?;
-                let t = Connection::tunables(&self.socket).map_err(|e| errno(e.errno().unwrap_or(EIO)))?;
+                let t = Connection::tunables(&self.socket).map_err(|e| daemon_errno(&e))?;
                 let m = self.merge_across_nodes.load(Ordering::Relaxed);
                 Ok(file_content(FILES[i].0, &parts, &t, m).unwrap_or_default().into_bytes())
             }
@@ -252,7 +263,7 @@ impl KsmFs {
             self.merge_across_nodes.store(v, Ordering::Relaxed);
             return Ok(());
         }
-        Connection::set(&self.socket, name, value).map(|_| ()).map_err(|e| errno(e.errno().unwrap_or(EIO)))
+        Connection::set(&self.socket, name, value).map(|_| ()).map_err(|e| daemon_errno(&e))
     }
 }
 
