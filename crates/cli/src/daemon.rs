@@ -29,6 +29,10 @@ pub struct DaemonArgs {
     /// stable_node_chains_prune_millisecs.
     #[arg(long, default_value_t = 2000)]
     stable_node_chains_prune_ms: u32,
+    /// Serve OpenMetrics at http://ADDR/metrics: PORT or :PORT listens on
+    /// 127.0.0.1 only (e.g. 9467); HOST:PORT as given (0.0.0.0:9467).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 /// `samepage set`.
@@ -102,6 +106,10 @@ pub fn run(a: DaemonArgs) -> Result<ExitCode> {
         u32::from(t.use_zero_pages)
     );
     let daemon = Daemon::new(Config { tunables: t, ..Config::default() });
+    if let Some(addr) = &a.metrics {
+        let bound = crate::metrics::start(crate::metrics::parse_addr(addr)?, std::sync::Arc::clone(&daemon))?;
+        eprintln!("samepage daemon: metrics at http://{bound}/metrics");
+    }
     daemon.serve(&listener).context("accepting clients")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,12 +8,14 @@ mod demo;
 mod estimate;
 mod kernel;
 mod measure;
+mod metrics;
 mod processes;
 mod procfs;
 mod run;
 mod side;
 mod supervisor;
 mod sysctl;
+mod sysfs;
 mod torture;
 mod torture_io;
 mod torture_procs;
@@ -63,6 +65,9 @@ enum Cmd {
     /// read from outside (nothing is merged): counters by kernel name,
     /// bytes saved net of metadata, where the savings come from.
     Estimate(estimate::EstimateArgs),
+    /// Mount the files of /sys/kernel/mm/ksm (and ksm_stat/PID per
+    /// process) backed by the daemon, for tools written for the kernel's KSM.
+    Sysfs(sysfs::SysfsArgs),
     /// A process of `bench --workload processes` (run by it, not by hand).
     #[command(hide = true)]
     Worker(processes::WorkerArgs),
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
         Cmd::Merge(a) => daemon::merge(a),
         Cmd::Run(a) => run::run(a),
         Cmd::Estimate(a) => estimate::run(a),
+        Cmd::Sysfs(a) => sysfs::run(a),
         Cmd::Worker(a) => processes::worker(a),
         Cmd::TortureClient(a) => torture_procs::client(a),
     };

@@ -30,7 +30,13 @@ pub fn smaps_rollup<const N: usize>(names: &[&str; N]) -> [Option<u64>; N] {
 /// CPU time process `pid` has used (utime + stime from `/proc/PID/stat`);
 /// zero if it cannot be read.
 pub fn cpu_time(pid: u32) -> std::time::Duration {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return std::time::Duration::ZERO };
+    stat_cpu_time(std::path::Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// utime + stime of a process's or thread's `stat` file
+/// (`/proc/PID/stat`, `/proc/PID/task/TID/stat`); zero if it cannot be read.
+pub fn stat_cpu_time(path: &std::path::Path) -> std::time::Duration {
+    let Ok(stat) = fs::read_to_string(path) else { return std::time::Duration::ZERO };
     // Fields 14 and 15, counted after the command name (field 2, which may
     // hold spaces and parentheses): indexes 11 and 12.
     let f: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();

@@ -19,6 +19,7 @@ pub mod client;
 pub mod procmaps;
 pub mod protocol;
 pub mod server;
+pub mod view;
 
 use std::path::PathBuf;
 

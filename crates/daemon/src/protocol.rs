@@ -13,7 +13,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// The protocol's version; a client of another version is refused.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The largest frame accepted (a batch of a few hundred thousand ops).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -127,6 +127,10 @@ pub struct ProcessStatus {
     pub full_scans: u64,
     /// The last merge ordered through the daemon, once done.
     pub merged_now: Option<MergeOutcome>,
+    /// The engine's own counters (`pages_scanned`, `pages_skipped`,
+    /// `cow_faults`, ...), for the daemon's metrics and sysfs view; `None`
+    /// from an engine that does not send them.
+    pub counters: Option<Box<samepage_core::Counters>>,
 }
 
 /// What the daemon answers.
@@ -207,6 +211,11 @@ pub struct PartitionStatus {
     pub requests: u64,
     /// Each client's last report.
     pub processes: Vec<ProcessStatus>,
+    /// Entries of the partition's unstable tree (`pages_unshared`).
+    pub unshared: u64,
+    /// Bytes of the daemon's metadata for the partition (its stable and
+    /// unstable trees and the pool's index).
+    pub metadata_bytes: u64,
     /// Connected clients: id and process id.
     pub clients: Vec<(ClientId, i32)>,
 }
