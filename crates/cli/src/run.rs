@@ -112,24 +112,23 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
     let (ours, theirs) = UnixDatagram::pair().context("socketpair")?;
     c.env(crate::supervisor::AGENT_SOCKET_ENV, &sock);
     let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
-    // SAFETY: the closure runs in the child between fork and exec, while this
+    let hook = move || {
+        let listener = samepage::supervise::install_filter().map_err(|e| std::io::Error::from(e.errno))?;
+        // SAFETY: the fd is the socketpair end the parent created and keeps
+        // open until after the spawn.
+        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(theirs_fd) };
+        let fds = [std::os::fd::AsFd::as_fd(&listener)];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut anc = rustix::net::SendAncillaryBuffer::new(&mut space);
+        anc.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+        rustix::net::sendmsg(sock, &[std::io::IoSlice::new(b"L")], &mut anc, rustix::net::SendFlags::empty())?;
+        Ok(())
+    };
+    // SAFETY: the hook runs in the child between fork and exec, while this
     // process has no other thread (clap has parsed; nothing was spawned): it
     // installs the filter on the only thread and sends the listener to the
     // parent over the socketpair; both are plain system calls.
-    unsafe {
-        c.pre_exec(move || {
-            let listener = samepage::supervise::install_filter().map_err(|e| std::io::Error::from(e.errno))?;
-            // SAFETY: the fd is the socketpair end the parent created and
-            // keeps open until after the spawn.
-            let sock = std::os::fd::BorrowedFd::borrow_raw(theirs_fd);
-            let fds = [std::os::fd::AsFd::as_fd(&listener)];
-            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-            let mut anc = rustix::net::SendAncillaryBuffer::new(&mut space);
-            anc.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
-            rustix::net::sendmsg(sock, &[std::io::IoSlice::new(b"L")], &mut anc, rustix::net::SendFlags::empty())?;
-            Ok(())
-        });
-    }
+    let c = unsafe { c.pre_exec(hook) };
     let mut child = c.spawn().with_context(|| format!("cannot run {}", a.cmd[0]))?;
     drop(theirs);
     let listener = {

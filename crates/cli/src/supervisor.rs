@@ -93,7 +93,7 @@ impl Supervisor {
             return;
         };
         match self.agents.get_mut(&pid) {
-            Some(a) if !engine && !(a.text.0 <= n.ip && n.ip < a.text.1) => {
+            Some(a) if !(engine || (a.text.0..a.text.1).contains(&n.ip)) => {
                 self.tally.forwarded += 1;
                 a.queue.push_back(n);
                 if !a.busy {

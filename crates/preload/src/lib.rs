@@ -588,10 +588,15 @@ fn object_segments() -> Vec<(usize, usize)> {
     unsafe extern "C" fn each(info: *mut libc::dl_phdr_info, _: usize, data: *mut c_void) -> c_int {
         // SAFETY: the C library passes a valid `info` for the duration of
         // the callback, and `data` is the Vec given to dl_iterate_phdr below.
-        let (info, out) = unsafe { (&*info, &mut *data.cast::<Vec<(usize, usize)>>()) };
+        let info = unsafe { &*info };
+        // SAFETY: `data` is the Vec given to dl_iterate_phdr below, alive
+        // and borrowed by nothing else during the call.
+        let out = unsafe { &mut *data.cast::<Vec<(usize, usize)>>() };
         for i in 0..info.dlpi_phnum as usize {
             // SAFETY: `dlpi_phdr` points to `dlpi_phnum` program headers.
-            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            let ph = unsafe { info.dlpi_phdr.add(i) };
+            // SAFETY: as above: a valid program header.
+            let ph = unsafe { &*ph };
             if ph.p_type == libc::PT_LOAD {
                 let start = (info.dlpi_addr as usize + ph.p_vaddr as usize) & !(PAGE - 1);
                 let end = (info.dlpi_addr as usize + (ph.p_vaddr + ph.p_memsz) as usize).next_multiple_of(PAGE);
@@ -718,8 +723,12 @@ pub unsafe extern "C" fn prctl(option: c_int, a2: usize, a3: usize, a4: usize, a
 // ---------------------------------------------------------------------------
 // Fork and exec.
 
+/// The library's heap, locked.
+type HeapGuard = lock_api::MutexGuard<'static, spin::Mutex<()>, talc::Talc<heap::MapMore>>;
+
 thread_local! {
-    static FORKING: std::cell::RefCell<Option<(std::sync::MutexGuard<'static, ()>, lock_api::MutexGuard<'static, spin::Mutex<()>, talc::Talc<heap::MapMore>>)>> =
+    /// The locks `before_fork` holds across `fork`.
+    static FORKING: std::cell::RefCell<Option<(std::sync::MutexGuard<'static, ()>, HeapGuard)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -798,11 +807,13 @@ fn unmerge_inherited() {
         // SAFETY: both ranges are mapped and `len` long; no other thread
         // exists in the child to write them meanwhile; then the copy moves
         // over the pool mapping, whose content it holds.
-        unsafe {
-            std::ptr::copy_nonoverlapping(m.start as *const u8, tmp.cast::<u8>(), len);
-            let _ = rustix::mm::mprotect(tmp, len, prot_of(&m.perms));
-            let _ = rustix::mm::mremap_fixed(tmp, len, len, rustix::mm::MremapFlags::MAYMOVE, m.start as *mut c_void);
-        }
+        unsafe { std::ptr::copy_nonoverlapping(m.start as *const u8, tmp.cast::<u8>(), len) };
+        // SAFETY: `tmp` is our fresh mapping of `len` bytes.
+        let _ = unsafe { rustix::mm::mprotect(tmp, len, prot_of(&m.perms)) };
+        // SAFETY: moves our copy over the pool mapping it copies.
+        let _ = unsafe {
+            rustix::mm::mremap_fixed(tmp, len, len, rustix::mm::MremapFlags::MAYMOVE, m.start as *mut c_void)
+        };
     }
 }
 

@@ -30,7 +30,7 @@ use rustix::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use rustix::ioctl::{self, opcode};
 
 // Classic BPF opcodes (<linux/bpf_common.h>).
-const LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
+const LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
 const JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
 const JSET_K: u16 = 0x05 | 0x40; // BPF_JMP | BPF_JSET | BPF_K
 const RET_K: u16 = 0x06; // BPF_RET | BPF_K
@@ -97,14 +97,14 @@ fn program() -> Vec<p::sock_filter> {
     const NOTIFY: usize = 17;
     let off = |from: usize, to: usize| (to - from - 1) as u8;
     f[1].jf = off(1, ALLOW);
-    for i in 3..=6 {
-        f[i].jt = off(i, NOTIFY);
+    for (i, ins) in f.iter_mut().enumerate().take(7).skip(3) {
+        ins.jt = off(i, NOTIFY);
     }
     f[9].jt = off(9, NOTIFY);
     f[9].jf = off(9, ALLOW);
     f[10].jf = off(10, ALLOW);
-    for i in 12..=15 {
-        f[i].jt = off(i, NOTIFY);
+    for (i, ins) in f.iter_mut().enumerate().take(16).skip(12) {
+        ins.jt = off(i, NOTIFY);
     }
     f[15].jf = off(15, ALLOW);
     f
@@ -175,7 +175,10 @@ impl Listener {
     pub fn new(fd: OwnedFd) -> Listener {
         // SAFETY: SECCOMP_IOCTL_NOTIF_SET_FLAGS takes a u64 by pointer; the
         // Setter holds the value for the call.
-        let _ = unsafe { ioctl::ioctl(&fd, SetFlags::new(1)) };
+        // SAFETY: the opcode is right for a u64 argument (above).
+        let req = unsafe { SetFlags::new(1) };
+        // SAFETY: as above; the request owns its value for the call.
+        let _ = unsafe { ioctl::ioctl(&fd, req) };
         Listener { fd }
     }
 
@@ -194,7 +197,9 @@ impl Listener {
         // SAFETY: SECCOMP_IOCTL_NOTIF_RECV = _IOWR('!', 0, struct
         // seccomp_notif); the Updater points to our live, exclusively
         // borrowed struct for the call.
-        unsafe { ioctl::ioctl(&self.fd, Recv::new(&mut n)) }.op("ioctl(SECCOMP_IOCTL_NOTIF_RECV)")?;
+        let req = unsafe { Recv::new(&mut n) };
+        // SAFETY: as above.
+        unsafe { ioctl::ioctl(&self.fd, req) }.op("ioctl(SECCOMP_IOCTL_NOTIF_RECV)")?;
         Ok(Notification { id: n.id, tid: n.pid, nr: n.data.nr, ip: n.data.instruction_pointer, args: n.data.args })
     }
 
@@ -202,7 +207,9 @@ impl Listener {
         let mut r = p::seccomp_notif_resp { id, val: 0, error, flags };
         // SAFETY: SECCOMP_IOCTL_NOTIF_SEND = _IOWR('!', 1, struct
         // seccomp_notif_resp); the Updater points to our live struct.
-        unsafe { ioctl::ioctl(&self.fd, Send::new(&mut r)) }.op("ioctl(SECCOMP_IOCTL_NOTIF_SEND)")
+        let req = unsafe { Send::new(&mut r) };
+        // SAFETY: as above.
+        unsafe { ioctl::ioctl(&self.fd, req) }.op("ioctl(SECCOMP_IOCTL_NOTIF_SEND)")
     }
 
     /// Lets the call run as the program made it. `ENOENT` when the caller
