@@ -15,6 +15,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
+use samepage::Counters;
 use samepage_daemon::protocol::PartitionStatus;
 use samepage_daemon::server::Daemon;
 use samepage_daemon::view;
@@ -194,7 +195,7 @@ pub fn merger_threads_cpu(pid: i32) -> BTreeMap<String, Duration> {
 }
 
 impl DaemonCollector {
-    fn partitions(&self, enc: &mut DescriptorEncoder, parts: &[PartitionStatus]) -> std::fmt::Result {
+    fn partitions(&self, enc: &mut DescriptorEncoder, parts: &[PartitionStatus], per: &[Counters]) -> std::fmt::Result {
         let mut shared =
             Family::new("samepage_shared", "Stable pages with a mapping (pages_shared)", Some(Unit::Bytes));
         let mut sharing = Family::new(
@@ -230,9 +231,8 @@ impl DaemonCollector {
             Family::new("samepage_full_scans", "Full scans of the partition's busiest engine (full_scans)", None);
         let mut scanned = Family::new("samepage_pages_scanned", "Pages scanned (pages_scanned)", None);
         let mut cow = Family::new("samepage_cow_faults", "Copy-on-write breaks of merged pages", None);
-        for p in parts {
+        for (p, c) in parts.iter().zip(per) {
             let l: Labels = vec![("uid", p.uid.to_string()), ("domain", p.domain.to_string())];
-            let c = view::partition_counters(p);
             shared.push(&l, c.pages_shared * PAGE);
             sharing.push(&l, c.pages_sharing * PAGE);
             unshared.push(&l, c.pages_unshared * PAGE);
@@ -341,8 +341,9 @@ impl Collector for DaemonCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let parts = self.daemon.status();
         let t = self.daemon.tunables();
-        let sys = view::system_counters(&parts);
-        self.partitions(&mut enc, &parts)?;
+        let per: Vec<Counters> = parts.iter().map(view::partition_counters).collect();
+        let sys = view::total(&per);
+        self.partitions(&mut enc, &parts, &per)?;
         self.processes(&mut enc, &parts)?;
         let mut me =
             Family::new("samepage_daemon_cpu", "CPU of the daemon process (all its threads)", Some(Unit::Seconds));

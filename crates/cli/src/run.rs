@@ -91,13 +91,50 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         c.env("SAMEPAGE_MODE", "process");
     }
     if a.merge_any {
-        c.env("SAMEPAGE_MERGE_ANY", "1");
+        c.env(samepage::supervise::MERGE_ANY_ENV, "1");
     }
     if !(a.merge_any || a.supervise) {
         let err = c.exec();
         bail!("cannot run {}: {err}", a.cmd[0])
     }
     supervised(c, &a)
+}
+
+/// The program, for [`forward`].
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: std::ffi::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe; `pid` is our child.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// The supervisor must outlive the program: a program under the filter
+/// whose listener is gone fails every stopped call with ENOSYS. So (after
+/// the spawn, which would have handed ignored signals on to the program)
+/// the terminal's ^C and ^\, which reach the program too, are ignored
+/// here, and SIGTERM and SIGHUP are passed on to the program; the
+/// supervisor ends when the program has. (This replaces the command's
+/// restore-and-exit handler, which has nothing to restore here.)
+fn stay_for(child: u32) {
+    CHILD.store(child as i32, std::sync::atomic::Ordering::Relaxed);
+    for (sig, handler) in [
+        (libc::SIGINT, libc::SIG_IGN),
+        (libc::SIGQUIT, libc::SIG_IGN),
+        (libc::SIGTERM, forward as extern "C" fn(std::ffi::c_int) as libc::sighandler_t),
+        (libc::SIGHUP, forward as extern "C" fn(std::ffi::c_int) as libc::sighandler_t),
+    ] {
+        // SAFETY: all-zero is a valid `sigaction` (empty mask, no flags);
+        // the handler is SIG_IGN or `forward`, which only calls kill(2).
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = handler;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: a valid action for a catchable signal; the old one is not
+        // wanted.
+        unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) };
+    }
 }
 
 /// Starts the program under the seccomp filter and serves its listener
@@ -110,7 +147,7 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
     let sock = dir.join("agents.sock");
     let agents = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let (ours, theirs) = UnixDatagram::pair().context("socketpair")?;
-    c.env(crate::supervisor::AGENT_SOCKET_ENV, &sock);
+    c.env(samepage::supervise::AGENT_SOCKET_ENV, &sock);
     let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
     let hook = move || {
         let listener = samepage::supervise::install_filter().map_err(|e| std::io::Error::from(e.errno))?;
@@ -139,7 +176,7 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
             &ours,
             &mut [std::io::IoSliceMut::new(&mut byte)],
             &mut anc,
-            rustix::net::RecvFlags::empty(),
+            rustix::net::RecvFlags::CMSG_CLOEXEC,
         )
         .context("receiving the seccomp listener")?;
         let mut fd = None;
@@ -150,10 +187,7 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
         }
         fd.context("the program's child sent no seccomp listener")?
     };
-    // The terminal's ^C reaches the program too; the supervisor must outlive
-    // it (a program under the filter without its listener fails every
-    // stopped call with ENOSYS).
-    let _ = ctrlc::set_handler(|| {});
+    stay_for(child.id());
     let tally = crate::supervisor::serve(samepage::supervise::Listener::new(listener), agents)?;
     let status = child.wait().context("waiting for the program")?;
     let _ = std::fs::remove_dir_all(&dir);

@@ -5,7 +5,7 @@
 //! `mremap`, `mprotect`, `brk`, `mmap(MAP_FIXED)` and discarding `madvise`
 //! included) comes here with the calling thread's id and arguments. If the
 //! calling process has an agent (the preload library's `samepage-agent`
-//! thread, connected to [`AGENT_SOCKET_ENV`]), the agent first takes the
+//! thread, connected to `$SAMEPAGE_AGENT_SOCKET`), the agent first takes the
 //! range back from its engine (merged pages private again, content intact;
 //! discarded ones zeroed), then the call runs; without an agent (a process
 //! that has registered nothing yet) it runs at once. Calls made by the
@@ -19,28 +19,26 @@
 
 use anyhow::{Context, Result};
 use rustix::event::{poll, PollFd, PollFlags};
-use samepage::supervise::{Listener, Notification};
+use samepage::supervise::{read_reply, Hello, Listener, Notification, Request};
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 
-/// The environment variable naming the agents' socket.
-pub const AGENT_SOCKET_ENV: &str = "SAMEPAGE_AGENT_SOCKET";
-
-/// Bytes of an agent's hello: magic, pid, the preload library's text range.
-const HELLO: usize = 24;
-/// Bytes of a request: number, calling thread, six arguments.
-const REQUEST: usize = 56;
-
+/// A process's agent, after its hello.
 struct Agent {
     stream: UnixStream,
-    text: (u64, u64),
+    /// The preload library's code in that process.
+    text: std::ops::Range<u64>,
+    /// Its stopped calls; the first one is with the agent.
     queue: VecDeque<Notification>,
-    busy: bool,
-    /// Bytes of a hello or reply read so far.
+    /// Bytes of an answer read so far.
     buf: Vec<u8>,
-    hello: bool,
-    pid: u32,
+}
+
+/// A connection that has not said hello yet, and what it sent so far.
+struct Pending {
+    stream: UnixStream,
+    buf: Vec<u8>,
 }
 
 /// What the supervisor did, for `--verbose` and tests.
@@ -58,11 +56,22 @@ struct Supervisor {
     listener: Listener,
     agents_socket: UnixListener,
     agents: HashMap<u32, Agent>,
-    /// Connections that have not said hello yet.
-    pending: Vec<Agent>,
+    pending: Vec<Pending>,
     /// tid -> (process, whether it is an engine thread).
     tids: HashMap<u32, (u32, bool)>,
     tally: Tally,
+}
+
+/// Reads what is there into `buf`; false at end of stream or on error.
+fn fill(stream: &mut UnixStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 64];
+    match stream.read(&mut chunk) {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
 }
 
 fn tid_info(tid: u32) -> Option<(u32, bool)> {
@@ -93,11 +102,11 @@ impl Supervisor {
             return;
         };
         match self.agents.get_mut(&pid) {
-            Some(a) if !(engine || (a.text.0..a.text.1).contains(&n.ip)) => {
+            Some(a) if !(engine || a.text.contains(&n.ip)) => {
                 self.tally.forwarded += 1;
                 a.queue.push_back(n);
-                if !a.busy {
-                    Self::send_next(a);
+                if a.queue.len() == 1 {
+                    Self::send_first(a);
                 }
             }
             _ => {
@@ -106,39 +115,21 @@ impl Supervisor {
         }
     }
 
-    fn send_next(a: &mut Agent) {
-        let Some(n) = a.queue.front() else { return };
-        let mut req = [0u8; REQUEST];
-        req[0..4].copy_from_slice(&n.nr.to_le_bytes());
-        req[4..8].copy_from_slice(&n.tid.to_le_bytes());
-        for (i, v) in n.args.iter().enumerate() {
-            req[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_le_bytes());
+    /// Passes the first queued call to the agent (a dead agent is seen by
+    /// `poll`, and its calls then run).
+    fn send_first(a: &mut Agent) {
+        if let Some(n) = a.queue.front() {
+            let _ = a.stream.write_all(&Request::from(n).encode());
         }
-        a.busy = a.stream.write_all(&req).is_ok();
     }
 
-    /// Reads what an agent sent; false when it is gone.
-    fn agent_readable(listener: &Listener, a: &mut Agent, tally: &mut Tally) -> bool {
-        let mut chunk = [0u8; 64];
-        let n = match a.stream.read(&mut chunk) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => n,
-        };
-        a.buf.extend_from_slice(&chunk[..n]);
-        if !a.hello {
-            if a.buf.len() >= HELLO {
-                a.pid = u32::from_le_bytes(a.buf[4..8].try_into().expect("4 bytes"));
-                a.text = (
-                    u64::from_le_bytes(a.buf[8..16].try_into().expect("8 bytes")),
-                    u64::from_le_bytes(a.buf[16..24].try_into().expect("8 bytes")),
-                );
-                a.buf.drain(..HELLO);
-                a.hello = true;
-            }
-            return true;
+    /// Reads an agent's answers; false when it is gone.
+    fn answers(listener: &Listener, a: &mut Agent, tally: &mut Tally) -> bool {
+        if !fill(&mut a.stream, &mut a.buf) {
+            return false;
         }
         while a.buf.len() >= 4 {
-            let errno = i32::from_le_bytes(a.buf[..4].try_into().expect("4 bytes"));
+            let errno = read_reply(&[a.buf[0], a.buf[1], a.buf[2], a.buf[3]]);
             a.buf.drain(..4);
             if let Some(n) = a.queue.pop_front() {
                 if errno == 0 {
@@ -148,8 +139,7 @@ impl Supervisor {
                     let _ = listener.fail(n.id, errno);
                 }
             }
-            a.busy = false;
-            Self::send_next(a);
+            Self::send_first(a);
         }
         true
     }
@@ -191,21 +181,13 @@ impl Supervisor {
             }
             if accept_in {
                 if let Ok((stream, _)) = self.agents_socket.accept() {
-                    self.pending.push(Agent {
-                        stream,
-                        text: (0, 0),
-                        queue: VecDeque::new(),
-                        busy: false,
-                        buf: Vec::new(),
-                        hello: false,
-                        pid: 0,
-                    });
+                    self.pending.push(Pending { stream, buf: Vec::new() });
                 }
             }
             for (p, ready) in pids.iter().zip(agent_in) {
                 if ready {
                     let a = self.agents.get_mut(p).expect("listed");
-                    if !Self::agent_readable(&self.listener, a, &mut self.tally) {
+                    if !Self::answers(&self.listener, a, &mut self.tally) {
                         // Gone (the process exited or exec'd): its waiting
                         // calls run; it has nothing registered any more.
                         let a = self.agents.remove(p).expect("listed");
@@ -216,34 +198,36 @@ impl Supervisor {
                     }
                 }
             }
+            // Hellos: from then on the process's calls go to its agent.
             let mut i = 0;
-            let mut ready = pending_in.into_iter();
-            while i < self.pending.len() {
-                if !ready.next().unwrap_or(false) {
+            for ready in pending_in {
+                if !ready {
                     i += 1;
                     continue;
                 }
-                let a = &mut self.pending[i];
-                if !Self::agent_readable(&self.listener, a, &mut self.tally) {
+                let p = &mut self.pending[i];
+                if !fill(&mut p.stream, &mut p.buf) {
                     self.pending.remove(i);
                     continue;
                 }
-                if a.hello {
-                    let mut a = self.pending.remove(i);
-                    // Its ack: from now on its calls come to it. (A new
-                    // agent of the same pid, after an exec, replaces the
-                    // old one, whose connection died with the old image.)
-                    if a.stream.write_all(&[1]).is_ok() {
-                        self.tids.retain(|_, (pid, _)| *pid != a.pid);
-                        if let Some(old) = self.agents.insert(a.pid, a) {
-                            for n in old.queue {
-                                let _ = self.listener.allow(n.id);
-                            }
-                        }
-                    }
+                if p.buf.len() < Hello::LEN {
+                    i += 1;
                     continue;
                 }
-                i += 1;
+                let mut p = self.pending.remove(i);
+                let hello = p.buf[..Hello::LEN].try_into().ok().and_then(Hello::decode);
+                // The ack. (A new agent of the same pid, after an exec,
+                // replaces the old one, whose connection died with the old
+                // image.)
+                if let Some(h) = hello.filter(|_| p.stream.write_all(&[1]).is_ok()) {
+                    self.tids.retain(|_, (pid, _)| *pid != h.pid);
+                    let a = Agent { stream: p.stream, text: h.text, queue: VecDeque::new(), buf: Vec::new() };
+                    if let Some(old) = self.agents.insert(h.pid, a) {
+                        for n in old.queue {
+                            let _ = self.listener.allow(n.id);
+                        }
+                    }
+                }
             }
         }
     }

@@ -73,9 +73,6 @@ pub const FILES: [(&str, bool); 24] = [
     ("use_zero_pages", true),
 ];
 
-const EINVAL: i32 = 22;
-const EBUSY: i32 = 16;
-const EIO: i32 = 5;
 const ROOT: u64 = 1;
 const KSM_STAT_DIR: u64 = 2;
 const FIRST_FILE: u64 = 16;
@@ -116,8 +113,9 @@ impl Node {
 }
 
 /// A process's `/proc/PID/ksm_stat`, in the kernel's names and format
-/// (`ksm_mergeable: yes` once it registered mergeable memory; samepage
-/// has no `PR_SET_MEMORY_MERGE`, so `ksm_merge_any: no`).
+/// (`ksm_mergeable: yes` once it registered mergeable memory;
+/// `ksm_merge_any: no`, as the daemon is not told which processes run
+/// under `samepage run --merge-any`).
 pub fn ksm_stat(r: &ProcessStatus) -> String {
     format!(
         "ksm_rmap_items {}\nksm_zero_pages {}\nksm_merging_pages {}\nksm_process_profit {}\nksm_merge_any: no\nksm_mergeable: {}\n",
@@ -140,21 +138,12 @@ pub fn file_content(
     if !FILES.iter().any(|(n, _)| *n == name) {
         return None;
     }
-    let c = view::system_counters(parts);
-    let v = match name {
-        "full_scans" => c.full_scans.to_string(),
-        "general_profit" => c.general_profit.to_string(),
-        "ksm_zero_pages" => c.ksm_zero_pages.to_string(),
-        "pages_scanned" => c.pages_scanned.to_string(),
-        "pages_shared" => c.pages_shared.to_string(),
-        "pages_sharing" => c.pages_sharing.to_string(),
-        "pages_skipped" => c.pages_skipped.to_string(),
-        "pages_unshared" => c.pages_unshared.to_string(),
-        "pages_volatile" => c.pages_volatile.to_string(),
-        "stable_node_chains" => c.stable_node_chains.to_string(),
-        "stable_node_dups" => c.stable_node_dups.to_string(),
-        "merge_across_nodes" => merge_across_nodes.to_string(),
-        other => t.named().into_iter().find(|(n, _)| *n == other)?.1,
+    let counter =
+        view::system_counters(parts).named().into_iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string());
+    let v = match counter {
+        Some(v) => v,
+        None if name == "merge_across_nodes" => merge_across_nodes.to_string(),
+        None => t.named().into_iter().find(|(n, _)| *n == name)?.1,
     };
     Some(v + "\n")
 }
@@ -175,10 +164,6 @@ struct KsmFs {
     started: SystemTime,
 }
 
-fn errno(e: i32) -> Errno {
-    Errno::from_i32(e)
-}
-
 /// The errno a failed exchange with the daemon gives a reader or writer:
 /// the daemon's refusal as it is; no daemon at the socket `ENOTCONN`
 /// ("Transport endpoint is not connected"), not the socket's `ENOENT`,
@@ -186,7 +171,7 @@ fn errno(e: i32) -> Errno {
 fn daemon_errno(e: &samepage_daemon::client::ClientError) -> Errno {
     match e {
         samepage_daemon::client::ClientError::Connect { .. } => Errno::ENOTCONN,
-        e => errno(e.errno().unwrap_or(EIO)),
+        e => e.errno().map_or(Errno::EIO, Errno::from_i32),
     }
 }
 
@@ -232,8 +217,13 @@ impl KsmFs {
     fn content(&self, node: Node) -> Result<Vec<u8>, Errno> {
         match node {
             Node::File(i) => {
-                let parts = self.status()?;
-                let t = Connection::tunables(&self.socket).map_err(|e| daemon_errno(&e))?;
+                // One exchange with the daemon: a counter needs its status,
+                // a tunable (the writable files) its tunables.
+                let (parts, t) = if FILES[i].1 {
+                    (Vec::new(), Connection::tunables(&self.socket).map_err(|e| daemon_errno(&e))?)
+                } else {
+                    (self.status()?, samepage::Tunables::default())
+                };
                 let m = self.merge_across_nodes.load(Ordering::Relaxed);
                 Ok(file_content(FILES[i].0, &parts, &t, m).unwrap_or_default().into_bytes())
             }
@@ -251,14 +241,14 @@ impl KsmFs {
         if !writable {
             return Err(Errno::EACCES);
         }
-        let value = std::str::from_utf8(data).map_err(|_| errno(EINVAL))?.trim();
+        let value = std::str::from_utf8(data).map_err(|_| Errno::EINVAL)?.trim();
         if name == "merge_across_nodes" {
             // The kernel's merge_across_nodes_store: kstrtoul, EBUSY while pages are shared.
-            let v: u64 = value.parse().map_err(|_| errno(EINVAL))?;
+            let v: u64 = value.parse().map_err(|_| Errno::EINVAL)?;
             if v != self.merge_across_nodes.load(Ordering::Relaxed)
                 && view::system_counters(&self.status()?).pages_shared > 0
             {
-                return Err(errno(EBUSY));
+                return Err(Errno::EBUSY);
             }
             self.merge_across_nodes.store(v, Ordering::Relaxed);
             return Ok(());

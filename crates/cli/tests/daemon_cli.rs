@@ -2,9 +2,11 @@
 //! listens, a client process connects, status names it by its process id,
 //! and a client that goes is gone from status.
 
+mod common;
+use common::{my_uid, retry, spawn_daemon};
+
 use samepage_daemon::client::Connection;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -215,48 +217,6 @@ fn pool_inodes() -> std::collections::BTreeSet<u64> {
         }
     }
     out
-}
-
-/// A `samepage daemon` process, killed when dropped (a failing test leaves
-/// no daemon behind).
-struct DaemonProc(Child);
-
-impl Drop for DaemonProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `samepage daemon --socket SOCKET ARGS` (the socket file is left as
-/// it is: a daemon takes over a stale one).
-fn spawn_daemon(socket: &Path, args: &[&str]) -> DaemonProc {
-    let child = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(["daemon", "--socket"])
-        .arg(socket)
-        .args(args)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    DaemonProc(child)
-}
-
-/// `f` until it succeeds, for at most 20 s (the daemon starting).
-fn retry<T, E: std::fmt::Display>(what: &str, mut f: impl FnMut() -> Result<T, E>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "{what}: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
-fn my_uid() -> u32 {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap()
 }
 
 /// `samepage bench --workload processes`: processes merged across each

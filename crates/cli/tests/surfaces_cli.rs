@@ -5,22 +5,13 @@
 //! (`prometheus`) skip with a message when it is absent (`.ci/run`
 //! installs it).
 
+mod common;
+use common::{my_uid, spawn_daemon, spawn_quiet, wait_for, Killed};
 use samepage::{Domain, Engine, Region, Run, Tunables};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// A child process killed and reaped when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::{Command, Stdio};
 
 fn have(tool: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success())
@@ -32,31 +23,6 @@ fn free_port() -> u16 {
 
 fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("samepage-surfaces-{name}-{}", std::process::id()))
-}
-
-/// `samepage daemon --socket SOCKET ARGS`.
-fn spawn_daemon(socket: &Path, args: &[&str]) -> Killed {
-    let _ = std::fs::remove_file(socket);
-    let child = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(["daemon", "--socket"])
-        .arg(socket)
-        .args(args)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Killed(child)
-}
-
-/// `f` until it gives `Some`, for at most 30 s.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// `samepage status --json`.
@@ -148,9 +114,8 @@ fn metrics_pass_promtool_and_prometheus_reads_the_status_figures() {
     let (code, classic) = get(port, "/metrics", "*/*");
     assert_eq!(code, 200);
     let pid = std::process::id();
-    let merging = format!("samepage_process_merging_bytes{{uid=\"0\",domain=\"3\",pid=\"{pid}\"}} {}", 64 * 4096);
-    let uid = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
-    let merging = merging.replace("uid=\"0\"", &format!("uid=\"{uid}\""));
+    let uid = my_uid();
+    let merging = format!("samepage_process_merging_bytes{{uid=\"{uid}\",domain=\"3\",pid=\"{pid}\"}} {}", 64 * 4096);
     assert!(classic.contains(&merging), "{merging} not in\n{classic}");
     assert!(classic.contains("\nnode_ksmd_pages_sharing 60\n"), "{classic}");
     assert!(classic.contains("# TYPE node_ksmd_full_scans_total counter"), "{classic}");
@@ -186,15 +151,11 @@ fn metrics_pass_promtool_and_prometheus_reads_the_status_figures() {
     )
     .unwrap();
     let web = free_port();
-    let prometheus = Killed(
+    let prometheus = spawn_quiet(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+            .arg(format!("--web.listen-address=127.0.0.1:{web}")),
     );
     wait_for("Prometheus never answered", || TcpStream::connect(("127.0.0.1", web)).ok());
     let sharing = prometheus_query(web, "node_ksmd_pages_sharing");
@@ -344,15 +305,11 @@ fn sysfs_shows_the_daemon_as_the_kernels_files() {
     let exporter = ["prometheus-node-exporter", "node_exporter"].into_iter().find(|t| have(t));
     if let Some(exporter) = exporter {
         let port = free_port();
-        let _ne = Killed(
+        let _ne = spawn_quiet(
             Command::new(exporter)
                 .arg(format!("--path.sysfs={}", sys.display()))
                 .args(["--collector.disable-defaults", "--collector.ksmd"])
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
+                .arg(format!("--web.listen-address=127.0.0.1:{port}")),
         );
         wait_for("node_exporter never answered", || TcpStream::connect(("127.0.0.1", port)).ok());
         let (code, body) = get(port, "/metrics", "text/plain");

@@ -193,6 +193,12 @@ impl Shared {
         self.unstable.values().filter(|(c, _)| *c == client).count()
     }
 
+    /// Entries of the unstable tree, every client's (a client's go when it
+    /// does).
+    pub fn unstable_total(&self) -> usize {
+        self.unstable.len()
+    }
+
     /// Bytes the unstable tree uses.
     pub fn unstable_metadata_bytes(&self) -> u64 {
         (self.unstable.capacity() * (8 + 4 + 8 + 1)) as u64

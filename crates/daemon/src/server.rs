@@ -364,7 +364,7 @@ impl Daemon {
                         r.sort_by_key(|r| r.client);
                         r
                     },
-                    unshared: p.clients.keys().map(|c| p.shared.unstable_len(*c) as u64).sum(),
+                    unshared: p.shared.unstable_total() as u64,
                     metadata_bytes: p.shared.stable_metadata_bytes()
                         + p.shared.unstable_metadata_bytes()
                         + p.shared.pool_metadata_bytes(),

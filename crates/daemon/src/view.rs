@@ -31,15 +31,7 @@ pub fn process_metadata_bytes(r: &ProcessStatus) -> u64 {
 ///   sums of the engines' own counters, for the engines that send them
 ///   ([`ProcessStatus::counters`]; 0 otherwise).
 pub fn partition_counters(p: &PartitionStatus) -> Counters {
-    let mut c = Counters {
-        pages_shared: p.stable.nodes,
-        pages_sharing: p.stable.mappings.saturating_sub(p.stable.nodes),
-        pages_unshared: p.unshared,
-        stable_node_chains: p.stable.chains,
-        stable_node_dups: p.stable.dups,
-        metadata_bytes: p.metadata_bytes,
-        ..Counters::default()
-    };
+    let mut c = Counters { pages_unshared: p.unshared, metadata_bytes: p.metadata_bytes, ..Counters::default() };
     for r in &p.processes {
         c.rmap_items += r.ksm_rmap_items;
         c.ksm_zero_pages += r.ksm_zero_pages;
@@ -53,20 +45,23 @@ pub fn partition_counters(p: &PartitionStatus) -> Counters {
             c.unmerges += e.unmerges;
         }
     }
-    c.pages_volatile = c.rmap_items.saturating_sub(p.stable.mappings + c.pages_unshared);
-    let saved = i128::from(c.pages_sharing + c.ksm_zero_pages) * i128::from(PAGE);
-    c.general_profit = i64::try_from(saved - i128::from(c.metadata_bytes)).unwrap_or(i64::MIN);
+    c.derive_from_stable(&p.stable);
     c
 }
 
 /// The system's counters: every partition's added up, `full_scans` the
 /// busiest partition's.
 pub fn system_counters(parts: &[PartitionStatus]) -> Counters {
+    total(&parts.iter().map(partition_counters).collect::<Vec<_>>())
+}
+
+/// The partitions' counters (each [`partition_counters`]) added up,
+/// `full_scans` the busiest partition's.
+pub fn total(per_partition: &[Counters]) -> Counters {
     let mut sum = Counters::default();
-    for p in parts {
-        let c = partition_counters(p);
+    for c in per_partition {
         let full_scans = sum.full_scans.max(c.full_scans);
-        sum.add(&c);
+        sum.add(c);
         sum.full_scans = full_scans;
     }
     sum

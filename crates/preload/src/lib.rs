@@ -48,6 +48,7 @@
 
 mod heap;
 
+use samepage::supervise::{Hello, Request, AGENT_SOCKET_ENV, MERGE_ANY_ENV};
 use samepage::{Discard, Domain, Engine, RegionId, Run, Tunables};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -83,8 +84,10 @@ static FAILED: AtomicI32 = AtomicI32::new(0);
 static MAKING: Mutex<()> = Mutex::new(());
 /// `prctl(PR_SET_MEMORY_MERGE)` is on.
 static MERGE_ANY: AtomicBool = AtomicBool::new(false);
-/// The connection to the supervisor, while the agent serves it.
-static AGENT: Mutex<Option<std::os::unix::net::UnixStream>> = Mutex::new(None);
+/// The fd of the connection to the supervisor the agent thread serves (-1
+/// without one): a forked child closes its copy, so the supervisor sees the
+/// connection end with the process that made it.
+static AGENT_FD: AtomicI32 = AtomicI32::new(-1);
 /// Whether the sweeper thread of this process runs.
 static SWEEPER: AtomicI32 = AtomicI32::new(0);
 
@@ -119,9 +122,7 @@ fn set_errno(errno: c_int) {
 /// Whether this process owns the engine (not a forked child) and this
 /// thread is not already inside the library.
 fn managed() -> bool {
-    ANY.load(Ordering::Acquire)
-        && OWNER.load(Ordering::Relaxed) == std::process::id() as i32
-        && !INSIDE.with(|i| i.get())
+    ANY.load(Ordering::Acquire) && OWNER.load(Ordering::Relaxed) == pid() && !INSIDE.with(|i| i.get())
 }
 
 /// Runs `f` marked as inside the library; turns its errno into -1.
@@ -226,7 +227,7 @@ fn engine() -> Option<&'static Engine> {
 /// Whether `samepage run`'s supervisor stops this process's hidden mapping
 /// changes.
 fn supervised() -> bool {
-    std::env::var_os("SAMEPAGE_AGENT_SOCKET").is_some()
+    std::env::var_os(AGENT_SOCKET_ENV).is_some()
 }
 
 /// The private anonymous read-write parts of `[a, b)` and whether all of
@@ -377,25 +378,32 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -
 /// through the engine on the registered `parts` (so merged pages read zeros
 /// afterwards), straight to the kernel between them.
 fn discard(a: usize, b: usize, advice: c_int, parts: &[(usize, usize, RegionId)]) -> Result<(), c_int> {
-    let how = match advice {
-        libc::MADV_DONTNEED => Discard::DontNeed,
-        libc::MADV_FREE => Discard::Free,
-        _ => Discard::Remove,
-    };
     let plain = |from: usize, to: usize| {
         if from < to && raw(libc::SYS_madvise, [from, to - from, advice as usize, 0, 0, 0]) != 0 {
             return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL));
         }
         Ok(())
     };
-    let e = engine().ok_or(libc::EAGAIN)?;
     let mut pos = a;
     for &(os, oe, _) in parts {
         plain(pos, os)?;
-        e.discard(os as *mut u8, oe - os, how).map_err(|err| err.errno().unwrap_or(libc::EINVAL))?;
+        discard_registered(os, oe, advice)?;
         pos = oe;
     }
     plain(pos, b)
+}
+
+/// A discarding `advice` on registered `[a, b)`, through the engine (so
+/// merged pages read zeros afterwards, as anonymous memory does).
+fn discard_registered(a: usize, b: usize, advice: c_int) -> Result<(), c_int> {
+    let how = match advice {
+        libc::MADV_FREE => Discard::Free,
+        libc::MADV_REMOVE => Discard::Remove,
+        // MADV_DONTNEED, MADV_DONTNEED_LOCKED
+        _ => Discard::DontNeed,
+    };
+    let e = engine().ok_or(libc::EAGAIN)?;
+    e.discard(a as *mut u8, b - a, how).map_err(|err| err.errno().unwrap_or(libc::EINVAL))
 }
 
 /// Takes registered memory in `[a, a + len)` back before a call that would
@@ -490,90 +498,71 @@ pub unsafe extern "C" fn mmap(
 /// for the ack, and starts the `samepage-agent` thread.
 fn start_agent() -> std::io::Result<()> {
     use std::io::{Read, Write};
-    let path = std::env::var_os("SAMEPAGE_AGENT_SOCKET").ok_or(std::io::ErrorKind::NotFound)?;
+    let path = std::env::var_os(AGENT_SOCKET_ENV).ok_or(std::io::ErrorKind::NotFound)?;
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
     let here = start_agent as *const () as usize;
     let text = samepage::maps_in(here, here + 1)
         .ok()
         .and_then(|m| m.into_iter().find(|m| m.start <= here && here < m.end))
-        .map_or((0, 0), |m| (m.start as u64, m.end as u64));
-    let mut hello = [0u8; 24];
-    hello[0..4].copy_from_slice(b"SPAG");
-    hello[4..8].copy_from_slice(&(pid() as u32).to_le_bytes());
-    hello[8..16].copy_from_slice(&text.0.to_le_bytes());
-    hello[16..24].copy_from_slice(&text.1.to_le_bytes());
-    s.write_all(&hello)?;
+        .map_or(0..0, |m| m.start as u64..m.end as u64);
+    s.write_all(&Hello { pid: pid() as u32, text }.encode())?;
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)?;
-    let serving = s.try_clone()?;
-    *AGENT.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
-    std::thread::Builder::new().name("samepage-agent".into()).spawn(move || agent(serving))?;
+    AGENT_FD.store(std::os::fd::AsRawFd::as_raw_fd(&s), Ordering::Release);
+    std::thread::Builder::new().name("samepage-agent".into()).spawn(move || agent(s))?;
     Ok(())
 }
 
 fn agent(mut s: std::os::unix::net::UnixStream) {
-    use samepage::supervise::nr;
     use std::io::{Read, Write};
     INSIDE.with(|i| i.set(true));
-    let mut req = [0u8; 56];
-    while s.read_exact(&mut req).is_ok() {
-        let call = i32::from_le_bytes(req[0..4].try_into().expect("4 bytes"));
-        let tid = u32::from_le_bytes(req[4..8].try_into().expect("4 bytes"));
-        if is_inside(tid) {
-            if s.write_all(&0i32.to_le_bytes()).is_err() {
-                return;
-            }
-            continue;
-        }
-        let arg = |i: usize| u64::from_le_bytes(req[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes")) as usize;
-        let pages = |a: usize, len: usize| a.saturating_add(len.div_ceil(PAGE) * PAGE);
-        let r = std::panic::catch_unwind(|| match call {
-            nr::MUNMAP | nr::MPROTECT | nr::MMAP if arg(0).is_multiple_of(PAGE) => {
-                take_back(arg(0), pages(arg(0), arg(1)))
-            }
-            nr::MREMAP if arg(0).is_multiple_of(PAGE) => {
-                take_back(arg(0), pages(arg(0), arg(1)))?;
-                if arg(3) as c_int & libc::MREMAP_FIXED != 0 && arg(4).is_multiple_of(PAGE) {
-                    take_back(arg(4), pages(arg(4), arg(2)))?;
-                }
-                Ok(())
-            }
-            nr::BRK if arg(0) != 0 => {
-                // Shrinking the heap unmaps [new, end).
-                let heap = samepage::maps_in(arg(0).saturating_sub(1), usize::MAX)
-                    .ok()
-                    .and_then(|m| m.into_iter().find(|m| m.path == "[heap]"));
-                match heap {
-                    Some(h) if arg(0) < h.end => take_back(arg(0).next_multiple_of(PAGE).max(h.start), h.end),
-                    _ => Ok(()),
-                }
-            }
-            nr::MADVISE if arg(0).is_multiple_of(PAGE) => {
-                let (a, b) = (arg(0), pages(arg(0), arg(1)));
-                let parts = overlapping(a, b);
-                if parts.is_empty() || OWNER.load(Ordering::Acquire) != pid() {
-                    return Ok(());
-                }
-                let how = match arg(2) as c_int {
-                    libc::MADV_FREE => Discard::Free,
-                    libc::MADV_REMOVE => Discard::Remove,
-                    _ => Discard::DontNeed,
-                };
-                let e = engine().ok_or(libc::EAGAIN)?;
-                for (os, oe, _) in parts {
-                    e.discard(os as *mut u8, oe - os, how).map_err(|err| err.errno().unwrap_or(libc::EINVAL))?;
-                }
-                Ok(())
-            }
-            // Unaligned: the kernel refuses it with EINVAL and changes nothing.
-            _ => Ok(()),
-        })
-        .unwrap_or(Err(libc::EIO));
-        let errno: i32 = r.err().unwrap_or(0);
-        if s.write_all(&errno.to_le_bytes()).is_err() {
+    let mut wire = [0u8; Request::LEN];
+    while s.read_exact(&mut wire).is_ok() {
+        let req = Request::decode(&wire);
+        let errno = if is_inside(req.tid) { 0 } else { serve_stopped(&req) };
+        if s.write_all(&samepage::supervise::reply(errno)).is_err() {
             return;
         }
     }
+}
+
+/// Takes back (or discards through the engine) what the stopped call
+/// `req` is about to change; 0, or the errno the call must fail with.
+fn serve_stopped(req: &Request) -> i32 {
+    use samepage::supervise::nr;
+    let call = req.nr;
+    let arg = |i: usize| req.args[i] as usize;
+    let pages = |a: usize, len: usize| a.saturating_add(len.div_ceil(PAGE) * PAGE);
+    let r = std::panic::catch_unwind(|| match call {
+        nr::MUNMAP | nr::MPROTECT | nr::MMAP if arg(0).is_multiple_of(PAGE) => take_back(arg(0), pages(arg(0), arg(1))),
+        nr::MREMAP if arg(0).is_multiple_of(PAGE) => {
+            take_back(arg(0), pages(arg(0), arg(1)))?;
+            if arg(3) as c_int & libc::MREMAP_FIXED != 0 && arg(4).is_multiple_of(PAGE) {
+                take_back(arg(4), pages(arg(4), arg(2)))?;
+            }
+            Ok(())
+        }
+        nr::BRK if arg(0) != 0 => {
+            // Shrinking the heap unmaps [new, current break) (brk(0) reads
+            // the break; the agent's own calls run at once).
+            let now = raw(libc::SYS_brk, [0; 6]) as usize;
+            match arg(0).next_multiple_of(PAGE) {
+                new if new < now => take_back(new, now.next_multiple_of(PAGE)),
+                _ => Ok(()),
+            }
+        }
+        nr::MADVISE if arg(0).is_multiple_of(PAGE) => {
+            // The kernel then discards the rest of the range itself.
+            for (os, oe, _) in overlapping(arg(0), pages(arg(0), arg(1))) {
+                discard_registered(os, oe, arg(2) as c_int)?;
+            }
+            Ok(())
+        }
+        // Unaligned: the kernel refuses it with EINVAL and changes nothing.
+        _ => Ok(()),
+    })
+    .unwrap_or(Err(libc::EIO));
+    r.err().unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -683,15 +672,14 @@ fn set_merge_any(on: bool) -> Result<(), c_int> {
         }
         engine().ok_or(libc::EAGAIN)?;
         MERGE_ANY.store(true, Ordering::Release);
-        // SAFETY: setenv with valid C strings; the program's exec'd images
-        // inherit merge-any from it, as the kernel's flag survives exec.
-        unsafe { libc::setenv(c"SAMEPAGE_MERGE_ANY".as_ptr(), c"1".as_ptr(), 1) };
+        // The program's exec'd images inherit merge-any from the
+        // environment, as the kernel's flag survives exec.
+        std::env::set_var(MERGE_ANY_ENV, "1");
         start_sweeper();
         Ok(())
     } else {
         MERGE_ANY.store(false, Ordering::Release);
-        // SAFETY: unsetenv with a valid C string.
-        unsafe { libc::unsetenv(c"SAMEPAGE_MERGE_ANY".as_ptr()) };
+        std::env::remove_var(MERGE_ANY_ENV);
         // As the kernel's: everything unmerged.
         take_back(0, usize::MAX - PAGE)
     }
@@ -759,29 +747,37 @@ extern "C" fn after_fork_child() {
     };
     ANY.store(false, Ordering::Release);
     // The parent's agent connection is the parent's.
-    if let Some(s) = AGENT.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        drop(s);
+    let fd = AGENT_FD.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: this process's copy of the connection's fd, which nothing
+        // here uses (the agent thread that owned it is not in the child).
+        unsafe { libc::close(fd) };
     }
     *ENGINE.write().unwrap_or_else(|e| e.into_inner()) = None;
     OWNER.store(0, Ordering::Release);
-    let any = MERGE_ANY.load(Ordering::Acquire);
     INSIDE.with(|i| i.set(false));
-    if inherited.is_empty() && !any {
+    if inherited.is_empty() && !MERGE_ANY.load(Ordering::Acquire) {
         return;
     }
     // A child that execs at once never needs an engine: start after a beat.
+    start_in_background(Duration::from_millis(20), inherited);
+}
+
+/// Starts this process's engine on a thread of its own (after `delay`),
+/// registers `ranges` with it, and starts the sweeper under merge-any.
+fn start_in_background(delay: Duration, ranges: Vec<(usize, usize)>) {
     let _ = std::thread::Builder::new().name("samepage-start".into()).spawn(move || {
         INSIDE.with(|i| i.set(true));
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(delay);
         let Some(e) = engine() else { return };
-        {
+        if !ranges.is_empty() {
             let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
-            for (a, b) in inherited {
+            for (a, b) in ranges {
                 let (parts, _) = mergeable_parts(a, b);
                 let _ = register_parts(e, &parts);
             }
         }
-        if any {
+        if MERGE_ANY.load(Ordering::Acquire) {
             start_sweeper();
         }
     });
@@ -833,14 +829,9 @@ fn prot_of(perms: &str) -> rustix::mm::MprotectFlags {
 extern "C" fn at_load() {
     // SAFETY: plain functions valid for the life of the process.
     unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
-    if std::env::var_os("SAMEPAGE_MERGE_ANY").is_some_and(|v| v == "1") && supervised() {
+    if std::env::var_os(MERGE_ANY_ENV).is_some_and(|v| v == "1") && supervised() {
         MERGE_ANY.store(true, Ordering::Release);
-        let _ = std::thread::Builder::new().name("samepage-start".into()).spawn(|| {
-            INSIDE.with(|i| i.set(true));
-            if engine().is_some() {
-                start_sweeper();
-            }
-        });
+        start_in_background(Duration::ZERO, Vec::new());
     }
 }
 

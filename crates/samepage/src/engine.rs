@@ -888,6 +888,7 @@ impl Shared {
                     full_scans: snap.counters.full_scans,
                     ksm_mergeable: st.regions.values().map(|(start, end)| ((end - start) / PAGE_SIZE) as u64).sum(),
                     merged_now: d.merged_now.get(),
+                    counters: Some(Box::new(snap.counters.clone())),
                     ..Default::default()
                 };
                 for c in snap.regions.values() {

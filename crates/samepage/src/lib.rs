@@ -25,6 +25,7 @@
 mod engine;
 mod error;
 mod region;
+pub mod supervise;
 #[allow(unsafe_code, reason = "the Linux layer: every unsafe block of samepage, each with its SAFETY comment")]
 mod sys;
 #[cfg(feature = "testing")]
@@ -41,10 +42,3 @@ pub use sys::mem::{engine_mappings, maps_in, set_heap_trim, MapsLine};
 pub use sys::space::SpaceStats;
 pub use sys::uffd::UffdMode;
 pub use sys::{SysError, HUGE_PAGE_SIZE};
-
-/// seccomp user notification for `samepage run`'s supervisor: the filter
-/// that stops a program's mapping changes (glibc's internal ones included)
-/// before they run, and its listener.
-pub mod supervise {
-    pub use crate::sys::seccomp::{install_filter, nr, Listener, Notification};
-}

@@ -52,7 +52,7 @@ pub unsafe fn read_page(src: PageAddr, dst: &mut PageBuf) {
 }
 
 /// The anonymous mappings the engine made for itself (scratch areas,
-/// temporaries on their way into place), start -> end, until unmapped or
+/// anonymous temporaries on their way into place), start -> end, until unmapped or
 /// moved: a sweep that registers every anonymous mapping of the process
 /// (`prctl(PR_SET_MEMORY_MERGE)` served by the preload library) must never
 /// take these for the program's memory.
@@ -172,7 +172,7 @@ pub fn map_file_private(pages: usize, fd: impl rustix::fd::AsFd, offset: u64) ->
     }
     .op("mmap(pool, MAP_PRIVATE)")?;
     let start = PageAddr::new(p as usize).expect("mmap returns page-aligned addresses");
-    own_insert(PageRange::new(start, pages));
+    // (Not in `OWN`: a file mapping is never taken for anonymous memory.)
     Ok(PageRange::new(start, pages))
 }
 

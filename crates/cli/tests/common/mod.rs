@@ -1,0 +1,53 @@
+//! Helpers shared by the command-line tests that start daemons and
+//! servers.
+#![allow(dead_code, reason = "each test crate uses a part of these")]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed and reaped when dropped (a failing test leaves
+/// nothing behind).
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cmd` with its output thrown away, killed when dropped.
+pub fn spawn_quiet(cmd: &mut Command) -> Killed {
+    Killed(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+/// Starts `samepage daemon --socket SOCKET ARGS` (the socket file is left as
+/// it is: a daemon takes over a stale one).
+pub fn spawn_daemon(socket: &Path, args: &[&str]) -> Killed {
+    spawn_quiet(Command::new(env!("CARGO_BIN_EXE_samepage")).args(["daemon", "--socket"]).arg(socket).args(args))
+}
+
+/// `f` until it succeeds, for at most 30 s (a daemon or server starting).
+pub fn retry<T, E: std::fmt::Display>(what: &str, mut f: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// `f` until it gives `Some`, for at most 30 s.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    retry(what, || f().ok_or("not yet"))
+}
+
+/// This process's user id.
+pub fn my_uid() -> u32 {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap()
+}
