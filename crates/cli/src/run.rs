@@ -149,8 +149,10 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
     let (ours, theirs) = UnixDatagram::pair().context("socketpair")?;
     c.env(samepage::supervise::AGENT_SOCKET_ENV, &sock);
     let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let tag = samepage::supervise::OwnTag::random();
+    c.env(samepage::supervise::OWN_TAG_ENV, tag.to_env());
     let hook = move || {
-        let listener = samepage::supervise::install_filter().map_err(|e| std::io::Error::from(e.errno))?;
+        let listener = samepage::supervise::install_filter(tag).map_err(|e| std::io::Error::from(e.errno))?;
         // SAFETY: the fd is the socketpair end the parent created and keeps
         // open until after the spawn.
         let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(theirs_fd) };
@@ -193,8 +195,12 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
     if a.verbose {
         eprintln!(
-            "samepage run: {} calls stopped, {} passed to an agent first, {} failed by it",
-            tally.notified, tally.forwarded, tally.failed
+            "samepage run: {} calls stopped, {} passed to an agent first, {} failed by it, {} the engine's own, {} of processes without an agent",
+            tally.notified, tally.forwarded, tally.failed, tally.engine, tally.unattended
+        );
+        let [munmap, mremap, mprotect, brk, mmap, madvise] = tally.by_call;
+        eprintln!(
+            "samepage run: stopped calls: munmap {munmap}, mremap {mremap}, mprotect {mprotect}, brk {brk}, mmap(MAP_FIXED) {mmap}, madvise {madvise}"
         );
     }
     use std::os::unix::process::ExitStatusExt;

@@ -50,6 +50,27 @@ pub struct Tally {
     pub forwarded: u64,
     /// Calls the agent failed (the program saw the errno).
     pub failed: u64,
+    /// Calls made by the engine itself (its code or its threads), let through.
+    pub engine: u64,
+    /// Calls of processes without an agent, let through.
+    pub unattended: u64,
+    /// Calls stopped, by system call: munmap, mremap, mprotect, brk, mmap, madvise.
+    pub by_call: [u64; 6],
+}
+
+impl Tally {
+    fn count_call(&mut self, nr: i32) {
+        use samepage::supervise::nr;
+        let i = match nr {
+            nr::MUNMAP => 0,
+            nr::MREMAP => 1,
+            nr::MPROTECT => 2,
+            nr::BRK => 3,
+            nr::MMAP => 4,
+            _ => 5,
+        };
+        self.by_call[i] += 1;
+    }
 }
 
 struct Supervisor {
@@ -84,6 +105,7 @@ fn tid_info(tid: u32) -> Option<(u32, bool)> {
 impl Supervisor {
     fn notified(&mut self, n: Notification) {
         self.tally.notified += 1;
+        self.tally.count_call(n.nr);
         let info = match self.tids.get(&n.tid) {
             Some(i) => Some(*i),
             None => {
@@ -98,6 +120,7 @@ impl Supervisor {
             }
         };
         let Some((pid, engine)) = info else {
+            self.tally.unattended += 1;
             let _ = self.listener.allow(n.id);
             return;
         };
@@ -109,7 +132,12 @@ impl Supervisor {
                     Self::send_first(a);
                 }
             }
-            _ => {
+            Some(_) => {
+                self.tally.engine += 1;
+                let _ = self.listener.allow(n.id);
+            }
+            None => {
+                self.tally.unattended += 1;
                 let _ = self.listener.allow(n.id);
             }
         }

@@ -48,7 +48,7 @@
 
 mod heap;
 
-use samepage::supervise::{Hello, Request, AGENT_SOCKET_ENV, MERGE_ANY_ENV};
+use samepage::supervise::{Hello, OwnTag, Request, AGENT_SOCKET_ENV, MERGE_ANY_ENV, OWN_TAG_ENV};
 use samepage::{Discard, Domain, Engine, RegionId, Run, Tunables};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -330,8 +330,13 @@ fn take_back(a: usize, b: usize) -> Result<(), c_int> {
 }
 
 fn raw(nr: c_long, args: [usize; 6]) -> c_long {
+    // The call runs after the library has taken back what it replaces: it is
+    // tagged as the engine's own, so the supervisor's filter does not stop it
+    // again.
+    let args = samepage::supervise::tag_args(nr, args);
     // SAFETY: a plain system call with the program's own arguments, as the
-    // C library's wrapper would make it; errno is set on failure.
+    // C library's wrapper would make it, plus the tag in bits the kernel
+    // ignores for it; errno is set on failure.
     unsafe { libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]) }
 }
 
@@ -509,7 +514,10 @@ fn start_agent() -> std::io::Result<()> {
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)?;
     AGENT_FD.store(std::os::fd::AsRawFd::as_raw_fd(&s), Ordering::Release);
-    std::thread::Builder::new().name("samepage-agent".into()).spawn(move || agent(s))?;
+    std::thread::Builder::new().name("samepage-agent".into()).spawn(move || {
+        samepage::keep_thread_arena_out();
+        agent(s)
+    })?;
     Ok(())
 }
 
@@ -601,9 +609,25 @@ fn object_segments() -> Vec<(usize, usize)> {
     out
 }
 
-/// Whether `[a, b)` meets any of `ranges`.
-fn meets(ranges: &[(usize, usize)], a: usize, b: usize) -> bool {
-    ranges.iter().any(|&(s, e)| s < b && a < e)
+/// The parts of `[a, b)` outside every one of `ranges` (sorted by start).
+///
+/// A line of `/proc/self/maps` is a VMA, and the kernel joins neighbouring
+/// anonymous mappings of the same flags into one: the program's buffer and
+/// the engine's scratch memory right above it read as one line. So the
+/// engine's ranges are cut out of a line, never a reason to pass it over.
+fn outside(ranges: &[(usize, usize)], a: usize, b: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut pos = a;
+    for &(s, e) in ranges.iter().filter(|&&(s, e)| s < b && a < e) {
+        if s > pos {
+            out.push((pos, s));
+        }
+        pos = pos.max(e);
+    }
+    if pos < b {
+        out.push((pos, b));
+    }
+    out
 }
 
 /// One sweep: registers every private anonymous read-write mapping not
@@ -622,22 +646,41 @@ fn sweep(e: &Engine) {
     let mut skip = object_segments();
     skip.extend(heap::chunks());
     skip.extend(samepage::engine_mappings());
+    skip.sort_unstable();
     let mut parts = Vec::new();
     let mut prev: Option<samepage::MapsLine> = None;
     for m in text.lines().filter_map(samepage::MapsLine::parse) {
-        let guard_below = prev.as_ref().is_some_and(|p| p.end == m.start && p.perms == "---p" && p.inode == 0);
+        // A thread's stack sits right above its guard: a small inaccessible
+        // anonymous mapping (glibc's default guard is a page). The
+        // inaccessible tail of a malloc arena's heap (up to 64 MiB) is not
+        // a guard: a mapping the kernel placed right above one (a large
+        // malloc'ed buffer) is the program's data.
+        const GUARD_MAX: usize = 1 << 20;
+        let guard_below = prev
+            .as_ref()
+            .is_some_and(|p| p.end == m.start && p.perms == "---p" && p.inode == 0 && p.end - p.start <= GUARD_MAX);
         let stack = m.path == "[stack]" || (guard_below && m.path.is_empty());
-        if private_anon_rw(&m) && !stack && !meets(&skip, m.start, m.end) && !m.path.starts_with("[anon:samepage") {
-            // Neighbouring mappings go in as one range (registering reads
-            // the attributes of its range once).
-            match parts.last_mut() {
-                Some((_, end)) if *end == m.start => *end = m.end,
-                _ => parts.push((m.start, m.end)),
+        if private_anon_rw(&m) && !stack && !m.path.starts_with("[anon:samepage") {
+            for (a, b) in outside(&skip, m.start, m.end) {
+                // Neighbouring mappings go in as one range (registering reads
+                // the attributes of its range once).
+                match parts.last_mut() {
+                    Some((_, end)) if *end == a => *end = b,
+                    _ => parts.push((a, b)),
+                }
             }
         }
         prev = Some(m);
     }
-    let _ = register_parts(e, &parts);
+    // Each part on its own: one the engine refuses must not keep the rest
+    // out.
+    for part in parts {
+        if let Err(errno) = register_parts(e, &[part]) {
+            if std::env::var_os("SAMEPAGE_DEBUG").is_some() {
+                eprintln!("samepage: sweep: {:#x}-{:#x} not registered: errno {errno}", part.0, part.1);
+            }
+        }
+    }
 }
 
 /// Starts the sweeper of this process (once per process).
@@ -648,6 +691,7 @@ fn start_sweeper() {
     }
     let _ = std::thread::Builder::new().name("samepage-sweep".into()).spawn(move || {
         INSIDE.with(|i| i.set(true));
+        samepage::keep_thread_arena_out();
         while pid() == me && MERGE_ANY.load(Ordering::Acquire) {
             if let Some(e) = engine() {
                 sweep(e);
@@ -716,14 +760,20 @@ type HeapGuard = lock_api::MutexGuard<'static, spin::Mutex<()>, talc::Talc<heap:
 
 thread_local! {
     /// The locks `before_fork` holds across `fork`.
-    static FORKING: std::cell::RefCell<Option<(std::sync::MutexGuard<'static, ()>, HeapGuard)>> =
-        const { std::cell::RefCell::new(None) };
+    #[allow(clippy::type_complexity, reason = "the three guards, in the order they are taken")]
+    static FORKING: std::cell::RefCell<
+        Option<(std::sync::MutexGuard<'static, ()>, samepage::EngineMappingsHold, HeapGuard)>,
+    > = const { std::cell::RefCell::new(None) };
 }
 
 extern "C" fn before_fork() {
+    // In lock order: the library's operations (a sweep reads the engine's
+    // mappings under it), the engine's mappings (inserting allocates), the
+    // heap.
     let ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+    let own = samepage::EngineMappingsHold::take();
     let heap = heap::HEAP.lock();
-    FORKING.with(|f| *f.borrow_mut() = Some((ops, heap)));
+    FORKING.with(|f| *f.borrow_mut() = Some((ops, own, heap)));
 }
 
 extern "C" fn after_fork_parent() {
@@ -731,7 +781,14 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
-    FORKING.with(|f| drop(f.borrow_mut().take()));
+    FORKING.with(|f| {
+        if let Some((ops, mut own, heap)) = f.borrow_mut().take() {
+            // Forgetting frees: the heap first.
+            drop(heap);
+            own.forget_all();
+            drop((own, ops));
+        }
+    });
     if OWNER.load(Ordering::Acquire) == 0 && !MERGE_ANY.load(Ordering::Acquire) {
         return;
     }
@@ -768,6 +825,7 @@ extern "C" fn after_fork_child() {
 fn start_in_background(delay: Duration, ranges: Vec<(usize, usize)>) {
     let _ = std::thread::Builder::new().name("samepage-start".into()).spawn(move || {
         INSIDE.with(|i| i.set(true));
+        samepage::keep_thread_arena_out();
         std::thread::sleep(delay);
         let Some(e) = engine() else { return };
         if !ranges.is_empty() {
@@ -829,6 +887,10 @@ fn prot_of(perms: &str) -> rustix::mm::MprotectFlags {
 extern "C" fn at_load() {
     // SAFETY: plain functions valid for the life of the process.
     unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
+    // The engine's own mapping changes carry the run's tag past the filter.
+    if let Some(tag) = std::env::var(OWN_TAG_ENV).ok().and_then(|t| OwnTag::from_env(&t)) {
+        samepage::supervise::set_own_tag(tag);
+    }
     if std::env::var_os(MERGE_ANY_ENV).is_some_and(|v| v == "1") && supervised() {
         MERGE_ANY.store(true, Ordering::Release);
         start_in_background(Duration::ZERO, Vec::new());
@@ -840,3 +902,17 @@ extern "C" fn at_load() {
 #[used]
 #[link_section = ".init_array"]
 static AT_LOAD: extern "C" fn() = at_load;
+
+#[cfg(test)]
+mod tests {
+    use super::outside;
+
+    #[test]
+    fn outside_cuts_the_engines_ranges_out_of_a_line() {
+        let skip = [(0x1000, 0x2000), (0x5000, 0x7000), (0x9000, 0xa000)];
+        assert_eq!(outside(&skip, 0x0, 0x8000), vec![(0x0, 0x1000), (0x2000, 0x5000), (0x7000, 0x8000)]);
+        assert_eq!(outside(&skip, 0x5000, 0x7000), vec![]);
+        assert_eq!(outside(&skip, 0xb000, 0xc000), vec![(0xb000, 0xc000)]);
+        assert_eq!(outside(&[(0x0, 0x3000), (0x1000, 0x2000)], 0x0, 0x4000), vec![(0x3000, 0x4000)]);
+    }
+}

@@ -509,7 +509,10 @@ impl Engine {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("samepage-ksmd".into())
-            .spawn(move || scanner(s))
+            .spawn(move || {
+                crate::sys::mem::keep_thread_arena_out();
+                scanner(s)
+            })
             .map_err(|e| Error::EngineFailed(format!("cannot spawn the scanner thread: {e}")))?;
         Ok(Engine { shared, thread: Some(thread), info })
     }

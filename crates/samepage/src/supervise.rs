@@ -10,7 +10,9 @@
 //! agent answers with [`reply`]: 0 to let the call run, or the errno the
 //! call fails with. Numbers are little-endian.
 
-pub use crate::sys::seccomp::{install_filter, nr, Listener, Notification};
+pub use crate::sys::seccomp::{
+    install_filter, nr, own_syscall, set_own_tag, tag_args, Listener, Notification, OwnTag, OWN_TAG_ENV,
+};
 use std::ops::Range;
 
 /// The environment variable naming the supervisor's agent socket.

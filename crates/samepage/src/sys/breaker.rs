@@ -40,8 +40,10 @@ impl Breaker {
     pub fn start(uffd: Arc<Uffd>, registry: Arc<Mutex<Registry>>) -> std::io::Result<Breaker> {
         let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
         let stop2 = stop.try_clone()?;
-        let thread =
-            std::thread::Builder::new().name("samepage-cow".into()).spawn(move || serve(&uffd, &registry, &stop2))?;
+        let thread = std::thread::Builder::new().name("samepage-cow".into()).spawn(move || {
+            super::mem::keep_thread_arena_out();
+            serve(&uffd, &registry, &stop2)
+        })?;
         Ok(Breaker { stop, thread: Some(thread) })
     }
 }
@@ -101,8 +103,25 @@ impl Peeker {
 
     fn relist(&mut self) {
         self.files.clear();
-        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-            self.files.extend(tasks.flatten().filter_map(|t| std::fs::File::open(t.path().join("syscall")).ok()));
+        // Not std::fs::read_dir: its opendir allocates from the C library's
+        // malloc, and this runs while the page space is held (see
+        // `mem::keep_thread_arena_out`). rustix's Dir reads with getdents
+        // into a buffer of ours.
+        let dir = rustix::fs::open(
+            "/proc/self/task",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        );
+        if let Ok(mut tasks) = dir.and_then(rustix::fs::Dir::read_from) {
+            while let Some(Ok(t)) = tasks.read() {
+                let name = t.file_name().to_bytes();
+                if name.first().is_some_and(u8::is_ascii_digit) {
+                    let path = format!("/proc/self/task/{}/syscall", String::from_utf8_lossy(name));
+                    if let Ok(f) = std::fs::File::open(path) {
+                        self.files.push(f);
+                    }
+                }
+            }
         }
         self.listed = std::time::Instant::now();
     }

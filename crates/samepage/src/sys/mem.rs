@@ -14,6 +14,7 @@
 use super::addr::{PageAddr, PageRange};
 use super::{Op, SysError};
 use crate::PAGE_SIZE;
+use rustix::fd::AsRawFd;
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 use std::ffi::c_void;
 
@@ -59,6 +60,33 @@ pub unsafe fn read_page(src: PageAddr, dst: &mut PageBuf) {
 static OWN: std::sync::Mutex<std::collections::BTreeMap<usize, usize>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
+/// The registry of the engine's own mappings, held across a `fork` (a
+/// fork while another thread held it would leave it held for ever in the
+/// child): take it in a `pthread_atfork` prepare handler, after any lock
+/// under which the engine maps memory and before the allocator's lock.
+pub struct EngineMappingsHold(std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, usize>>);
+
+impl std::fmt::Debug for EngineMappingsHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineMappingsHold").finish_non_exhaustive()
+    }
+}
+
+impl EngineMappingsHold {
+    /// Takes the registry.
+    pub fn take() -> EngineMappingsHold {
+        EngineMappingsHold(OWN.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Forgets every mapping: in a forked child, whose engine (if any) is a
+    /// new one. The parent's `MADV_DONTFORK` mappings are not in the child,
+    /// so their addresses are free there, and a mapping the child makes
+    /// later may land on one: it is the program's, not the engine's.
+    pub fn forget_all(&mut self) {
+        self.0.clear();
+    }
+}
+
 fn own_insert(r: PageRange) {
     OWN.lock().unwrap_or_else(|e| e.into_inner()).insert(r.start().get(), r.start().get() + r.len_bytes());
 }
@@ -73,6 +101,55 @@ fn own_remove(a: usize, b: usize) {
     for s in gone {
         own.remove(&s);
     }
+}
+
+/// A mapping change of the engine's own: under `samepage run`'s seccomp
+/// filter it carries the run's tag and is not stopped (see
+/// [`super::seccomp`]); elsewhere it is the plain system call.
+///
+/// # Safety
+/// As system call `nr` with `args`.
+unsafe fn own(nr: i64, args: [usize; 6]) -> Result<usize, rustix::io::Errno> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { super::seccomp::own_syscall(nr, args) }
+}
+
+/// Keeps the C library's `malloc` arena of the calling thread out of
+/// merging: call it first thing on every thread of the engine.
+///
+/// The engine's Rust allocations can come from a heap of their own (the
+/// preload library's), but the C library allocates for itself on the
+/// calling thread too (`opendir`, thread-local destructor lists, a new
+/// thread's TLS), from that thread's arena. Under `--merge-any` the sweep
+/// registers every private anonymous mapping, and a merged page of an
+/// engine thread's arena is a self-deadlock: the thread faults on it while
+/// it holds the page space, which the copy-on-write breaker waits for
+/// (seen with gdb: `samepage-ksmd` in `handle_userfault` under
+/// `_int_malloc` from `opendir`).
+///
+/// glibc's main arena grows the program break; every other arena lives in
+/// heaps of `HEAP_MAX_SIZE` (64 MiB on 64-bit), aligned to their size
+/// (`malloc/arena.c`, `new_heap`). So the heap around a fresh allocation of
+/// this thread is recorded as the engine's own (see [`engine_mappings`]),
+/// unless it is the main arena's, below the break (then the engine's
+/// threads must not allocate from the C library while they hold the page
+/// space: `Peeker` lists threads without `opendir` for this reason).
+pub fn keep_thread_arena_out() {
+    const HEAP_MAX_SIZE: usize = 64 << 20;
+    // SAFETY: malloc(1) returns a fresh allocation or null; freed at once.
+    let p = unsafe { libc::malloc(1) } as usize;
+    if p == 0 {
+        return;
+    }
+    // SAFETY: `p` came from malloc above and is freed once.
+    unsafe { libc::free(p as *mut c_void) };
+    // SAFETY: brk(0) changes nothing; it returns the current break.
+    let brk = unsafe { own(libc::SYS_brk, [0; 6]) }.unwrap_or(0);
+    if p < brk {
+        return;
+    }
+    let heap = p & !(HEAP_MAX_SIZE - 1);
+    OWN.lock().unwrap_or_else(|e| e.into_inner()).insert(heap, heap + HEAP_MAX_SIZE);
 }
 
 /// The engine's own anonymous mappings right now, as `(start, end)`.
@@ -122,11 +199,16 @@ pub fn map_anon_noreserve(pages: usize) -> Result<PageRange, SysError> {
 pub unsafe fn map_anon_fixed(range: PageRange) -> Result<(), SysError> {
     // SAFETY: MAP_FIXED replaces exactly `range`, which the caller may replace.
     unsafe {
-        rustix::mm::mmap_anonymous(
-            c(range.start()),
-            range.len_bytes(),
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE | MapFlags::FIXED,
+        own(
+            libc::SYS_mmap,
+            [
+                range.start().get(),
+                range.len_bytes(),
+                (ProtFlags::READ | ProtFlags::WRITE).bits() as usize,
+                (MapFlags::PRIVATE | MapFlags::FIXED).bits() as usize | libc::MAP_ANONYMOUS as usize,
+                usize::MAX, // fd -1
+                0,
+            ],
         )
     }
     .op("mmap(MAP_ANONYMOUS|MAP_FIXED)")?;
@@ -142,13 +224,16 @@ pub unsafe fn map_anon_fixed(range: PageRange) -> Result<(), SysError> {
 pub unsafe fn map_file_private_fixed(range: PageRange, fd: impl rustix::fd::AsFd, offset: u64) -> Result<(), SysError> {
     // SAFETY: MAP_FIXED replaces exactly `range`, which the caller may replace.
     unsafe {
-        rustix::mm::mmap(
-            c(range.start()),
-            range.len_bytes(),
-            ProtFlags::READ | ProtFlags::WRITE,
-            MapFlags::PRIVATE | MapFlags::FIXED,
-            fd,
-            offset,
+        own(
+            libc::SYS_mmap,
+            [
+                range.start().get(),
+                range.len_bytes(),
+                (ProtFlags::READ | ProtFlags::WRITE).bits() as usize,
+                (MapFlags::PRIVATE | MapFlags::FIXED).bits() as usize,
+                fd.as_fd().as_raw_fd() as usize,
+                offset as usize,
+            ],
         )
     }
     .op("mmap(pool, MAP_PRIVATE|MAP_FIXED)")?;
@@ -185,12 +270,16 @@ pub fn map_file_private(pages: usize, fd: impl rustix::fd::AsFd, offset: u64) ->
 pub unsafe fn move_mapping(from: PageRange, to: PageAddr) -> Result<(), SysError> {
     // SAFETY: the caller owns `from` and may replace `to`.
     unsafe {
-        rustix::mm::mremap_fixed(
-            c(from.start()),
-            from.len_bytes(),
-            from.len_bytes(),
-            rustix::mm::MremapFlags::MAYMOVE,
-            c(to),
+        own(
+            libc::SYS_mremap,
+            [
+                from.start().get(),
+                from.len_bytes(),
+                from.len_bytes(),
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as usize,
+                to.get(),
+                0,
+            ],
         )
     }
     .op("mremap(MREMAP_FIXED)")?;
@@ -204,7 +293,7 @@ pub unsafe fn move_mapping(from: PageRange, to: PageAddr) -> Result<(), SysError
 /// Nothing may use the range afterwards.
 pub unsafe fn unmap(range: PageRange) -> Result<(), SysError> {
     // SAFETY: guaranteed by the caller.
-    unsafe { rustix::mm::munmap(c(range.start()), range.len_bytes()) }.op("munmap")?;
+    unsafe { own(libc::SYS_munmap, [range.start().get(), range.len_bytes(), 0, 0, 0, 0]) }.op("munmap")?;
     own_remove(range.start().get(), range.start().get() + range.len_bytes());
     Ok(())
 }
@@ -216,8 +305,9 @@ pub unsafe fn unmap(range: PageRange) -> Result<(), SysError> {
 /// The range's content may be discarded.
 pub unsafe fn dont_need(range: PageRange) -> Result<(), SysError> {
     // SAFETY: guaranteed by the caller.
-    unsafe { rustix::mm::madvise(c(range.start()), range.len_bytes(), Advice::LinuxDontNeed) }
+    unsafe { own(libc::SYS_madvise, [range.start().get(), range.len_bytes(), libc::MADV_DONTNEED as usize, 0, 0, 0]) }
         .op("madvise(MADV_DONTNEED)")
+        .map(drop)
 }
 
 /// `madvise(MADV_FREE)`: the pages of anonymous `range` may be freed lazily
@@ -227,7 +317,9 @@ pub unsafe fn dont_need(range: PageRange) -> Result<(), SysError> {
 /// The range's content may be discarded.
 pub unsafe fn free_lazily(range: PageRange) -> Result<(), SysError> {
     // SAFETY: guaranteed by the caller.
-    unsafe { rustix::mm::madvise(c(range.start()), range.len_bytes(), Advice::LinuxFree) }.op("madvise(MADV_FREE)")
+    unsafe { own(libc::SYS_madvise, [range.start().get(), range.len_bytes(), libc::MADV_FREE as usize, 0, 0, 0]) }
+        .op("madvise(MADV_FREE)")
+        .map(drop)
 }
 
 /// `madvise(MADV_POPULATE_WRITE)`: a write fault on every page without
@@ -311,7 +403,9 @@ pub fn unlock(range: PageRange) -> Result<(), SysError> {
 #[cfg(feature = "testing")]
 pub unsafe fn protect(range: PageRange, prot: rustix::mm::MprotectFlags) -> Result<(), SysError> {
     // SAFETY: guaranteed by the caller.
-    unsafe { rustix::mm::mprotect(c(range.start()), range.len_bytes(), prot) }.op("mprotect")
+    unsafe { own(libc::SYS_mprotect, [range.start().get(), range.len_bytes(), prot.bits() as usize, 0, 0, 0]) }
+        .op("mprotect")
+        .map(drop)
 }
 
 /// Whether every page of `range` is resident (`mincore`).

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Prefork Python workers: samepage against the kernel's ksmd, same run.
+
+Runs scripts/workers/workers.py three times on this machine, as root:
+  1. without merging (the baseline Pss);
+  2. under the kernel's ksmd: the master calls prctl(PR_SET_MEMORY_MERGE, 1)
+     before forking (what systemd's MemoryKSM=yes does), ksmd runs with the
+     given pages_to_scan and sleep_millisecs;
+  3. under samepage: a `samepage daemon` with the same two tunables, the
+     workers under `samepage run --merge-any` (the program unmodified).
+Each reports the workers' Pss once it holds still, and whether every worker's
+model stayed byte-exact. Saved = baseline Pss - Pss after; samepage's side
+also counts the daemon's own Pss (it maps the pool), so its figure is net.
+CPU: ksmd's thread (utime+stime from /proc) against the daemon's plus the
+samepage threads inside the workers.
+
+Every /sys/kernel/mm/ksm setting touched is restored (run 2 then 0).
+Prints a table, then one JSON line.
+"""
+import argparse, json, os, signal, subprocess, sys, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+KSM = "/sys/kernel/mm/ksm"
+PY = "/usr/bin/python3"
+
+
+def ksm_get(name):
+    with open(f"{KSM}/{name}") as f:
+        return f.read().strip()
+
+
+def ksm_set(name, value):
+    with open(f"{KSM}/{name}", "w") as f:
+        f.write(str(value))
+
+
+def cpu_s(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return 0.0
+    fields = st[st.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pss_mib(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def ksmd_pid():
+    out = subprocess.run(["pgrep", "-x", "ksmd"], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def workers(args, extra, prefix=()):
+    cmd = list(prefix) + [PY, os.path.join(HERE, "workers.py"), "--workers", str(args.workers),
+                          "--mib", str(args.mib), "--seconds", str(args.seconds)] + extra
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.seconds + 120)
+    wall = time.monotonic() - t0
+    line = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if p.returncode != 0 or not line:
+        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stdout[-2000:]} {p.stderr[-2000:]}")
+    r = json.loads(line[-1])
+    r["wall_s"] = round(wall, 1)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--mib", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--pages-to-scan", type=int, default=4000)
+    ap.add_argument("--sleep-ms", type=int, default=20)
+    ap.add_argument("--samepage", default=os.path.join(ROOT, "target", "release", "samepage"))
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("compare.py drives /sys/kernel/mm/ksm: run it as root")
+
+    # 1. Baseline: nothing merges (a short run: Pss holds still at once).
+    base_args = argparse.Namespace(**{**vars(a), "seconds": 5})
+    base = workers(base_args, [])
+
+    # 2. ksmd.
+    names = ["run", "pages_to_scan", "sleep_millisecs"]
+    saved = {n: ksm_get(n) for n in names}
+    kpid = ksmd_pid()
+    try:
+        ksm_set("pages_to_scan", a.pages_to_scan)
+        ksm_set("sleep_millisecs", a.sleep_ms)
+        ksm_set("run", 1)
+        c0 = cpu_s(kpid)
+        kern = workers(a, ["--prctl"])
+        kern["merger_cpu_s"] = round(cpu_s(kpid) - c0, 2)
+    finally:
+        ksm_set("run", 2)
+        ksm_set("run", 0)
+        for n in names:
+            if n != "run":
+                ksm_set(n, saved[n])
+        ksm_set("run", saved["run"])
+
+    # 3. samepage: a daemon on a socket of this run, the workers unmodified.
+    sock = f"/tmp/samepage-compare-{os.getpid()}.sock"
+    daemon = subprocess.Popen([a.samepage, "daemon", "--socket", sock, "--pages-to-scan", str(a.pages_to_scan),
+                               "--sleep-ms", str(a.sleep_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(100):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.05)
+        d0 = cpu_s(daemon.pid)
+        same = workers(a, [], prefix=[a.samepage, "run", "--merge-any", "--socket", sock, "--"])
+        same["daemon_cpu_s"] = round(cpu_s(daemon.pid) - d0, 2)
+        same["daemon_pss_mib"] = round(pss_mib(daemon.pid), 1)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+    saved_k = base["pss_after_mib"] - kern["pss_after_mib"]
+    saved_s = base["pss_after_mib"] - same["pss_after_mib"] - same["daemon_pss_mib"]
+    cpu_k = kern["merger_cpu_s"]
+    cpu_s_ = same["merger_cpu_s"] + same["daemon_cpu_s"]
+    print(f"{a.workers} prefork Python workers, {a.mib} MiB model each, pages_to_scan {a.pages_to_scan}, "
+          f"sleep_millisecs {a.sleep_ms}")
+    print(f"{'':10} {'Pss after':>10} {'saved':>9} {'settled':>8} {'merger CPU':>11} {'content':>8}")
+    print(f"{'none':10} {base['pss_after_mib']:>7.1f} MiB {'':>9} {'':>8} {'':>11} "
+          f"{'ok' if base['ok'] else 'WRONG':>8}")
+    for name, r, saved_mib, cpu in [("ksmd", kern, saved_k, cpu_k), ("samepage", same, saved_s, cpu_s_)]:
+        settled = "-" if r["settled_s"] is None else f"{r['settled_s']} s"
+        print(f"{name:10} {r['pss_after_mib']:>7.1f} MiB {saved_mib:>5.1f} MiB {settled:>8} {cpu:>9.2f} s "
+              f"{'ok' if r['ok'] else 'WRONG':>8}")
+    ratio = saved_s / saved_k if saved_k > 0 else None
+    print(f"samepage saved {ratio * 100:.0f}% of what ksmd saved" if ratio else "ksmd saved nothing")
+    for r in (base, kern, same):
+        r.pop("samples", None)
+    print(json.dumps({"baseline": base, "ksmd": kern, "samepage": same, "saved_mib_ksmd": round(saved_k, 1),
+                      "saved_mib_samepage": round(saved_s, 1),
+                      "ratio": None if ratio is None else round(ratio, 3)}))
+    return 0 if base["ok"] and kern["ok"] and same["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
