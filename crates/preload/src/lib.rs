@@ -502,6 +502,29 @@ pub unsafe extern "C" fn mmap(
 /// range: calls made from it are the engine's own and run at once), waits
 /// for the ack, and starts the `samepage-agent` thread.
 fn start_agent() -> std::io::Result<()> {
+    // The agent thread is made first and says hello itself: once the
+    // supervisor has the hello, this process's stopped calls go to the
+    // agent, and the thread creation's own calls (the new stack's mmap and
+    // guard mprotect) would wait for an agent that does not exist yet.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("samepage-agent".into()).spawn(move || {
+        samepage::keep_thread_arena_out();
+        match hello() {
+            Ok(s) => {
+                AGENT_FD.store(std::os::fd::AsRawFd::as_raw_fd(&s), Ordering::Release);
+                let _ = tx.send(Ok(()));
+                agent(s)
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    })?;
+    rx.recv().map_err(|_| std::io::Error::other("the agent thread died"))?
+}
+
+/// Connects to the supervisor's agent socket and says hello.
+fn hello() -> std::io::Result<std::os::unix::net::UnixStream> {
     use std::io::{Read, Write};
     let path = std::env::var_os(AGENT_SOCKET_ENV).ok_or(std::io::ErrorKind::NotFound)?;
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
@@ -513,12 +536,7 @@ fn start_agent() -> std::io::Result<()> {
     s.write_all(&Hello { pid: pid() as u32, text }.encode())?;
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)?;
-    AGENT_FD.store(std::os::fd::AsRawFd::as_raw_fd(&s), Ordering::Release);
-    std::thread::Builder::new().name("samepage-agent".into()).spawn(move || {
-        samepage::keep_thread_arena_out();
-        agent(s)
-    })?;
-    Ok(())
+    Ok(s)
 }
 
 fn agent(mut s: std::os::unix::net::UnixStream) {
