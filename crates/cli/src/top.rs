@@ -65,6 +65,7 @@ const KERNEL_NAMES: [&str; 8] = [
 /// A process's engine: one client of the daemon (a process may run several).
 type Key = (u32, u32, u32);
 
+/// The engine `r` of partition `p`.
 fn key(p: &PartitionStatus, r: &ProcessStatus) -> Key {
     (p.uid, p.domain, r.client.0)
 }
@@ -96,6 +97,8 @@ struct Rates {
     total_merges: Option<f64>,
     /// `pages_scanned` per second, all engines.
     total_scanned: Option<f64>,
+    /// `pages_skipped` per second (smart_scan's skips), all engines.
+    total_skipped: Option<f64>,
 }
 
 /// What the sparklines draw, one point per sample.
@@ -126,6 +129,7 @@ enum Sort {
 }
 
 impl Sort {
+    /// The order `p` switches to.
     fn next(self) -> Self {
         match self {
             Sort::Profit => Sort::Cpu,
@@ -135,6 +139,7 @@ impl Sort {
         }
     }
 
+    /// The column it orders by.
     fn name(self) -> &'static str {
         match self {
             Sort::Profit => "ksm_process_profit",
@@ -147,11 +152,17 @@ impl Sort {
 
 /// The view's state.
 struct Top {
+    /// The daemon's socket.
     socket: PathBuf,
+    /// Between samples.
     interval: Duration,
+    /// The last sample that succeeded.
     last: Sample,
+    /// Between the last two samples (`None` after the first).
     rates: Option<Rates>,
+    /// One point per sample, oldest first, at most [`HISTORY`].
     history: VecDeque<Point>,
+    /// The process table's order.
     sort: Sort,
     /// The last sample's failure, shown until one succeeds.
     error: Option<String>,
@@ -221,6 +232,7 @@ fn rates(prev: &Sample, now: &Sample) -> Rates {
                 r.merges.insert(k, merges);
                 *r.total_merges.get_or_insert(0.0) += merges;
                 *r.total_scanned.get_or_insert(0.0) += b.pages_scanned.saturating_sub(a.pages_scanned) as f64 / secs;
+                *r.total_skipped.get_or_insert(0.0) += b.pages_skipped.saturating_sub(a.pages_skipped) as f64 / secs;
             }
         }
     }
@@ -228,6 +240,7 @@ fn rates(prev: &Sample, now: &Sample) -> Rates {
 }
 
 impl Top {
+    /// The view of a first sample.
     fn new(socket: PathBuf, interval: Duration, first: Sample) -> Self {
         let mut top = Top {
             socket,
@@ -255,6 +268,7 @@ impl Top {
         }
     }
 
+    /// The last sample's point for the sparklines.
     fn push_point(&mut self) {
         let c = view::system_counters(&self.last.parts);
         let r = self.rates.as_ref();
@@ -290,6 +304,7 @@ impl Top {
         u16::try_from(n).unwrap_or(u16::MAX)
     }
 
+    /// The whole frame: header, sparklines, tables, keys.
     fn draw(&self, f: &mut Frame) {
         let parts_rows = u16::try_from(self.last.parts.len() + 3).unwrap_or(u16::MAX).min(12);
         let [header, sparks, parts, procs, footer] = Layout::vertical([
@@ -316,12 +331,15 @@ impl Top {
         f.render_widget(Paragraph::new(keys), footer);
     }
 
+    /// The system's totals and tunables; the kernel's counters beside.
     fn draw_header(&self, f: &mut Frame, area: Rect) {
-        let [left, right] = Layout::horizontal([Constraint::Min(60), Constraint::Length(54)]).areas(area);
+        let [left, right] = Layout::horizontal([Constraint::Min(60), Constraint::Length(46)]).areas(area);
         let c = view::system_counters(&self.last.parts);
         let procs = self.last.parts.iter().map(|p| p.processes.len()).sum::<usize>();
         let r = self.rates.as_ref();
-        let rate = |v: Option<f64>, unit: &str| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}{unit}"));
+        let rate = |v: Option<f64>, digits: usize, unit: &str| {
+            v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}{unit}"))
+        };
         let mut lines = vec![
             Line::from(format!(
                 "saved (general_profit) {}   pages_sharing {}   pages_shared {}   full_scans {}",
@@ -331,19 +349,20 @@ impl Top {
                 c.full_scans
             )),
             Line::from(format!(
-                "pages_unshared {}   pages_volatile {}   ksm_zero_pages {}   metadata {}",
+                "pages_unshared {}   pages_volatile {}   ksm_zero_pages {}   metadata {}   processes {}   partitions {}",
                 c.pages_unshared,
                 c.pages_volatile,
                 c.ksm_zero_pages,
-                human(i64::try_from(c.metadata_bytes).unwrap_or(i64::MAX))
-            )),
-            Line::from(format!(
-                "merger CPU {}   merges/s {}   pages_scanned/s {}   processes {}   partitions {}",
-                rate(r.map(|r| r.total_cpu_pct), " %"),
-                rate(r.and_then(|r| r.total_merges), ""),
-                rate(r.and_then(|r| r.total_scanned), ""),
+                human(i64::try_from(c.metadata_bytes).unwrap_or(i64::MAX)),
                 procs,
                 self.last.parts.len()
+            )),
+            Line::from(format!(
+                "merger CPU {}   merges/s {}   pages_scanned/s {}   pages_skipped/s {}",
+                rate(r.map(|r| r.total_cpu_pct), 1, " %"),
+                rate(r.and_then(|r| r.total_merges), 1, ""),
+                rate(r.and_then(|r| r.total_scanned), 0, ""),
+                rate(r.and_then(|r| r.total_skipped), 0, ""),
             )),
         ];
         if let Some(t) = &self.last.tunables {
@@ -374,7 +393,7 @@ impl Top {
                                 _ => format!("{k} {v}"),
                             })
                             .collect::<Vec<_>>()
-                            .join("   "),
+                            .join("  "),
                     )
                 })
                 .collect(),
@@ -382,6 +401,7 @@ impl Top {
         f.render_widget(Paragraph::new(kernel).block(Block::bordered().title(format!(" kernel {KERNEL_KSM} "))), right);
     }
 
+    /// Saved bytes, merges per second and merger CPU over the samples.
     fn draw_sparklines(&self, f: &mut Frame, area: Rect) {
         let cols: [Rect; 3] = Layout::horizontal([Constraint::Ratio(1, 3); 3]).areas(area);
         let last = self.history.back().copied();
@@ -414,6 +434,7 @@ impl Top {
         }
     }
 
+    /// One row per partition, its counters by [`view::partition_counters`].
     fn draw_partitions(&self, f: &mut Frame, area: Rect) {
         let head = [
             "uid",
@@ -453,6 +474,7 @@ impl Top {
         f.render_widget(table, area);
     }
 
+    /// One row per engine, in the chosen order.
     fn draw_processes(&self, f: &mut Frame, area: Rect) {
         let head = [
             "PID",
@@ -524,11 +546,15 @@ fn render_text(top: &Top, width: u16, height: u16) -> Result<String> {
 
 /// What the view does with a key.
 enum Action {
+    /// `q`, Esc, Ctrl-C.
     Quit,
+    /// `p`: the next process order.
     Sort,
+    /// Anything else (a resize redraws anyway).
     Nothing,
 }
 
+/// What `ev` asks for.
 fn action(ev: &Event) -> Action {
     let Event::Key(k) = ev else { return Action::Nothing };
     if k.kind != KeyEventKind::Press {
@@ -662,7 +688,7 @@ mod tests {
         assert!(!r.cpu_pct.contains_key(&(1000, 3, 4)), "a newcomer has no rate yet");
         assert_eq!(r.total_cpu_pct, 75.0);
         assert_eq!(r.merges[&(1000, 3, 1)], 50.0);
-        assert_eq!((r.total_merges, r.total_scanned), (Some(50.0), Some(500.0)));
+        assert_eq!((r.total_merges, r.total_scanned, r.total_skipped), (Some(50.0), Some(500.0), Some(0.0)));
         // A counter that went back (an engine restarted) counts as 0.
         assert_eq!(rates(&b, &at(t + Duration::from_secs(3), b.parts.clone())).total_cpu_pct, 0.0);
     }
