@@ -87,6 +87,7 @@ fn main() -> ExitCode {
     let _ = ctrlc::set_handler(|| {
         kernel::restore_after_signal();
         sysctl::restore_after_signal();
+        top::restore_after_signal();
         eprintln!("interrupted: kernel KSM settings and vm.max_map_count restored");
         std::process::exit(130);
     });

@@ -44,6 +44,17 @@ pub struct TopArgs {
     width: u16,
 }
 
+/// Set while the terminal is in raw mode on the alternate screen.
+static TERMINAL_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Gives the terminal back (raw mode off, main screen) if `samepage top`
+/// holds it: for the handler of SIGINT and SIGTERM, which exits.
+pub fn restore_after_signal() {
+    if TERMINAL_TAKEN.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        let _ = ratatui::try_restore();
+    }
+}
+
 /// Samples kept for the sparklines (more than any terminal is wide).
 const HISTORY: usize = 1024;
 
@@ -616,9 +627,12 @@ pub fn run(a: TopArgs) -> Result<ExitCode> {
         print!("{}", render_text(&top, a.width, top.rows_needed())?);
         return Ok(ExitCode::SUCCESS);
     }
+    TERMINAL_TAKEN.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut terminal = ratatui::try_init().context("setting up the terminal")?;
     let r = live(&mut terminal, &mut top);
-    ratatui::restore();
+    if TERMINAL_TAKEN.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        ratatui::restore();
+    }
     r.map(|()| ExitCode::SUCCESS)
 }
 
