@@ -16,6 +16,7 @@ mod side;
 mod supervisor;
 mod sysctl;
 mod sysfs;
+mod top;
 mod torture;
 mod torture_io;
 mod torture_procs;
@@ -68,6 +69,10 @@ enum Cmd {
     /// Mount the files of /sys/kernel/mm/ksm (and ksm_stat/PID per
     /// process) backed by the daemon, for tools written for the kernel's KSM.
     Sysfs(sysfs::SysfsArgs),
+    /// A live terminal view of the daemon: savings, cost and rates over
+    /// time, system-wide, per partition and per process, with sparklines
+    /// (q quits, p changes the process order; --once prints one frame).
+    Top(top::TopArgs),
     /// A process of `bench --workload processes` (run by it, not by hand).
     #[command(hide = true)]
     Worker(processes::WorkerArgs),
@@ -82,6 +87,7 @@ fn main() -> ExitCode {
     let _ = ctrlc::set_handler(|| {
         kernel::restore_after_signal();
         sysctl::restore_after_signal();
+        top::restore_after_signal();
         eprintln!("interrupted: kernel KSM settings and vm.max_map_count restored");
         std::process::exit(130);
     });
@@ -96,6 +102,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run::run(a),
         Cmd::Estimate(a) => estimate::run(a),
         Cmd::Sysfs(a) => sysfs::run(a),
+        Cmd::Top(a) => top::run(a),
         Cmd::Worker(a) => processes::worker(a),
         Cmd::TortureClient(a) => torture_procs::client(a),
     };

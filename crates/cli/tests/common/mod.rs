@@ -51,3 +51,35 @@ pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 pub fn my_uid() -> u32 {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap()
 }
+
+/// `samepage status --json` of the daemon at `socket`.
+pub fn status_json(socket: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(["status", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// An engine of this process connected to the daemon in domain 3, with 64
+/// pages of 4 contents, merged: `pages_shared` 4, `pages_sharing` 60 and
+/// this process's `ksm_merging_pages` 64 in `samepage status --json`.
+pub fn merged_client(socket: &Path) -> (samepage::Engine, samepage::Region) {
+    use samepage::{Domain, Engine, Run, Tunables};
+    let engine = wait_for("the daemon never listened", || {
+        Engine::connect(socket, Domain(3), Tunables { run: Run::Merge, ..Tunables::default() }).ok()
+    });
+    let region = engine.alloc_region(64 * 4096).unwrap();
+    for i in 0..64 {
+        region.write(i * 4096, &[(i % 4) as u8 + 1; 4096]).unwrap();
+    }
+    wait_for("the 64 pages never merged into 4", || {
+        let v = status_json(socket);
+        let p = &v["partitions"][0];
+        let me = &p["processes"][0];
+        (p["pages_sharing"] == 60 && me["ksm_merging_pages"] == 64).then_some(())
+    });
+    (engine, region)
+}
