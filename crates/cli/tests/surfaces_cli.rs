@@ -6,8 +6,7 @@
 //! installs it).
 
 mod common;
-use common::{my_uid, spawn_daemon, spawn_quiet, wait_for, Killed};
-use samepage::{Domain, Engine, Region, Run, Tunables};
+use common::{merged_client, my_uid, spawn_daemon, spawn_quiet, status_json as status, wait_for, Killed};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -23,36 +22,6 @@ fn free_port() -> u16 {
 
 fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("samepage-surfaces-{name}-{}", std::process::id()))
-}
-
-/// `samepage status --json`.
-fn status(socket: &Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(["status", "--json", "--socket"])
-        .arg(socket)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// An engine of this process connected to the daemon, with 64 pages of 4
-/// contents, merged: `pages_shared` 4 and `pages_sharing` 60 in status.
-fn merged_client(socket: &Path) -> (Engine, Region) {
-    let engine = wait_for("the daemon never listened", || {
-        Engine::connect(socket, Domain(3), Tunables { run: Run::Merge, ..Tunables::default() }).ok()
-    });
-    let region = engine.alloc_region(64 * 4096).unwrap();
-    for i in 0..64 {
-        region.write(i * 4096, &[(i % 4) as u8 + 1; 4096]).unwrap();
-    }
-    wait_for("the 64 pages never merged into 4", || {
-        let v = status(socket);
-        let p = &v["partitions"][0];
-        let me = &p["processes"][0];
-        (p["pages_sharing"] == 60 && me["ksm_merging_pages"] == 64).then_some(())
-    });
-    (engine, region)
 }
 
 /// An HTTP GET on 127.0.0.1:`port`: the status code and the body.
