@@ -153,3 +153,53 @@ print(" ".join(map(str, out)))
     let out = samepage().args(["run", "--own", "--"]).arg(&py).args(["-c", code]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("0 -22 0"), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// The behaviour matrix: programs that do what real programs do, under
+/// `samepage run --merge-any` (every private anonymous mapping merges):
+/// malloc-heavy multithreaded C and Python, a fork/exec chain, the program's
+/// own userfaultfd, the program's own seccomp filter. Each checks every byte
+/// of its memory itself, and prints a digest that must equal the digest of
+/// the same program run without samepage; where it fills duplicate pages,
+/// it tells how much its Pss fell, which must show the merging happened.
+#[test]
+fn behaviour_matrix_under_merge_any_is_byte_exact() {
+    let dir = std::env::temp_dir().join(format!("samepage-matrix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("behaviours");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/behaviours.c");
+    let cc = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(&exe).arg(&src).output().unwrap();
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let py = python();
+    let py_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/py_threads.py");
+    // (program and arguments, KiB its Pss must fall by at least)
+    let mut cases: Vec<(Vec<std::ffi::OsString>, i64)> = vec![
+        (vec![exe.clone().into(), "mt-malloc".into(), "3".into()], 256),
+        (vec![exe.clone().into(), "fork-exec".into(), "2".into()], 2048),
+        (vec![exe.clone().into(), "uffd".into()], 1024),
+        (vec![exe.clone().into(), "seccomp".into()], 1024),
+    ];
+    if let Some(py) = &py {
+        cases.push((vec![py.clone().into(), py_script.into(), "2".into()], 0));
+    }
+    for (argv, min_freed) in cases {
+        let what = format!("{argv:?}");
+        let plain = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+        assert!(plain.status.success(), "{what} without samepage: {plain:?}");
+        let under = samepage()
+            .args(["run", "--merge-any", "--own", "--pages-to-scan", "10000", "--sleep-ms", "10", "--"])
+            .args(&argv)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&under.stderr);
+        assert!(under.status.success(), "{what} under samepage: {stderr}");
+        let out = String::from_utf8_lossy(&under.stdout);
+        assert!(out.starts_with("ok "), "{what}: {out}");
+        assert_eq!(out, String::from_utf8_lossy(&plain.stdout), "{what}: the same bytes with and without samepage");
+        let freed: Vec<i64> =
+            stderr.lines().filter_map(|l| l.strip_prefix("freed_kib ")?.trim().parse().ok()).collect();
+        if min_freed > 0 {
+            assert!(freed.first().is_some_and(|&f| f >= min_freed), "{what}: merging freed {freed:?} KiB\n{stderr}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -963,17 +963,29 @@ impl LinuxPageSpace {
     ) {
         let page = |k: usize| intents[idx[k]].page.index;
         let addr = |i: u64| base.add_pages(i as usize);
-        let Ok(scratch) = self.scratch_for(keep.contains(Keep::LOCKED)) else { return };
         let span = PageRange::new(addr(page(0)), (page(idx.len() - 1) - page(0) + 1) as usize);
         // While pages are out, a forked child would inherit holes (reading
         // zeros, with no window to wait for): fork() waits for the window.
-        let _no_fork = super::forkguard::hold();
+        let no_fork = super::forkguard::hold();
         let wuffd = self.window_uffd.clone();
         if wuffd.register(span, RegisterMode::MISSING).is_err() {
-            return; // results stay Failed; nothing changed
+            // A VMA takes one userfaultfd: part of the span may be the
+            // program's own (EBUSY), as when a merge-any sweep registered
+            // neighbouring mappings as one region. The halves on their own,
+            // down to single pages; what still fails stays Failed, nothing
+            // changed.
+            drop(no_fork);
+            if idx.len() > 1 {
+                let (low, high) = idx.split_at(idx.len() / 2);
+                self.move_window(region, base, keep, intents, low, results, busy);
+                self.move_window(region, base, keep, intents, high, results, busy);
+            }
+            return;
         }
+        let _no_fork = no_fork; // (dropped after the window)
         self.stats.windows += 1;
         let mut window = Window { uffd: &wuffd, range: span, open: true };
+        let Ok(scratch) = self.scratch_for(keep.contains(Keep::LOCKED)) else { return };
 
         // Out: each run of consecutive pages with one UFFDIO_MOVE.
         let mut at: Vec<Option<usize>> = vec![None; idx.len()];
