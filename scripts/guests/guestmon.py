@@ -517,6 +517,17 @@ def summary(a):
         res["guest_ram_mergeable"] = [g["ram"].get("mergeable") for g in after["guests"]]
         res["disk_o_direct"] = all(all(g["disk_o_direct"]) and g["disk_o_direct"] for g in after["guests"])
         res["ksm_stat"] = [g.get("ksm_stat") for g in after["guests"]]
+    est = j("estimate_before.json")
+    if est and res.get("memory"):
+        fell = -(res["memory"]["guest_ram_pss_mib"]["delta"] or 0)
+        saved = est["saved_bytes"] / 2**20
+        res["estimate_before"] = {
+            "pages_shared": est["counters"]["pages_shared"], "pages_sharing": est["counters"]["pages_sharing"],
+            "ksm_zero_pages": est["counters"]["ksm_zero_pages"], "saved_mib": round(saved, 1),
+            "net_saved_mib": round(est["net_saved_bytes"] / 2**20, 1), "read_seconds": est["read_seconds"],
+            "guest_ram_pss_fell_mib": round(fell, 1),
+            "off_percent": round((fell - saved) / saved * 100, 2) if saved else None,
+        }
     mps = (meta.get("ksm_settings") or {}).get("max_page_sharing") or 256
     uzp = (meta.get("ksm_settings") or {}).get("use_zero_pages") or 0
     res["expected_workload"] = expected([g["ready"] for g in guests], int(mps), int(uzp))

@@ -328,6 +328,16 @@ if [ $boot_ok = 1 ]; then
 		python3 "$mon" census --mps "$mps" "${qemu_pids[@]}" >"$out/census_before.json"
 		log "census before: $(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print("present", c["present_pages"], "zero", c["zero_pages"], "mergeable", c["mergeable_pages"], "ideal", c["ideal"])' "$out/census_before.json")"
 	fi
+	# What `samepage estimate` says merging will save, read before anything
+	# merges (guest RAM is what QEMU marks MADV_MERGEABLE).
+	est_bin=${SAMEPAGE:-$repo/target/release/samepage}
+	if [ -x "$est_bin" ]; then
+		est_args=(estimate --json --mergeable-only --max-page-sharing "$mps")
+		[ "$uzp" = 1 ] && est_args+=(--use-zero-pages)
+		if "$est_bin" "${est_args[@]}" --pid "${qemu_pids[@]}" >"$out/estimate_before.json"; then
+			log "estimate before merging: $(python3 -c 'import json,sys; e=json.load(open(sys.argv[1])); c=e["counters"]; print("pages_shared", c["pages_shared"], "pages_sharing", c["pages_sharing"], "ksm_zero_pages", c["ksm_zero_pages"], "saved", round(e["saved_bytes"] / 2**20, 1), "MiB in", round(e["read_seconds"], 2), "s")' "$out/estimate_before.json")"
+		fi
+	fi
 	if [ "$mode" != none ]; then
 		if [ "$mode" = kernel ]; then
 			ksm_touched=1
@@ -381,6 +391,10 @@ if c:
           f"pages_shared={f['pages_shared']} pages_sharing={f['pages_sharing']} ksm_zero_pages={f['ksm_zero_pages']}")
 for k, v in (s.get("memory") or {}).items():
     print(f"  {k:22} before {v['before']:>9} after {v['after']:>9} delta {v['delta']:>9}")
+e = s.get("estimate_before")
+if e:
+    print(f"estimate before merging: saved {e['saved_mib']} MiB (pages_sharing {e['pages_sharing']}); "
+          f"guest RAM Pss fell {e['guest_ram_pss_fell_mib']} MiB ({e['off_percent']:+.1f}% from the estimate)")
 for g in s["guest_results"]:
     print(f"  seed {g['seed']}: check ok rounds {g['check_ok_rounds']}, disk ok rounds {g['disk_ok_rounds']}, failures {g['failure_count']} {g['failures'][:2]}")
 EOF

@@ -87,9 +87,10 @@ def main():
     if os.geteuid() != 0:
         sys.exit("compare.py drives /sys/kernel/mm/ksm: run it as root")
 
-    # 1. Baseline: nothing merges (a short run: Pss holds still at once).
+    # 1. Baseline: nothing merges (a short run: Pss holds still at once);
+    # `samepage estimate` reads the workers then, from outside.
     base_args = argparse.Namespace(**{**vars(a), "seconds": 5})
-    base = workers(base_args, [])
+    base = workers(base_args, ["--at-settle", f"{a.samepage} estimate --json --pid $WORKER_PIDS"])
 
     # 2. ksmd.
     names = ["run", "pages_to_scan", "sleep_millisecs"]
@@ -100,7 +101,9 @@ def main():
         ksm_set("sleep_millisecs", a.sleep_ms)
         ksm_set("run", 1)
         c0 = cpu_s(kpid)
-        kern = workers(a, ["--prctl"])
+        counters = ("import json; print(json.dumps({n: int(open('/sys/kernel/mm/ksm/' + n).read()) for n in "
+                    "['pages_shared', 'pages_sharing', 'pages_unshared', 'ksm_zero_pages', 'general_profit']}))")
+        kern = workers(a, ["--prctl", "--at-settle", f'{PY} -c "{counters}"'])
         kern["merger_cpu_s"] = round(cpu_s(kpid) - c0, 2)
     finally:
         ksm_set("run", 2)
@@ -120,7 +123,8 @@ def main():
                 break
             time.sleep(0.05)
         d0 = cpu_s(daemon.pid)
-        same = workers(a, [], prefix=[a.samepage, "run", "--merge-any", "--socket", sock, "--"])
+        same = workers(a, ["--at-settle", f"{a.samepage} status --json --socket {sock}"],
+                       prefix=[a.samepage, "run", "--merge-any", "--socket", sock, "--"])
         same["daemon_cpu_s"] = round(cpu_s(daemon.pid) - d0, 2)
         same["daemon_pss_mib"] = round(pss_mib(daemon.pid), 1)
     finally:
@@ -140,12 +144,27 @@ def main():
         settled = "-" if r["settled_s"] is None else f"{r['settled_s']} s"
         print(f"{name:10} {r['pss_after_mib']:>7.1f} MiB {saved_mib:>5.1f} MiB {settled:>8} {cpu:>9.2f} s "
               f"{'ok' if r['ok'] else 'WRONG':>8}")
+    # The estimate (read before anything merged) against what each reached.
+    def sharing(r, get):
+        try:
+            return get(r["at_settle"])
+        except (KeyError, TypeError):
+            return None
+    est = sharing(base, lambda x: x["counters"]["pages_sharing"])
+    k_sh = sharing(kern, lambda x: x["pages_sharing"])
+    s_sh = sharing(same, lambda x: sum(p["pages_sharing"] for p in x["partitions"]))
+    if est:
+        for name, got in [("ksmd", k_sh), ("samepage", s_sh)]:
+            if got is not None:
+                print(f"samepage estimate said pages_sharing {est}; {name} reached {got} "
+                      f"({(got - est) / est * 100:+.1f}%)")
     ratio = saved_s / saved_k if saved_k > 0 else None
     print(f"samepage saved {ratio * 100:.0f}% of what ksmd saved" if ratio else "ksmd saved nothing")
     for r in (base, kern, same):
         r.pop("samples", None)
     print(json.dumps({"baseline": base, "ksmd": kern, "samepage": same, "saved_mib_ksmd": round(saved_k, 1),
                       "saved_mib_samepage": round(saved_s, 1),
+                      "pages_sharing": {"estimate": est, "ksmd": k_sh, "samepage": s_sh},
                       "ratio": None if ratio is None else round(ratio, 3)}))
     return 0 if base["ok"] and kern["ok"] and same["ok"] else 1
 

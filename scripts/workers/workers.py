@@ -96,6 +96,9 @@ def main():
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--prctl", action="store_true")
+    ap.add_argument("--at-settle", metavar="CMD",
+                    help="a shell command run once the workers' Pss settled (or at the end), with "
+                         "$WORKER_PIDS set; its output (JSON) is reported as at_settle")
     a = ap.parse_args()
     if a.prctl:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -134,6 +137,15 @@ def main():
             still = 0
         last = now
     after = sum(pss_kib(p) for p in pids)
+    at_settle = None
+    if a.at_settle:
+        import subprocess
+        env = dict(os.environ, WORKER_PIDS=" ".join(map(str, pids)))
+        out = subprocess.run(a.at_settle, shell=True, env=env, capture_output=True, text=True)
+        try:
+            at_settle = json.loads(out.stdout)
+        except ValueError:
+            at_settle = {"error": out.stdout[-500:] + out.stderr[-500:]}
     cpu = sum(merger_cpu_s(p) for p in pids + [os.getpid()])
     # A few more rounds on merged memory, then stop.
     time.sleep(1.0)
@@ -150,6 +162,7 @@ def main():
         "freed_mib": round((before - after) / 1024, 1),
         "settled_s": None if settled is None else round(settled, 1),
         "merger_cpu_s": round(cpu, 2),
+        "at_settle": at_settle,
         "samples": [[t, round(k / 1024, 1)] for t, k in samples],
         "ok": all(o["ok"] for o in out), "rounds": [o["rounds"] for o in out],
     }))

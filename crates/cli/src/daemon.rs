@@ -169,13 +169,18 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         let v: Vec<serde_json::Value> = parts
             .iter()
             .map(|p| {
+                let c = samepage_daemon::view::partition_counters(p);
                 serde_json::json!({
                     "uid": p.uid,
                     "domain": p.domain,
-                    "pages_shared": p.stable.nodes,
-                    "pages_sharing": p.stable.mappings - p.stable.nodes,
-                    "stable_node_chains": p.stable.chains,
-                    "stable_node_dups": p.stable.dups,
+                    "pages_shared": c.pages_shared,
+                    "pages_sharing": c.pages_sharing,
+                    "pages_unshared": c.pages_unshared,
+                    "pages_volatile": c.pages_volatile,
+                    "ksm_zero_pages": c.ksm_zero_pages,
+                    "general_profit": c.general_profit,
+                    "stable_node_chains": c.stable_node_chains,
+                    "stable_node_dups": c.stable_node_dups,
                     "pool_slots_in_use": p.slots_in_use,
                     "orphan_slots": p.orphans,
                     "clients": p.clients.iter().map(|(c, pid)| serde_json::json!({"client": c.0, "pid": pid})).collect::<Vec<_>>(),
@@ -201,14 +206,19 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
     let named = tunables.named();
     println!("tunables: {}", named.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
     for p in &parts {
+        let c = samepage_daemon::view::partition_counters(p);
         println!(
-            "uid {} domain {}: pages_shared {} pages_sharing {} stable_node_chains {} stable_node_dups {}, pool slots {} (orphans {}), clients {:?}",
+            "uid {} domain {}: pages_shared {} pages_sharing {} pages_unshared {} pages_volatile {} ksm_zero_pages {} general_profit {} stable_node_chains {} stable_node_dups {}, pool slots {} (orphans {}), clients {:?}",
             p.uid,
             p.domain,
-            p.stable.nodes,
-            p.stable.mappings - p.stable.nodes,
-            p.stable.chains,
-            p.stable.dups,
+            c.pages_shared,
+            c.pages_sharing,
+            c.pages_unshared,
+            c.pages_volatile,
+            c.ksm_zero_pages,
+            c.general_profit,
+            c.stable_node_chains,
+            c.stable_node_dups,
             p.slots_in_use,
             p.orphans,
             p.clients.iter().map(|(_, pid)| *pid).collect::<Vec<_>>()

@@ -66,6 +66,40 @@ pub struct EstimateArgs {
     /// /proc/PID/smaps), rather than every private anonymous writable VMA.
     #[arg(long)]
     mergeable_only: bool,
+    /// The trust domain a process would join at the samepage daemon
+    /// (`samepage run --domain`), as PID=DOMAIN (repeatable; others are in
+    /// domain 0): the partitions breakdown counts each (user, domain) apart,
+    /// as the daemon merges them.
+    #[arg(long, value_name = "PID=DOMAIN", value_parser = parse_domain)]
+    domain: Vec<(u32, u64)>,
+}
+
+fn parse_domain(s: &str) -> std::result::Result<(u32, u64), String> {
+    let (p, d) = s.split_once('=').ok_or_else(|| format!("{s:?} is not PID=DOMAIN"))?;
+    let pid = p.parse().map_err(|_| format!("{p:?} in {s:?} is not a pid"))?;
+    let domain = d.parse().map_err(|_| format!("{d:?} in {s:?} is not a domain (0 to {})", u64::MAX))?;
+    Ok((pid, domain))
+}
+
+/// The effective user id of `pid` (the daemon partitions by its clients'
+/// credentials, `SO_PEERCRED`).
+fn euid(pid: u32) -> Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| proc_error(pid, "status", e))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .with_context(|| format!("no Uid line in /proc/{pid}/status"))
+}
+
+/// One partition of the daemon: its user and domain, the processes in it
+/// (indices into `--pid`), and what merging them alone would reach.
+struct Partition {
+    uid: u32,
+    domain: u64,
+    members: Vec<usize>,
+    census: Census,
 }
 
 /// A VMA to read.
@@ -423,24 +457,62 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
             bail!(crate::args::UsageError(format!("--pid {p} is given twice (its pages would count twice)")));
         }
     }
+    for (pid, _) in &a.domain {
+        if !a.pid.contains(pid) {
+            bail!(crate::args::UsageError(format!("--domain {pid}=...: {pid} is not one of the --pid")));
+        }
+    }
     let holders = u32::try_from(a.pid.len()).context("too many --pid")?;
     let kpageflags = sees_page_frames();
-    let mut census = Census::new();
+    let mut parts: Vec<Partition> = Vec::new();
     let t0 = Instant::now();
     let mut reports = Vec::new();
     for (holder, &pid) in (0..holders).zip(&a.pid) {
-        reports.push(read_process(pid, holder, a.mergeable_only, &mut census, kpageflags)?);
+        let uid = euid(pid)?;
+        let domain = a.domain.iter().rev().find(|(p, _)| *p == pid).map_or(0, |&(_, d)| d);
+        let i = match parts.iter().position(|p| p.uid == uid && p.domain == domain) {
+            Some(i) => i,
+            None => {
+                parts.push(Partition { uid, domain, members: Vec::new(), census: Census::new() });
+                parts.len() - 1
+            }
+        };
+        parts[i].members.push(holder as usize);
+        reports.push(read_process(pid, holder, a.mergeable_only, &mut parts[i].census, kpageflags)?);
+    }
+    let mut census = Census::new();
+    for p in &parts {
+        census.absorb(&p.census);
     }
     let seconds = t0.elapsed().as_secs_f64();
     let e = census.estimate(rule);
+    let by_part: Vec<(&Partition, Estimate)> = parts.iter().map(|p| (p, p.census.estimate(rule))).collect();
     for (r, h) in reports.iter_mut().zip(&e.holders) {
         r.pages_freed = h.freed;
         r.pages_freed_alone = h.freed_alone;
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&json(&a, &e, &reports, seconds))?);
+        let mut v = json(&a, &e, &reports, seconds);
+        v["partitions"] = by_part
+            .iter()
+            .map(|(p, pe)| {
+                let counters: serde_json::Map<String, serde_json::Value> =
+                    pe.counters.named().iter().map(|&(n, v)| (n.to_string(), v.into())).collect();
+                serde_json::json!({
+                    "uid": p.uid,
+                    "domain": p.domain,
+                    "pids": p.members.iter().map(|&i| a.pid[i]).collect::<Vec<_>>(),
+                    "counters": counters,
+                    "saved_bytes": pe.counters.pages_saved() * PAGE as u64,
+                    "net_saved_bytes": pe.counters.general_profit,
+                })
+            })
+            .collect();
+        v["partitioned_net_saved_bytes"] = by_part.iter().map(|(_, pe)| pe.counters.general_profit).sum::<i64>().into();
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", table(&a, &e, &reports, seconds));
+        print!("{}", partitions_table(&a, &by_part));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -470,6 +542,40 @@ fn json(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64)
         "bytes_read": scanned * PAGE as u64,
         "read_seconds": seconds,
     })
+}
+
+/// The partitions breakdown: what the samepage daemon, which never merges
+/// across users or trust domains, would save.
+fn partitions_table(a: &EstimateArgs, parts: &[(&Partition, Estimate)]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let net: i64 = parts.iter().map(|(_, e)| e.counters.general_profit).sum();
+    let _ = writeln!(
+        s,
+        "by partition (the samepage daemon merges each user and domain apart): {} net in {} partition{}",
+        mib(net as f64),
+        parts.len(),
+        if parts.len() == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(
+        s,
+        "{:>8} {:>8}  {:>13} {:>13} {:>12}  PIDS",
+        "UID", "DOMAIN", "PAGES_SHARED", "PAGES_SHARING", "NET SAVED"
+    );
+    for (p, e) in parts {
+        let pids: Vec<String> = p.members.iter().map(|&i| a.pid[i].to_string()).collect();
+        let _ = writeln!(
+            s,
+            "{:>8} {:>8}  {:>13} {:>13} {:>12}  {}",
+            p.uid,
+            p.domain,
+            e.counters.pages_shared,
+            e.counters.pages_sharing,
+            mib(e.counters.general_profit as f64),
+            pids.join(" ")
+        );
+    }
+    s
 }
 
 fn mib(bytes: f64) -> String {

@@ -241,6 +241,38 @@ fn the_estimate_is_the_kernels_rule_on_the_pages_read() {
     }
 }
 
+/// The partitions breakdown: with every process in a trust domain of its
+/// own, each partition is exactly that process estimated alone, and the
+/// partitioned total is their sum; all in domain 0 (one user), the one
+/// partition is the whole estimate.
+#[test]
+fn the_partitions_breakdown_counts_each_domain_apart() {
+    let hs = holders();
+    let all = estimate(&hs, &["--mergeable-only"]);
+    assert_eq!(all["partitions"].as_array().unwrap().len(), 1, "{all:#}");
+    assert_eq!(all["partitions"][0]["counters"], all["counters"]);
+    assert_eq!(all["partitioned_net_saved_bytes"], all["net_saved_bytes"]);
+    let domains: Vec<String> = hs.iter().enumerate().map(|(i, h)| format!("{}={}", h.pid(), i + 1)).collect();
+    let mut args = vec!["--mergeable-only"];
+    for d in &domains {
+        args.extend(["--domain", d]);
+    }
+    let apart = estimate(&hs, &args);
+    assert_eq!(apart["counters"], all["counters"], "the kernel's figure does not depend on domains");
+    let parts = apart["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), hs.len(), "{apart:#}");
+    let mut sum = 0;
+    for (i, (p, h)) in parts.iter().zip(&hs).enumerate() {
+        let alone = estimate(std::slice::from_ref(h), &["--mergeable-only"]);
+        assert_eq!(p["domain"], (i + 1) as u64);
+        assert_eq!(p["pids"][0].to_string(), h.pid());
+        assert_eq!(p["counters"], alone["counters"], "partition {i} is its process alone");
+        sum += alone["net_saved_bytes"].as_i64().unwrap();
+    }
+    assert_eq!(apart["partitioned_net_saved_bytes"], sum);
+    assert!(sum < all["net_saved_bytes"].as_i64().unwrap(), "copies across processes are lost apart");
+}
+
 #[test]
 fn through_proc_pid_mem_the_estimate_is_the_same() {
     let hs = holders();

@@ -266,6 +266,18 @@ impl Census {
         }
     }
 
+    /// Adds every page `other` counted (with its holder numbers).
+    pub fn absorb(&mut self, other: &Census) {
+        for (h, _) in other.pages.iter().enumerate() {
+            self.add_holder(h as u32);
+        }
+        for (&hash, holders) in &other.contents {
+            for &(h, n) in holders.as_slice() {
+                self.add(h, hash, n);
+            }
+        }
+    }
+
     /// Pages counted, over all holders.
     pub fn pages(&self) -> u64 {
         self.pages.iter().sum()
@@ -336,6 +348,23 @@ mod tests {
         } else {
             (k / m + u64::from(k % m >= 2), (k / m) * (m - 1) + (k % m).saturating_sub(1))
         }
+    }
+
+    #[test]
+    fn absorbing_censuses_is_counting_their_pages_in_one() {
+        let (mut a, mut b, mut one) = (Census::new(), Census::new(), Census::new());
+        for (holder, hash, copies) in [(0, 1, 3), (0, 2, 1), (2, 1, 4), (2, 3, 2)] {
+            a.add(holder, hash, copies);
+            one.add(holder, hash, copies);
+        }
+        for (holder, hash, copies) in [(1, 1, 2), (1, 3, 5), (3, 9, 1)] {
+            b.add(holder, hash, copies);
+            one.add(holder, hash, copies);
+        }
+        a.absorb(&b);
+        let rule = SharingRule::new(3, false).unwrap();
+        assert_eq!(a.estimate(rule), one.estimate(rule));
+        assert_eq!((a.pages(), a.contents()), (one.pages(), one.contents()));
     }
 
     #[test]
