@@ -98,7 +98,8 @@ def main():
     ap.add_argument("--prctl", action="store_true")
     ap.add_argument("--at-settle", metavar="CMD",
                     help="a shell command run once the workers' Pss settled (or at the end), with "
-                         "$WORKER_PIDS set; its output (JSON) is reported as at_settle")
+                         "$WORKER_PIDS set (the master's and the workers'); its output (JSON) is reported "
+                         "as at_settle")
     a = ap.parse_args()
     if a.prctl:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -140,7 +141,8 @@ def main():
     at_settle = None
     if a.at_settle:
         import subprocess
-        env = dict(os.environ, WORKER_PIDS=" ".join(map(str, pids)))
+        # The master too: it merges as well (prctl is inherited; merge-any covers it).
+        env = dict(os.environ, WORKER_PIDS=" ".join(map(str, [os.getpid()] + pids)))
         out = subprocess.run(a.at_settle, shell=True, env=env, capture_output=True, text=True)
         try:
             at_settle = json.loads(out.stdout)
