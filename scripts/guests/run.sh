@@ -329,9 +329,12 @@ if [ $boot_ok = 1 ]; then
 		log "census before: $(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print("present", c["present_pages"], "zero", c["zero_pages"], "mergeable", c["mergeable_pages"], "ideal", c["ideal"])' "$out/census_before.json")"
 	fi
 	# What `samepage estimate` says merging will save, read before anything
-	# merges (guest RAM is what QEMU marks MADV_MERGEABLE).
+	# merges (guest RAM is what QEMU marks MADV_MERGEABLE). Not under
+	# samepage run: there the preload library takes QEMU's madvise, so the
+	# kernel never marks the VMAs (no `mg` in smaps) and the estimate would
+	# read nothing; the guests are the same as the kernel mode's.
 	est_bin=${SAMEPAGE:-$repo/target/release/samepage}
-	if [ -x "$est_bin" ]; then
+	if [ -x "$est_bin" ] && [ "$mode" != samepage ]; then
 		est_args=(estimate --json --mergeable-only --max-page-sharing "$mps")
 		[ "$uzp" = 1 ] && est_args+=(--use-zero-pages)
 		if "$est_bin" "${est_args[@]}" --pid "${qemu_pids[@]}" >"$out/estimate_before.json"; then
@@ -390,9 +393,10 @@ if c:
     print(f"converged={c['converged']} in {c['time_to_converge_s']} s (detected {c['detected_after_s']} s), merger cpu {c['merger_cpu_s']} s; "
           f"pages_shared={f['pages_shared']} pages_sharing={f['pages_sharing']} ksm_zero_pages={f['ksm_zero_pages']}")
 for k, v in (s.get("memory") or {}).items():
-    print(f"  {k:22} before {v['before']:>9} after {v['after']:>9} delta {v['delta']:>9}")
+    if v['before'] is not None:
+        print(f"  {k:22} before {v['before']:>9} after {v['after']:>9} delta {v['delta']:>9}")
 e = s.get("estimate_before")
-if e:
+if e and e["off_percent"] is not None:
     print(f"estimate before merging: saved {e['saved_mib']} MiB (pages_sharing {e['pages_sharing']}); "
           f"guest RAM Pss fell {e['guest_ram_pss_fell_mib']} MiB ({e['off_percent']:+.1f}% from the estimate)")
 for g in s["guest_results"]:
