@@ -15,6 +15,11 @@
  *                                  thread of its own) next to duplicates
  *   behaviours seccomp             the program's own seccomp filter (getppid
  *                                  fails with EPERM), then duplicates
+ *   behaviours madvise PAGES       PAGES duplicate pages (64 contents) marked
+ *                                  madvise(MADV_MERGEABLE), as the kernel's
+ *                                  KSM selftests do: the same program runs
+ *                                  under ksmd or under `samepage run`; then
+ *                                  a write to every 8th page (copy-on-write)
  *
  * Build: cc -O2 -pthread -o behaviours behaviours.c
  */
@@ -282,12 +287,31 @@ static int own_seccomp(void) {
 	return failed;
 }
 
+/* ---- madvise ---- */
+static int mergeable(size_t pages) {
+	long base = pss_kib();
+	unsigned char *d = dups(pages);
+	if (madvise(d, pages * PAGE, MADV_MERGEABLE)) { perror("madvise(MADV_MERGEABLE)"); return 2; }
+	settle_and_tell(base, pages, 3);
+	check_dups(d, pages, "madvise: merged");
+	for (size_t i = 0; i < pages; i += 8) {
+		d[i * PAGE + 1] ^= 0xff; /* a copy-on-write break */
+		d[i * PAGE + 1] ^= 0xff;
+	}
+	check_dups(d, pages, "madvise: after writes");
+	if (madvise(d, pages * PAGE, MADV_UNMERGEABLE)) { perror("madvise(MADV_UNMERGEABLE)"); return 2; }
+	check_dups(d, pages, "madvise: unmerged");
+	printf("ok madvise %016llx\n", (unsigned long long)digest(d, pages * PAGE, 0));
+	return failed;
+}
+
 int main(int argc, char **argv) {
-	if (argc < 2) { fprintf(stderr, "usage: %s mt-malloc SECONDS | fork-exec DEPTH | uffd | seccomp\n", argv[0]); return 2; }
+	if (argc < 2) { fprintf(stderr, "usage: %s mt-malloc SECONDS | fork-exec DEPTH | uffd | seccomp | madvise PAGES\n", argv[0]); return 2; }
 	if (!strcmp(argv[1], "mt-malloc")) return mt_malloc(argc > 2 ? atof(argv[2]) : 3);
 	if (!strcmp(argv[1], "fork-exec")) return fork_exec("/proc/self/exe", argc > 2 ? atoi(argv[2]) : 3);
 	if (!strcmp(argv[1], "uffd")) return uffd();
 	if (!strcmp(argv[1], "seccomp")) return own_seccomp();
+	if (!strcmp(argv[1], "madvise")) return mergeable(argc > 2 ? (size_t)atol(argv[2]) : 4096);
 	fprintf(stderr, "unknown mode %s\n", argv[1]);
 	return 2;
 }

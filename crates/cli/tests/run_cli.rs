@@ -69,6 +69,9 @@ fn an_unmodified_program_merges_under_samepage_run() {
     let _ = std::fs::remove_file(&exe);
 }
 
+/// The tests of this file that drive the machine's ksmd take turns.
+static KSMD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn python() -> Option<PathBuf> {
     ["/usr/bin/python3", "/usr/local/bin/python3"].iter().map(PathBuf::from).find(|p| p.exists())
 }
@@ -90,6 +93,7 @@ fn prefork_python_workers_merge_across_processes_as_much_as_under_ksmd() {
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/workers/compare.py");
+    let _ksmd = KSMD.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(py)
         .arg(script)
         .args(["--workers", "2", "--mib", "8", "--seconds", "40", "--samepage", env!("CARGO_BIN_EXE_samepage")])
@@ -201,5 +205,65 @@ fn behaviour_matrix_under_merge_any_is_byte_exact() {
             assert!(freed.first().is_some_and(|&f| f >= min_freed), "{what}: merging freed {freed:?} KiB\n{stderr}");
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The matrix's `madvise` program (the kernel's KSM selftests' manner: it
+/// marks 8192 pages of 64 contents `MADV_MERGEABLE` itself, checks every
+/// byte after merging, after copy-on-write writes and after
+/// `MADV_UNMERGEABLE`) under the machine's ksmd and under `samepage run`,
+/// same tunables: the same output, and samepage frees at least 90% of what
+/// ksmd frees (Pss, as the program reads it).
+#[test]
+fn a_c_program_calling_madvise_merges_as_much_as_under_ksmd() {
+    const KSM: &str = "/sys/kernel/mm/ksm";
+    if !Path::new(KSM).join("run").exists() || !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root and the kernel's KSM");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("samepage-madvise-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("behaviours");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/behaviours.c");
+    let cc = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(&exe).arg(&src).output().unwrap();
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let freed = |out: &std::process::Output| -> i64 {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("freed_kib ")?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{stderr}"))
+    };
+    let kernel = {
+        let _ksmd = KSMD.lock().unwrap_or_else(|e| e.into_inner());
+        let names = ["run", "pages_to_scan", "sleep_millisecs"];
+        let saved: Vec<String> =
+            names.iter().map(|n| std::fs::read_to_string(format!("{KSM}/{n}")).unwrap().trim().to_string()).collect();
+        let set = |n: &str, v: &str| std::fs::write(format!("{KSM}/{n}"), v);
+        set("pages_to_scan", "10000").unwrap();
+        set("sleep_millisecs", "10").unwrap();
+        set("run", "1").unwrap();
+        let out = Command::new(&exe).args(["madvise", "8192"]).output();
+        let _ = set("run", "2");
+        let _ = set("run", "0");
+        for (n, v) in names.iter().zip(&saved).skip(1) {
+            let _ = set(n, v);
+        }
+        let _ = set("run", &saved[0]);
+        out.unwrap()
+    };
+    let ours = samepage()
+        .args(["run", "--own", "--pages-to-scan", "10000", "--sleep-ms", "10", "--"])
+        .arg(&exe)
+        .args(["madvise", "8192"])
+        .output()
+        .unwrap();
+    let (k, s) = (freed(&kernel), freed(&ours));
+    assert!(String::from_utf8_lossy(&kernel.stdout).starts_with("ok madvise "), "{kernel:?}");
+    assert_eq!(ours.stdout, kernel.stdout, "the same bytes under ksmd and samepage");
+    // 8192 pages of 64 contents: ksmd frees nearly 32 MiB.
+    assert!(k > 24 * 1024, "ksmd freed {k} KiB");
+    assert!(s * 10 >= k * 9, "samepage freed {s} KiB, ksmd {k} KiB");
     let _ = std::fs::remove_dir_all(&dir);
 }
