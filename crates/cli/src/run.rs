@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// `samepage run`.
@@ -68,11 +68,58 @@ fn preload_library() -> Result<PathBuf> {
     )
 }
 
+/// The program file `cmd` names (through `$PATH` when it has no `/`).
+fn program_file(cmd: &std::ffi::OsStr) -> Option<PathBuf> {
+    let cmd = Path::new(cmd);
+    if cmd.components().count() > 1 {
+        return Some(cmd.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(cmd)).find(|p| p.is_file())
+}
+
+/// Whether `path` is a statically linked ELF program: no `PT_INTERP`
+/// program header, so the dynamic loader never runs and `LD_PRELOAD` is
+/// never read. (A script or anything unreadable: `false`.)
+fn statically_linked(path: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_INTERP: u32 = 3;
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let mut h = [0u8; 64];
+    // 64-bit little-endian ELF only (this machine's kind).
+    if f.read_exact(&mut h).is_err() || h[..4] != *b"\x7fELF" || h[4] != 2 || h[5] != 1 {
+        return false;
+    }
+    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let (phoff, phentsize, phnum) =
+        (u64::from_le_bytes(h[0x20..0x28].try_into().unwrap_or_default()), u16_at(&h, 0x36), u16_at(&h, 0x38));
+    if phentsize < 4 || f.seek(SeekFrom::Start(phoff)).is_err() {
+        return false;
+    }
+    let mut ph = vec![0u8; phentsize as usize];
+    for _ in 0..phnum {
+        if f.read_exact(&mut ph).is_err() {
+            return false;
+        }
+        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP {
+            return false;
+        }
+    }
+    phnum > 0
+}
+
 /// Runs the program (replacing this process, or, supervised, as its
 /// parent).
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     // Validated here, so a bad value is refused before the program runs.
     a.tunables.apply(&mut samepage::Tunables::default())?;
+    if let Some(file) = program_file(std::ffi::OsStr::new(&a.cmd[0])).filter(|f| statically_linked(f)) {
+        eprintln!(
+            "samepage run: {} is statically linked: LD_PRELOAD cannot load samepage into it, so nothing in it \
+             merges{} (it runs all the same)",
+            file.display(),
+            if a.merge_any || a.supervise { " and its mapping changes only pass through the supervisor" } else { "" }
+        );
+    }
     let lib = preload_library()?;
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(old) if !old.is_empty() => format!("{} {old}", lib.display()),

@@ -267,3 +267,23 @@ fn a_c_program_calling_madvise_merges_as_much_as_under_ksmd() {
     assert!(s * 10 >= k * 9, "samepage freed {s} KiB, ksmd {k} KiB");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A statically linked program never reads `LD_PRELOAD`: `samepage run`
+/// says so at start (and runs it all the same); a dynamic one gets no
+/// such word.
+#[test]
+fn a_static_program_is_named_at_start() {
+    let busybox = Path::new("/bin/busybox");
+    // ldd (glibc's) fails on a program without a dynamic loader.
+    let is_static = |p: &Path| Command::new("ldd").arg(p).output().is_ok_and(|o| !o.status.success());
+    if !busybox.exists() || !is_static(busybox) {
+        eprintln!("skipped: no static /bin/busybox (Debian's busybox-static)");
+        return;
+    }
+    let out = samepage().args(["run", "--own", "--", "/bin/busybox", "echo", "hi"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/bin/busybox is statically linked"), "{out:?}");
+    let out = samepage().args(["run", "--own", "--", "true"]).output().unwrap();
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("statically"), "{out:?}");
+}
