@@ -9,7 +9,9 @@
  *                                  check every live block again and again
  *   behaviours fork-exec DEPTH     fill duplicate pages, fork a child that
  *                                  checks them and execs this program one
- *                                  level down, check again after it exits
+ *                                  level down, then the same through
+ *                                  posix_spawn (vfork), check again
+ *   (mt-malloc also takes a SIGALRM every 2 ms, SA_RESTART, on every thread)
  *   behaviours uffd                the program's own userfaultfd (missing
  *                                  faults served with UFFDIO_COPY by a
  *                                  thread of its own) next to duplicates
@@ -39,7 +41,10 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <signal.h>
+#include <spawn.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -91,7 +96,7 @@ static void check_dups(const unsigned char *p, size_t pages, const char *what) {
 /* Long enough for the engine to merge (its sweep runs every 500 ms). */
 static void settle(double s) {
 	struct timespec t = { (time_t)s, (long)((s - (time_t)s) * 1e9) };
-	nanosleep(&t, NULL);
+	while (nanosleep(&t, &t) && errno == EINTR) {}
 }
 
 static long pss_kib(void) {
@@ -173,11 +178,25 @@ static void *mt_thread(void *arg) {
 	return NULL;
 }
 
+static volatile sig_atomic_t alarms;
+static void on_alarm(int sig) { (void)sig; alarms++; }
+
 static int mt_malloc(double seconds) {
 	pthread_t th[4];
 	mt_seconds = seconds;
+	/* Signals every 2 ms land on the threads mid-call (a call stopped by
+	 * samepage's filter is interrupted, and restarted: SA_RESTART). */
+	struct sigaction sa = { 0 };
+	sa.sa_handler = on_alarm;
+	sa.sa_flags = SA_RESTART;
+	sigaction(SIGALRM, &sa, NULL);
+	struct itimerval it = { { 0, 2000 }, { 0, 2000 } };
+	setitimer(ITIMER_REAL, &it, NULL);
 	for (int i = 0; i < 4; i++) pthread_create(&th[i], NULL, mt_thread, (void *)(intptr_t)i);
 	for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+	struct itimerval off = { { 0, 0 }, { 0, 0 } };
+	setitimer(ITIMER_REAL, &off, NULL);
+	if (alarms < 10) fail("mt-malloc: the timer signals did not come");
 	/* The final set of blocks depends on timing; the digest is of the
 	 * pattern only, so it is the same with and without samepage. */
 	long base = pss_kib();
@@ -212,6 +231,21 @@ static int fork_exec(const char *self, int depth) {
 		int st;
 		waitpid(pid, &st, 0);
 		if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) fail("fork-exec: the child failed");
+		/* posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK)): the child runs on
+		 * this process's memory until it execs. */
+		char arg[16];
+		snprintf(arg, sizeof arg, "%d", depth - 1);
+		char *argv[] = { (char *)self, "fork-exec", arg, NULL };
+		posix_spawn_file_actions_t fa;
+		posix_spawn_file_actions_init(&fa);
+		posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+		extern char **environ;
+		if (posix_spawn(&pid, self, &fa, NULL, argv, environ)) fail("fork-exec: posix_spawn");
+		else {
+			waitpid(pid, &st, 0);
+			if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) fail("fork-exec: the spawned child failed");
+		}
+		posix_spawn_file_actions_destroy(&fa);
 	}
 	check_dups(d, pages, "fork-exec: after the child");
 	printf("ok fork-exec %016llx\n", (unsigned long long)h);
