@@ -72,6 +72,11 @@ pub struct EstimateArgs {
     /// as the daemon merges them.
     #[arg(long, value_name = "PID=DOMAIN", value_parser = parse_domain)]
     domain: Vec<(u32, u64)>,
+    /// Also write an SVG of the savings: by process (what merging frees of
+    /// each, and of each alone) and by partition (net, beside the kernel's
+    /// one-for-all figure).
+    #[arg(long, value_name = "PATH")]
+    plot: Option<std::path::PathBuf>,
 }
 
 fn parse_domain(s: &str) -> std::result::Result<(u32, u64), String> {
@@ -491,6 +496,12 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
         r.pages_freed = h.freed;
         r.pages_freed_alone = h.freed_alone;
     }
+    if let Some(path) = &a.plot {
+        plot(path, &e, &reports, &by_part, &a)?;
+        if !a.json {
+            eprintln!("plot written to {}", path.display());
+        }
+    }
     if a.json {
         let mut v = json(&a, &e, &reports, seconds);
         v["partitions"] = by_part
@@ -576,6 +587,89 @@ fn partitions_table(a: &EstimateArgs, parts: &[(&Partition, Estimate)]) -> Strin
         );
     }
     s
+}
+
+/// The savings as an SVG: by process (top) and by partition (bottom).
+fn plot(
+    path: &std::path::Path,
+    e: &Estimate,
+    reports: &[ProcessReport],
+    parts: &[(&Partition, Estimate)],
+    a: &EstimateArgs,
+) -> Result<()> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let to_mib = |pages: u64| (pages * PAGE as u64) as f64 / (1u64 << 20) as f64;
+    let root = SVGBackend::new(path, (900, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(340);
+    let light = RGBColor(150, 180, 230);
+
+    // By process: freed with the others, freed alone.
+    let ymax = reports.iter().map(|r| to_mib(r.pages_freed.max(r.pages_freed_alone))).fold(0.1, f64::max);
+    let n = reports.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(&top)
+        .caption("samepage estimate: MiB merging frees, by process", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..n, -ymax * 0.1..ymax * 1.15)?;
+    chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("MiB").draw()?;
+    let below = ("sans-serif", 12).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
+    chart.draw_series(
+        reports
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Text::new(format!("{} {}", r.pid, r.comm), (i as f64 + 0.5, -ymax * 0.02), below.clone())),
+    )?;
+    chart
+        .draw_series(reports.iter().enumerate().map(|(i, r)| {
+            let x = i as f64;
+            Rectangle::new([(x + 0.1, 0.0), (x + 0.48, to_mib(r.pages_freed))], BLUE.filled())
+        }))?
+        .label("with the other processes")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.filled()));
+    chart
+        .draw_series(reports.iter().enumerate().map(|(i, r)| {
+            let x = i as f64;
+            Rectangle::new([(x + 0.52, 0.0), (x + 0.9, to_mib(r.pages_freed_alone))], light.filled())
+        }))?
+        .label("alone")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], light.filled()));
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+
+    // By partition, net of metadata, and the kernel's figure (all together).
+    let mib_net = |bytes: i64| bytes as f64 / (1u64 << 20) as f64;
+    let mut bars: Vec<(String, f64, RGBColor)> =
+        vec![("kernel: all together".into(), mib_net(e.counters.general_profit), RED)];
+    for (p, pe) in parts {
+        let pids: Vec<String> = p.members.iter().map(|&i| a.pid[i].to_string()).collect();
+        bars.push((
+            format!("uid {} domain {} ({})", p.uid, p.domain, pids.join(" ")),
+            mib_net(pe.counters.general_profit),
+            BLUE,
+        ));
+    }
+    let lo = bars.iter().map(|b| b.1).fold(0.0, f64::min);
+    let hi = bars.iter().map(|b| b.1).fold(0.1, f64::max);
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("net MiB saved (general_profit), by samepage partition", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..bars.len() as f64, (lo * 1.15 - hi * 0.1)..(hi * 1.15))?;
+    chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("MiB").draw()?;
+    chart.draw_series(
+        bars.iter()
+            .enumerate()
+            .map(|(i, (label, _, _))| Text::new(label.clone(), (i as f64 + 0.5, lo * 1.15 - hi * 0.02), below.clone())),
+    )?;
+    chart.draw_series(bars.iter().enumerate().map(|(i, (_, v, c))| {
+        let x = i as f64;
+        Rectangle::new([(x + 0.2, 0.0), (x + 0.8, *v)], c.filled())
+    }))?;
+    root.present()?;
+    Ok(())
 }
 
 fn mib(bytes: f64) -> String {

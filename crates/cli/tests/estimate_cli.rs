@@ -270,6 +270,20 @@ fn the_partitions_breakdown_counts_each_domain_apart() {
         sum += alone["net_saved_bytes"].as_i64().unwrap();
     }
     assert_eq!(apart["partitioned_net_saved_bytes"], sum);
+    // The same as an SVG: a bar and a label per process and per partition.
+    let svg = std::env::temp_dir().join(format!("samepage-estimate-{}.svg", std::process::id()));
+    let mut with_plot = args.clone();
+    let svg_arg = svg.to_string_lossy().to_string();
+    with_plot.extend(["--plot", &svg_arg]);
+    estimate(&hs, &with_plot);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg"), "{}", &text[..100.min(text.len())]);
+    for (i, h) in hs.iter().enumerate() {
+        assert!(text.contains(&format!("{} python3", h.pid())), "process {i}'s bar is labelled");
+        assert!(text.contains(&format!("domain {} ({})", i + 1, h.pid())), "partition {i}'s bar is labelled");
+    }
+    assert!(text.contains("kernel: all together"));
+    let _ = std::fs::remove_file(&svg);
     assert!(sum < all["net_saved_bytes"].as_i64().unwrap(), "copies across processes are lost apart");
 }
 
