@@ -453,7 +453,9 @@ mod tests {
         let results = filtered.join().expect("the filtered thread");
         let a = a as i64;
         assert_eq!(results, [0, 0, 0, a + 3 * PAGE as i64, a + 4 * PAGE as i64, 0, 0]);
-        // SAFETY: the five pages mapped above, no longer used.
-        unsafe { libc::munmap(a as *mut libc::c_void, 5 * PAGE) };
+        // SAFETY: the two pages mapped over our own above, no longer used.
+        // (Not the first three: they were unmapped, and another test's
+        // thread may have been given that range since.)
+        unsafe { libc::munmap((a + 3 * PAGE as i64) as *mut libc::c_void, 2 * PAGE) };
     }
 }
