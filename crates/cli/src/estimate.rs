@@ -71,7 +71,7 @@ pub struct EstimateArgs {
     /// domain 0): the partitions breakdown counts each (user, domain) apart,
     /// as the daemon merges them.
     #[arg(long, value_name = "PID=DOMAIN", value_parser = parse_domain)]
-    domain: Vec<(u32, u64)>,
+    domain: Vec<(u32, u32)>,
     /// Also write an SVG of the savings: by process (what merging frees of
     /// each, and of each alone) and by partition (net, beside the kernel's
     /// one-for-all figure).
@@ -79,10 +79,10 @@ pub struct EstimateArgs {
     plot: Option<std::path::PathBuf>,
 }
 
-fn parse_domain(s: &str) -> std::result::Result<(u32, u64), String> {
+fn parse_domain(s: &str) -> std::result::Result<(u32, u32), String> {
     let (p, d) = s.split_once('=').ok_or_else(|| format!("{s:?} is not PID=DOMAIN"))?;
     let pid = p.parse().map_err(|_| format!("{p:?} in {s:?} is not a pid"))?;
-    let domain = d.parse().map_err(|_| format!("{d:?} in {s:?} is not a domain (0 to {})", u64::MAX))?;
+    let domain = d.parse().map_err(|_| format!("{d:?} in {s:?} is not a domain (0 to {})", u32::MAX))?;
     Ok((pid, domain))
 }
 
@@ -98,12 +98,12 @@ fn euid(pid: u32) -> Result<u32> {
         .with_context(|| format!("no Uid line in /proc/{pid}/status"))
 }
 
-/// One partition of the daemon: its user and domain, the processes in it
-/// (indices into `--pid`), and what merging them alone would reach.
+/// One partition of the daemon: its user and domain, the processes in it,
+/// and what merging them alone would reach.
 struct Partition {
     uid: u32,
-    domain: u64,
-    members: Vec<usize>,
+    domain: u32,
+    pids: Vec<u32>,
     census: Census,
 }
 
@@ -177,7 +177,7 @@ struct ProcessReport {
 }
 
 fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default()
+    crate::procfs::comm(pid).unwrap_or_default()
 }
 
 /// Why a file of `/proc/PID` could not be read, in words that name the pid.
@@ -478,11 +478,11 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
         let i = match parts.iter().position(|p| p.uid == uid && p.domain == domain) {
             Some(i) => i,
             None => {
-                parts.push(Partition { uid, domain, members: Vec::new(), census: Census::new() });
+                parts.push(Partition { uid, domain, pids: Vec::new(), census: Census::new() });
                 parts.len() - 1
             }
         };
-        parts[i].members.push(holder as usize);
+        parts[i].pids.push(pid);
         reports.push(read_process(pid, holder, a.mergeable_only, &mut parts[i].census, kpageflags)?);
     }
     let mut census = Census::new();
@@ -497,7 +497,7 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
         r.pages_freed_alone = h.freed_alone;
     }
     if let Some(path) = &a.plot {
-        plot(path, &e, &reports, &by_part, &a)?;
+        plot(path, &e, &reports, &by_part)?;
         if !a.json {
             eprintln!("plot written to {}", path.display());
         }
@@ -512,7 +512,7 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
                 serde_json::json!({
                     "uid": p.uid,
                     "domain": p.domain,
-                    "pids": p.members.iter().map(|&i| a.pid[i]).collect::<Vec<_>>(),
+                    "pids": p.pids,
                     "counters": counters,
                     "saved_bytes": pe.counters.pages_saved() * PAGE as u64,
                     "net_saved_bytes": pe.counters.general_profit,
@@ -523,7 +523,7 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", table(&a, &e, &reports, seconds));
-        print!("{}", partitions_table(&a, &by_part));
+        print!("{}", partitions_table(&by_part));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -557,7 +557,7 @@ fn json(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64)
 
 /// The partitions breakdown: what the samepage daemon, which never merges
 /// across users or trust domains, would save.
-fn partitions_table(a: &EstimateArgs, parts: &[(&Partition, Estimate)]) -> String {
+fn partitions_table(parts: &[(&Partition, Estimate)]) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let net: i64 = parts.iter().map(|(_, e)| e.counters.general_profit).sum();
@@ -574,7 +574,7 @@ fn partitions_table(a: &EstimateArgs, parts: &[(&Partition, Estimate)]) -> Strin
         "UID", "DOMAIN", "PAGES_SHARED", "PAGES_SHARING", "NET SAVED"
     );
     for (p, e) in parts {
-        let pids: Vec<String> = p.members.iter().map(|&i| a.pid[i].to_string()).collect();
+        let pids: Vec<String> = p.pids.iter().map(u32::to_string).collect();
         let _ = writeln!(
             s,
             "{:>8} {:>8}  {:>13} {:>13} {:>12}  {}",
@@ -595,74 +595,89 @@ fn plot(
     e: &Estimate,
     reports: &[ProcessReport],
     parts: &[(&Partition, Estimate)],
-    a: &EstimateArgs,
 ) -> Result<()> {
+    use plotters::coord::Shift;
     use plotters::prelude::*;
     use plotters::style::text_anchor::{HPos, Pos, VPos};
-    let to_mib = |pages: u64| (pages * PAGE as u64) as f64 / (1u64 << 20) as f64;
+    type Chart<'a, 'b> = ChartContext<
+        'a,
+        SVGBackend<'b>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >;
+    /// A bar chart of `bars` bars on `area`, `y` MiB, a label under each
+    /// bar (at `label_y`).
+    fn bars_chart<'a, 'b>(
+        area: &'a DrawingArea<SVGBackend<'b>, Shift>,
+        caption: &str,
+        labels: &[String],
+        y: std::ops::Range<f64>,
+        label_y: f64,
+    ) -> Result<Chart<'a, 'b>> {
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..labels.len().max(1) as f64, y)?;
+        chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("MiB").draw()?;
+        let below = ("sans-serif", 12).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
+        chart.draw_series(
+            labels.iter().enumerate().map(|(i, l)| Text::new(l.clone(), (i as f64 + 0.5, label_y), below.clone())),
+        )?;
+        Ok(chart)
+    }
+    let in_mib = |bytes: f64| bytes / (1u64 << 20) as f64;
     let root = SVGBackend::new(path, (900, 640)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(340);
-    let light = RGBColor(150, 180, 230);
 
     // By process: freed with the others, freed alone.
-    let ymax = reports.iter().map(|r| to_mib(r.pages_freed.max(r.pages_freed_alone))).fold(0.1, f64::max);
-    let n = reports.len().max(1) as f64;
-    let mut chart = ChartBuilder::on(&top)
-        .caption("samepage estimate: MiB merging frees, by process", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..n, -ymax * 0.1..ymax * 1.15)?;
-    chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("MiB").draw()?;
-    let below = ("sans-serif", 12).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
-    chart.draw_series(
-        reports
-            .iter()
-            .enumerate()
-            .map(|(i, r)| Text::new(format!("{} {}", r.pid, r.comm), (i as f64 + 0.5, -ymax * 0.02), below.clone())),
+    let freed = |r: &ProcessReport, alone: bool| {
+        in_mib(((if alone { r.pages_freed_alone } else { r.pages_freed }) * PAGE as u64) as f64)
+    };
+    let ymax = reports.iter().map(|r| freed(r, false).max(freed(r, true))).fold(0.1, f64::max);
+    let names: Vec<String> = reports.iter().map(|r| format!("{} {}", r.pid, r.comm)).collect();
+    let mut chart = bars_chart(
+        &top,
+        "samepage estimate: MiB merging frees, by process",
+        &names,
+        -ymax * 0.1..ymax * 1.15,
+        -ymax * 0.02,
     )?;
-    chart
-        .draw_series(reports.iter().enumerate().map(|(i, r)| {
-            let x = i as f64;
-            Rectangle::new([(x + 0.1, 0.0), (x + 0.48, to_mib(r.pages_freed))], BLUE.filled())
-        }))?
-        .label("with the other processes")
-        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.filled()));
-    chart
-        .draw_series(reports.iter().enumerate().map(|(i, r)| {
-            let x = i as f64;
-            Rectangle::new([(x + 0.52, 0.0), (x + 0.9, to_mib(r.pages_freed_alone))], light.filled())
-        }))?
-        .label("alone")
-        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], light.filled()));
+    let light = RGBColor(150, 180, 230);
+    for (alone, (from, to), color, label) in
+        [(false, (0.1, 0.48), BLUE, "with the other processes"), (true, (0.52, 0.9), light, "alone")]
+    {
+        chart
+            .draw_series(reports.iter().enumerate().map(|(i, r)| {
+                let x = i as f64;
+                Rectangle::new([(x + from, 0.0), (x + to, freed(r, alone))], color.filled())
+            }))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
 
     // By partition, net of metadata, and the kernel's figure (all together).
-    let mib_net = |bytes: i64| bytes as f64 / (1u64 << 20) as f64;
     let mut bars: Vec<(String, f64, RGBColor)> =
-        vec![("kernel: all together".into(), mib_net(e.counters.general_profit), RED)];
+        vec![("kernel: all together".into(), in_mib(e.counters.general_profit as f64), RED)];
     for (p, pe) in parts {
-        let pids: Vec<String> = p.members.iter().map(|&i| a.pid[i].to_string()).collect();
+        let pids: Vec<String> = p.pids.iter().map(u32::to_string).collect();
         bars.push((
             format!("uid {} domain {} ({})", p.uid, p.domain, pids.join(" ")),
-            mib_net(pe.counters.general_profit),
+            in_mib(pe.counters.general_profit as f64),
             BLUE,
         ));
     }
     let lo = bars.iter().map(|b| b.1).fold(0.0, f64::min);
     let hi = bars.iter().map(|b| b.1).fold(0.1, f64::max);
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("net MiB saved (general_profit), by samepage partition", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..bars.len() as f64, (lo * 1.15 - hi * 0.1)..(hi * 1.15))?;
-    chart.configure_mesh().disable_x_mesh().x_labels(0).y_desc("MiB").draw()?;
-    chart.draw_series(
-        bars.iter()
-            .enumerate()
-            .map(|(i, (label, _, _))| Text::new(label.clone(), (i as f64 + 0.5, lo * 1.15 - hi * 0.02), below.clone())),
+    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    let mut chart = bars_chart(
+        &bottom,
+        "net MiB saved (general_profit), by samepage partition",
+        &labels,
+        (lo * 1.15 - hi * 0.1)..(hi * 1.15),
+        lo * 1.15 - hi * 0.02,
     )?;
     chart.draw_series(bars.iter().enumerate().map(|(i, (_, v, c))| {
         let x = i as f64;

@@ -16,7 +16,8 @@ static SAVED_FOR_SIGNAL: Mutex<Vec<(&'static str, String)>> = Mutex::new(Vec::ne
 /// Set once a signal handler restored the settings: later writes are dropped.
 static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-const DIR: &str = "/sys/kernel/mm/ksm";
+/// The kernel's KSM directory.
+pub(crate) const DIR: &str = "/sys/kernel/mm/ksm";
 /// The counters of `/sys/kernel/mm/ksm` this kernel has: samepage's
 /// counter names (which are the kernel's, in sysfs order, plus samepage's
 /// own) that exist as files there.
@@ -150,7 +151,8 @@ pub fn restore_after_signal() {
     }
 }
 
-fn read(name: &str) -> Result<String, KernelKsmError> {
+/// One file of [`DIR`], as the kernel formats it.
+pub(crate) fn read(name: &str) -> Result<String, KernelKsmError> {
     fs::read_to_string(path(name)).map_err(|err| KernelKsmError::Io { file: path(name), err })
 }
 
@@ -159,7 +161,7 @@ fn find_ksmd() -> Option<u32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ksmd") {
+        if crate::procfs::comm(pid).is_some_and(|c| c.trim() == "ksmd") {
             return Some(pid);
         }
     }

@@ -243,8 +243,10 @@ fn run_side(kernel: bool, o: &Options, per: u64) -> Result<Figures> {
             }
             None => {
                 let s = Connection::status(socket.as_deref().expect("samepage side"))?;
-                let p =
-                    s.first().map(|p| (p.stable.nodes, p.stable.mappings - p.stable.nodes, p.stable.dups, p.requests));
+                let p = s.first().map(|p| {
+                    let c = samepage_daemon::view::partition_counters(p);
+                    (c.pages_shared, c.pages_sharing, c.stable_node_dups, p.requests)
+                });
                 p.unwrap_or_default()
             }
         })

@@ -27,6 +27,12 @@ pub fn smaps_rollup<const N: usize>(names: &[&str; N]) -> [Option<u64>; N] {
     names.map(|n| field(&text, n))
 }
 
+/// The command name of process `pid` (`/proc/PID/comm`, without its
+/// newline); `None` once it is gone.
+pub fn comm(pid: impl std::fmt::Display) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string())
+}
+
 /// CPU time process `pid` has used (utime + stime from `/proc/PID/stat`);
 /// zero if it cannot be read.
 pub fn cpu_time(pid: u32) -> std::time::Duration {

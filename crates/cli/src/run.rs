@@ -69,7 +69,7 @@ fn preload_library() -> Result<PathBuf> {
 }
 
 /// The program file `cmd` names (through `$PATH` when it has no `/`).
-fn program_file(cmd: &std::ffi::OsStr) -> Option<PathBuf> {
+fn program_file(cmd: &str) -> Option<PathBuf> {
     let cmd = Path::new(cmd);
     if cmd.components().count() > 1 {
         return Some(cmd.to_path_buf());
@@ -112,7 +112,7 @@ fn statically_linked(path: &Path) -> bool {
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     // Validated here, so a bad value is refused before the program runs.
     a.tunables.apply(&mut samepage::Tunables::default())?;
-    if let Some(file) = program_file(std::ffi::OsStr::new(&a.cmd[0])).filter(|f| statically_linked(f)) {
+    if let Some(file) = program_file(&a.cmd[0]).filter(|f| statically_linked(f)) {
         eprintln!(
             "samepage run: {} is statically linked: LD_PRELOAD cannot load samepage into it, so nothing in it \
              merges{} (it runs all the same)",

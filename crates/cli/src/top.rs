@@ -58,9 +58,6 @@ pub fn restore_after_signal() {
 /// Samples kept for the sparklines (more than any terminal is wide).
 const HISTORY: usize = 1024;
 
-/// The kernel's KSM directory, read-only here.
-const KERNEL_KSM: &str = "/sys/kernel/mm/ksm";
-
 /// The kernel counters shown beside the daemon's, in this order.
 const KERNEL_NAMES: [&str; 8] = [
     "run",
@@ -198,20 +195,14 @@ fn human(bytes: i64) -> String {
 
 /// `/sys/kernel/mm/ksm`'s counters, or `None` without the kernel's KSM.
 fn kernel_counters() -> Option<Vec<(&'static str, String)>> {
-    if !Path::new(KERNEL_KSM).is_dir() {
-        return None;
-    }
-    Some(
-        KERNEL_NAMES
-            .iter()
-            .filter_map(|&n| Some((n, std::fs::read_to_string(format!("{KERNEL_KSM}/{n}")).ok()?.trim().to_string())))
-            .collect(),
-    )
+    Path::new(crate::kernel::DIR).is_dir().then(|| {
+        KERNEL_NAMES.iter().filter_map(|&n| Some((n, crate::kernel::read(n).ok()?.trim().to_string()))).collect()
+    })
 }
 
 /// A process's command name, `?` once it is gone.
 fn comm(pid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or_else(|_| "?".to_string(), |s| s.trim_end().to_string())
+    crate::procfs::comm(pid).unwrap_or_else(|| "?".to_string())
 }
 
 /// Asks the daemon at `socket` for its view.
@@ -409,7 +400,10 @@ impl Top {
                 })
                 .collect(),
         };
-        f.render_widget(Paragraph::new(kernel).block(Block::bordered().title(format!(" kernel {KERNEL_KSM} "))), right);
+        f.render_widget(
+            Paragraph::new(kernel).block(Block::bordered().title(format!(" kernel {} ", crate::kernel::DIR))),
+            right,
+        );
     }
 
     /// Saved bytes, merges per second and merger CPU over the samples.
@@ -704,7 +698,7 @@ mod tests {
         assert_eq!(r.merges[&(1000, 3, 1)], 50.0);
         assert_eq!((r.total_merges, r.total_scanned, r.total_skipped), (Some(50.0), Some(500.0), Some(0.0)));
         // A counter that went back (an engine restarted) counts as 0.
-        assert_eq!(rates(&b, &at(t + Duration::from_secs(3), b.parts.clone())).total_cpu_pct, 0.0);
+        assert_eq!(rates(&b, &at(t + Duration::from_secs(3), a.parts.clone())).total_cpu_pct, 0.0);
     }
 
     #[test]

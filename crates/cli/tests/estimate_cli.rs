@@ -7,6 +7,8 @@
 //! `--use-zero-pages`. One test (ignored by default: it takes the machine's
 //! ksmd, as root) lets the kernel merge the same processes and compares.
 
+mod common;
+use common::{ksm_get, ksm_set, Ksmd, KSM};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -120,13 +122,18 @@ fn expected(holders: &[Holder], m: u64, use_zero_pages: bool) -> Expected {
             copies.entry(id).or_insert_with(|| vec![0; holders.len()])[h] += 1;
         }
     }
-    // pages_sharing of k copies, as ksm.rst counts them.
+    // (pages_shared, pages_sharing) of k copies: they fill stable dups of at
+    // most m mappings each, one after the other; a lone copy left over
+    // stays unshared (not the closed form the estimate uses).
     let rule = |k: u64| -> (u64, u64) {
-        if k < 2 {
-            (0, 0)
-        } else {
-            (k / m + u64::from(k % m >= 2), (k / m) * (m - 1) + (k % m).saturating_sub(1))
+        let (mut left, mut shared, mut sharing) = (k, 0, 0);
+        while left >= 2 {
+            let d = left.min(m);
+            shared += 1;
+            sharing += d - 1;
+            left -= d;
         }
+        (shared, sharing)
     };
     let mut e = Expected {
         shared: 0,
@@ -353,49 +360,6 @@ fn bad_input_is_refused_naming_the_value() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("12x"), "{out:?}");
     assert_eq!(run(&[]).status.code(), Some(2), "--pid is required");
-}
-
-/// The machine's ksmd, borrowed: every setting it touches is put back.
-struct Ksmd {
-    saved: Vec<(&'static str, String)>,
-}
-
-const KSM: &str = "/sys/kernel/mm/ksm";
-
-fn ksm_get(name: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("{KSM}/{name}")).unwrap();
-    s.trim().parse().unwrap_or_else(|_| panic!("{name}: {s:?}"))
-}
-
-fn ksm_set(name: &str, value: &str) {
-    std::fs::write(format!("{KSM}/{name}"), value).unwrap_or_else(|e| panic!("{name} = {value}: {e}"));
-}
-
-impl Ksmd {
-    fn take() -> Ksmd {
-        let saved = ["run", "max_page_sharing", "pages_to_scan", "sleep_millisecs", "use_zero_pages"]
-            .map(|n| (n, std::fs::read_to_string(format!("{KSM}/{n}")).unwrap().trim().to_string()))
-            .to_vec();
-        ksm_set("run", "2");
-        ksm_set("run", "0");
-        Ksmd { saved }
-    }
-}
-
-impl Drop for Ksmd {
-    fn drop(&mut self) {
-        let set = |n: &str, v: &str| std::fs::write(format!("{KSM}/{n}"), v);
-        let _ = set("run", "2");
-        let _ = set("run", "0");
-        for (n, v) in &self.saved {
-            if *n != "run" {
-                let _ = set(n, v);
-            }
-        }
-        if let Some((_, v)) = self.saved.iter().find(|(n, _)| *n == "run") {
-            let _ = set("run", v);
-        }
-    }
 }
 
 /// `/proc/PID/ksm_stat` field `name`.

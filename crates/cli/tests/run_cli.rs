@@ -7,6 +7,8 @@
 //! (`scripts/workers/workers.py`) merge with every byte checked, and
 //! `prctl(PR_SET_MEMORY_MERGE)` behaves as the kernel's.
 
+mod common;
+use common::{ksm_set, Ksmd, KSM};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,6 +69,18 @@ fn an_unmodified_program_merges_under_samepage_run() {
     let _ = daemon.wait();
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&exe);
+}
+
+/// `scripts/matrix/behaviours.c`, compiled into a directory of its own for
+/// test `name`: (the directory, the program).
+fn build_behaviours(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("samepage-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("behaviours");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/behaviours.c");
+    let cc = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(&exe).arg(&src).output().unwrap();
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    (dir, exe)
 }
 
 /// The tests of this file that drive the machine's ksmd take turns.
@@ -167,12 +181,7 @@ print(" ".join(map(str, out)))
 /// it tells how much its Pss fell, which must show the merging happened.
 #[test]
 fn behaviour_matrix_under_merge_any_is_byte_exact() {
-    let dir = std::env::temp_dir().join(format!("samepage-matrix-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join("behaviours");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/behaviours.c");
-    let cc = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(&exe).arg(&src).output().unwrap();
-    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let (dir, exe) = build_behaviours("matrix");
     let py = python();
     let py_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/py_threads.py");
     // (program and arguments, KiB its Pss must fall by at least)
@@ -216,17 +225,11 @@ fn behaviour_matrix_under_merge_any_is_byte_exact() {
 /// ksmd frees (Pss, as the program reads it).
 #[test]
 fn a_c_program_calling_madvise_merges_as_much_as_under_ksmd() {
-    const KSM: &str = "/sys/kernel/mm/ksm";
     if !Path::new(KSM).join("run").exists() || !rustix::process::geteuid().is_root() {
         eprintln!("skipped: needs root and the kernel's KSM");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("samepage-madvise-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join("behaviours");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/behaviours.c");
-    let cc = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(&exe).arg(&src).output().unwrap();
-    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let (dir, exe) = build_behaviours("madvise");
     let freed = |out: &std::process::Output| -> i64 {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
@@ -236,22 +239,12 @@ fn a_c_program_calling_madvise_merges_as_much_as_under_ksmd() {
             .unwrap_or_else(|| panic!("{stderr}"))
     };
     let kernel = {
-        let _ksmd = KSMD.lock().unwrap_or_else(|e| e.into_inner());
-        let names = ["run", "pages_to_scan", "sleep_millisecs"];
-        let saved: Vec<String> =
-            names.iter().map(|n| std::fs::read_to_string(format!("{KSM}/{n}")).unwrap().trim().to_string()).collect();
-        let set = |n: &str, v: &str| std::fs::write(format!("{KSM}/{n}"), v);
-        set("pages_to_scan", "10000").unwrap();
-        set("sleep_millisecs", "10").unwrap();
-        set("run", "1").unwrap();
-        let out = Command::new(&exe).args(["madvise", "8192"]).output();
-        let _ = set("run", "2");
-        let _ = set("run", "0");
-        for (n, v) in names.iter().zip(&saved).skip(1) {
-            let _ = set(n, v);
-        }
-        let _ = set("run", &saved[0]);
-        out.unwrap()
+        let _turn = KSMD.lock().unwrap_or_else(|e| e.into_inner());
+        let _ksmd = Ksmd::take();
+        ksm_set("pages_to_scan", "10000");
+        ksm_set("sleep_millisecs", "10");
+        ksm_set("run", "1");
+        Command::new(&exe).args(["madvise", "8192"]).output().unwrap()
     };
     let ours = samepage()
         .args(["run", "--own", "--pages-to-scan", "10000", "--sleep-ms", "10", "--"])

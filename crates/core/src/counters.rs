@@ -110,6 +110,20 @@ impl Counters {
         self.general_profit = (self.pages_saved() * PAGE_SIZE as u64) as i64 - self.metadata_bytes as i64;
     }
 
+    /// The counters of several engines (or partitions) added up, field by
+    /// field, except `full_scans`: each counts its own full scans, so the
+    /// busiest one's. Derived counters need recomputing after.
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a Counters>) -> Counters {
+        let mut sum = Counters::default();
+        let mut max_full_scans = 0;
+        for c in all {
+            sum.add(c);
+            max_full_scans = max_full_scans.max(c.full_scans);
+        }
+        sum.full_scans = max_full_scans;
+        sum
+    }
+
     /// Adds `other`'s counters to these, field by field (to sum the
     /// counters of several engines; derived ones need recomputing after).
     pub fn add(&mut self, other: &Counters) {

@@ -343,11 +343,17 @@ mod tests {
 
     /// The kernel's rule, written out as ksm.rst states it.
     fn kernel(k: u64, m: u64) -> (u64, u64) {
-        if k < 2 {
-            (0, 0)
-        } else {
-            (k / m + u64::from(k % m >= 2), (k / m) * (m - 1) + (k % m).saturating_sub(1))
+        // Not the closed form under test: the copies fill stable dups of at
+        // most `m` mappings each, one after the other; a lone copy left
+        // over stays unshared.
+        let (mut left, mut shared, mut sharing) = (k, 0, 0);
+        while left >= 2 {
+            let d = left.min(m);
+            shared += 1;
+            sharing += d - 1;
+            left -= d;
         }
+        (shared, sharing)
     }
 
     #[test]

@@ -408,15 +408,9 @@ impl StablePool for SharedPool {
 /// `pages_sharing`, the chains and dups, and `pages_volatile` follow from
 /// the tree, as the kernel's `/sys/kernel/mm/ksm` counters do.
 pub fn system_counters<'a>(clients: impl IntoIterator<Item = &'a Counters>, stable: StableStats) -> Counters {
-    let mut sum = Counters::default();
-    let mut max_full_scans = 0;
-    for c in clients {
-        sum.add(c);
-        max_full_scans = max_full_scans.max(c.full_scans);
-    }
-    sum.derive_from_stable(&stable);
     // Each client counts its own full scans (they are not summed): the
     // busiest client's.
-    sum.full_scans = max_full_scans;
+    let mut sum = Counters::sum(clients);
+    sum.derive_from_stable(&stable);
     sum
 }

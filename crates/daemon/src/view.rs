@@ -58,13 +58,7 @@ pub fn system_counters(parts: &[PartitionStatus]) -> Counters {
 /// The partitions' counters (each [`partition_counters`]) added up,
 /// `full_scans` the busiest partition's.
 pub fn total(per_partition: &[Counters]) -> Counters {
-    let mut sum = Counters::default();
-    for c in per_partition {
-        let full_scans = sum.full_scans.max(c.full_scans);
-        sum.add(c);
-        sum.full_scans = full_scans;
-    }
-    sum
+    Counters::sum(per_partition)
 }
 
 #[cfg(test)]

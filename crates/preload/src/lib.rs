@@ -498,32 +498,31 @@ pub unsafe extern "C" fn mmap(
 // ---------------------------------------------------------------------------
 // The agent: serves the supervisor's stopped calls of this process.
 
-/// Connects to the supervisor, says hello (this pid, this library's code
-/// range: calls made from it are the engine's own and run at once), waits
-/// for the ack, and starts the `samepage-agent` thread.
+/// Starts the `samepage-agent` thread, which connects to the supervisor and
+/// says hello ([`hello`]), then serves this process's stopped calls; returns
+/// once the hello was acknowledged (or failed).
 fn start_agent() -> std::io::Result<()> {
     // The agent thread is made first and says hello itself: once the
     // supervisor has the hello, this process's stopped calls go to the
     // agent, and the thread creation's own calls (the new stack's mmap and
     // guard mprotect) would wait for an agent that does not exist yet.
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new().name("samepage-agent".into()).spawn(move || {
-        samepage::keep_thread_arena_out();
-        match hello() {
-            Ok(s) => {
-                AGENT_FD.store(std::os::fd::AsRawFd::as_raw_fd(&s), Ordering::Release);
-                let _ = tx.send(Ok(()));
-                agent(s)
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-            }
+    samepage::spawn_engine_thread("samepage-agent", move || match hello() {
+        Ok(s) => {
+            AGENT_FD.store(std::os::fd::AsRawFd::as_raw_fd(&s), Ordering::Release);
+            let _ = tx.send(Ok(()));
+            agent(s)
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e));
         }
     })?;
     rx.recv().map_err(|_| std::io::Error::other("the agent thread died"))?
 }
 
-/// Connects to the supervisor's agent socket and says hello.
+/// Connects to the supervisor's agent socket and says hello (this pid, this
+/// library's code range: calls made from it are the engine's own and run at
+/// once); returns after the ack.
 fn hello() -> std::io::Result<std::os::unix::net::UnixStream> {
     use std::io::{Read, Write};
     let path = std::env::var_os(AGENT_SOCKET_ENV).ok_or(std::io::ErrorKind::NotFound)?;
@@ -660,14 +659,14 @@ fn sweep(e: &Engine) {
     if !MERGE_ANY.load(Ordering::Acquire) {
         return;
     }
-    let Ok(text) = std::fs::read_to_string("/proc/self/maps") else { return };
+    let Ok(maps) = samepage::maps_in(0, usize::MAX) else { return };
     let mut skip = object_segments();
     skip.extend(heap::chunks());
     skip.extend(samepage::engine_mappings());
     skip.sort_unstable();
     let mut parts = Vec::new();
     let mut prev: Option<samepage::MapsLine> = None;
-    for m in text.lines().filter_map(samepage::MapsLine::parse) {
+    for m in maps {
         // A thread's stack sits right above its guard: a small inaccessible
         // anonymous mapping (glibc's default guard is a page). The
         // inaccessible tail of a malloc arena's heap (up to 64 MiB) is not
@@ -707,9 +706,8 @@ fn start_sweeper() {
     if SWEEPER.swap(me, Ordering::AcqRel) == me {
         return;
     }
-    let _ = std::thread::Builder::new().name("samepage-sweep".into()).spawn(move || {
+    let _ = samepage::spawn_engine_thread("samepage-sweep", move || {
         INSIDE.with(|i| i.set(true));
-        samepage::keep_thread_arena_out();
         while pid() == me && MERGE_ANY.load(Ordering::Acquire) {
             if let Some(e) = engine() {
                 sweep(e);
@@ -841,9 +839,8 @@ extern "C" fn after_fork_child() {
 /// Starts this process's engine on a thread of its own (after `delay`),
 /// registers `ranges` with it, and starts the sweeper under merge-any.
 fn start_in_background(delay: Duration, ranges: Vec<(usize, usize)>) {
-    let _ = std::thread::Builder::new().name("samepage-start".into()).spawn(move || {
+    let _ = samepage::spawn_engine_thread("samepage-start", move || {
         INSIDE.with(|i| i.set(true));
-        samepage::keep_thread_arena_out();
         std::thread::sleep(delay);
         let Some(e) = engine() else { return };
         if !ranges.is_empty() {
@@ -880,12 +877,12 @@ fn unmerge_inherited() {
         // exists in the child to write them meanwhile; then the copy moves
         // over the pool mapping, whose content it holds.
         unsafe { std::ptr::copy_nonoverlapping(m.start as *const u8, tmp.cast::<u8>(), len) };
-        // SAFETY: `tmp` is our fresh mapping of `len` bytes.
-        let _ = unsafe { rustix::mm::mprotect(tmp, len, prot_of(&m.perms)) };
-        // SAFETY: moves our copy over the pool mapping it copies.
-        let _ = unsafe {
-            rustix::mm::mremap_fixed(tmp, len, len, rustix::mm::MremapFlags::MAYMOVE, m.start as *mut c_void)
-        };
+        // Our fresh copy gets the mapping's protection, then moves over the
+        // pool mapping it copies (tagged calls, as the engine's own).
+        let tmp = tmp as usize;
+        raw(libc::SYS_mprotect, [tmp, len, prot_of(&m.perms).bits() as usize, 0, 0, 0]);
+        let fixed = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as usize;
+        raw(libc::SYS_mremap, [tmp, len, len, fixed, m.start, 0]);
     }
 }
 

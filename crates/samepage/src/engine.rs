@@ -507,12 +507,7 @@ impl Engine {
             pool_inode: AtomicU64::new(info.pool_inode),
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("samepage-ksmd".into())
-            .spawn(move || {
-                crate::sys::mem::keep_thread_arena_out();
-                scanner(s)
-            })
+        let thread = crate::sys::mem::spawn_engine_thread("samepage-ksmd", move || scanner(s))
             .map_err(|e| Error::EngineFailed(format!("cannot spawn the scanner thread: {e}")))?;
         Ok(Engine { shared, thread: Some(thread), info })
     }

@@ -38,7 +38,7 @@ pub use region::Region;
 pub use samepage_core as core;
 pub use samepage_core::{Counters, Discard, Domain, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
 pub use sys::mapping::OutOfBounds;
-pub use sys::mem::{engine_mappings, keep_thread_arena_out, maps_in, set_heap_trim, EngineMappingsHold, MapsLine};
+pub use sys::mem::{engine_mappings, maps_in, set_heap_trim, spawn_engine_thread, EngineMappingsHold, MapsLine};
 pub use sys::space::SpaceStats;
 pub use sys::uffd::UffdMode;
 pub use sys::{SysError, HUGE_PAGE_SIZE};

@@ -83,3 +83,51 @@ pub fn merged_client(socket: &Path) -> (samepage::Engine, samepage::Region) {
     });
     (engine, region)
 }
+
+/// The machine's ksmd, borrowed: `run` 2 then 0 at once, and every setting
+/// it touches put back when dropped (`run` 2 then 0, the tunables, `run`).
+pub struct Ksmd {
+    saved: Vec<(&'static str, String)>,
+}
+
+/// The kernel's KSM directory.
+pub const KSM: &str = "/sys/kernel/mm/ksm";
+
+/// A counter or tunable of the kernel's KSM.
+pub fn ksm_get(name: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("{KSM}/{name}")).unwrap();
+    s.trim().parse().unwrap_or_else(|_| panic!("{name}: {s:?}"))
+}
+
+/// Sets a tunable of the kernel's KSM (panics if refused).
+pub fn ksm_set(name: &str, value: &str) {
+    std::fs::write(format!("{KSM}/{name}"), value).unwrap_or_else(|e| panic!("{name} = {value}: {e}"));
+}
+
+impl Ksmd {
+    /// Saves the settings and stops ksmd with everything unmerged.
+    pub fn take() -> Ksmd {
+        let saved = ["run", "max_page_sharing", "pages_to_scan", "sleep_millisecs", "use_zero_pages"]
+            .map(|n| (n, std::fs::read_to_string(format!("{KSM}/{n}")).unwrap().trim().to_string()))
+            .to_vec();
+        ksm_set("run", "2");
+        ksm_set("run", "0");
+        Ksmd { saved }
+    }
+}
+
+impl Drop for Ksmd {
+    fn drop(&mut self) {
+        let set = |n: &str, v: &str| std::fs::write(format!("{KSM}/{n}"), v);
+        let _ = set("run", "2");
+        let _ = set("run", "0");
+        for (n, v) in &self.saved {
+            if *n != "run" {
+                let _ = set(n, v);
+            }
+        }
+        if let Some((_, v)) = self.saved.iter().find(|(n, _)| *n == "run") {
+            let _ = set("run", v);
+        }
+    }
+}

@@ -40,10 +40,7 @@ impl Breaker {
     pub fn start(uffd: Arc<Uffd>, registry: Arc<Mutex<Registry>>) -> std::io::Result<Breaker> {
         let stop = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)?;
         let stop2 = stop.try_clone()?;
-        let thread = std::thread::Builder::new().name("samepage-cow".into()).spawn(move || {
-            super::mem::keep_thread_arena_out();
-            serve(&uffd, &registry, &stop2)
-        })?;
+        let thread = super::mem::spawn_engine_thread("samepage-cow", move || serve(&uffd, &registry, &stop2))?;
         Ok(Breaker { stop, thread: Some(thread) })
     }
 }

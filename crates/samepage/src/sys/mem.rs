@@ -96,9 +96,8 @@ fn own_insert(r: PageRange) {
 /// see it sooner).
 fn own_remove(a: usize, b: usize) {
     let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
-    let first = own.range(..=a).next_back().filter(|(_, e)| **e > a).map(|(s, _)| *s);
-    let gone: Vec<usize> = own.range(first.unwrap_or(a)..b).map(|(s, _)| *s).collect();
-    for s in gone {
+    let first = own.range(..=a).next_back().filter(|(_, e)| **e > a).map_or(a, |(s, _)| *s);
+    while let Some(s) = own.range(first..b).next().map(|(s, _)| *s) {
         own.remove(&s);
     }
 }
@@ -114,8 +113,23 @@ unsafe fn own(nr: i64, args: [usize; 6]) -> Result<usize, rustix::io::Errno> {
     unsafe { super::seccomp::own_syscall(nr, args) }
 }
 
+/// Starts a thread of the engine, named `name` (`samepage-…`: the
+/// supervisor and the metrics know the engine's threads by it), whose first
+/// act is [`keep_thread_arena_out`].
+pub fn spawn_engine_thread<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        keep_thread_arena_out();
+        f()
+    })
+}
+
 /// Keeps the C library's `malloc` arena of the calling thread out of
-/// merging: call it first thing on every thread of the engine.
+/// merging: every thread of the engine does it first
+/// ([`spawn_engine_thread`]).
 ///
 /// The engine's Rust allocations can come from a heap of their own (the
 /// preload library's), but the C library allocates for itself on the
@@ -134,7 +148,7 @@ unsafe fn own(nr: i64, args: [usize; 6]) -> Result<usize, rustix::io::Errno> {
 /// unless it is the main arena's, below the break (then the engine's
 /// threads must not allocate from the C library while they hold the page
 /// space: `Peeker` lists threads without `opendir` for this reason).
-pub fn keep_thread_arena_out() {
+fn keep_thread_arena_out() {
     const HEAP_MAX_SIZE: usize = 64 << 20;
     // SAFETY: malloc(1) returns a fresh allocation or null; freed at once.
     let p = unsafe { libc::malloc(1) } as usize;
@@ -414,10 +428,7 @@ pub fn resident(range: PageRange) -> Result<bool, SysError> {
     // SAFETY: mincore writes one byte per page into `vec`, which has one per page.
     let r = unsafe { libc::mincore(c(range.start()), range.len_bytes(), vec.as_mut_ptr()) };
     if r != 0 {
-        return Err(SysError::new(
-            "mincore",
-            rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)),
-        ));
+        return Err(SysError::new("mincore", super::last_errno()));
     }
     Ok(vec.iter().all(|b| b & 1 == 1))
 }

@@ -55,6 +55,12 @@ impl From<SysError> for samepage_core::SpaceError {
     }
 }
 
+/// The calling thread's `errno`, after a C library or `syscall(2)` call
+/// that returned -1.
+pub(crate) fn last_errno() -> rustix::io::Errno {
+    rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
 /// Extension to tag rustix results with the operation.
 pub(crate) trait Op<T> {
     fn op(self, op: &'static str) -> Result<T, SysError>;

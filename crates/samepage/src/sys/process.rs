@@ -14,10 +14,7 @@ pub fn fork_check(pages: &[(usize, usize)], want: &[[u8; PAGE_SIZE]]) -> Result<
     // pointers (no allocation, no locks) and leaves with `_exit`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(SysError::new(
-            "fork",
-            rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)),
-        ));
+        return Err(SysError::new("fork", super::last_errno()));
     }
     if pid == 0 {
         let mut ok = true;
@@ -41,10 +38,7 @@ pub fn fork_check(pages: &[(usize, usize)], want: &[[u8; PAGE_SIZE]]) -> Result<
     // SAFETY: waiting for our own child.
     let r = unsafe { libc::waitpid(pid, &mut status, 0) };
     if r != pid {
-        return Err(SysError::new(
-            "waitpid",
-            rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)),
-        ));
+        return Err(SysError::new("waitpid", super::last_errno()));
     }
     Ok(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
 }

@@ -163,7 +163,7 @@ pub unsafe fn own_syscall(nr: i64, args: [usize; 6]) -> Result<usize, rustix::io
     // bits the kernel ignores for this call (module documentation).
     let r = unsafe { libc::syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]) };
     if r == -1 {
-        Err(rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)))
+        Err(super::last_errno())
     } else {
         Ok(r as usize)
     }
@@ -171,27 +171,39 @@ pub unsafe fn own_syscall(nr: i64, args: [usize; 6]) -> Result<usize, rustix::io
 
 /// A classic BPF program with symbolic jump targets, resolved at the end.
 struct Asm {
-    code: Vec<(p::sock_filter, Option<(Label, Label)>)>,
+    code: Vec<(p::sock_filter, Option<(To, To)>)>,
     at: Vec<Option<usize>>,
 }
 
+/// A jump target: a label placed later, or the next instruction.
 #[derive(Clone, Copy)]
-struct Label(usize);
+enum To {
+    Label(usize),
+    Next,
+}
 
 impl Asm {
-    fn label(&mut self) -> Label {
+    fn label(&mut self) -> To {
         self.at.push(None);
-        Label(self.at.len() - 1)
+        To::Label(self.at.len() - 1)
     }
-    fn here(&mut self, l: Label) {
-        self.at[l.0] = Some(self.code.len());
+    fn here(&mut self, l: To) {
+        if let To::Label(i) = l {
+            self.at[i] = Some(self.code.len());
+        }
     }
     fn stmt(&mut self, code: u16, k: u32) {
         self.code.push((p::sock_filter { code, jt: 0, jf: 0, k }, None));
     }
     /// A conditional jump: to `t` if true, else to `f`.
-    fn jump(&mut self, code: u16, k: u32, t: Label, f: Label) {
+    fn jump(&mut self, code: u16, k: u32, t: To, f: To) {
         self.code.push((p::sock_filter { code, jt: 0, jf: 0, k }, Some((t, f))));
+    }
+    /// To `t` if the accumulator equals any of `ks`, else to `f`.
+    fn jeq_any(&mut self, ks: &[u32], t: To, f: To) {
+        for (i, &k) in ks.iter().enumerate() {
+            self.jump(JEQ_K, k, t, if i + 1 == ks.len() { f } else { To::Next });
+        }
     }
     fn finish(self) -> Vec<p::sock_filter> {
         let at = self.at;
@@ -200,9 +212,12 @@ impl Asm {
             .enumerate()
             .map(|(i, (mut ins, j))| {
                 if let Some((t, f)) = j {
-                    let off = |l: Label| {
-                        let to = at[l.0].expect("every label is placed");
-                        u8::try_from(to - i - 1).expect("forward jumps within 255")
+                    let off = |l: To| match l {
+                        To::Next => 0,
+                        To::Label(l) => {
+                            let to = at[l].expect("every label is placed");
+                            u8::try_from(to - i - 1).expect("forward jumps within 255")
+                        }
                     };
                     ins.jt = off(t);
                     ins.jf = off(f);
@@ -217,51 +232,32 @@ impl Asm {
 fn program(tag: OwnTag) -> Vec<p::sock_filter> {
     let mut a = Asm { code: Vec::new(), at: Vec::new() };
     let (allow, notify, tagged, mmap, madvise) = (a.label(), a.label(), a.label(), a.label(), a.label());
-    let mut next = || a.label();
-    let (n1, n2, n3, n4, n5, n6, n7, n8, n9, n10) =
-        (next(), next(), next(), next(), next(), next(), next(), next(), next(), next());
     let (lo, hi) = (tag.0 as u32, (tag.0 >> 32) as u32);
+    let next = To::Next;
 
     a.stmt(LD_W_ABS, ARCH);
-    a.jump(JEQ_K, p::AUDIT_ARCH_X86_64, n1, allow);
-    a.here(n1);
+    a.jump(JEQ_K, p::AUDIT_ARCH_X86_64, next, allow);
     a.stmt(LD_W_ABS, NR);
-    a.jump(JEQ_K, nr::MMAP as u32, mmap, n2);
-    a.here(n2);
-    a.jump(JEQ_K, nr::MUNMAP as u32, tagged, n3);
-    a.here(n3);
-    a.jump(JEQ_K, nr::MREMAP as u32, tagged, n4);
-    a.here(n4);
-    a.jump(JEQ_K, nr::MPROTECT as u32, tagged, n5);
-    a.here(n5);
-    a.jump(JEQ_K, nr::BRK as u32, tagged, n6);
-    a.here(n6);
-    a.jump(JEQ_K, nr::MADVISE as u32, madvise, allow);
+    a.jump(JEQ_K, nr::MMAP as u32, mmap, next);
+    a.jump(JEQ_K, nr::MADVISE as u32, madvise, next);
+    a.jeq_any(&[nr::MUNMAP, nr::MREMAP, nr::MPROTECT, nr::BRK].map(|n| n as u32), tagged, allow);
 
     a.here(madvise);
     a.stmt(LD_W_ABS, arg_low(2));
-    a.jump(JEQ_K, libc::MADV_DONTNEED as u32, tagged, n7);
-    a.here(n7);
-    a.jump(JEQ_K, libc::MADV_FREE as u32, tagged, n8);
-    a.here(n8);
-    a.jump(JEQ_K, libc::MADV_REMOVE as u32, tagged, n9);
-    a.here(n9);
-    a.jump(JEQ_K, MADV_DONTNEED_LOCKED, tagged, allow);
+    let discards = [libc::MADV_DONTNEED as u32, libc::MADV_FREE as u32, libc::MADV_REMOVE as u32, MADV_DONTNEED_LOCKED];
+    a.jeq_any(&discards, tagged, allow);
 
     // At most five arguments: the tag is the sixth.
     a.here(tagged);
     a.stmt(LD_W_ABS, arg_low(5));
-    a.jump(JEQ_K, lo, n10, notify);
-    a.here(n10);
+    a.jump(JEQ_K, lo, next, notify);
     a.stmt(LD_W_ABS, arg_low(5) + 4);
     a.jump(JEQ_K, hi, allow, notify);
 
     // mmap: only MAP_FIXED replaces memory; the tag is flags' high half.
-    let n11 = a.label();
     a.here(mmap);
     a.stmt(LD_W_ABS, arg_low(3));
-    a.jump(JSET_K, rustix::mm::MapFlags::FIXED.bits(), n11, allow);
-    a.here(n11);
+    a.jump(JSET_K, rustix::mm::MapFlags::FIXED.bits(), next, allow);
     a.stmt(LD_W_ABS, arg_low(3) + 4);
     a.jump(JEQ_K, lo, allow, notify);
 
@@ -290,7 +286,7 @@ pub fn install_filter(tag: OwnTag) -> Result<OwnedFd, SysError> {
         // -1 with errno.
         let r = unsafe { libc::syscall(libc::SYS_seccomp, p::SECCOMP_SET_MODE_FILTER as usize, flags, prog) };
         if r < 0 {
-            Err(rustix::io::Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)))
+            Err(super::last_errno())
         } else {
             // SAFETY: the kernel just returned this fd to us; we own it.
             Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })

@@ -968,14 +968,14 @@ impl LinuxPageSpace {
         // zeros, with no window to wait for): fork() waits for the window.
         let no_fork = super::forkguard::hold();
         let wuffd = self.window_uffd.clone();
-        if wuffd.register(span, RegisterMode::MISSING).is_err() {
+        if let Err(e) = wuffd.register(span, RegisterMode::MISSING) {
             // A VMA takes one userfaultfd: part of the span may be the
             // program's own (EBUSY), as when a merge-any sweep registered
-            // neighbouring mappings as one region. The halves on their own,
-            // down to single pages; what still fails stays Failed, nothing
-            // changed.
+            // neighbouring mappings as one region. Then the halves on their
+            // own, down to single pages; what still fails (or fails for
+            // another reason) stays Failed, nothing changed.
             drop(no_fork);
-            if idx.len() > 1 {
+            if e.errno == rustix::io::Errno::BUSY && idx.len() > 1 {
                 let (low, high) = idx.split_at(idx.len() / 2);
                 self.move_window(region, base, keep, intents, low, results, busy);
                 self.move_window(region, base, keep, intents, high, results, busy);
