@@ -17,6 +17,16 @@
 //! (`KPF_ZERO_PAGE`); without the page frame numbers, a present page of
 //! zeros that is not exclusively mapped (pagemap bit 56) is taken for one.
 //!
+//! Frames, not mappings: after a fork, parent and children map the same
+//! frames until one writes. As root the page frame numbers tell them: a
+//! page not exclusively mapped whose frame was counted already (in an
+//! earlier process, or in an earlier process of the same partition for the
+//! partitions breakdown) is not read again but counted as that frame mapped
+//! again ([`Census::add_frame_mapped_again`]): ksmd scans it (an rmap item,
+//! `pages_volatile` if the frame is its content's only one), and merging
+//! it frees nothing. So `saved_bytes` is memory really freed. Without the
+//! frame numbers each mapping counts as a copy, and the table says so.
+//!
 //! How: pages are copied into this process's own buffer with
 //! `process_vm_readv` (4 MiB and up to 1024 runs of present pages per call),
 //! or with `pread` of `/proc/PID/mem` where that fails, hashed with xxh3
@@ -107,6 +117,28 @@ struct Partition {
     census: Census,
 }
 
+/// A page frame seen not exclusively mapped (as root, by page frame number).
+#[derive(Debug)]
+enum Frame {
+    /// The kernel's shared zero page (`KPF_ZERO_PAGE`).
+    ZeroPage,
+    /// Read in the process being read now; its content is not hashed yet.
+    Pending,
+    /// Counted, with this content, in these partitions (indices).
+    Counted { hash: u64, parts: Vec<usize> },
+}
+
+/// The censuses a page is counted in: every process together (the
+/// kernel's figure), and the process's partition.
+struct Tally<'a> {
+    all: &'a mut Census,
+    part: &'a mut Census,
+    /// The partition's index.
+    part_index: usize,
+    /// Frames seen not exclusively mapped, by page frame number (root only).
+    frames: &'a mut std::collections::HashMap<u64, Frame>,
+}
+
 /// A VMA to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Vma {
@@ -148,12 +180,15 @@ fn eligible_vmas(smaps: &str, mergeable_only: bool) -> Vec<Vma> {
     out
 }
 
-/// A run of present pages, all exclusive or all not.
+/// A run of present pages to read, all exclusive or all not.
 #[derive(Debug, Clone, Copy)]
 struct Run {
     addr: u64,
     pages: u64,
     exclusive: bool,
+    /// For a run not exclusively mapped, as root: the index in the
+    /// process's frame list of the first page's frame number.
+    frame_at: Option<usize>,
 }
 
 /// What was found in one process.
@@ -162,11 +197,16 @@ struct ProcessReport {
     pid: u32,
     comm: String,
     vmas: u64,
-    /// Pages counted (present, read, not a zero-page mapping).
+    /// Pages counted (present, not a zero-page mapping): what ksmd scans.
     pages_scanned: u64,
-    /// Pages of this process merging frees (see `HolderEstimate::freed`).
+    /// Of these, pages mapping a frame counted already in an earlier
+    /// process (shared since a fork): not read again, freeing nothing.
+    pages_mapped_again: u64,
+    /// Pages copied out and hashed.
+    pages_read: u64,
+    /// Frames of this process merging frees (see `HolderEstimate::freed`).
     pages_freed: u64,
-    /// Pages merging this process alone would free.
+    /// Frames merging this process alone would free.
     pages_freed_alone: u64,
     /// Swapped-out pages: not read, not counted.
     pages_swapped: u64,
@@ -225,6 +265,9 @@ struct Reader {
     /// Pagemap entries being read (kept across VMAs: a process merged by
     /// samepage has tens of thousands).
     entries: Vec<u8>,
+    /// Frame numbers of the pages to read that are not exclusively mapped
+    /// (as root), indexed by [`Run::frame_at`].
+    frame_numbers: Vec<u64>,
 }
 
 impl Reader {
@@ -239,8 +282,11 @@ impl Reader {
         }
     }
 
-    /// Runs of present pages of `vma`; counts the swapped ones in `r`.
-    fn runs(&mut self, vma: &Vma, r: &mut ProcessReport, out: &mut Vec<Run>) -> Result<()> {
+    /// Runs of present pages of `vma` to read; counts the swapped ones in
+    /// `r`. As root, a page not exclusively mapped is looked up by frame:
+    /// the zero page is left out, a frame counted already is counted as
+    /// mapped again (not read).
+    fn runs(&mut self, vma: &Vma, holder: u32, t: &mut Tally, r: &mut ProcessReport, out: &mut Vec<Run>) -> Result<()> {
         const CHUNK: u64 = 65536;
         let mut entries = std::mem::take(&mut self.entries);
         entries.resize(CHUNK as usize * 8, 0);
@@ -262,11 +308,25 @@ impl Reader {
                     continue;
                 }
                 let exclusive = e & PM_EXCLUSIVE != 0;
+                let pfn = e & PM_PFN;
+                let frame_at = if !exclusive && pfn != 0 && self.kpageflags.is_some() {
+                    if !self.first_mapping(pfn, holder, t, r) {
+                        continue;
+                    }
+                    self.frame_numbers.push(pfn);
+                    Some(self.frame_numbers.len() - 1)
+                } else {
+                    None
+                };
                 match out.last_mut() {
-                    Some(run) if run.addr + run.pages * PAGE as u64 == addr && run.exclusive == exclusive => {
+                    Some(run)
+                        if run.addr + run.pages * PAGE as u64 == addr
+                            && run.exclusive == exclusive
+                            && run.frame_at.is_some() == frame_at.is_some() =>
+                    {
                         run.pages += 1
                     }
-                    _ => out.push(Run { addr, pages: 1, exclusive }),
+                    _ => out.push(Run { addr, pages: 1, exclusive, frame_at }),
                 }
             }
             page += (got / 8) as u64;
@@ -275,24 +335,50 @@ impl Reader {
         Ok(())
     }
 
-    /// Whether the present page at `addr` maps the shared zero page (its
-    /// content is zeros and it is not exclusively mapped).
-    fn maps_zero_page(&self, addr: u64) -> bool {
-        let Some(flags) = &self.kpageflags else { return true };
-        let mut e = [0u8; 8];
-        if self.pagemap.read_exact_at(&mut e, addr / PAGE as u64 * 8).is_err() {
-            return true;
+    /// A page not exclusively mapped, of frame `pfn`: whether it is to be
+    /// read (its frame's first mapping). The zero page is counted in
+    /// `pages_zero_mapped`; a frame counted already, as mapped again.
+    fn first_mapping(&self, pfn: u64, holder: u32, t: &mut Tally, r: &mut ProcessReport) -> bool {
+        use std::collections::hash_map::Entry;
+        match t.frames.entry(pfn) {
+            Entry::Vacant(v) => {
+                let mut f = [0u8; 8];
+                let flags = self.kpageflags.as_ref().expect("looked up as root only");
+                if flags.read_exact_at(&mut f, pfn * 8).is_ok() && u64::from_ne_bytes(f) & KPF_ZERO_PAGE != 0 {
+                    v.insert(Frame::ZeroPage);
+                    r.pages_zero_mapped += 1;
+                    return false;
+                }
+                v.insert(Frame::Pending);
+                true
+            }
+            Entry::Occupied(mut o) => match o.get_mut() {
+                Frame::ZeroPage => {
+                    r.pages_zero_mapped += 1;
+                    false
+                }
+                // Mapped twice in this process (not after a fork): read it
+                // again, as a copy.
+                Frame::Pending => true,
+                Frame::Counted { hash, parts } => {
+                    r.pages_scanned += 1;
+                    r.pages_mapped_again += 1;
+                    t.all.add_frame_mapped_again(holder, *hash);
+                    if parts.contains(&t.part_index) {
+                        t.part.add_frame_mapped_again(holder, *hash);
+                    } else {
+                        // The partition's first mapping of this frame.
+                        t.part.add(holder, *hash, 1);
+                        parts.push(t.part_index);
+                    }
+                    false
+                }
+            },
         }
-        let pfn = u64::from_ne_bytes(e) & PM_PFN;
-        if pfn == 0 {
-            return true;
-        }
-        let mut f = [0u8; 8];
-        flags.read_exact_at(&mut f, pfn * 8).map_or(true, |()| u64::from_ne_bytes(f) & KPF_ZERO_PAGE != 0)
     }
 
     /// Reads `runs` (their pages in order) and counts each page.
-    fn count(&mut self, runs: &[Run], holder: u32, census: &mut Census, r: &mut ProcessReport) -> Result<()> {
+    fn count(&mut self, runs: &[Run], holder: u32, t: &mut Tally, r: &mut ProcessReport) -> Result<()> {
         let zero = zero_page_hash();
         // Pages of a batch: (address, exclusive) per remote iovec.
         let mut pieces: Vec<Run> = Vec::with_capacity(MAX_IOV);
@@ -306,7 +392,12 @@ impl Reader {
                 let Some(mut run) = pending.take().or_else(|| runs.next()) else { break };
                 let room = ((BATCH - bytes) / PAGE) as u64;
                 if run.pages > room {
-                    pending = Some(Run { addr: run.addr + room * PAGE as u64, pages: run.pages - room, ..run });
+                    pending = Some(Run {
+                        addr: run.addr + room * PAGE as u64,
+                        pages: run.pages - room,
+                        frame_at: run.frame_at.map(|i| i + room as usize),
+                        ..run
+                    });
                     run.pages = room;
                 }
                 bytes += run.pages as usize * PAGE;
@@ -325,12 +416,22 @@ impl Reader {
                         continue;
                     }
                     let h = page_hash(&self.buf[at..at + PAGE]);
-                    if h == zero && !piece.exclusive && self.maps_zero_page(piece.addr + p * PAGE as u64) {
+                    // Without frame numbers, a page of zeros not
+                    // exclusively mapped is taken for the zero page (as
+                    // root the zero page was left out by frame).
+                    if h == zero && !piece.exclusive && self.kpageflags.is_none() {
+                        r.pages_read += 1;
                         r.pages_zero_mapped += 1;
                         continue;
                     }
+                    if let Some(i) = piece.frame_at {
+                        let pfn = self.frame_numbers[i + p as usize];
+                        t.frames.insert(pfn, Frame::Counted { hash: h, parts: vec![t.part_index] });
+                    }
+                    r.pages_read += 1;
                     r.pages_scanned += 1;
-                    census.add(holder, h, 1);
+                    t.all.add(holder, h, 1);
+                    t.part.add(holder, h, 1);
                 }
                 off += piece.pages as usize * PAGE;
             }
@@ -339,6 +440,18 @@ impl Reader {
 
     /// Copies the pages of `pieces` (`bytes` in all) into `self.buf`, in
     /// order; per piece, per page, whether it could be read.
+    ///
+    /// Pages exclusively mapped are copied with `process_vm_readv`; the
+    /// others through `/proc/PID/mem`. `process_vm_readv` pins the pages it
+    /// copies (`pin_user_pages_remote`, `FOLL_PIN`), and since Linux 5.19 a
+    /// read-only pin of an anonymous page that may be shared makes the
+    /// kernel unshare it first ("mm/gup: trigger FAULT_FLAG_UNSHARE when
+    /// R/O-pinning a possibly shared anonymous page"): a page still shared
+    /// since a fork, or a KSM page, would be copied into the process being
+    /// read, growing its memory and undoing merges. Measured here: after a
+    /// `process_vm_readv` of a parent's 4 pages shared with its child, both
+    /// showed 4 different frames in pagemap; after a read of
+    /// `/proc/PID/mem` (`FOLL_GET`, no pin) they still shared them.
     fn read_batch(&mut self, pieces: &[Run], iov: &mut Vec<libc::iovec>, bytes: usize) -> Result<Vec<Vec<bool>>> {
         let pid = self.pid;
         let mut ok: Vec<Vec<bool>> = pieces.iter().map(|p| vec![false; p.pages as usize]).collect();
@@ -348,23 +461,28 @@ impl Reader {
         let mut off = 0;
         let result = (|| -> Result<()> {
             while i < pieces.len() {
-                if !self.no_vm_readv {
+                // The exclusive pieces from here on, in one call.
+                let run = pieces[i..].iter().take_while(|p| p.exclusive).count();
+                if !self.no_vm_readv && run > 0 {
+                    let group = &pieces[i..i + run];
+                    let len: usize = group.iter().map(|p| p.pages as usize * PAGE).sum();
                     iov.clear();
-                    iov.extend(pieces[i..].iter().map(|p| libc::iovec {
+                    iov.extend(group.iter().map(|p| libc::iovec {
                         iov_base: p.addr as usize as *mut libc::c_void,
                         iov_len: p.pages as usize * PAGE,
                     }));
-                    match vm_readv(pid, &mut buf[off..bytes], iov) {
+                    match vm_readv(pid, &mut buf[off..off + len], iov) {
                         Ok(mut n) => {
                             // Whole pieces first, then whole pages of the
                             // piece where the copy stopped.
-                            while i < pieces.len() && n >= pieces[i].pages as usize * PAGE {
+                            let end = i + run;
+                            while i < end && n >= pieces[i].pages as usize * PAGE {
                                 let len = pieces[i].pages as usize * PAGE;
                                 ok[i].fill(true);
                                 (n, off, i) = (n - len, off + len, i + 1);
                             }
-                            if i == pieces.len() {
-                                break;
+                            if i == end {
+                                continue;
                             }
                             let done = n / PAGE;
                             ok[i][..done].fill(true);
@@ -412,28 +530,34 @@ fn read_pages(mem: &File, buf: &mut [u8], addr: u64, ok: &mut [bool]) {
     }
 }
 
-/// Reads process `pid` (holder `holder` of the census).
-fn read_process(
-    pid: u32,
-    holder: u32,
-    mergeable_only: bool,
-    census: &mut Census,
-    kpageflags: bool,
-) -> Result<ProcessReport> {
+/// Reads process `pid` (holder `holder` of the censuses).
+fn read_process(pid: u32, holder: u32, mergeable_only: bool, t: &mut Tally, kpageflags: bool) -> Result<ProcessReport> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| proc_error(pid, "smaps", e))?;
     let vmas = eligible_vmas(&smaps, mergeable_only);
     let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(|e| proc_error(pid, "pagemap", e))?;
     let kpageflags = if kpageflags { File::open("/proc/kpageflags").ok() } else { None };
     // For tests: the /proc/PID/mem path, as where process_vm_readv is refused.
     let no_vm_readv = std::env::var_os("SAMEPAGE_ESTIMATE_NO_VM_READV").is_some();
-    let mut reader = Reader { pid, mem: None, no_vm_readv, pagemap, kpageflags, buf: Vec::new(), entries: Vec::new() };
+    let mut reader = Reader {
+        pid,
+        mem: None,
+        no_vm_readv,
+        pagemap,
+        kpageflags,
+        buf: Vec::new(),
+        entries: Vec::new(),
+        frame_numbers: Vec::new(),
+    };
     let mut r = ProcessReport { pid, comm: comm(pid), vmas: vmas.len() as u64, ..ProcessReport::default() };
-    census.add_holder(holder);
+    t.all.add_holder(holder);
+    t.part.add_holder(holder);
     let mut runs = Vec::new();
     for vma in &vmas {
-        reader.runs(vma, &mut r, &mut runs)?;
+        reader.runs(vma, holder, t, &mut r, &mut runs)?;
     }
-    reader.count(&runs, holder, census, &mut r)?;
+    reader.count(&runs, holder, t, &mut r)?;
+    // Frames of this process never read (unmapped meanwhile) stay uncounted.
+    t.frames.retain(|_, f| !matches!(f, Frame::Pending));
     Ok(r)
 }
 
@@ -470,6 +594,8 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
     let holders = u32::try_from(a.pid.len()).context("too many --pid")?;
     let kpageflags = sees_page_frames();
     let mut parts: Vec<Partition> = Vec::new();
+    let mut census = Census::new();
+    let mut frames = std::collections::HashMap::new();
     let t0 = Instant::now();
     let mut reports = Vec::new();
     for (holder, &pid) in (0..holders).zip(&a.pid) {
@@ -483,11 +609,8 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
             }
         };
         parts[i].pids.push(pid);
-        reports.push(read_process(pid, holder, a.mergeable_only, &mut parts[i].census, kpageflags)?);
-    }
-    let mut census = Census::new();
-    for p in &parts {
-        census.absorb(&p.census);
+        let mut t = Tally { all: &mut census, part: &mut parts[i].census, part_index: i, frames: &mut frames };
+        reports.push(read_process(pid, holder, a.mergeable_only, &mut t, kpageflags)?);
     }
     let seconds = t0.elapsed().as_secs_f64();
     let e = census.estimate(rule);
@@ -503,7 +626,7 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
         }
     }
     if a.json {
-        let mut v = json(&a, &e, &reports, seconds);
+        let mut v = json(&a, &e, &reports, seconds, kpageflags);
         v["partitions"] = by_part
             .iter()
             .map(|(p, pe)| {
@@ -514,21 +637,29 @@ pub fn run(a: EstimateArgs) -> Result<ExitCode> {
                     "domain": p.domain,
                     "pids": p.pids,
                     "counters": counters,
-                    "saved_bytes": pe.counters.pages_saved() * PAGE as u64,
-                    "net_saved_bytes": pe.counters.general_profit,
+                    "saved_bytes": pe.pages_freed() * PAGE as u64,
+                    "net_saved_bytes": pe.net_saved_bytes(),
                 })
             })
             .collect();
-        v["partitioned_net_saved_bytes"] = by_part.iter().map(|(_, pe)| pe.counters.general_profit).sum::<i64>().into();
+        v["partitioned_net_saved_bytes"] = by_part.iter().map(|(_, pe)| pe.net_saved_bytes()).sum::<i64>().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print!("{}", table(&a, &e, &reports, seconds));
+        print!("{}", table(&a, &e, &reports, seconds, kpageflags));
         print!("{}", partitions_table(&by_part));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn json(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64) -> serde_json::Value {
+/// The report as JSON; `frames_visible`: page frame numbers were seen
+/// (frames mapped again are told apart).
+fn json(
+    a: &EstimateArgs,
+    e: &Estimate,
+    reports: &[ProcessReport],
+    seconds: f64,
+    frames_visible: bool,
+) -> serde_json::Value {
     let c = &e.counters;
     let counters: serde_json::Map<String, serde_json::Value> =
         c.named().iter().map(|&(n, v)| (n.to_string(), v.into())).collect();
@@ -541,16 +672,17 @@ fn json(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64)
         "rmap_items": c.rmap_items,
         "pages_scanned": scanned,
         "distinct_contents": e.contents,
-        "saved_bytes": c.pages_saved() * PAGE as u64,
+        "frames_visible": frames_visible,
+        "saved_bytes": e.pages_freed() * PAGE as u64,
         "metadata_bytes": c.rmap_items * RMAP_ITEM_BYTES,
-        "net_saved_bytes": c.general_profit,
+        "net_saved_bytes": e.net_saved_bytes(),
         "pages_freed": {
             "zero_pages": e.freed_zero,
             "within_process": e.freed_within,
             "across_processes": e.freed_across,
         },
         "processes": reports,
-        "bytes_read": scanned * PAGE as u64,
+        "bytes_read": reports.iter().map(|r| r.pages_read).sum::<u64>() * PAGE as u64,
         "read_seconds": seconds,
     })
 }
@@ -560,7 +692,7 @@ fn json(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64)
 fn partitions_table(parts: &[(&Partition, Estimate)]) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let net: i64 = parts.iter().map(|(_, e)| e.counters.general_profit).sum();
+    let net: i64 = parts.iter().map(|(_, e)| e.net_saved_bytes()).sum();
     let _ = writeln!(
         s,
         "by partition (the samepage daemon merges each user and domain apart): {} net in {} partition{}",
@@ -582,7 +714,7 @@ fn partitions_table(parts: &[(&Partition, Estimate)]) -> String {
             p.domain,
             e.counters.pages_shared,
             e.counters.pages_sharing,
-            mib(e.counters.general_profit as f64),
+            mib(e.net_saved_bytes() as f64),
             pids.join(" ")
         );
     }
@@ -660,12 +792,12 @@ fn plot(
 
     // By partition, net of metadata, and the kernel's figure (all together).
     let mut bars: Vec<(String, f64, RGBColor)> =
-        vec![("kernel: all together".into(), in_mib(e.counters.general_profit as f64), RED)];
+        vec![("kernel: all together".into(), in_mib(e.net_saved_bytes() as f64), RED)];
     for (p, pe) in parts {
         let pids: Vec<String> = p.pids.iter().map(u32::to_string).collect();
         bars.push((
             format!("uid {} domain {} ({})", p.uid, p.domain, pids.join(" ")),
-            in_mib(pe.counters.general_profit as f64),
+            in_mib(pe.net_saved_bytes() as f64),
             BLUE,
         ));
     }
@@ -674,7 +806,7 @@ fn plot(
     let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
     let mut chart = bars_chart(
         &bottom,
-        "net MiB saved (general_profit), by samepage partition",
+        "net MiB saved (frames freed less rmap items), by samepage partition",
         &labels,
         (lo * 1.15 - hi * 0.1)..(hi * 1.15),
         lo * 1.15 - hi * 0.02,
@@ -691,20 +823,22 @@ fn mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / (1u64 << 20) as f64)
 }
 
-fn table(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64) -> String {
+/// The report as a table (`frames_visible` as for [`json`]).
+fn table(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64, frames_visible: bool) -> String {
     use std::fmt::Write;
     let c = &e.counters;
     let scanned: u64 = reports.iter().map(|r| r.pages_scanned).sum();
-    let read = (reports.iter().map(|r| r.pages_scanned + r.pages_zero_mapped).sum::<u64>() * PAGE as u64) as f64;
+    let read = (reports.iter().map(|r| r.pages_read).sum::<u64>() * PAGE as u64) as f64;
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "samepage estimate: {} process{}, {} pages ({}) of {} memory read in {:.2} s ({:.0} MiB/s); nothing merged",
+        "samepage estimate: {} process{}, {} pages ({}) of {} memory, {} read in {:.2} s ({:.0} MiB/s); nothing merged",
         reports.len(),
         if reports.len() == 1 { "" } else { "es" },
         scanned,
         mib((scanned * PAGE as u64) as f64),
         if a.mergeable_only { "MADV_MERGEABLE" } else { "private anonymous" },
+        mib(read),
         seconds,
         read / (1u64 << 20) as f64 / seconds.max(1e-9),
     );
@@ -719,26 +853,49 @@ fn table(a: &EstimateArgs, e: &Estimate, reports: &[ProcessReport], seconds: f64
     }
     let _ = writeln!(
         s,
-        "saved: {} of pages - {} of rmap items ({} bytes per page tracked) = {} net",
-        mib((c.pages_saved() * PAGE as u64) as f64),
+        "saved: {} of frames freed - {} of rmap items ({} bytes per page tracked) = {} net",
+        mib((e.pages_freed() * PAGE as u64) as f64),
         mib((c.rmap_items * RMAP_ITEM_BYTES) as f64),
         RMAP_ITEM_BYTES,
-        mib(c.general_profit as f64),
+        mib(e.net_saved_bytes() as f64),
     );
-    let _ = writeln!(s, "pages freed ({} distinct contents):", e.contents);
+    let again: u64 = reports.iter().map(|r| r.pages_mapped_again).sum();
+    if again > 0 {
+        let _ = writeln!(
+            s,
+            "{again} pages map a frame counted already (shared since a fork): scanned, freeing nothing; the kernel's \
+             general_profit counts mappings ({})",
+            mib(c.general_profit as f64)
+        );
+    }
+    if !frames_visible {
+        let _ = writeln!(
+            s,
+            "page frame numbers are not visible (root sees them): each mapping counts as a copy, which overstates \
+             the savings on processes sharing frames since a fork"
+        );
+    }
+    let _ = writeln!(s, "frames freed ({} distinct contents):", e.contents);
     let _ = writeln!(s, "  {:<32} {}", "zero pages", e.freed_zero);
     let _ = writeln!(s, "  {:<32} {}", "duplicates within a process", e.freed_within);
     let _ = writeln!(s, "  {:<32} {}", "duplicates across processes", e.freed_across);
     let _ = writeln!(
         s,
-        "{:>8}  {:<16} {:>10} {:>10} {:>12} {:>9} {:>11}",
-        "PID", "COMM", "SCANNED", "FREED", "FREED ALONE", "SWAPPED", "ZERO-MAPPED"
+        "{:>8}  {:<16} {:>10} {:>10} {:>10} {:>12} {:>9} {:>11}",
+        "PID", "COMM", "SCANNED", "AGAIN", "FREED", "FREED ALONE", "SWAPPED", "ZERO-MAPPED"
     );
     for r in reports {
         let _ = writeln!(
             s,
-            "{:>8}  {:<16} {:>10} {:>10} {:>12} {:>9} {:>11}",
-            r.pid, r.comm, r.pages_scanned, r.pages_freed, r.pages_freed_alone, r.pages_swapped, r.pages_zero_mapped
+            "{:>8}  {:<16} {:>10} {:>10} {:>10} {:>12} {:>9} {:>11}",
+            r.pid,
+            r.comm,
+            r.pages_scanned,
+            r.pages_mapped_again,
+            r.pages_freed,
+            r.pages_freed_alone,
+            r.pages_swapped,
+            r.pages_zero_mapped
         );
     }
     let unreadable: u64 = reports.iter().map(|r| r.pages_unreadable).sum();

@@ -20,17 +20,24 @@ const PAGE: u64 = 4096;
 /// Maps the pages, fills them, madvise(MADV_MERGEABLE), says `ready`, waits
 /// for stdin to close. Then `reads` more pages, only read (they map the
 /// kernel's zero page: ksmd does not scan them), and as many never touched.
+/// With `fork`, forks once everything is written (the child maps the same
+/// frames and waits too) and says `ready CHILD_PID`.
 const CHILD: &str = r#"
-import mmap, struct, sys
+import mmap, os, struct, sys
 ids = [int(x) for x in sys.argv[1].split(',')]
 reads = int(sys.argv[2])
+fork = sys.argv[3] == 'fork'
 m = mmap.mmap(-1, (len(ids) + 2 * reads) * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for i, c in enumerate(ids):
     m[i * 4096:(i + 1) * 4096] = bytes(4096) if c == 0 else struct.pack('<Q', c) * 512
 for i in range(len(ids), len(ids) + reads):
     assert m[i * 4096] == 0
 m.madvise(mmap.MADV_MERGEABLE)
-print('ready', flush=True)
+child = os.fork() if fork else None
+if child == 0:
+    sys.stdin.read()
+    os._exit(0)
+print('ready' if child is None else f'ready {child}', flush=True)
 sys.stdin.read()
 "#;
 
@@ -40,21 +47,29 @@ struct Holder {
     ids: Vec<u64>,
     /// Pages only read (zero-page mappings).
     reads: u64,
+    /// The pid of the process it forked, which maps the same frames.
+    forked: Option<u32>,
 }
 
 impl Holder {
     fn spawn(ids: Vec<u64>, reads: u64) -> Holder {
+        Holder::start(ids, reads, false)
+    }
+
+    fn start(ids: Vec<u64>, reads: u64, fork: bool) -> Holder {
         let list: Vec<String> = ids.iter().map(u64::to_string).collect();
         let mut child = Command::new("python3")
-            .args(["-c", CHILD, &list.join(","), &reads.to_string()])
+            .args(["-c", CHILD, &list.join(","), &reads.to_string(), if fork { "fork" } else { "alone" }])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("python3 runs");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "the child did not start");
-        Holder { child, ids, reads }
+        let mut words = line.split_whitespace();
+        assert_eq!(words.next(), Some("ready"), "the child did not start: {line:?}");
+        let forked = words.next().map(|p| p.parse().expect("a pid"));
+        Holder { child, ids, reads, forked }
     }
 
     fn pid(&self) -> String {
@@ -64,6 +79,9 @@ impl Holder {
 
 impl Drop for Holder {
     fn drop(&mut self) {
+        if let Some(pid) = self.forked {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -362,6 +380,77 @@ fn bad_input_is_refused_naming_the_value() {
     assert_eq!(run(&[]).status.code(), Some(2), "--pid is required");
 }
 
+/// A process and the child it forked map the same frames: as root (page
+/// frame numbers visible), each frame counts once. The counters count
+/// mappings as the kernel does: a content whose mappings are all one frame
+/// stays unshared once and volatile for the others; a content with several
+/// frames merges every mapping; only frames are freed.
+fn forked_holder() -> (Holder, [String; 2]) {
+    let mut ids: Vec<u64> = vec![5; 4];
+    ids.push(6);
+    ids.extend(1000..1010);
+    ids.extend([0; 3]);
+    let h = Holder::start(ids, 2, true);
+    let pids = [h.pid(), h.forked.expect("forked").to_string()];
+    (h, pids)
+}
+
+fn estimate_pids(pids: &[String], args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
+        .args(["estimate", "--json", "--mergeable-only", "--pid"])
+        .args(pids)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_frame_shared_since_a_fork_counts_once() {
+    let (_h, pids) = forked_holder();
+    let v = estimate_pids(&pids, &[]);
+    if !rustix::process::geteuid().is_root() {
+        assert_eq!(v["frames_visible"], false, "{v:#}");
+        eprintln!("skipped: page frame numbers need root");
+        return;
+    }
+    assert_eq!(v["frames_visible"], true);
+    let c = &v["counters"];
+    // Content 5: 4 frames, 8 mappings. Content 6 and the 10 unique ones:
+    // 1 frame, 2 mappings each. Zeros: 3 frames, 6 mappings.
+    let (shared, sharing, unshared, volatile) = (2u64, 12u64, 11u64, 11u64);
+    let rmap = shared + sharing + unshared + volatile;
+    assert_eq!(
+        [&c["pages_shared"], &c["pages_sharing"], &c["pages_unshared"], &c["pages_volatile"], &c["ksm_zero_pages"]],
+        [shared, sharing, unshared, volatile, 0].map(Value::from).each_ref(),
+        "{v:#}"
+    );
+    assert_eq!(v["rmap_items"], rmap);
+    assert_eq!(c["general_profit"], (sharing * PAGE) as i64 - (rmap * 64) as i64, "the kernel's formula");
+    // Frames freed: 3 of content 5, 2 of zeros.
+    assert_eq!(v["saved_bytes"], 5 * PAGE);
+    assert_eq!(v["net_saved_bytes"], (5 * PAGE) as i64 - (rmap * 64) as i64);
+    let p = &v["processes"];
+    for (i, again) in [(0, 0), (1, 18)] {
+        assert_eq!(p[i]["pages_scanned"], 18, "{p:#}");
+        assert_eq!(p[i]["pages_mapped_again"], again, "{p:#}");
+        assert_eq!(p[i]["pages_zero_mapped"], 2, "{p:#}");
+    }
+    assert_eq!((&p[0]["pages_freed"], &p[1]["pages_freed"]), (&5.into(), &0.into()));
+    // With use_zero_pages: all 6 mappings of zeros go to the zero page, 3 frames freed.
+    let z = estimate_pids(&pids, &["--use-zero-pages"]);
+    assert_eq!(z["counters"]["ksm_zero_pages"], 6);
+    assert_eq!(z["saved_bytes"], 6 * PAGE);
+    // In two partitions, each one counts the frame once for itself.
+    let d = estimate_pids(&pids, &["--domain", &format!("{}=1", pids[1])]);
+    assert_eq!(d["counters"], v["counters"]);
+    let alone = estimate_pids(&pids[..1], &[]);
+    for part in d["partitions"].as_array().unwrap() {
+        assert_eq!(part["counters"], alone["counters"], "{d:#}");
+    }
+}
+
 /// `/proc/PID/ksm_stat` field `name`.
 fn ksm_stat(pid: &str, name: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap();
@@ -425,4 +514,52 @@ fn the_kernels_ksmd_reaches_the_estimate() {
              ksm_stat ksm_merging_pages, ksm_rmap_items, ksm_zero_pages): kernel vs estimate"
         );
     }
+}
+
+#[test]
+#[ignore = "takes the machine's ksmd (root): run with --ignored when nothing else uses kernel KSM"]
+fn the_kernels_ksmd_reaches_the_estimate_after_a_fork() {
+    if !rustix::process::geteuid().is_root() || !std::path::Path::new(KSM).exists() {
+        eprintln!("skipped: needs root and a kernel with KSM");
+        return;
+    }
+    let ksmd = Ksmd::take();
+    ksm_set("max_page_sharing", "256");
+    ksm_set("use_zero_pages", "0");
+    ksm_set("pages_to_scan", "2000");
+    ksm_set("sleep_millisecs", "0");
+    let (h, pids) = forked_holder();
+    let v = estimate_pids(&pids, &[]);
+    // With smart_scan (the default) ksmd skips pages that failed to merge
+    // for a while, and the split of those between pages_unshared and
+    // pages_volatile moves from scan to scan; their sum (the rmap items
+    // not merged) does not.
+    let n = |name: &str| v["counters"][name].as_u64().unwrap();
+    let want = [n("pages_shared"), n("pages_sharing"), n("pages_unshared") + n("pages_volatile")];
+    let read = || {
+        let [shared, sharing, unshared, volatile] =
+            ["pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"].map(ksm_get);
+        [shared, sharing, unshared + volatile]
+    };
+    ksm_set("run", "1");
+    let t0 = Instant::now();
+    let (mut last, mut still_since) = (read(), ksm_get("full_scans"));
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = read();
+        let scans = ksm_get("full_scans");
+        if now != last {
+            (last, still_since) = (now, scans);
+        } else if scans >= still_since + 3 && now[0] > 0 {
+            break;
+        }
+    }
+    let per_process: Vec<(u64, u64)> =
+        pids.iter().map(|p| (ksm_stat(p, "ksm_rmap_items"), ksm_stat(p, "ksm_merging_pages"))).collect();
+    drop(h);
+    drop(ksmd);
+    assert_eq!(last, want, "(pages_shared, pages_sharing, pages_unshared + pages_volatile): kernel vs estimate");
+    // Each process has an rmap item per page it maps (18), and the 8 pages
+    // of content 5 and zeros map the KSM pages.
+    assert_eq!(per_process, [(18, 7), (18, 7)], "ksm_stat (ksm_rmap_items, ksm_merging_pages) of parent and child");
 }

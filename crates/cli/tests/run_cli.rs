@@ -83,9 +83,6 @@ fn build_behaviours(name: &str) -> (PathBuf, PathBuf) {
     (dir, exe)
 }
 
-/// The tests of this file that drive the machine's ksmd take turns.
-static KSMD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn python() -> Option<PathBuf> {
     ["/usr/bin/python3", "/usr/local/bin/python3"].iter().map(PathBuf::from).find(|p| p.exists())
 }
@@ -107,7 +104,7 @@ fn prefork_python_workers_merge_across_processes_as_much_as_under_ksmd() {
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/workers/compare.py");
-    let _ksmd = KSMD.lock().unwrap_or_else(|e| e.into_inner());
+    let _ksmd = common::ksmd_turn();
     let out = Command::new(py)
         .arg(script)
         .args(["--workers", "2", "--mib", "8", "--seconds", "40", "--samepage", env!("CARGO_BIN_EXE_samepage")])
@@ -239,7 +236,6 @@ fn a_c_program_calling_madvise_merges_as_much_as_under_ksmd() {
             .unwrap_or_else(|| panic!("{stderr}"))
     };
     let kernel = {
-        let _turn = KSMD.lock().unwrap_or_else(|e| e.into_inner());
         let _ksmd = Ksmd::take();
         ksm_set("pages_to_scan", "10000");
         ksm_set("sleep_millisecs", "10");

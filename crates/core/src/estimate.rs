@@ -22,10 +22,30 @@
 //! 64-bit kernels ([`RMAP_ITEM_BYTES`]). Once merging has settled,
 //! `pages_volatile` is 0.
 //!
+//! Frames already shared: after `fork()` a parent and its children map the
+//! same page frames until one of them writes. ksmd scans each mapping (one
+//! rmap item each), but a frame is never merged with itself
+//! (`unstable_tree_search_insert()`: "Don't substitute a ksm page for a
+//! forked page"): when all the mappings of a content are one frame, the
+//! first stays in the unstable tree and the others are counted in
+//! `pages_volatile`, and nothing is freed. When the content has other
+//! frames too, every mapping merges and counts in `pages_sharing`, but only
+//! frames are freed. So [`Estimate::pages_freed`] counts frames (memory
+//! really freed), and the counters by kernel name count mappings, as the
+//! kernel's do. With no frame mapped twice the two agree:
+//! `pages_freed = pages_sharing + ksm_zero_pages`.
+//!
+//! With `smart_scan` (the default since 6.7) ksmd skips pages that failed
+//! to merge for a while; the split of those between `pages_unshared` and
+//! `pages_volatile` then moves from scan to scan, while their sum (rmap
+//! items not merged) holds. The estimate gives the split of `smart_scan` 0.
+//!
 //! [`Census`] takes the content hashes of pages held by one or more holders
-//! (processes); [`Census::estimate`] yields the [`EstimateCounters`] by
-//! kernel name, and a breakdown of the pages freed: zero pages, duplicates
-//! inside one holder, duplicates across holders, and per holder.
+//! (processes), and the mappings of frames it has counted already
+//! ([`Census::add_frame_mapped_again`]); [`Census::estimate`] yields the
+//! [`EstimateCounters`] by kernel name, and a breakdown of the frames
+//! freed: zero pages, duplicates inside one holder, duplicates across
+//! holders, and per holder.
 
 use crate::page::{zero_page_hash, PAGE_SIZE};
 use std::collections::HashMap;
@@ -111,10 +131,13 @@ pub struct EstimateCounters {
     pub pages_sharing: u64,
     /// `pages_unshared`: pages scanned that stay unique (in the unstable tree).
     pub pages_unshared: u64,
+    /// `pages_volatile`: mappings of a frame already in the unstable tree
+    /// (shared since a fork), which ksmd never merges with themselves.
+    pub pages_volatile: u64,
     /// `ksm_zero_pages`: pages mapped to the zero page (with `use_zero_pages`).
     pub ksm_zero_pages: u64,
     /// The rmap items the kernel keeps: `pages_shared + pages_sharing +
-    /// pages_unshared`.
+    /// pages_unshared + pages_volatile`.
     pub rmap_items: u64,
     /// `general_profit`: `(pages_sharing + ksm_zero_pages) * page size -
     /// rmap_items * sizeof(rmap_item)`, in bytes.
@@ -128,11 +151,12 @@ impl EstimateCounters {
     }
 
     /// The counters as `(kernel name, value)` pairs, in sysfs order.
-    pub fn named(&self) -> [(&'static str, i64); 5] {
+    pub fn named(&self) -> [(&'static str, i64); 6] {
         [
             ("pages_shared", self.pages_shared as i64),
             ("pages_sharing", self.pages_sharing as i64),
             ("pages_unshared", self.pages_unshared as i64),
+            ("pages_volatile", self.pages_volatile as i64),
             ("ksm_zero_pages", self.ksm_zero_pages as i64),
             ("general_profit", self.general_profit),
         ]
@@ -142,13 +166,17 @@ impl EstimateCounters {
 /// One holder's part of an [`Estimate`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HolderEstimate {
-    /// Pages of the holder counted (the kernel's pages scanned in one pass).
+    /// Frames of the holder counted: its pages, less those that map a frame
+    /// counted already ([`HolderEstimate::mapped_again`]).
     pub pages: u64,
-    /// Pages of the holder that merging frees: of each content, the copies
+    /// Pages of the holder that map a frame an earlier holder (or an earlier
+    /// page) counted already: scanned by the kernel, freeing nothing.
+    pub mapped_again: u64,
+    /// Frames of the holder that merging frees: of each content, the copies
     /// beyond the ones kept, counted in holder order (the first holder of a
     /// content keeps its first copy); every zero page with `use_zero_pages`.
     pub freed: u64,
-    /// Pages merging this holder alone would free (its own duplicates and,
+    /// Frames merging this holder alone would free (its own duplicates and,
     /// with `use_zero_pages`, its zero pages).
     pub freed_alone: u64,
 }
@@ -158,19 +186,35 @@ pub struct HolderEstimate {
 pub struct Estimate {
     /// The rule the estimate follows.
     pub rule: SharingRule,
-    /// The counters by kernel name.
+    /// The counters by kernel name (they count mappings).
     pub counters: EstimateCounters,
-    /// Pages freed that hold zeros (as `ksm_zero_pages` with
-    /// `use_zero_pages`, else as copies of the zero content).
+    /// Frames freed that hold zeros (mapped to the zero page with
+    /// `use_zero_pages`, else merged as copies of the zero content).
     pub freed_zero: u64,
-    /// Non-zero pages freed by merging each holder's pages among themselves.
+    /// Non-zero frames freed by merging each holder's pages among themselves.
     pub freed_within: u64,
-    /// Non-zero pages freed only by merging across holders (the rest).
+    /// Non-zero frames freed only by merging across holders (the rest).
     pub freed_across: u64,
     /// Distinct contents counted.
     pub contents: u64,
     /// Per holder, in holder order.
     pub holders: Vec<HolderEstimate>,
+}
+
+impl Estimate {
+    /// Frames merging frees: memory really given back, `freed_zero +
+    /// freed_within + freed_across`. It is `pages_sharing + ksm_zero_pages`
+    /// unless some frames were mapped more than once before merging.
+    pub fn pages_freed(&self) -> u64 {
+        self.freed_zero + self.freed_within + self.freed_across
+    }
+
+    /// Bytes saved net of the kernel's metadata: the frames freed less
+    /// `sizeof(rmap_item)` for every rmap item kept (the kernel's
+    /// `general_profit`, counting frames instead of mappings).
+    pub fn net_saved_bytes(&self) -> i64 {
+        (self.pages_freed() * PAGE_SIZE as u64) as i64 - (self.counters.rmap_items * RMAP_ITEM_BYTES) as i64
+    }
 }
 
 /// Copies of one content, per holder (sorted by holder; most contents
@@ -229,9 +273,14 @@ impl Hasher for PassThrough {
 /// a page of zeros ([`zero_page_hash`]) as zeros.
 #[derive(Clone, Debug, Default)]
 pub struct Census {
+    /// Frames per content, per holder.
     contents: HashMap<u64, Holders, BuildHasherDefault<PassThrough>>,
-    /// Pages per holder.
+    /// Mappings of frames counted already, per content (few: after a fork).
+    again: HashMap<u64, u64, BuildHasherDefault<PassThrough>>,
+    /// Frames per holder.
     pages: Vec<u64>,
+    /// Mappings of frames counted already, per holder.
+    mapped_again: Vec<u64>,
 }
 
 impl Census {
@@ -240,16 +289,14 @@ impl Census {
         Census::default()
     }
 
-    /// Counts `copies` pages of content `hash` held by `holder`.
+    /// Counts `copies` pages of content `hash` held by `holder`, each its own
+    /// frame.
     pub fn add(&mut self, holder: u32, hash: u64, copies: u64) {
         if copies == 0 {
             return;
         }
-        let h = holder as usize;
-        if self.pages.len() <= h {
-            self.pages.resize(h + 1, 0);
-        }
-        self.pages[h] += copies;
+        self.add_holder(holder);
+        self.pages[holder as usize] += copies;
         match self.contents.entry(hash) {
             std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().add(holder, copies),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -258,27 +305,26 @@ impl Census {
         }
     }
 
+    /// Counts a page of `holder` that maps a frame of content `hash` this
+    /// census has counted already (with [`Census::add`]): the same frame
+    /// mapped again, as after a fork. The kernel scans it; merging it frees
+    /// nothing.
+    pub fn add_frame_mapped_again(&mut self, holder: u32, hash: u64) {
+        self.add_holder(holder);
+        self.mapped_again[holder as usize] += 1;
+        *self.again.entry(hash).or_default() += 1;
+    }
+
     /// Makes sure holder `holder` exists (with no pages, if none were added).
     pub fn add_holder(&mut self, holder: u32) {
         let h = holder as usize;
         if self.pages.len() <= h {
             self.pages.resize(h + 1, 0);
+            self.mapped_again.resize(h + 1, 0);
         }
     }
 
-    /// Adds every page `other` counted (with its holder numbers).
-    pub fn absorb(&mut self, other: &Census) {
-        for (h, _) in other.pages.iter().enumerate() {
-            self.add_holder(h as u32);
-        }
-        for (&hash, holders) in &other.contents {
-            for &(h, n) in holders.as_slice() {
-                self.add(h, hash, n);
-            }
-        }
-    }
-
-    /// Pages counted, over all holders.
+    /// Frames counted, over all holders.
     pub fn pages(&self) -> u64 {
         self.pages.iter().sum()
     }
@@ -291,26 +337,45 @@ impl Census {
     /// What merging every page counted would reach under `rule`.
     pub fn estimate(&self, rule: SharingRule) -> Estimate {
         let zero = zero_page_hash();
-        let mut holders: Vec<HolderEstimate> =
-            self.pages.iter().map(|&pages| HolderEstimate { pages, ..HolderEstimate::default() }).collect();
+        let mut holders: Vec<HolderEstimate> = self
+            .pages
+            .iter()
+            .zip(&self.mapped_again)
+            .map(|(&pages, &mapped_again)| HolderEstimate { pages, mapped_again, ..HolderEstimate::default() })
+            .collect();
         let mut e = Estimate { rule, contents: self.contents.len() as u64, ..Estimate::default() };
         let c = &mut e.counters;
         for (&hash, copies) in &self.contents {
             let copies = copies.as_slice();
-            let k: u64 = copies.iter().map(|&(_, n)| n).sum();
+            // Frames of this content, and mappings (the kernel's rmap items).
+            let frames: u64 = copies.iter().map(|&(_, n)| n).sum();
+            let k = frames + self.again.get(&hash).copied().unwrap_or(0);
             if hash == zero && rule.use_zero_pages {
+                // Every mapping is pointed at the zero page; every frame is freed.
                 c.ksm_zero_pages += k;
-                e.freed_zero += k;
+                e.freed_zero += frames;
                 for &(h, n) in copies {
                     holders[h as usize].freed += n;
                     holders[h as usize].freed_alone += n;
                 }
                 continue;
             }
+            if frames == 1 {
+                // One frame (maybe mapped by several processes): nothing to
+                // merge it with; its first mapping stays in the unstable
+                // tree, the others find themselves there (volatile).
+                c.pages_unshared += 1;
+                c.pages_volatile += k - 1;
+                continue;
+            }
+            // Every mapping merges; frames are freed as copies, by the same
+            // rule (a content mapped more than `max_page_sharing` times
+            // through shared frames may keep a dup fewer than counted here).
             let (shared, sharing) = rule.stable(k);
             c.pages_shared += shared;
             c.pages_sharing += sharing;
             c.pages_unshared += k - shared - sharing;
+            let sharing = rule.stable(frames).1;
             let mut at = 0;
             let mut alone = 0;
             for &(h, n) in copies {
@@ -328,7 +393,7 @@ impl Census {
                 e.freed_across += sharing - alone;
             }
         }
-        c.rmap_items = c.pages_shared + c.pages_sharing + c.pages_unshared;
+        c.rmap_items = c.pages_shared + c.pages_sharing + c.pages_unshared + c.pages_volatile;
         c.general_profit = (c.pages_saved() * PAGE_SIZE as u64) as i64 - (c.rmap_items * RMAP_ITEM_BYTES) as i64;
         e.holders = holders;
         e
@@ -357,20 +422,44 @@ mod tests {
     }
 
     #[test]
-    fn absorbing_censuses_is_counting_their_pages_in_one() {
-        let (mut a, mut b, mut one) = (Census::new(), Census::new(), Census::new());
-        for (holder, hash, copies) in [(0, 1, 3), (0, 2, 1), (2, 1, 4), (2, 3, 2)] {
-            a.add(holder, hash, copies);
-            one.add(holder, hash, copies);
-        }
-        for (holder, hash, copies) in [(1, 1, 2), (1, 3, 5), (3, 9, 1)] {
-            b.add(holder, hash, copies);
-            one.add(holder, hash, copies);
-        }
-        a.absorb(&b);
-        let rule = SharingRule::new(3, false).unwrap();
-        assert_eq!(a.estimate(rule), one.estimate(rule));
-        assert_eq!((a.pages(), a.contents()), (one.pages(), one.contents()));
+    fn a_frame_mapped_again_is_scanned_but_frees_nothing() {
+        let rule = SharingRule::default();
+        // Content 1: one frame mapped by holders 0, 1, 2 (a fork): the
+        // kernel keeps it unshared once and volatile twice.
+        // Content 2: frames in holders 0 and 1, holder 2 maps holder 0's
+        // again: three mappings merge (pages_sharing 2), one frame is freed.
+        let mut c = Census::new();
+        c.add(0, 1, 1);
+        c.add_frame_mapped_again(1, 1);
+        c.add_frame_mapped_again(2, 1);
+        c.add(0, 2, 1);
+        c.add(1, 2, 1);
+        c.add_frame_mapped_again(2, 2);
+        let e = c.estimate(rule);
+        assert_eq!(
+            e.counters,
+            EstimateCounters {
+                pages_shared: 1,
+                pages_sharing: 2,
+                pages_unshared: 1,
+                pages_volatile: 2,
+                ksm_zero_pages: 0,
+                rmap_items: 6,
+                general_profit: 2 * 4096 - 6 * 64,
+            }
+        );
+        assert_eq!((e.pages_freed(), e.freed_across, e.freed_within), (1, 1, 0));
+        assert_eq!(e.net_saved_bytes(), 4096 - 6 * 64);
+        let per: Vec<(u64, u64, u64)> = e.holders.iter().map(|h| (h.pages, h.mapped_again, h.freed)).collect();
+        assert_eq!(per, [(2, 0, 0), (1, 1, 1), (0, 2, 0)]);
+        // Zeros with use_zero_pages: every mapping goes to the zero page,
+        // every frame is freed.
+        let zero = zero_page_hash();
+        let mut z = Census::new();
+        z.add(0, zero, 2);
+        z.add_frame_mapped_again(1, zero);
+        let e = z.estimate(SharingRule::new(256, true).unwrap());
+        assert_eq!((e.counters.ksm_zero_pages, e.pages_freed(), e.counters.rmap_items), (3, 2, 0));
     }
 
     #[test]
@@ -392,6 +481,7 @@ mod tests {
                 pages_shared: 2,
                 pages_sharing: 4,
                 pages_unshared: 2,
+                pages_volatile: 0,
                 ksm_zero_pages: 0,
                 rmap_items: 8,
                 general_profit: 4 * 4096 - 8 * 64,
@@ -439,43 +529,66 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the holders and copies, the totals are the kernel's
-        /// rule per content, the breakdown adds up to the pages freed, and
-        /// so do the holders' shares.
+        /// Whatever the holders, copies and frames mapped again, the
+        /// counters are the kernel's rule per content over its mappings,
+        /// the frames freed are the same rule over its frames, the
+        /// breakdown adds up to the frames freed, and so do the holders'
+        /// shares. With no frame mapped again, frames freed are
+        /// `pages_sharing + ksm_zero_pages`.
         #[test]
         fn the_breakdown_adds_up(
-            pages in proptest::collection::vec((0u32..4, 0u64..6, 1u64..40), 0..60),
+            pages in proptest::collection::vec((0u32..4, 0u64..6, 1u64..40, 0u64..3), 0..60),
             m in 2u64..6,
             zero_pages in any::<bool>(),
+            forked in any::<bool>(),
         ) {
             let zero = zero_page_hash();
             let mut c = Census::new();
-            let mut per: HashMap<u64, u64> = HashMap::new();
-            for &(h, content, n) in &pages {
+            // Content -> (frames, mappings).
+            let mut per: HashMap<u64, (u64, u64)> = HashMap::new();
+            for &(h, content, n, again) in &pages {
                 let hash = if content == 0 { zero } else { content };
+                let again = if forked { again } else { 0 };
                 c.add(h, hash, n);
-                *per.entry(hash).or_default() += n;
+                for _ in 0..again {
+                    c.add_frame_mapped_again(h, hash);
+                }
+                let e = per.entry(hash).or_default();
+                *e = (e.0 + n, e.1 + n + again);
             }
             let rule = SharingRule::new(m, zero_pages).unwrap();
             let e = c.estimate(rule);
-            let (mut shared, mut sharing, mut zeros) = (0, 0, 0);
-            for (&hash, &k) in &per {
+            let (mut shared, mut sharing, mut unshared, mut volatile, mut zeros, mut freed) = (0, 0, 0, 0, 0, 0);
+            for (&hash, &(f, k)) in &per {
                 if hash == zero && zero_pages {
                     zeros += k;
+                    freed += f;
+                } else if f == 1 {
+                    unshared += 1;
+                    volatile += k - 1;
                 } else {
                     let (a, b) = kernel(k, m);
                     shared += a;
                     sharing += b;
+                    unshared += k - a - b;
+                    freed += kernel(f, m).1;
                 }
             }
-            let total: u64 = per.values().sum();
+            let frames: u64 = per.values().map(|&(f, _)| f).sum();
+            let mappings: u64 = per.values().map(|&(_, k)| k).sum();
             prop_assert_eq!(e.counters.pages_shared, shared);
             prop_assert_eq!(e.counters.pages_sharing, sharing);
+            prop_assert_eq!(e.counters.pages_unshared, unshared);
+            prop_assert_eq!(e.counters.pages_volatile, volatile);
             prop_assert_eq!(e.counters.ksm_zero_pages, zeros);
-            prop_assert_eq!(e.counters.pages_unshared, total - shared - sharing - zeros);
-            prop_assert_eq!(e.freed_zero + e.freed_within + e.freed_across, sharing + zeros);
-            prop_assert_eq!(e.holders.iter().map(|h| h.freed).sum::<u64>(), sharing + zeros);
-            prop_assert_eq!(e.holders.iter().map(|h| h.pages).sum::<u64>(), total);
+            prop_assert_eq!(e.counters.rmap_items + zeros, mappings);
+            prop_assert_eq!(e.pages_freed(), freed);
+            if !forked {
+                prop_assert_eq!(freed, sharing + zeros);
+            }
+            prop_assert_eq!(e.holders.iter().map(|h| h.freed).sum::<u64>(), freed);
+            prop_assert_eq!(e.holders.iter().map(|h| h.pages).sum::<u64>(), frames);
+            prop_assert_eq!(e.holders.iter().map(|h| h.pages + h.mapped_again).sum::<u64>(), mappings);
             prop_assert!(e.holders.iter().all(|h| h.freed_alone <= h.freed && h.freed <= h.pages));
         }
     }

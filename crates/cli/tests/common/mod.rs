@@ -86,8 +86,17 @@ pub fn merged_client(socket: &Path) -> (samepage::Engine, samepage::Region) {
 
 /// The machine's ksmd, borrowed: `run` 2 then 0 at once, and every setting
 /// it touches put back when dropped (`run` 2 then 0, the tunables, `run`).
+/// The tests of one binary take turns ([`ksmd_turn`]).
 pub struct Ksmd {
     saved: Vec<(&'static str, String)>,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+/// The turn of a test that drives the machine's ksmd (tests of one binary
+/// run in parallel; the kernel has one ksmd).
+pub fn ksmd_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The kernel's KSM directory.
@@ -107,12 +116,13 @@ pub fn ksm_set(name: &str, value: &str) {
 impl Ksmd {
     /// Saves the settings and stops ksmd with everything unmerged.
     pub fn take() -> Ksmd {
+        let turn = ksmd_turn();
         let saved = ["run", "max_page_sharing", "pages_to_scan", "sleep_millisecs", "use_zero_pages"]
             .map(|n| (n, std::fs::read_to_string(format!("{KSM}/{n}")).unwrap().trim().to_string()))
             .to_vec();
         ksm_set("run", "2");
         ksm_set("run", "0");
-        Ksmd { saved }
+        Ksmd { saved, _turn: turn }
     }
 }
 
