@@ -19,6 +19,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import poolmem  # noqa: E402
+
 KSM = "/sys/kernel/mm/ksm"
 TCK = os.sysconf("SC_CLK_TCK")
 COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
@@ -194,6 +197,7 @@ def guest_ram(pid):
     out["mergeable"] = any("mg" in e.get("flags", []) or is_pool(e["path"]) for e in run)
     out["hugepage"] = any("hg" in e.get("flags", []) for e in run)
     out["pool_mappings"] = sum(1 for e in run if is_pool(e["path"]))
+    out["pool_Pss_kB"] = sum(e.get("Pss_kB", 0) for e in run if is_pool(e["path"]))
     return out
 
 
@@ -237,6 +241,14 @@ def snapshot(pids):
         tot["ram_Rss_kB"] += g["ram"].get("Rss_kB", 0)
         tot["ram_Pss_kB"] += g["ram"].get("Pss_kB", 0)
         tot["cpu_ticks"] += g["cpu_ticks"] or 0
+    # The memory of QEMU (and the samepage daemon): Pss, with samepage's
+    # pool counted in full (merged pages the guest has not touched since
+    # are in no Pss: scripts/poolmem.py). Equal to QEMU's Pss under ksmd.
+    holders = list(pids) + ([SP_DAEMON] if SP_DAEMON else [])
+    mem_kib, pss, pool_pss, pools = poolmem.memory_kib(holders)
+    tot.update({"memory_kB": mem_kib, "pool_pss_kB": pool_pss, "pools_kB": pools})
+    # Guest RAM alone, likewise (the pool holds guest RAM pages only).
+    tot["ram_memory_kB"] = tot["ram_Pss_kB"] - sum(g["ram"].get("pool_Pss_kB", 0) for g in snap["guests"]) + pools
     snap["total"] = tot
     return snap
 
@@ -485,6 +497,10 @@ def summary(a):
         for name, b, c in (
             ("qemu_rss", before["total"]["Rss_kB"], after["total"]["Rss_kB"]),
             ("qemu_pss", before["total"]["Pss_kB"], after["total"]["Pss_kB"]),
+            ("memory", before["total"].get("memory_kB"), after["total"].get("memory_kB")),
+            ("guest_ram_memory", before["total"].get("ram_memory_kB"), after["total"].get("ram_memory_kB")),
+            ("pools", before["total"].get("pools_kB"), after["total"].get("pools_kB")),
+            ("pool_pss", before["total"].get("pool_pss_kB"), after["total"].get("pool_pss_kB")),
             ("guest_ram_rss", before["total"]["ram_Rss_kB"], after["total"]["ram_Rss_kB"]),
             ("guest_ram_pss", before["total"]["ram_Pss_kB"], after["total"]["ram_Pss_kB"]),
             ("anon_pages", before["meminfo"].get("AnonPages_kB"), after["meminfo"].get("AnonPages_kB")),
@@ -519,13 +535,13 @@ def summary(a):
         res["ksm_stat"] = [g.get("ksm_stat") for g in after["guests"]]
     est = j("estimate_before.json")
     if est and res.get("memory"):
-        fell = -(res["memory"]["guest_ram_pss_mib"]["delta"] or 0)
+        fell = -(res["memory"]["guest_ram_memory_mib"]["delta"] or 0)
         saved = est["saved_bytes"] / 2**20
         res["estimate_before"] = {
             "pages_shared": est["counters"]["pages_shared"], "pages_sharing": est["counters"]["pages_sharing"],
             "ksm_zero_pages": est["counters"]["ksm_zero_pages"], "saved_mib": round(saved, 1),
             "net_saved_mib": round(est["net_saved_bytes"] / 2**20, 1), "read_seconds": est["read_seconds"],
-            "guest_ram_pss_fell_mib": round(fell, 1),
+            "guest_ram_memory_fell_mib": round(fell, 1),
             "off_percent": round((fell - saved) / saved * 100, 2) if saved else None,
         }
     mps = (meta.get("ksm_settings") or {}).get("max_page_sharing") or 256

@@ -398,7 +398,7 @@ for k, v in (s.get("memory") or {}).items():
 e = s.get("estimate_before")
 if e and e["off_percent"] is not None:
     print(f"estimate before merging: saved {e['saved_mib']} MiB (pages_sharing {e['pages_sharing']}); "
-          f"guest RAM Pss fell {e['guest_ram_pss_fell_mib']} MiB ({e['off_percent']:+.1f}% from the estimate)")
+          f"guest RAM memory (Pss, pool in full) fell {e['guest_ram_memory_fell_mib']} MiB ({e['off_percent']:+.1f}% from the estimate)")
 for g in s["guest_results"]:
     print(f"  seed {g['seed']}: check ok rounds {g['check_ok_rounds']}, disk ok rounds {g['disk_ok_rounds']}, failures {g['failure_count']} {g['failures'][:2]}")
 EOF

@@ -8,9 +8,11 @@ Runs scripts/workers/workers.py three times on this machine, as root:
      given pages_to_scan and sleep_millisecs;
   3. under samepage: a `samepage daemon` with the same two tunables, the
      workers under `samepage run --merge-any` (the program unmodified).
-Each reports the workers' Pss once it holds still, and whether every worker's
-model stayed byte-exact. Saved = baseline Pss - Pss after; samepage's side
-also counts the daemon's own Pss (it maps the pool), so its figure is net.
+Each reports the memory of the master and workers once it holds still (Pss,
+with samepage's pool counted in full: scripts/poolmem.py), and whether every
+worker's model stayed byte-exact. Saved = baseline memory - memory after;
+samepage's side also counts the daemon's own Pss (outside the pool), so its
+figure is net.
 CPU: ksmd's thread (utime+stime from /proc) against the daemon's plus the
 samepage threads inside the workers.
 
@@ -18,6 +20,9 @@ Every /sys/kernel/mm/ksm setting touched is restored (run 2 then 0).
 Prints a table, then one JSON line.
 """
 import argparse, json, os, signal, subprocess, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import poolmem  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -43,17 +48,6 @@ def cpu_s(pid):
         return 0.0
     fields = st[st.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pss_mib(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def ksmd_pid():
@@ -126,23 +120,24 @@ def main():
         same = workers(a, ["--at-settle", f"{a.samepage} status --json --socket {sock}"],
                        prefix=[a.samepage, "run", "--merge-any", "--socket", sock, "--"])
         same["daemon_cpu_s"] = round(cpu_s(daemon.pid) - d0, 2)
-        same["daemon_pss_mib"] = round(pss_mib(daemon.pid), 1)
+        pss, pool_pss = poolmem.pss_kib(daemon.pid)
+        same["daemon_pss_mib"] = round((pss - pool_pss) / 1024, 1)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
 
-    saved_k = base["pss_after_mib"] - kern["pss_after_mib"]
-    saved_s = base["pss_after_mib"] - same["pss_after_mib"] - same["daemon_pss_mib"]
+    saved_k = base["memory_after_mib"] - kern["memory_after_mib"]
+    saved_s = base["memory_after_mib"] - same["memory_after_mib"] - same["daemon_pss_mib"]
     cpu_k = kern["merger_cpu_s"]
     cpu_s_ = same["merger_cpu_s"] + same["daemon_cpu_s"]
     print(f"{a.workers} prefork Python workers, {a.mib} MiB model each, pages_to_scan {a.pages_to_scan}, "
           f"sleep_millisecs {a.sleep_ms}")
-    print(f"{'':10} {'Pss after':>10} {'saved':>9} {'settled':>8} {'merger CPU':>11} {'content':>8}")
-    print(f"{'none':10} {base['pss_after_mib']:>7.1f} MiB {'':>9} {'':>8} {'':>11} "
+    print(f"{'':10} {'memory after':>12} {'saved':>9} {'settled':>8} {'merger CPU':>11} {'content':>8}")
+    print(f"{'none':10} {base['memory_after_mib']:>9.1f} MiB {'':>9} {'':>8} {'':>11} "
           f"{'ok' if base['ok'] else 'WRONG':>8}")
     for name, r, saved_mib, cpu in [("ksmd", kern, saved_k, cpu_k), ("samepage", same, saved_s, cpu_s_)]:
         settled = "-" if r["settled_s"] is None else f"{r['settled_s']} s"
-        print(f"{name:10} {r['pss_after_mib']:>7.1f} MiB {saved_mib:>5.1f} MiB {settled:>8} {cpu:>9.2f} s "
+        print(f"{name:10} {r['memory_after_mib']:>9.1f} MiB {saved_mib:>5.1f} MiB {settled:>8} {cpu:>9.2f} s "
               f"{'ok' if r['ok'] else 'WRONG':>8}")
     # The estimate (read before anything merged) against what each reached.
     def sharing(r, get):
@@ -151,6 +146,11 @@ def main():
         except (KeyError, TypeError):
             return None
     est = sharing(base, lambda x: x["counters"]["pages_sharing"])
+    est_mib = sharing(base, lambda x: x["saved_bytes"] / 2**20)
+    if est_mib:
+        for name, got in [("ksmd", saved_k), ("samepage", saved_s)]:
+            print(f"samepage estimate said {est_mib:.1f} MiB freed; {name} freed {got:.1f} MiB "
+                  f"({(got - est_mib) / est_mib * 100:+.1f}%)")
     k_sh = sharing(kern, lambda x: x["pages_sharing"])
     s_sh = sharing(same, lambda x: sum(p["pages_sharing"] for p in x["partitions"]))
     if est:
@@ -165,6 +165,7 @@ def main():
     print(json.dumps({"baseline": base, "ksmd": kern, "samepage": same, "saved_mib_ksmd": round(saved_k, 1),
                       "saved_mib_samepage": round(saved_s, 1),
                       "pages_sharing": {"estimate": est, "ksmd": k_sh, "samepage": s_sh},
+                      "estimate_saved_mib": None if est_mib is None else round(est_mib, 1),
                       "ratio": None if ratio is None else round(ratio, 3)}))
     return 0 if base["ok"] and kern["ok"] and same["ok"] else 1
 

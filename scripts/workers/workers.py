@@ -8,12 +8,17 @@ in one large buffer (pages of a deterministic generator, half of them
 repeated inside the model, so a process alone has duplicates and the workers
 share all of it), then serves "requests" (a checksum over its model,
 recomputed and compared every round, and a byte written and restored) until
-told to stop. The master samples the workers' Pss from
-/proc/PID/smaps_rollup until it holds still (or --seconds pass), and prints
-one JSON line: Pss before/after, time to settle, and whether every worker's
-model stayed byte-exact.
+told to stop. The master samples the memory of itself and its workers
+(together: a frame still shared since the fork, or a merged page, is split
+among all of them) until it holds still (or --seconds pass), and prints one
+JSON line: memory before/after, time to settle, and whether every worker's
+model stayed byte-exact. Memory is Pss with samepage's pool counted in full
+(scripts/poolmem.py: merged pages not touched since are in no Pss).
 """
 import argparse, ctypes, hashlib, json, os, signal, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import poolmem  # noqa: E402
 
 PAGE = 4096
 
@@ -30,17 +35,6 @@ def model(mib):
         seed = hashlib.sha256(k.to_bytes(8, "little")).digest()
         parts.append(seed * (PAGE // 32))
     return bytearray(b"".join(parts))
-
-
-def pss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        return 0
-    return 0
 
 
 def merger_cpu_s(pid):
@@ -119,12 +113,13 @@ def main():
     for _ in range(a.workers):
         os.read(ready_r, 1)
     t0 = time.monotonic()
-    before = sum(pss_kib(p) for p in pids)
+    everyone = [os.getpid()] + pids
+    before = poolmem.memory_kib(everyone)[0]
     last, still, settled = before, 0, None
     samples = []
     while time.monotonic() - t0 < a.seconds:
         time.sleep(0.5)
-        now = sum(pss_kib(p) for p in pids)
+        now = poolmem.memory_kib(everyone)[0]
         samples.append([round(time.monotonic() - t0, 1), now])
         # Settled: 5 s without a change of more than 256 KiB, after at least
         # a tenth of the memory was freed (until then merging may not have
@@ -137,18 +132,18 @@ def main():
         else:
             still = 0
         last = now
-    after = sum(pss_kib(p) for p in pids)
+    after, pss_after, pool_pss_after, pools_after = poolmem.memory_kib(everyone)
     at_settle = None
     if a.at_settle:
         import subprocess
         # The master too: it merges as well (prctl is inherited; merge-any covers it).
-        env = dict(os.environ, WORKER_PIDS=" ".join(map(str, [os.getpid()] + pids)))
+        env = dict(os.environ, WORKER_PIDS=" ".join(map(str, everyone)))
         out = subprocess.run(a.at_settle, shell=True, env=env, capture_output=True, text=True)
         try:
             at_settle = json.loads(out.stdout)
         except ValueError:
             at_settle = {"error": out.stdout[-500:] + out.stderr[-500:]}
-    cpu = sum(merger_cpu_s(p) for p in pids + [os.getpid()])
+    cpu = sum(merger_cpu_s(p) for p in everyone)
     # A few more rounds on merged memory, then stop.
     time.sleep(1.0)
     out = []
@@ -160,7 +155,9 @@ def main():
         os.waitpid(p, 0)
     print(json.dumps({
         "workers": a.workers, "mib_each": a.mib,
-        "pss_before_mib": round(before / 1024, 1), "pss_after_mib": round(after / 1024, 1),
+        "memory_before_mib": round(before / 1024, 1), "memory_after_mib": round(after / 1024, 1),
+        "pss_after_mib": round(pss_after / 1024, 1), "pool_pss_after_mib": round(pool_pss_after / 1024, 1),
+        "pools_after_mib": round(pools_after / 1024, 1),
         "freed_mib": round((before - after) / 1024, 1),
         "settled_s": None if settled is None else round(settled, 1),
         "merger_cpu_s": round(cpu, 2),

@@ -416,6 +416,8 @@ fn a_frame_shared_since_a_fork_counts_once() {
         return;
     }
     assert_eq!(v["frames_visible"], true);
+    // The parent is read first: had reading it unshared its pages (as a
+    // process_vm_readv of them does), the child would map frames of its own.
     let c = &v["counters"];
     // Content 5: 4 frames, 8 mappings. Content 6 and the 10 unique ones:
     // 1 frame, 2 mappings each. Zeros: 3 frames, 6 mappings.
