@@ -120,8 +120,8 @@ def main():
         same = workers(a, ["--at-settle", f"{a.samepage} status --json --socket {sock}"],
                        prefix=[a.samepage, "run", "--merge-any", "--socket", sock, "--"])
         same["daemon_cpu_s"] = round(cpu_s(daemon.pid) - d0, 2)
-        pss, pool_pss = poolmem.pss_kib(daemon.pid)
-        same["daemon_pss_mib"] = round((pss - pool_pss) / 1024, 1)
+        pss, shmem = poolmem.rollup_kib(daemon.pid)
+        same["daemon_pss_mib"] = round((pss - shmem) / 1024, 1)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)

@@ -19,9 +19,9 @@ use samepage::Counters;
 use samepage_daemon::protocol::PartitionStatus;
 use samepage_daemon::server::Daemon;
 use samepage_daemon::view;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// The port `--metrics` documents as samepage's (unassigned in Prometheus's
@@ -55,7 +55,7 @@ pub fn start(addr: SocketAddr, daemon: Arc<Daemon>) -> Result<SocketAddr> {
         .with_context(|| format!("listening for metrics on {addr}"))?;
     let bound = server.server_addr().to_ip().unwrap_or(addr);
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(DaemonCollector { daemon }));
+    registry.register_collector(Box::new(DaemonCollector { daemon, totals: Mutex::default() }));
     std::thread::Builder::new()
         .name("samepage-metrics".into())
         .spawn(move || {
@@ -122,6 +122,67 @@ fn content_type(v: &str) -> tiny_http::Header {
 #[derive(Debug)]
 struct DaemonCollector {
     daemon: Arc<Daemon>,
+    /// What keeps the counter families from going back between scrapes.
+    totals: Mutex<Totals>,
+}
+
+/// The daemon reports what its engines counted; an engine that exits takes
+/// its counts with it, and one that starts again in the same process (an
+/// `exec`) starts from 0. A Prometheus counter must never go back (a drop
+/// reads as a reset, and `rate()` then counts the whole value again), so
+/// the collector keeps, per partition, what engines gone since counted.
+#[derive(Debug, Default)]
+struct Totals {
+    parts: HashMap<(u32, u32), Monotonic>,
+    /// The highest `full_scans` exported as `node_ksmd_full_scans`.
+    full_scans: u64,
+}
+
+/// The totals, even if a scrape panicked while holding them (they stay
+/// consistent: each update is whole or not done).
+fn lock(m: &Mutex<Totals>) -> MutexGuard<'_, Totals> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sums of per-process counts that never go back.
+#[derive(Debug, Default)]
+struct Monotonic {
+    /// Per process, its counts at the last scrape.
+    last: HashMap<i32, [u64; 2]>,
+    /// What processes gone (or restarted) since had counted.
+    gone: [u64; 2],
+}
+
+impl Monotonic {
+    /// The totals with the processes' counts `now`.
+    fn update(&mut self, now: &[(i32, [u64; 2])]) -> [u64; 2] {
+        let mut next = HashMap::with_capacity(now.len());
+        for &(pid, v) in now {
+            if let Some(old) = self.last.get(&pid) {
+                for i in 0..2 {
+                    if v[i] < old[i] {
+                        self.gone[i] += old[i];
+                    }
+                }
+            }
+            next.insert(pid, v);
+        }
+        for (pid, old) in &self.last {
+            if !next.contains_key(pid) {
+                for i in 0..2 {
+                    self.gone[i] += old[i];
+                }
+            }
+        }
+        self.last = next;
+        let mut total = self.gone;
+        for v in self.last.values() {
+            for i in 0..2 {
+                total[i] += v[i];
+            }
+        }
+        total
+    }
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -227,10 +288,19 @@ impl DaemonCollector {
         let mut orphans = Family::new("samepage_pool_orphan_slots", "Pool slots waiting to be freed", None);
         let mut clients = Family::new("samepage_clients", "Engines connected", None);
         let mut requests = Family::new("samepage_requests", "Requests (batches) the partition served", None);
-        let mut full_scans =
-            Family::new("samepage_full_scans", "Full scans of the partition's busiest engine (full_scans)", None);
-        let mut scanned = Family::new("samepage_pages_scanned", "Pages scanned (pages_scanned)", None);
-        let mut cow = Family::new("samepage_cow_faults", "Copy-on-write breaks of merged pages", None);
+        let mut full_scans = Family::new(
+            "samepage_full_scans",
+            "Full scans of the partition's busiest engine now (full_scans; goes back when it exits)",
+            None,
+        );
+        let mut scanned =
+            Family::new("samepage_pages_scanned", "Pages scanned (pages_scanned), engines gone since included", None);
+        let mut cow = Family::new(
+            "samepage_cow_faults",
+            "Copy-on-write breaks of merged pages, engines gone since included",
+            None,
+        );
+        let mut totals = lock(&self.totals);
         for (p, c) in parts.iter().zip(per) {
             let l: Labels = vec![("uid", p.uid.to_string()), ("domain", p.domain.to_string())];
             shared.push(&l, c.pages_shared * PAGE);
@@ -249,17 +319,26 @@ impl DaemonCollector {
             requests.push(&l, p.requests);
             full_scans.push(&l, c.full_scans);
             // Only engines that send their own counters count these.
-            if p.processes.iter().any(|r| r.counters.is_some()) {
-                scanned.push(&l, c.pages_scanned);
-                cow.push(&l, c.cow_faults);
+            let now: Vec<(i32, [u64; 2])> = p
+                .processes
+                .iter()
+                .filter_map(|r| r.counters.as_ref().map(|c| (r.pid, [c.pages_scanned, c.cow_faults])))
+                .collect();
+            let monotonic = totals.parts.entry((p.uid, p.domain)).or_default();
+            if !now.is_empty() || !monotonic.last.is_empty() || monotonic.gone != [0, 0] {
+                let [s, w] = monotonic.update(&now);
+                scanned.push(&l, s);
+                cow.push(&l, w);
             }
         }
+        drop(totals);
         for f in [&shared, &sharing, &unshared, &volatile, &zero, &metadata, &chains, &dups, &pool, &slots, &orphans] {
             gauges(enc, f)?;
         }
         gauges(enc, &profit)?;
         gauges(enc, &clients)?;
-        for f in [&requests, &full_scans, &scanned, &cow] {
+        gauges(enc, &full_scans)?;
+        for f in [&requests, &scanned, &cow] {
             counters(enc, f)?;
         }
         Ok(())
@@ -357,8 +436,15 @@ impl Collector for DaemonCollector {
         gauge1(&mut enc, "samepage_use_zero_pages", "use_zero_pages", None, u32::from(t.use_zero_pages))?;
 
         // node_exporter's ksmd collector, system-wide, in its names and units.
+        // A counter there: the highest full_scans any engine reached (it
+        // would go back when the busiest engine exits).
+        let high = {
+            let mut t = lock(&self.totals);
+            t.full_scans = t.full_scans.max(sys.full_scans);
+            t.full_scans
+        };
         let mut f = Family::new("node_ksmd_full_scans", "ksmd 'full_scans' file.", None);
-        f.push(&Vec::new(), sys.full_scans);
+        f.push(&Vec::new(), high);
         counters(&mut enc, &f)?;
         for (name, help, v) in [
             ("node_ksmd_merge_across_nodes", "ksmd 'merge_across_nodes' file.", 1),
@@ -388,6 +474,19 @@ mod tests {
         let e = parse_addr("70000").unwrap_err().to_string();
         assert!(e.contains("\"70000\"") && e.contains("0 to 65535"), "{e}");
         assert!(parse_addr("nohost:").is_err());
+    }
+
+    #[test]
+    fn counts_of_engines_gone_or_restarted_stay_in_the_totals() {
+        let mut m = Monotonic::default();
+        assert_eq!(m.update(&[(1, [10, 1]), (2, [5, 0])]), [15, 1]);
+        assert_eq!(m.update(&[(1, [12, 1]), (2, [7, 2])]), [19, 3]);
+        // Process 2 exits: its counts stay.
+        assert_eq!(m.update(&[(1, [13, 1])]), [20, 3]);
+        // Process 1 execs: its engine starts from 0.
+        assert_eq!(m.update(&[(1, [2, 0])]), [22, 3]);
+        assert_eq!(m.update(&[(1, [4, 1]), (3, [1, 0])]), [25, 4]);
+        assert_eq!(m.update(&[]), [25, 4]);
     }
 
     #[test]
