@@ -156,12 +156,14 @@ struct Monotonic {
 impl Monotonic {
     /// The totals with the processes' counts `now`.
     fn update(&mut self, now: &[(i32, [u64; 2])]) -> [u64; 2] {
+        let add = |to: &mut [u64; 2], v: &[u64; 2]| to.iter_mut().zip(v).for_each(|(t, v)| *t += v);
         let mut next = HashMap::with_capacity(now.len());
         for &(pid, v) in now {
             if let Some(old) = self.last.get(&pid) {
-                for i in 0..2 {
-                    if v[i] < old[i] {
-                        self.gone[i] += old[i];
+                // A count that went back: the engine started again.
+                for ((gone, &new), &old) in self.gone.iter_mut().zip(&v).zip(old) {
+                    if new < old {
+                        *gone += old;
                     }
                 }
             }
@@ -169,17 +171,13 @@ impl Monotonic {
         }
         for (pid, old) in &self.last {
             if !next.contains_key(pid) {
-                for i in 0..2 {
-                    self.gone[i] += old[i];
-                }
+                add(&mut self.gone, old);
             }
         }
         self.last = next;
         let mut total = self.gone;
         for v in self.last.values() {
-            for i in 0..2 {
-                total[i] += v[i];
-            }
+            add(&mut total, v);
         }
         total
     }
