@@ -9,11 +9,12 @@ Python workers: the pool memfd held 29,064 KiB (`st_blocks`) while the Pss
 of every mapping of it on the machine added up to 10,322 KiB.
 
 So the memory of a set of processes is their Pss, less the Pss of their
-pool mappings (their shared memory), plus the pool itself in full (the allocated size of each
-distinct pool memfd any of them holds open). For processes that samepage
-does not merge (or ksmd merges) this is their Pss.
+pool mappings (their shared memory, `Pss_Shmem`), plus the pool itself in
+full (the allocated size of each distinct pool memfd any of them holds
+open). For processes that samepage does not merge (or ksmd merges) this is
+their Pss.
 """
-import glob, os, re
+import glob, os
 
 POOL = "memfd:samepage-pool"
 
@@ -24,21 +25,6 @@ def _read(path):
             return f.read()
     except OSError:
         return ""
-
-
-def pss_kib(pid):
-    """Pss of the process, and Pss of its mappings of a samepage pool (KiB)."""
-    total = pool = 0
-    in_pool = False
-    for line in _read(f"/proc/{pid}/smaps").splitlines():
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            in_pool = POOL in line
-        elif line.startswith("Pss:"):
-            kib = int(line.split()[1])
-            total += kib
-            if in_pool:
-                pool += kib
-    return total, pool
 
 
 def pools_kib(pids):

@@ -254,7 +254,8 @@ fn vm_readv(pid: u32, local: &mut [u8], remote: &[libc::iovec]) -> io::Result<us
 /// Reads one process's memory and counts its pages in a census.
 struct Reader {
     pid: u32,
-    /// `/proc/PID/mem`, opened once `process_vm_readv` failed.
+    /// `/proc/PID/mem`, opened at its first use: pages not exclusively
+    /// mapped, or `process_vm_readv` refused.
     mem: Option<File>,
     /// `process_vm_readv` is refused (EPERM, ENOSYS): use `/proc/PID/mem`.
     no_vm_readv: bool,
@@ -380,7 +381,7 @@ impl Reader {
     /// Reads `runs` (their pages in order) and counts each page.
     fn count(&mut self, runs: &[Run], holder: u32, t: &mut Tally, r: &mut ProcessReport) -> Result<()> {
         let zero = zero_page_hash();
-        // Pages of a batch: (address, exclusive) per remote iovec.
+        // The runs (or parts of runs) of a batch, in order.
         let mut pieces: Vec<Run> = Vec::with_capacity(MAX_IOV);
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_IOV);
         let mut runs = runs.iter().copied();
@@ -415,12 +416,12 @@ impl Reader {
                         r.pages_unreadable += 1;
                         continue;
                     }
+                    r.pages_read += 1;
                     let h = page_hash(&self.buf[at..at + PAGE]);
                     // Without frame numbers, a page of zeros not
                     // exclusively mapped is taken for the zero page (as
                     // root the zero page was left out by frame).
                     if h == zero && !piece.exclusive && self.kpageflags.is_none() {
-                        r.pages_read += 1;
                         r.pages_zero_mapped += 1;
                         continue;
                     }
@@ -428,7 +429,6 @@ impl Reader {
                         let pfn = self.frame_numbers[i + p as usize];
                         t.frames.insert(pfn, Frame::Counted { hash: h, parts: vec![t.part_index] });
                     }
-                    r.pages_read += 1;
                     r.pages_scanned += 1;
                     t.all.add(holder, h, 1);
                     t.part.add(holder, h, 1);

@@ -196,16 +196,51 @@ fn expected(holders: &[Holder], m: u64, use_zero_pages: bool) -> Expected {
 }
 
 fn estimate(holders: &[Holder], args: &[&str]) -> Value {
+    let pids: Vec<String> = holders.iter().map(Holder::pid).collect();
+    estimate_pids(&pids, args)
+}
+
+/// `samepage estimate --json --pid PIDS ARGS`.
+fn estimate_pids(pids: &[String], args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .arg("estimate")
-        .arg("--pid")
-        .args(holders.iter().map(Holder::pid))
-        .arg("--json")
+        .args(["estimate", "--json", "--pid"])
+        .args(pids)
         .args(args)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The machine's ksmd, stopped, set to `max_page_sharing` `m` and
+/// `use_zero_pages`, scanning fast (2000 pages, no sleep).
+fn ksmd_with(m: u64, use_zero_pages: bool) -> Ksmd {
+    let ksmd = Ksmd::take();
+    ksm_set("max_page_sharing", &m.to_string());
+    ksm_set("use_zero_pages", if use_zero_pages { "1" } else { "0" });
+    ksm_set("pages_to_scan", "2000");
+    ksm_set("sleep_millisecs", "0");
+    ksmd
+}
+
+/// Lets the kernel's ksmd run until `read()` has held still over three
+/// full scans (at most 60 s; `read()[0]` must be above 0); returns the
+/// last reading.
+fn ksmd_settled<const N: usize>(read: impl Fn() -> [u64; N]) -> [u64; N] {
+    ksm_set("run", "1");
+    let t0 = Instant::now();
+    let (mut last, mut still_since) = (read(), ksm_get("full_scans"));
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = read();
+        let scans = ksm_get("full_scans");
+        if now != last {
+            (last, still_since) = (now, scans);
+        } else if scans >= still_since + 3 && now[0] > 0 {
+            break;
+        }
+    }
+    last
 }
 
 fn got(v: &Value) -> Expected {
@@ -380,11 +415,9 @@ fn bad_input_is_refused_naming_the_value() {
     assert_eq!(run(&[]).status.code(), Some(2), "--pid is required");
 }
 
-/// A process and the child it forked map the same frames: as root (page
-/// frame numbers visible), each frame counts once. The counters count
-/// mappings as the kernel does: a content whose mappings are all one frame
-/// stays unshared once and volatile for the others; a content with several
-/// frames merges every mapping; only frames are freed.
+/// A process (its pages: content 5 four times, content 6, 10 unique ones,
+/// zeros three times, and 2 pages only read) and the child it forked, which
+/// maps the same frames.
 fn forked_holder() -> (Holder, [String; 2]) {
     let mut ids: Vec<u64> = vec![5; 4];
     ids.push(6);
@@ -395,21 +428,15 @@ fn forked_holder() -> (Holder, [String; 2]) {
     (h, pids)
 }
 
-fn estimate_pids(pids: &[String], args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_samepage"))
-        .args(["estimate", "--json", "--mergeable-only", "--pid"])
-        .args(pids)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
+/// A process and the child it forked map the same frames: as root (page
+/// frame numbers visible), each frame counts once. The counters count
+/// mappings as the kernel does: a content whose mappings are all one frame
+/// stays unshared once and volatile for the others; a content with several
+/// frames merges every mapping; only frames are freed.
 #[test]
 fn a_frame_shared_since_a_fork_counts_once() {
     let (_h, pids) = forked_holder();
-    let v = estimate_pids(&pids, &[]);
+    let v = estimate_pids(&pids, &["--mergeable-only"]);
     if !rustix::process::geteuid().is_root() {
         assert_eq!(v["frames_visible"], false, "{v:#}");
         eprintln!("skipped: page frame numbers need root");
@@ -441,13 +468,13 @@ fn a_frame_shared_since_a_fork_counts_once() {
     }
     assert_eq!((&p[0]["pages_freed"], &p[1]["pages_freed"]), (&5.into(), &0.into()));
     // With use_zero_pages: all 6 mappings of zeros go to the zero page, 3 frames freed.
-    let z = estimate_pids(&pids, &["--use-zero-pages"]);
+    let z = estimate_pids(&pids, &["--mergeable-only", "--use-zero-pages"]);
     assert_eq!(z["counters"]["ksm_zero_pages"], 6);
     assert_eq!(z["saved_bytes"], 6 * PAGE);
     // In two partitions, each one counts the frame once for itself.
-    let d = estimate_pids(&pids, &["--domain", &format!("{}=1", pids[1])]);
+    let d = estimate_pids(&pids, &["--mergeable-only", "--domain", &format!("{}=1", pids[1])]);
     assert_eq!(d["counters"], v["counters"]);
-    let alone = estimate_pids(&pids[..1], &[]);
+    let alone = estimate_pids(&pids[..1], &["--mergeable-only"]);
     for part in d["partitions"].as_array().unwrap() {
         assert_eq!(part["counters"], alone["counters"], "{d:#}");
     }
@@ -469,11 +496,7 @@ fn the_kernels_ksmd_reaches_the_estimate() {
         return;
     }
     for (m, use_zero_pages) in [(256, false), (3, false), (256, true)] {
-        let ksmd = Ksmd::take();
-        ksm_set("max_page_sharing", &m.to_string());
-        ksm_set("use_zero_pages", if use_zero_pages { "1" } else { "0" });
-        ksm_set("pages_to_scan", "2000");
-        ksm_set("sleep_millisecs", "0");
+        let ksmd = ksmd_with(m, use_zero_pages);
         let hs = holders();
         let mut args = vec!["--mergeable-only".to_string(), "--max-page-sharing".into(), m.to_string()];
         if use_zero_pages {
@@ -481,21 +504,7 @@ fn the_kernels_ksmd_reaches_the_estimate() {
         }
         let v = estimate(&hs, &args.iter().map(String::as_str).collect::<Vec<_>>());
         let want = got(&v);
-        ksm_set("run", "1");
-        // Converged: the counters held still over three full scans.
-        let t0 = Instant::now();
-        let read = || ["pages_shared", "pages_sharing", "pages_unshared", "ksm_zero_pages"].map(ksm_get);
-        let (mut last, mut still_since) = (read(), ksm_get("full_scans"));
-        while t0.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = read();
-            let scans = ksm_get("full_scans");
-            if now != last {
-                (last, still_since) = (now, scans);
-            } else if scans >= still_since + 3 && now[0] > 0 {
-                break;
-            }
-        }
+        ksmd_settled(|| ["pages_shared", "pages_sharing", "pages_unshared", "ksm_zero_pages"].map(ksm_get));
         let pids: Vec<String> = hs.iter().map(Holder::pid).collect();
         let sum = |name: &str| pids.iter().map(|p| ksm_stat(p, name)).sum::<u64>();
         let kernel = (
@@ -525,37 +534,20 @@ fn the_kernels_ksmd_reaches_the_estimate_after_a_fork() {
         eprintln!("skipped: needs root and a kernel with KSM");
         return;
     }
-    let ksmd = Ksmd::take();
-    ksm_set("max_page_sharing", "256");
-    ksm_set("use_zero_pages", "0");
-    ksm_set("pages_to_scan", "2000");
-    ksm_set("sleep_millisecs", "0");
+    let ksmd = ksmd_with(256, false);
     let (h, pids) = forked_holder();
-    let v = estimate_pids(&pids, &[]);
+    let v = estimate_pids(&pids, &["--mergeable-only"]);
     // With smart_scan (the default) ksmd skips pages that failed to merge
     // for a while, and the split of those between pages_unshared and
     // pages_volatile moves from scan to scan; their sum (the rmap items
     // not merged) does not.
     let n = |name: &str| v["counters"][name].as_u64().unwrap();
     let want = [n("pages_shared"), n("pages_sharing"), n("pages_unshared") + n("pages_volatile")];
-    let read = || {
+    let last = ksmd_settled(|| {
         let [shared, sharing, unshared, volatile] =
             ["pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"].map(ksm_get);
         [shared, sharing, unshared + volatile]
-    };
-    ksm_set("run", "1");
-    let t0 = Instant::now();
-    let (mut last, mut still_since) = (read(), ksm_get("full_scans"));
-    while t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = read();
-        let scans = ksm_get("full_scans");
-        if now != last {
-            (last, still_since) = (now, scans);
-        } else if scans >= still_since + 3 && now[0] > 0 {
-            break;
-        }
-    }
+    });
     let per_process: Vec<(u64, u64)> =
         pids.iter().map(|p| (ksm_stat(p, "ksm_rmap_items"), ksm_stat(p, "ksm_merging_pages"))).collect();
     drop(h);

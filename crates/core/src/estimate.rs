@@ -324,16 +324,6 @@ impl Census {
         }
     }
 
-    /// Frames counted, over all holders.
-    pub fn pages(&self) -> u64 {
-        self.pages.iter().sum()
-    }
-
-    /// Distinct contents counted.
-    pub fn contents(&self) -> usize {
-        self.contents.len()
-    }
-
     /// What merging every page counted would reach under `rule`.
     pub fn estimate(&self, rule: SharingRule) -> Estimate {
         let zero = zero_page_hash();
