@@ -448,10 +448,10 @@ impl Reader {
     /// kernel unshare it first ("mm/gup: trigger FAULT_FLAG_UNSHARE when
     /// R/O-pinning a possibly shared anonymous page"): a page still shared
     /// since a fork, or a KSM page, would be copied into the process being
-    /// read, growing its memory and undoing merges. Measured here: after a
-    /// `process_vm_readv` of a parent's 4 pages shared with its child, both
-    /// showed 4 different frames in pagemap; after a read of
-    /// `/proc/PID/mem` (`FOLL_GET`, no pin) they still shared them.
+    /// read, growing its memory and undoing merges. Measured here
+    /// (`scripts/estimate/fork_frames.py`): a parent's 4 pages shared with
+    /// its child were 8 frames after a `process_vm_readv` of them, and
+    /// stayed 4 after a read of `/proc/PID/mem` (`FOLL_GET`, no pin).
     fn read_batch(&mut self, pieces: &[Run], iov: &mut Vec<libc::iovec>, bytes: usize) -> Result<Vec<Vec<bool>>> {
         let pid = self.pid;
         let mut ok: Vec<Vec<bool>> = pieces.iter().map(|p| vec![false; p.pages as usize]).collect();
