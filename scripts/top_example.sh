@@ -9,6 +9,7 @@ SP=${SAMEPAGE:-$ROOT/target/release/samepage}
 SOCK=$(mktemp -u /tmp/samepage-top-XXXXXX.sock)
 "$SP" daemon --socket "$SOCK" --pages-to-scan 1000 >/dev/null 2>&1 &
 DAEMON=$!
+P1= P2= P3=
 trap 'kill $DAEMON $P1 $P2 $P3 2>/dev/null' EXIT
 sleep 0.5
 hold() { # MiB

@@ -121,7 +121,6 @@ static void settle_and_tell(long base, size_t pages, double s) {
 #define SLOTS 256
 struct block { unsigned char *p; size_t n; uint64_t seed; };
 static double mt_seconds;
-static uint64_t mt_digest[4];
 
 static void fill_block(struct block *b) {
 	for (size_t i = 0; i + 8 <= b->n; i += 8) *(uint64_t *)(b->p + i) = mix(b->seed * 131 + i / PAGE);
@@ -167,14 +166,11 @@ static void *mt_thread(void *arg) {
 		}
 		if (ops % 4096 == 0) settle(0.01);
 	}
-	uint64_t h = 0;
 	for (int i = 0; i < SLOTS; i++)
 		if (slot[i].p) {
 			if (!check_block(&slot[i])) fail("mt-malloc: final check");
-			h = mix(h ^ slot[i].seed ^ slot[i].n);
 			free(slot[i].p);
 		}
-	mt_digest[id] = h;
 	return NULL;
 }
 
@@ -216,12 +212,12 @@ static int fork_exec(const char *self, int depth) {
 	check_dups(d, pages, "fork-exec: before fork");
 	uint64_t h = digest(d, pages * PAGE, depth);
 	if (depth > 0) {
+		char arg[16];
+		snprintf(arg, sizeof arg, "%d", depth - 1);
 		pid_t pid = fork();
 		if (pid == 0) {
 			check_dups(d, pages, "fork-exec: in the child");
 			d[5] ^= 1; /* the child's write is its own */
-			char arg[16];
-			snprintf(arg, sizeof arg, "%d", depth - 1);
 			if (failed) _exit(1);
 			int out = open("/dev/null", O_WRONLY);
 			dup2(out, 1);
@@ -233,8 +229,6 @@ static int fork_exec(const char *self, int depth) {
 		if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) fail("fork-exec: the child failed");
 		/* posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK)): the child runs on
 		 * this process's memory until it execs. */
-		char arg[16];
-		snprintf(arg, sizeof arg, "%d", depth - 1);
 		char *argv[] = { (char *)self, "fork-exec", arg, NULL };
 		posix_spawn_file_actions_t fa;
 		posix_spawn_file_actions_init(&fa);
@@ -339,13 +333,41 @@ static int mergeable(size_t pages) {
 	return failed;
 }
 
+/* ---- discard ---- */
+#ifndef MADV_DONTNEED_LOCKED
+#define MADV_DONTNEED_LOCKED 24
+#endif
+/* Merged pages discarded with MADV_DONTNEED and MADV_DONTNEED_LOCKED read
+ * zeros afterwards, as anonymous memory does; the pages between keep their
+ * content. */
+static int discard(size_t pages) {
+	long base = pss_kib();
+	unsigned char *d = dups(pages);
+	if (madvise(d, pages * PAGE, MADV_MERGEABLE)) { perror("madvise(MADV_MERGEABLE)"); return 2; }
+	settle_and_tell(base, pages, 3);
+	check_dups(d, pages, "discard: merged");
+	size_t q = pages / 4;
+	const int advice[2] = { MADV_DONTNEED, MADV_DONTNEED_LOCKED };
+	for (int k = 0; k < 2; k++) {
+		unsigned char *at = d + (2 * k) * q * PAGE;
+		if (madvise(at, q * PAGE, advice[k])) { perror("madvise(discard)"); return 2; }
+		for (size_t i = 0; i < q * PAGE; i++)
+			if (at[i]) { fail(k ? "discard: MADV_DONTNEED_LOCKED page not zero" : "discard: MADV_DONTNEED page not zero"); break; }
+		for (size_t i = (2 * k + 1) * q; i < (2 * k + 2) * q; i++)
+			if (!check_page(d + i * PAGE, i)) { fail("discard: a page beside lost its content"); break; }
+	}
+	printf("ok discard %016llx\n", (unsigned long long)digest(d, pages * PAGE, 0));
+	return failed;
+}
+
 int main(int argc, char **argv) {
-	if (argc < 2) { fprintf(stderr, "usage: %s mt-malloc SECONDS | fork-exec DEPTH | uffd | seccomp | madvise PAGES\n", argv[0]); return 2; }
+	if (argc < 2) { fprintf(stderr, "usage: %s mt-malloc SECONDS | fork-exec DEPTH | uffd | seccomp | madvise PAGES | discard PAGES\n", argv[0]); return 2; }
 	if (!strcmp(argv[1], "mt-malloc")) return mt_malloc(argc > 2 ? atof(argv[2]) : 3);
 	if (!strcmp(argv[1], "fork-exec")) return fork_exec("/proc/self/exe", argc > 2 ? atoi(argv[2]) : 3);
 	if (!strcmp(argv[1], "uffd")) return uffd();
 	if (!strcmp(argv[1], "seccomp")) return own_seccomp();
 	if (!strcmp(argv[1], "madvise")) return mergeable(argc > 2 ? (size_t)atol(argv[2]) : 4096);
+	if (!strcmp(argv[1], "discard")) return discard(argc > 2 ? (size_t)atol(argv[2]) : 4096);
 	fprintf(stderr, "unknown mode %s\n", argv[1]);
 	return 2;
 }

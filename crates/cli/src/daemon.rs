@@ -160,6 +160,23 @@ pub fn merge(a: MergeArgs) -> Result<ExitCode> {
     }
 }
 
+/// A partition's counters `samepage status` shows, by kernel name, in the
+/// order it shows them.
+fn shown(c: &samepage::Counters) -> [(&'static str, i64); 8] {
+    const SHOWN: [&str; 8] = [
+        "pages_shared",
+        "pages_sharing",
+        "pages_unshared",
+        "pages_volatile",
+        "ksm_zero_pages",
+        "general_profit",
+        "stable_node_chains",
+        "stable_node_dups",
+    ];
+    let all = c.named();
+    SHOWN.map(|n| (n, all.iter().find(|(k, _)| *k == n).map_or(0, |&(_, v)| v)))
+}
+
 /// Prints the daemon's partitions and clients.
 pub fn status(a: StatusArgs) -> Result<ExitCode> {
     let path = a.socket.unwrap_or_else(samepage_daemon::default_socket);
@@ -170,17 +187,9 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
             .iter()
             .map(|p| {
                 let c = samepage_daemon::view::partition_counters(p);
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "uid": p.uid,
                     "domain": p.domain,
-                    "pages_shared": c.pages_shared,
-                    "pages_sharing": c.pages_sharing,
-                    "pages_unshared": c.pages_unshared,
-                    "pages_volatile": c.pages_volatile,
-                    "ksm_zero_pages": c.ksm_zero_pages,
-                    "general_profit": c.general_profit,
-                    "stable_node_chains": c.stable_node_chains,
-                    "stable_node_dups": c.stable_node_dups,
                     "pool_slots_in_use": p.slots_in_use,
                     "orphan_slots": p.orphans,
                     "clients": p.clients.iter().map(|(c, pid)| serde_json::json!({"client": c.0, "pid": pid})).collect::<Vec<_>>(),
@@ -194,7 +203,11 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                         "cpu_seconds": r.cpu_ns as f64 / 1e9,
                         "full_scans": r.full_scans,
                     })).collect::<Vec<_>>(),
-                })
+                });
+                for (name, value) in shown(&c) {
+                    v[name] = value.into();
+                }
+                v
             })
             .collect();
         let t: serde_json::Map<String, serde_json::Value> =
@@ -207,18 +220,12 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
     println!("tunables: {}", named.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "));
     for p in &parts {
         let c = samepage_daemon::view::partition_counters(p);
+        let figures: Vec<String> = shown(&c).iter().map(|(n, v)| format!("{n} {v}")).collect();
         println!(
-            "uid {} domain {}: pages_shared {} pages_sharing {} pages_unshared {} pages_volatile {} ksm_zero_pages {} general_profit {} stable_node_chains {} stable_node_dups {}, pool slots {} (orphans {}), clients {:?}",
+            "uid {} domain {}: {}, pool slots {} (orphans {}), clients {:?}",
             p.uid,
             p.domain,
-            c.pages_shared,
-            c.pages_sharing,
-            c.pages_unshared,
-            c.pages_volatile,
-            c.ksm_zero_pages,
-            c.general_profit,
-            c.stable_node_chains,
-            c.stable_node_dups,
+            figures.join(" "),
             p.slots_in_use,
             p.orphans,
             p.clients.iter().map(|(_, pid)| *pid).collect::<Vec<_>>()

@@ -161,7 +161,7 @@ fn find_ksmd() -> Option<u32> {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if crate::procfs::comm(pid).is_some_and(|c| c.trim() == "ksmd") {
+        if crate::procfs::comm(pid).is_some_and(|c| c == "ksmd") {
             return Some(pid);
         }
     }

@@ -16,12 +16,12 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeG
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use samepage::Counters;
-use samepage_daemon::protocol::PartitionStatus;
+use samepage_daemon::protocol::{PartitionStatus, ProcessStatus};
 use samepage_daemon::server::Daemon;
 use samepage_daemon::view;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The port `--metrics` documents as samepage's (unassigned in Prometheus's
@@ -55,7 +55,7 @@ pub fn start(addr: SocketAddr, daemon: Arc<Daemon>) -> Result<SocketAddr> {
         .with_context(|| format!("listening for metrics on {addr}"))?;
     let bound = server.server_addr().to_ip().unwrap_or(addr);
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(DaemonCollector { daemon, totals: Mutex::default() }));
+    registry.register_collector(Box::new(DaemonCollector { daemon }));
     std::thread::Builder::new()
         .name("samepage-metrics".into())
         .spawn(move || {
@@ -122,65 +122,6 @@ fn content_type(v: &str) -> tiny_http::Header {
 #[derive(Debug)]
 struct DaemonCollector {
     daemon: Arc<Daemon>,
-    /// What keeps the counter families from going back between scrapes.
-    totals: Mutex<Totals>,
-}
-
-/// The daemon reports what its engines counted; an engine that exits takes
-/// its counts with it, and one that starts again in the same process (an
-/// `exec`) starts from 0. A Prometheus counter must never go back (a drop
-/// reads as a reset, and `rate()` then counts the whole value again), so
-/// the collector keeps, per partition, what engines gone since counted.
-#[derive(Debug, Default)]
-struct Totals {
-    parts: HashMap<(u32, u32), Monotonic>,
-    /// The highest `full_scans` exported as `node_ksmd_full_scans`.
-    full_scans: u64,
-}
-
-/// The totals, even if a scrape panicked while holding them (they stay
-/// consistent: each update is whole or not done).
-fn lock(m: &Mutex<Totals>) -> MutexGuard<'_, Totals> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Sums of per-process counts that never go back.
-#[derive(Debug, Default)]
-struct Monotonic {
-    /// Per process, its counts at the last scrape.
-    last: HashMap<i32, [u64; 2]>,
-    /// What processes gone (or restarted) since had counted.
-    gone: [u64; 2],
-}
-
-impl Monotonic {
-    /// The totals with the processes' counts `now`.
-    fn update(&mut self, now: &[(i32, [u64; 2])]) -> [u64; 2] {
-        let add = |to: &mut [u64; 2], v: &[u64; 2]| to.iter_mut().zip(v).for_each(|(t, v)| *t += v);
-        let mut next = HashMap::with_capacity(now.len());
-        for &(pid, v) in now {
-            if let Some(old) = self.last.get(&pid) {
-                // A count that went back: the engine started again.
-                for ((gone, &new), &old) in self.gone.iter_mut().zip(&v).zip(old) {
-                    if new < old {
-                        *gone += old;
-                    }
-                }
-            }
-            next.insert(pid, v);
-        }
-        for (pid, old) in &self.last {
-            if !next.contains_key(pid) {
-                add(&mut self.gone, old);
-            }
-        }
-        self.last = next;
-        let mut total = self.gone;
-        for v in self.last.values() {
-            add(&mut total, v);
-        }
-        total
-    }
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -238,6 +179,97 @@ fn gauge1<N: EncodeGaugeValue>(
     gauges(enc, &f)
 }
 
+fn counter1<N: EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    v: N,
+) -> std::fmt::Result {
+    let mut f = Family::new(name, help, unit);
+    f.push(&Vec::new(), v);
+    counters(enc, &f)
+}
+
+/// A whole-number figure of something (a partition, a process): metric
+/// name, help, unit, and `F`, how to read it.
+type Figure<F> = (&'static str, &'static str, Option<Unit>, F);
+
+/// A partition's figure, from its status and its counters
+/// ([`view::partition_counters`]).
+type PartRead = fn(&PartitionStatus, &Counters) -> u64;
+
+/// A process's figure, from its report.
+type ProcessRead = fn(&ProcessStatus) -> u64;
+
+/// One family per figure, a sample per item (with its labels), each
+/// figure read from an item by `read`.
+fn families<F: Copy, T>(figures: &[Figure<F>], items: &[(Labels, T)], read: impl Fn(F, &T) -> u64) -> Vec<Family<u64>> {
+    figures
+        .iter()
+        .map(|(name, help, unit, figure)| {
+            let mut f = Family::new(name, help, unit.clone());
+            for (l, item) in items {
+                f.push(l, read(*figure, item));
+            }
+            f
+        })
+        .collect()
+}
+
+/// The partitions' gauges, in bytes where the kernel counts pages.
+const PARTITION_GAUGES: [Figure<PartRead>; 12] = [
+    ("samepage_shared", "Stable pages with a mapping (pages_shared)", Some(Unit::Bytes), |_, c| c.pages_shared * PAGE),
+    (
+        "samepage_sharing",
+        "Memory saved: mappings of stable pages beyond the first (pages_sharing)",
+        Some(Unit::Bytes),
+        |_, c| c.pages_sharing * PAGE,
+    ),
+    ("samepage_unshared", "Pages in the unstable tree (pages_unshared)", Some(Unit::Bytes), |_, c| {
+        c.pages_unshared * PAGE
+    }),
+    ("samepage_volatile", "Pages that changed since their last visit (pages_volatile)", Some(Unit::Bytes), |_, c| {
+        c.pages_volatile * PAGE
+    }),
+    ("samepage_zero_pages", "Pages merged with the zero page (ksm_zero_pages)", Some(Unit::Bytes), |_, c| {
+        c.ksm_zero_pages * PAGE
+    }),
+    ("samepage_metadata", "Metadata of the daemon and its engines", Some(Unit::Bytes), |_, c| c.metadata_bytes),
+    ("samepage_stable_node_chains", "Chains (stable_node_chains)", None, |_, c| c.stable_node_chains),
+    ("samepage_stable_node_dups", "Dups hanging off chains (stable_node_dups)", None, |_, c| c.stable_node_dups),
+    ("samepage_pool", "Memory the partition's pool memfd holds (allocated)", Some(Unit::Bytes), |p, _| p.pool_bytes),
+    ("samepage_pool_slots_in_use", "Pool slots in use", None, |p, _| p.slots_in_use),
+    ("samepage_pool_orphan_slots", "Pool slots waiting to be freed", None, |p, _| p.orphans),
+    ("samepage_clients", "Engines connected", None, |p, _| p.clients.len() as u64),
+];
+
+/// The partitions' counters: they never go back (those of engines that
+/// left stay in, [`PartitionStatus::gone`]).
+const PARTITION_COUNTERS: [Figure<PartRead>; 4] = [
+    ("samepage_requests", "Requests (batches) the partition served", None, |p, _| p.requests),
+    (
+        "samepage_full_scans",
+        "Full scans: the most any of the partition's engines has done (full_scans)",
+        None,
+        |_, c| c.full_scans,
+    ),
+    ("samepage_pages_scanned", "Pages scanned (pages_scanned)", None, |_, c| c.pages_scanned),
+    ("samepage_cow_faults", "Copy-on-write breaks of merged pages", None, |_, c| c.cow_faults),
+];
+
+/// A process's gauges, from its report.
+const PROCESS_GAUGES: [Figure<ProcessRead>; 4] = [
+    ("samepage_process_rmap_items", "rmap items of its pages (ksm_rmap_items)", None, |r| r.ksm_rmap_items),
+    ("samepage_process_merging", "Its pages that map a stable page (ksm_merging_pages)", Some(Unit::Bytes), |r| {
+        r.ksm_merging_pages * PAGE
+    }),
+    ("samepage_process_zero_pages", "Its pages merged with the zero page (ksm_zero_pages)", Some(Unit::Bytes), |r| {
+        r.ksm_zero_pages * PAGE
+    }),
+    ("samepage_process_mergeable", "Memory it registered as mergeable", Some(Unit::Bytes), |r| r.ksm_mergeable * PAGE),
+];
+
 /// CPU seconds of process `pid`'s threads named `samepage-*`, by thread
 /// name (`/proc/PID/task/TID/comm` and `stat`); empty if it is gone.
 pub fn merger_threads_cpu(pid: i32) -> BTreeMap<String, Duration> {
@@ -255,112 +287,47 @@ pub fn merger_threads_cpu(pid: i32) -> BTreeMap<String, Duration> {
 
 impl DaemonCollector {
     fn partitions(&self, enc: &mut DescriptorEncoder, parts: &[PartitionStatus], per: &[Counters]) -> std::fmt::Result {
-        let mut shared =
-            Family::new("samepage_shared", "Stable pages with a mapping (pages_shared)", Some(Unit::Bytes));
-        let mut sharing = Family::new(
-            "samepage_sharing",
-            "Memory saved: mappings of stable pages beyond the first (pages_sharing)",
-            Some(Unit::Bytes),
-        );
-        let mut unshared =
-            Family::new("samepage_unshared", "Pages in the unstable tree (pages_unshared)", Some(Unit::Bytes));
-        let mut volatile = Family::new(
-            "samepage_volatile",
-            "Pages that changed since their last visit (pages_volatile)",
-            Some(Unit::Bytes),
-        );
-        let mut zero =
-            Family::new("samepage_zero_pages", "Pages merged with the zero page (ksm_zero_pages)", Some(Unit::Bytes));
+        let items: Vec<(Labels, (&PartitionStatus, &Counters))> = parts
+            .iter()
+            .zip(per)
+            .map(|(p, c)| (vec![("uid", p.uid.to_string()), ("domain", p.domain.to_string())], (p, c)))
+            .collect();
+        let read = |f: PartRead, &(p, c): &(&PartitionStatus, &Counters)| f(p, c);
+        for f in families(&PARTITION_GAUGES, &items, read) {
+            gauges(enc, &f)?;
+        }
         let mut profit = Family::new(
             "samepage_profit",
             "Memory saved net of metadata, negative when metadata costs more (general_profit)",
             Some(Unit::Bytes),
         );
-        let mut metadata =
-            Family::new("samepage_metadata", "Metadata of the daemon and its engines", Some(Unit::Bytes));
-        let mut chains = Family::new("samepage_stable_node_chains", "Chains (stable_node_chains)", None);
-        let mut dups = Family::new("samepage_stable_node_dups", "Dups hanging off chains (stable_node_dups)", None);
-        let mut pool =
-            Family::new("samepage_pool", "Memory the partition's pool memfd holds (allocated)", Some(Unit::Bytes));
-        let mut slots = Family::new("samepage_pool_slots_in_use", "Pool slots in use", None);
-        let mut orphans = Family::new("samepage_pool_orphan_slots", "Pool slots waiting to be freed", None);
-        let mut clients = Family::new("samepage_clients", "Engines connected", None);
-        let mut requests = Family::new("samepage_requests", "Requests (batches) the partition served", None);
-        let mut full_scans = Family::new(
-            "samepage_full_scans",
-            "Full scans of the partition's busiest engine now (full_scans; goes back when it exits)",
-            None,
-        );
-        let mut scanned =
-            Family::new("samepage_pages_scanned", "Pages scanned (pages_scanned), engines gone since included", None);
-        let mut cow = Family::new(
-            "samepage_cow_faults",
-            "Copy-on-write breaks of merged pages, engines gone since included",
-            None,
-        );
-        let mut totals = lock(&self.totals);
-        for (p, c) in parts.iter().zip(per) {
-            let l: Labels = vec![("uid", p.uid.to_string()), ("domain", p.domain.to_string())];
-            shared.push(&l, c.pages_shared * PAGE);
-            sharing.push(&l, c.pages_sharing * PAGE);
-            unshared.push(&l, c.pages_unshared * PAGE);
-            volatile.push(&l, c.pages_volatile * PAGE);
-            zero.push(&l, c.ksm_zero_pages * PAGE);
-            profit.push(&l, c.general_profit);
-            metadata.push(&l, c.metadata_bytes);
-            chains.push(&l, c.stable_node_chains);
-            dups.push(&l, c.stable_node_dups);
-            pool.push(&l, p.pool_bytes);
-            slots.push(&l, p.slots_in_use);
-            orphans.push(&l, p.orphans);
-            clients.push(&l, p.clients.len() as u64);
-            requests.push(&l, p.requests);
-            full_scans.push(&l, c.full_scans);
-            // Only engines that send their own counters count these.
-            let now: Vec<(i32, [u64; 2])> = p
-                .processes
-                .iter()
-                .filter_map(|r| r.counters.as_ref().map(|c| (r.pid, [c.pages_scanned, c.cow_faults])))
-                .collect();
-            let monotonic = totals.parts.entry((p.uid, p.domain)).or_default();
-            if !now.is_empty() || !monotonic.last.is_empty() || monotonic.gone != [0, 0] {
-                let [s, w] = monotonic.update(&now);
-                scanned.push(&l, s);
-                cow.push(&l, w);
-            }
-        }
-        drop(totals);
-        for f in [&shared, &sharing, &unshared, &volatile, &zero, &metadata, &chains, &dups, &pool, &slots, &orphans] {
-            gauges(enc, f)?;
+        for (l, (_, c)) in &items {
+            profit.push(l, c.general_profit);
         }
         gauges(enc, &profit)?;
-        gauges(enc, &clients)?;
-        gauges(enc, &full_scans)?;
-        for f in [&requests, &scanned, &cow] {
-            counters(enc, f)?;
+        for f in families(&PARTITION_COUNTERS, &items, read) {
+            counters(enc, &f)?;
         }
         Ok(())
     }
 
     fn processes(&self, enc: &mut DescriptorEncoder, parts: &[PartitionStatus]) -> std::fmt::Result {
-        let mut rmap = Family::new("samepage_process_rmap_items", "rmap items of its pages (ksm_rmap_items)", None);
-        let mut merging = Family::new(
-            "samepage_process_merging",
-            "Its pages that map a stable page (ksm_merging_pages)",
-            Some(Unit::Bytes),
-        );
-        let mut zero = Family::new(
-            "samepage_process_zero_pages",
-            "Its pages merged with the zero page (ksm_zero_pages)",
-            Some(Unit::Bytes),
-        );
+        let items: Vec<(Labels, &ProcessStatus)> = parts
+            .iter()
+            .flat_map(|p| {
+                p.processes.iter().map(|r| {
+                    (vec![("uid", p.uid.to_string()), ("domain", p.domain.to_string()), ("pid", r.pid.to_string())], r)
+                })
+            })
+            .collect();
+        for f in families(&PROCESS_GAUGES, &items, |f: ProcessRead, r| f(r)) {
+            gauges(enc, &f)?;
+        }
         let mut profit = Family::new(
             "samepage_process_profit",
             "What merging saves it net of its metadata, may be negative (ksm_process_profit)",
             Some(Unit::Bytes),
         );
-        let mut mergeable =
-            Family::new("samepage_process_mergeable", "Memory it registered as mergeable", Some(Unit::Bytes));
         let mut scans = Family::new("samepage_process_full_scans", "Full scans of its engine (full_scans)", None);
         let mut scanner_cpu = Family::new(
             "samepage_process_scanner_cpu",
@@ -368,30 +335,27 @@ impl DaemonCollector {
             Some(Unit::Seconds),
         );
         let mut cow = Family::new("samepage_process_cow_faults", "Copy-on-write breaks of its merged pages", None);
+        for (l, r) in &items {
+            profit.push(l, r.ksm_process_profit);
+            scans.push(l, r.full_scans);
+            scanner_cpu.push(l, r.cpu_ns as f64 / 1e9);
+            if let Some(c) = &r.counters {
+                cow.push(l, c.cow_faults);
+            }
+        }
+        // Each process's threads once, under its first partition (a process
+        // may run engines in several).
         let mut threads = Family::new(
             "samepage_process_cpu",
             "CPU of its threads named samepage-* (/proc/PID/task/*/stat), by thread name",
             Some(Unit::Seconds),
         );
+        let mut seen = std::collections::HashSet::new();
         for p in parts {
-            let mut pids: Vec<i32> = p.clients.iter().map(|(_, pid)| *pid).collect();
-            pids.sort_unstable();
-            pids.dedup();
-            for r in &p.processes {
-                let l: Labels =
-                    vec![("uid", p.uid.to_string()), ("domain", p.domain.to_string()), ("pid", r.pid.to_string())];
-                rmap.push(&l, r.ksm_rmap_items);
-                merging.push(&l, r.ksm_merging_pages * PAGE);
-                zero.push(&l, r.ksm_zero_pages * PAGE);
-                profit.push(&l, r.ksm_process_profit);
-                mergeable.push(&l, r.ksm_mergeable * PAGE);
-                scans.push(&l, r.full_scans);
-                scanner_cpu.push(&l, r.cpu_ns as f64 / 1e9);
-                if let Some(c) = &r.counters {
-                    cow.push(&l, c.cow_faults);
+            for &(_, pid) in &p.clients {
+                if !seen.insert(pid) {
+                    continue;
                 }
-            }
-            for pid in pids {
                 for (name, cpu) in merger_threads_cpu(pid) {
                     let l: Labels = vec![
                         ("uid", p.uid.to_string()),
@@ -402,9 +366,6 @@ impl DaemonCollector {
                     threads.push(&l, cpu.as_secs_f64());
                 }
             }
-        }
-        for f in [&rmap, &merging, &zero, &mergeable] {
-            gauges(enc, f)?;
         }
         gauges(enc, &profit)?;
         counters(enc, &scans)?;
@@ -419,13 +380,17 @@ impl Collector for DaemonCollector {
         let parts = self.daemon.status();
         let t = self.daemon.tunables();
         let per: Vec<Counters> = parts.iter().map(view::partition_counters).collect();
-        let sys = view::total(&per);
+        let sys = Counters::sum(&per);
         self.partitions(&mut enc, &parts, &per)?;
         self.processes(&mut enc, &parts)?;
-        let mut me =
-            Family::new("samepage_daemon_cpu", "CPU of the daemon process (all its threads)", Some(Unit::Seconds));
-        me.push(&Vec::new(), crate::procfs::cpu_time(std::process::id()).as_secs_f64());
-        counters(&mut enc, &me)?;
+        let cpu = crate::procfs::cpu_time(std::process::id()).as_secs_f64();
+        counter1(
+            &mut enc,
+            "samepage_daemon_cpu",
+            "CPU of the daemon process (all its threads)",
+            Some(Unit::Seconds),
+            cpu,
+        )?;
         gauge1(&mut enc, "samepage_run", "run: 0 stop, 1 merge, 2 unmerge", None, t.run.as_u32())?;
         gauge1(&mut enc, "samepage_pages_to_scan", "pages_to_scan (machine-wide)", None, t.pages_to_scan)?;
         let sleep = f64::from(t.sleep_millisecs) / 1000.0;
@@ -434,16 +399,7 @@ impl Collector for DaemonCollector {
         gauge1(&mut enc, "samepage_use_zero_pages", "use_zero_pages", None, u32::from(t.use_zero_pages))?;
 
         // node_exporter's ksmd collector, system-wide, in its names and units.
-        // A counter there: the highest full_scans any engine reached (it
-        // would go back when the busiest engine exits).
-        let high = {
-            let mut t = lock(&self.totals);
-            t.full_scans = t.full_scans.max(sys.full_scans);
-            t.full_scans
-        };
-        let mut f = Family::new("node_ksmd_full_scans", "ksmd 'full_scans' file.", None);
-        f.push(&Vec::new(), high);
-        counters(&mut enc, &f)?;
+        counter1(&mut enc, "node_ksmd_full_scans", "ksmd 'full_scans' file.", None, sys.full_scans)?;
         for (name, help, v) in [
             ("node_ksmd_merge_across_nodes", "ksmd 'merge_across_nodes' file.", 1),
             ("node_ksmd_pages_shared", "ksmd 'pages_shared' file.", sys.pages_shared),
@@ -472,19 +428,6 @@ mod tests {
         let e = parse_addr("70000").unwrap_err().to_string();
         assert!(e.contains("\"70000\"") && e.contains("0 to 65535"), "{e}");
         assert!(parse_addr("nohost:").is_err());
-    }
-
-    #[test]
-    fn counts_of_engines_gone_or_restarted_stay_in_the_totals() {
-        let mut m = Monotonic::default();
-        assert_eq!(m.update(&[(1, [10, 1]), (2, [5, 0])]), [15, 1]);
-        assert_eq!(m.update(&[(1, [12, 1]), (2, [7, 2])]), [19, 3]);
-        // Process 2 exits: its counts stay.
-        assert_eq!(m.update(&[(1, [13, 1])]), [20, 3]);
-        // Process 1 execs: its engine starts from 0.
-        assert_eq!(m.update(&[(1, [2, 0])]), [22, 3]);
-        assert_eq!(m.update(&[(1, [4, 1]), (3, [1, 0])]), [25, 4]);
-        assert_eq!(m.update(&[]), [25, 4]);
     }
 
     #[test]

@@ -82,7 +82,6 @@ fn program_file(cmd: &str) -> Option<PathBuf> {
 /// never read. (A script or anything unreadable: `false`.)
 fn statically_linked(path: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
-    const PT_INTERP: u32 = 3;
     let Ok(mut f) = std::fs::File::open(path) else { return false };
     let mut h = [0u8; 64];
     // 64-bit little-endian ELF only (this machine's kind).
@@ -100,7 +99,7 @@ fn statically_linked(path: &Path) -> bool {
         if f.read_exact(&mut ph).is_err() {
             return false;
         }
-        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == PT_INTERP {
+        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) == libc::PT_INTERP {
             return false;
         }
     }
@@ -198,8 +197,9 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
     let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
     let tag = samepage::supervise::OwnTag::random();
     c.env(samepage::supervise::OWN_TAG_ENV, tag.to_env());
+    let filter = samepage::supervise::Filter::new(tag);
     let hook = move || {
-        let listener = samepage::supervise::install_filter(tag).map_err(|e| std::io::Error::from(e.errno))?;
+        let listener = filter.install().map_err(|e| std::io::Error::from(e.errno))?;
         // SAFETY: the fd is the socketpair end the parent created and keeps
         // open until after the spawn.
         let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(theirs_fd) };
@@ -210,10 +210,12 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
         rustix::net::sendmsg(sock, &[std::io::IoSlice::new(b"L")], &mut anc, rustix::net::SendFlags::empty())?;
         Ok(())
     };
-    // SAFETY: the hook runs in the child between fork and exec, while this
-    // process has no other thread (clap has parsed; nothing was spawned): it
-    // installs the filter on the only thread and sends the listener to the
-    // parent over the socketpair; both are plain system calls.
+    // SAFETY: the hook runs in the child between fork and exec, where only
+    // async-signal-safe work is allowed (this process has another thread:
+    // ctrlc's handler). It allocates nothing: the filter was built above,
+    // and the ancillary buffer is on the stack; it makes plain system calls
+    // (prctl, seccomp, sendmsg) on the child's only thread and sends the
+    // listener to the parent over the socketpair.
     let c = unsafe { c.pre_exec(hook) };
     let mut child = c.spawn().with_context(|| format!("cannot run {}", a.cmd[0]))?;
     drop(theirs);
@@ -243,7 +245,7 @@ fn supervised(mut c: std::process::Command, a: &RunArgs) -> Result<ExitCode> {
     if a.verbose {
         eprintln!(
             "samepage run: {} calls stopped, {} passed to an agent first, {} failed by it, {} the engine's own, {} of processes without an agent",
-            tally.notified, tally.forwarded, tally.failed, tally.engine, tally.unattended
+            tally.notified(), tally.forwarded, tally.failed, tally.engine, tally.unattended
         );
         let [munmap, mremap, mprotect, brk, mmap, madvise] = tally.by_call;
         eprintln!(

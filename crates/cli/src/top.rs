@@ -17,6 +17,7 @@ use ratatui::style::{Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Sparkline, SparklineBar, Table};
 use ratatui::{Frame, Terminal};
+use samepage::Counters;
 use samepage_daemon::client::Connection;
 use samepage_daemon::protocol::{PartitionStatus, ProcessStatus};
 use samepage_daemon::view;
@@ -88,8 +89,33 @@ struct Sample {
     tunables: Option<samepage::Tunables>,
     /// `/sys/kernel/mm/ksm`'s counters (`None` without the kernel's KSM).
     kernel: Option<Vec<(&'static str, String)>>,
-    /// `/proc/PID/comm` of the processes.
+    /// `/proc/PID/comm` of the processes (those still there).
     comm: HashMap<i32, String>,
+    /// Each partition's counters ([`view::partition_counters`]), in `parts`' order.
+    per: Vec<Counters>,
+    /// The system's ([`Counters::sum`] of `per`).
+    sys: Counters,
+}
+
+impl Sample {
+    /// A sample of `parts` taken at `at`, its counters computed once (every
+    /// redraw shows them).
+    fn new(
+        at: Instant,
+        parts: Vec<PartitionStatus>,
+        tunables: Option<samepage::Tunables>,
+        kernel: Option<Vec<(&'static str, String)>>,
+        comm: HashMap<i32, String>,
+    ) -> Sample {
+        let per: Vec<Counters> = parts.iter().map(view::partition_counters).collect();
+        let sys = Counters::sum(&per);
+        Sample { at, parts, tunables, kernel, comm, per, sys }
+    }
+
+    /// Engines reporting, over all partitions.
+    fn processes(&self) -> usize {
+        self.parts.iter().map(|p| p.processes.len()).sum()
+    }
 }
 
 /// Per-second rates between two samples.
@@ -193,6 +219,11 @@ fn human(bytes: i64) -> String {
     format!("{sign}{v:.1} {}", UNITS[unit])
 }
 
+/// [`human`] of a size that cannot be negative.
+fn human_u64(bytes: u64) -> String {
+    human(i64::try_from(bytes).unwrap_or(i64::MAX))
+}
+
 /// `/sys/kernel/mm/ksm`'s counters, or `None` without the kernel's KSM.
 fn kernel_counters() -> Option<Vec<(&'static str, String)>> {
     Path::new(crate::kernel::DIR).is_dir().then(|| {
@@ -200,17 +231,13 @@ fn kernel_counters() -> Option<Vec<(&'static str, String)>> {
     })
 }
 
-/// A process's command name, `?` once it is gone.
-fn comm(pid: i32) -> String {
-    crate::procfs::comm(pid).unwrap_or_else(|| "?".to_string())
-}
-
 /// Asks the daemon at `socket` for its view.
 fn sample(socket: &Path) -> Result<Sample> {
     let parts = Connection::status(socket).with_context(|| format!("asking the daemon at {}", socket.display()))?;
     let tunables = Connection::tunables(socket).ok();
-    let comm = parts.iter().flat_map(|p| &p.processes).map(|r| (r.pid, comm(r.pid))).collect();
-    Ok(Sample { at: Instant::now(), parts, tunables, kernel: kernel_counters(), comm })
+    let comm =
+        parts.iter().flat_map(|p| &p.processes).filter_map(|r| Some((r.pid, crate::procfs::comm(r.pid)?))).collect();
+    Ok(Sample::new(Instant::now(), parts, tunables, kernel_counters(), comm))
 }
 
 /// The rates between `prev` and `now`, per engine seen in both.
@@ -260,19 +287,22 @@ impl Top {
     /// Takes a sample; a failure is kept to be shown, the last figures stay.
     fn refresh(&mut self) {
         match sample(&self.socket) {
-            Ok(s) => {
-                self.rates = Some(rates(&self.last, &s));
-                self.last = s;
-                self.error = None;
-                self.push_point();
-            }
+            Ok(s) => self.absorb(s),
             Err(e) => self.error = Some(format!("{e:#}")),
         }
     }
 
+    /// A new sample: the rates since the last one, and a point more.
+    fn absorb(&mut self, s: Sample) {
+        self.rates = Some(rates(&self.last, &s));
+        self.last = s;
+        self.error = None;
+        self.push_point();
+    }
+
     /// The last sample's point for the sparklines.
     fn push_point(&mut self) {
-        let c = view::system_counters(&self.last.parts);
+        let c = &self.last.sys;
         let r = self.rates.as_ref();
         if self.history.len() == HISTORY {
             self.history.pop_front();
@@ -301,8 +331,7 @@ impl Top {
 
     /// Rows the frame needs to show every partition and process.
     fn rows_needed(&self) -> u16 {
-        let procs = self.last.parts.iter().map(|p| p.processes.len()).sum::<usize>();
-        let n = HEADER_ROWS + SPARK_ROWS + 1 + 3 + self.last.parts.len() + 3 + procs;
+        let n = HEADER_ROWS + SPARK_ROWS + 1 + 3 + self.last.parts.len() + 3 + self.last.processes();
         u16::try_from(n).unwrap_or(u16::MAX)
     }
 
@@ -336,8 +365,8 @@ impl Top {
     /// The system's totals and tunables; the kernel's counters beside.
     fn draw_header(&self, f: &mut Frame, area: Rect) {
         let [left, right] = Layout::horizontal([Constraint::Min(60), Constraint::Length(46)]).areas(area);
-        let c = view::system_counters(&self.last.parts);
-        let procs = self.last.parts.iter().map(|p| p.processes.len()).sum::<usize>();
+        let c = &self.last.sys;
+        let procs = self.last.processes();
         let r = self.rates.as_ref();
         let rate = |v: Option<f64>, digits: usize, unit: &str| {
             v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}{unit}"))
@@ -355,7 +384,7 @@ impl Top {
                 c.pages_unshared,
                 c.pages_volatile,
                 c.ksm_zero_pages,
-                human(i64::try_from(c.metadata_bytes).unwrap_or(i64::MAX)),
+                human_u64(c.metadata_bytes),
                 procs,
                 self.last.parts.len()
             )),
@@ -455,8 +484,7 @@ impl Top {
             "pool",
             "metadata",
         ];
-        let rows = self.last.parts.iter().map(|p| {
-            let c = view::partition_counters(p);
+        let rows = self.last.parts.iter().zip(&self.last.per).map(|(p, c)| {
             Row::new(vec![
                 p.uid.to_string(),
                 p.domain.to_string(),
@@ -468,15 +496,12 @@ impl Top {
                 c.ksm_zero_pages.to_string(),
                 c.full_scans.to_string(),
                 p.clients.len().to_string(),
-                human(i64::try_from(p.pool_bytes).unwrap_or(i64::MAX)),
-                human(i64::try_from(c.metadata_bytes).unwrap_or(i64::MAX)),
+                human_u64(p.pool_bytes),
+                human_u64(c.metadata_bytes),
             ])
         });
-        let widths = head.map(|h| Constraint::Length(u16::try_from(h.len()).unwrap_or(8).max(10)));
-        let table = Table::new(rows, widths)
-            .header(Row::new(head).style(Style::new().add_modifier(Modifier::BOLD)))
-            .block(Block::bordered().title(format!(" partitions ({}) ", self.last.parts.len())));
-        f.render_widget(table, area);
+        let title = format!(" partitions ({}) ", self.last.parts.len());
+        f.render_widget(table(&head, rows, |h| h.len().max(10), title), area);
     }
 
     /// One row per engine, in the chosen order.
@@ -505,7 +530,7 @@ impl Top {
                     rates.and_then(|x| x.merges.get(&k)).map_or_else(|| "-".to_string(), |m| format!("{m:.1}"));
                 Row::new(vec![
                     r.pid.to_string(),
-                    self.last.comm.get(&r.pid).cloned().unwrap_or_else(|| "?".to_string()),
+                    self.last.comm.get(&r.pid).map_or("?", String::as_str).to_string(),
                     format!("{}/{}", p.uid, p.domain),
                     r.ksm_merging_pages.to_string(),
                     r.ksm_zero_pages.to_string(),
@@ -518,16 +543,24 @@ impl Top {
                 ])
             })
             .collect();
-        let n = rows.len();
-        let widths = head.map(|h| match h {
-            "COMMAND" => Constraint::Length(16),
-            h => Constraint::Length(u16::try_from(h.len()).unwrap_or(8).max(8)),
-        });
-        let table = Table::new(rows, widths)
-            .header(Row::new(head).style(Style::new().add_modifier(Modifier::BOLD)))
-            .block(Block::bordered().title(format!(" processes ({n}), by {} ", self.sort.name())));
-        f.render_widget(table, area);
+        let title = format!(" processes ({}), by {} ", rows.len(), self.sort.name());
+        let width = |h: &str| if h == "COMMAND" { 16 } else { h.len().max(8) };
+        f.render_widget(table(&head, rows, width, title), area);
     }
+}
+
+/// A bordered table titled `title`, its columns headed `head` (in bold),
+/// each `width(heading)` wide.
+fn table<'a>(
+    head: &[&'a str],
+    rows: impl IntoIterator<Item = Row<'a>>,
+    width: impl Fn(&str) -> usize,
+    title: String,
+) -> Table<'a> {
+    let widths = head.iter().map(|h| Constraint::Length(u16::try_from(width(h)).unwrap_or(u16::MAX)));
+    Table::new(rows, widths)
+        .header(Row::new(head.to_vec()).style(Style::new().add_modifier(Modifier::BOLD)))
+        .block(Block::bordered().title(title))
 }
 
 /// Rows of the header (four lines and its border).
@@ -633,7 +666,6 @@ pub fn run(a: TopArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use samepage::Counters;
 
     fn part(processes: Vec<ProcessStatus>) -> PartitionStatus {
         PartitionStatus {
@@ -648,6 +680,7 @@ mod tests {
             unshared: 0,
             metadata_bytes: 0,
             clients: vec![],
+            gone: Counters::default(),
         }
     }
 
@@ -665,7 +698,7 @@ mod tests {
     }
 
     fn at(t: Instant, parts: Vec<PartitionStatus>) -> Sample {
-        Sample { at: t, parts, tunables: None, kernel: None, comm: HashMap::new() }
+        Sample::new(t, parts, None, None, HashMap::new())
     }
 
     #[test]
@@ -708,11 +741,10 @@ mod tests {
         let mut top = Top::new(PathBuf::from("/nowhere.sock"), Duration::from_secs(1), first);
         let second =
             at(t + Duration::from_secs(1), vec![part(vec![proc(1, 4242, 300_000_000, Some(5)), proc(2, 77, 0, None)])]);
-        top.rates = Some(rates(&top.last, &second));
-        top.last = second;
-        top.push_point();
+        top.absorb(second);
         let text = render_text(&top, 160, top.rows_needed()).unwrap();
-        assert_eq!(text.lines().count(), usize::from(top.rows_needed()));
+        // rows_needed leaves room for every process, the last one included.
+        assert!(text.lines().any(|l| l.contains("│77 ")), "{text}");
         let row = text.lines().find(|l| l.contains("│4242")).unwrap_or_else(|| panic!("{text}"));
         let cells: Vec<&str> = row.split_whitespace().filter(|c| *c != "│").collect();
         assert_eq!(cells[..4], ["│4242", "?", "1000/3", "64"], "{row}");

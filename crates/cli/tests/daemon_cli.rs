@@ -3,7 +3,7 @@
 //! and a client that goes is gone from status.
 
 mod common;
-use common::{my_uid, retry, spawn_daemon};
+use common::{my_uid, retry, spawn_daemon, status_json, wait_for};
 
 use samepage_daemon::client::Connection;
 use std::process::Command;
@@ -15,32 +15,18 @@ fn status_shows_the_daemons_clients() {
     let _ = std::fs::remove_file(&socket);
     let daemon = spawn_daemon(&socket, &["--max-page-sharing", "64"]);
     let conn = retry("the daemon never listened", || Connection::connect(&socket, 5));
-    let status = |json: bool| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_samepage"));
-        c.args(["status", "--socket"]).arg(&socket);
-        if json {
-            c.arg("--json");
-        }
-        let out = c.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let v: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    let v = status_json(&socket);
     assert_eq!(v["partitions"][0]["domain"], 5);
     assert_eq!(v["partitions"][0]["uid"], my_uid());
     assert_eq!(v["partitions"][0]["clients"][0]["pid"], std::process::id());
     assert_eq!(v["tunables"]["max_page_sharing"], "64");
-    assert!(status(false).contains(&format!("clients [{}]", std::process::id())));
+    let text = Command::new(env!("CARGO_BIN_EXE_samepage")).args(["status", "--socket"]).arg(&socket).output().unwrap();
+    assert!(text.status.success(), "{}", String::from_utf8_lossy(&text.stderr));
+    assert!(String::from_utf8_lossy(&text.stdout).contains(&format!("clients [{}]", std::process::id())));
     drop(conn);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
-        if v["partitions"][0]["clients"].as_array().unwrap().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the client never left: {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for("the client to leave", || {
+        status_json(&socket)["partitions"][0]["clients"].as_array().unwrap().is_empty().then_some(())
+    });
     drop(daemon);
     // A second daemon on the stale socket takes it over.
     let again = spawn_daemon(&socket, &[]);

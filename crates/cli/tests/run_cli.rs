@@ -180,7 +180,8 @@ print(" ".join(map(str, out)))
 /// The behaviour matrix: programs that do what real programs do, under
 /// `samepage run --merge-any` (every private anonymous mapping merges):
 /// malloc-heavy multithreaded C and Python, a fork/exec chain, the program's
-/// own userfaultfd, the program's own seccomp filter. Each checks every byte
+/// own userfaultfd, the program's own seccomp filter, merged pages discarded
+/// with `MADV_DONTNEED` and `MADV_DONTNEED_LOCKED` (zeros after). Each checks every byte
 /// of its memory itself, and prints a digest that must equal the digest of
 /// the same program run without samepage; where it fills duplicate pages,
 /// it tells how much its Pss fell, which must show the merging happened.
@@ -195,6 +196,7 @@ fn behaviour_matrix_under_merge_any_is_byte_exact() {
         (vec![exe.clone().into(), "fork-exec".into(), "2".into()], 2048),
         (vec![exe.clone().into(), "uffd".into()], 1024),
         (vec![exe.clone().into(), "seccomp".into()], 1024),
+        (vec![exe.clone().into(), "discard".into(), "4096".into()], 2048),
     ];
     if let Some(py) = &py {
         cases.push((vec![py.clone().into(), py_script.into(), "2".into()], 0));

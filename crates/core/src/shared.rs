@@ -224,6 +224,11 @@ impl Shared {
         self.pool.metadata_bytes()
     }
 
+    /// Bytes of all of it: stable tree, unstable tree and pool bookkeeping.
+    pub fn metadata_bytes(&self) -> u64 {
+        self.stable_metadata_bytes() + self.unstable_metadata_bytes() + self.pool_metadata_bytes()
+    }
+
     /// `client` is gone (its process exited or was killed): every mapping it
     /// held is given back, its unstable-tree entries go, and the slots of
     /// nodes left with no mapping become orphans (see [`Shared::take_orphans`]).

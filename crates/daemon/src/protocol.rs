@@ -8,12 +8,12 @@ use samepage_core::pool::SlotHint;
 use samepage_core::shared::ClientId;
 use samepage_core::stable::{NodeInfo, StableOp, StableReply, StableStats};
 use samepage_core::unstable::{UnstableOp, UnstableReply};
-use samepage_core::{Slot, Tunables};
+use samepage_core::{Counters, Slot, Tunables};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// The protocol's version; a client of another version is refused.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// The largest frame accepted (a batch of a few hundred thousand ops).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -130,7 +130,7 @@ pub struct ProcessStatus {
     /// The engine's own counters (`pages_scanned`, `pages_skipped`,
     /// `cow_faults`, ...), for the daemon's metrics and sysfs view; `None`
     /// from an engine that does not send them.
-    pub counters: Option<Box<samepage_core::Counters>>,
+    pub counters: Option<Box<Counters>>,
 }
 
 /// What the daemon answers.
@@ -218,6 +218,12 @@ pub struct PartitionStatus {
     pub metadata_bytes: u64,
     /// Connected clients: id and process id.
     pub clients: Vec<(ClientId, i32)>,
+    /// What the engines that left counted: their `pages_scanned`,
+    /// `pages_skipped`, `cow_faults`, `merges` and `unmerges` added up,
+    /// `full_scans` the most any of them reached. The partition's totals
+    /// include them, so they never go back when an engine exits (or starts
+    /// again after an `exec`, as a new client).
+    pub gone: Counters,
 }
 
 /// A malformed or failed exchange.

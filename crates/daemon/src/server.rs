@@ -63,6 +63,8 @@ struct Partition {
     reports: HashMap<ClientId, ProcessStatus>,
     /// Merges ordered (`samepage merge --pid`), not yet told to the client.
     merge_orders: HashMap<ClientId, u64>,
+    /// What the engines that left counted ([`PartitionStatus::gone`]).
+    gone: samepage_core::Counters,
 }
 
 /// Partitions by user id and domain.
@@ -233,6 +235,7 @@ impl Daemon {
             requests: 0,
             reports: HashMap::new(),
             merge_orders: HashMap::new(),
+            gone: samepage_core::Counters::default(),
         }));
         parts.insert((uid, domain), Arc::clone(&p));
         Ok(p)
@@ -319,7 +322,9 @@ impl Daemon {
         let mut p = lock(&part);
         p.shared.client_gone(id);
         p.clients.remove(&id);
-        p.reports.remove(&id);
+        if let Some(r) = p.reports.remove(&id) {
+            crate::view::retire(&mut p.gone, &r);
+        }
         p.merge_orders.remove(&id);
         if p.clients.is_empty() {
             p.empty();
@@ -365,10 +370,9 @@ impl Daemon {
                         r
                     },
                     unshared: p.shared.unstable_total() as u64,
-                    metadata_bytes: p.shared.stable_metadata_bytes()
-                        + p.shared.unstable_metadata_bytes()
-                        + p.shared.pool_metadata_bytes(),
+                    metadata_bytes: p.shared.metadata_bytes(),
                     clients,
+                    gone: p.gone.clone(),
                 }
             })
             .collect();
@@ -407,9 +411,7 @@ fn handle(shared: &mut Shared, id: ClientId, req: Request) -> Response {
             partition: shared.stats(),
             held: shared.held_stats(id),
             max_page_sharing: shared.max_page_sharing(),
-            metadata_bytes: shared.stable_metadata_bytes()
-                + shared.unstable_metadata_bytes()
-                + shared.pool_metadata_bytes(),
+            metadata_bytes: shared.metadata_bytes(),
             unstable: shared.unstable_len(id) as u64,
         },
         Request::Nodes => {

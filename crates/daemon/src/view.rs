@@ -9,7 +9,7 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Bytes of metadata a process's `ksm_process_profit` charges it: its
 /// merged and zero pages' worth less its profit (never negative).
-pub fn process_metadata_bytes(r: &ProcessStatus) -> u64 {
+fn process_metadata_bytes(r: &ProcessStatus) -> u64 {
     let gross = i128::from(r.ksm_merging_pages + r.ksm_zero_pages) * i128::from(PAGE);
     u64::try_from((gross - i128::from(r.ksm_process_profit)).max(0)).unwrap_or(u64::MAX)
 }
@@ -29,36 +29,49 @@ pub fn process_metadata_bytes(r: &ProcessStatus) -> u64 {
 ///   metadata_bytes`, as the kernel's;
 /// * `pages_scanned`, `pages_skipped`, `cow_faults`, `merges`, `unmerges`:
 ///   sums of the engines' own counters, for the engines that send them
-///   ([`ProcessStatus::counters`]; 0 otherwise).
+///   ([`ProcessStatus::counters`]; 0 otherwise), those of engines gone
+///   included ([`PartitionStatus::gone`]): like the kernel's, they never go
+///   back; so does `full_scans`, the most any engine has reached.
 pub fn partition_counters(p: &PartitionStatus) -> Counters {
     let mut c = Counters { pages_unshared: p.unshared, metadata_bytes: p.metadata_bytes, ..Counters::default() };
+    add_cumulative(&mut c, &p.gone);
     for r in &p.processes {
         c.rmap_items += r.ksm_rmap_items;
         c.ksm_zero_pages += r.ksm_zero_pages;
         c.full_scans = c.full_scans.max(r.full_scans);
         c.metadata_bytes += process_metadata_bytes(r);
         if let Some(e) = &r.counters {
-            c.pages_scanned += e.pages_scanned;
-            c.pages_skipped += e.pages_skipped;
-            c.cow_faults += e.cow_faults;
-            c.merges += e.merges;
-            c.unmerges += e.unmerges;
+            add_cumulative(&mut c, e);
         }
     }
     c.derive_from_stable(&p.stable);
     c
 }
 
+/// Adds the counters of an engine that only ever grow (`pages_scanned`,
+/// `pages_skipped`, `cow_faults`, `merges`, `unmerges`) to `to`, and keeps
+/// the larger `full_scans`.
+fn add_cumulative(to: &mut Counters, e: &Counters) {
+    to.pages_scanned += e.pages_scanned;
+    to.pages_skipped += e.pages_skipped;
+    to.cow_faults += e.cow_faults;
+    to.merges += e.merges;
+    to.unmerges += e.unmerges;
+    to.full_scans = to.full_scans.max(e.full_scans);
+}
+
+/// Keeps in `gone` ([`PartitionStatus::gone`]) what the engine of report
+/// `r`, which left, had counted.
+pub fn retire(gone: &mut Counters, r: &ProcessStatus) {
+    let mut e = r.counters.as_deref().cloned().unwrap_or_default();
+    e.full_scans = r.full_scans;
+    add_cumulative(gone, &e);
+}
+
 /// The system's counters: every partition's added up, `full_scans` the
 /// busiest partition's.
 pub fn system_counters(parts: &[PartitionStatus]) -> Counters {
-    total(&parts.iter().map(partition_counters).collect::<Vec<_>>())
-}
-
-/// The partitions' counters (each [`partition_counters`]) added up,
-/// `full_scans` the busiest partition's.
-pub fn total(per_partition: &[Counters]) -> Counters {
-    Counters::sum(per_partition)
+    Counters::sum(&parts.iter().map(partition_counters).collect::<Vec<_>>())
 }
 
 #[cfg(test)]
@@ -93,6 +106,7 @@ mod tests {
             clients: vec![],
             unshared: 10,
             metadata_bytes: 1000,
+            gone: Counters::default(),
         };
         let c = partition_counters(&p);
         assert_eq!((c.pages_shared, c.pages_sharing, c.pages_unshared), (4, 60, 10));

@@ -12,7 +12,7 @@ use samepage_core::shared::system_counters;
 use samepage_core::sim::SimPageSpace;
 use samepage_core::{Counters, Ksm, PageRef, RegionId, Run, Tunables, PAGE_SIZE};
 use samepage_daemon::client::{Connection, RemotePool, RemoteStableTree, RemoteUnstableTree, SharedConnection};
-use samepage_daemon::protocol::{read_frame, write_frame, Request, Response};
+use samepage_daemon::protocol::{read_frame, write_frame, ProcessStatus, Request, Response};
 use samepage_daemon::server::{Config, Daemon};
 use std::collections::BTreeMap;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -339,4 +339,35 @@ fn tunables_are_the_daemons_and_pages_to_scan_is_shared_out() {
     converge(&mut procs, &mut space, &mut now);
     assert_eq!(Connection::set(&path, "max_page_sharing", "8").unwrap_err().errno(), Some(16));
     assert_eq!(Connection::tunables(&path).unwrap().max_page_sharing, 4);
+}
+
+/// The partition's cumulative counters (pages scanned, copy-on-write
+/// breaks, full scans) never go back when an engine leaves: the daemon
+/// keeps what it had counted (`PartitionStatus::gone`), as a Prometheus
+/// counter or node_exporter's `full_scans` needs.
+#[test]
+fn counts_of_engines_gone_stay_in_the_partitions_totals() {
+    let path = start(4);
+    let report = |conn: &SharedConnection, scanned, cow, full_scans| {
+        let counters = Counters { pages_scanned: scanned, cow_faults: cow, ..Counters::default() };
+        let r = ProcessStatus { full_scans, counters: Some(Box::new(counters)), ..ProcessStatus::default() };
+        conn.lock().unwrap().report(r).unwrap();
+    };
+    let totals = || {
+        let c = samepage_daemon::view::partition_counters(&Connection::status(&path).unwrap()[0]);
+        (c.pages_scanned, c.cow_faults, c.full_scans)
+    };
+    let (a, b) = (Connection::connect(&path, 0).unwrap(), Connection::connect(&path, 0).unwrap());
+    report(&a, 10, 1, 4);
+    report(&b, 5, 2, 7);
+    assert_eq!(totals(), (15, 3, 7));
+    drop(b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Connection::status(&path).unwrap()[0].clients.len() != 1 {
+        assert!(Instant::now() < deadline, "the daemon never saw the client go");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(totals(), (15, 3, 7), "the busiest engine left: nothing goes back");
+    report(&a, 12, 1, 5);
+    assert_eq!(totals(), (17, 3, 7));
 }

@@ -48,7 +48,7 @@
 
 mod heap;
 
-use samepage::supervise::{Hello, OwnTag, Request, AGENT_SOCKET_ENV, MERGE_ANY_ENV, OWN_TAG_ENV};
+use samepage::supervise::{Hello, OwnTag, Request, AGENT_SOCKET_ENV, DISCARDING_ADVICE, MERGE_ANY_ENV, OWN_TAG_ENV};
 use samepage::{Discard, Domain, Engine, RegionId, Run, Tunables};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -269,18 +269,8 @@ fn register(a: usize, b: usize) -> Result<(), c_int> {
 fn register_parts(e: &Engine, parts: &[(usize, usize)]) -> Result<(), c_int> {
     for &(s, e2) in parts {
         // The gaps of [s, e2) not registered yet.
-        let mut pos = s;
-        let mut gaps = Vec::new();
-        for (os, oe, _) in overlapping(s, e2) {
-            if os > pos {
-                gaps.push((pos, os));
-            }
-            pos = pos.max(oe);
-        }
-        if pos < e2 {
-            gaps.push((pos, e2));
-        }
-        for (gs, ge) in gaps {
+        let registered: Vec<(usize, usize)> = overlapping(s, e2).iter().map(|&(a, b, _)| (a, b)).collect();
+        for (gs, ge) in outside(&registered, s, e2) {
             // SAFETY: the program asked for this memory to be merged; the
             // library takes it back before any munmap, mremap, mprotect or
             // mmap(MAP_FIXED) over it comes through (the register contract).
@@ -296,11 +286,16 @@ fn register_parts(e: &Engine, parts: &[(usize, usize)]) -> Result<(), c_int> {
 /// Takes `[a, b)` back from the engine (its merged pages become private,
 /// content intact) and forgets it.
 fn take_back(a: usize, b: usize) -> Result<(), c_int> {
+    let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+    take_back_locked(a, b)
+}
+
+/// [`take_back`] with `OPS` held by the caller.
+fn take_back_locked(a: usize, b: usize) -> Result<(), c_int> {
     if !ANY.load(Ordering::Acquire) || OWNER.load(Ordering::Acquire) != pid() {
         return Ok(());
     }
     let Some(e) = engine() else { return Ok(()) };
-    let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
     let parts = overlapping(a, b);
     if parts.is_empty() {
         return Ok(());
@@ -329,15 +324,16 @@ fn take_back(a: usize, b: usize) -> Result<(), c_int> {
     Ok(())
 }
 
+/// The program's call `nr`, made for it. Tagged as the engine's own, so the
+/// supervisor's filter lets it through: a call that unmaps, changes or
+/// discards memory is made only through [`changing`] or the discarding
+/// arm of [`madvise`], after what it touches was taken back, with `OPS`
+/// held so that nothing is registered there in between.
 fn raw(nr: c_long, args: [usize; 6]) -> c_long {
-    // The call runs after the library has taken back what it replaces: it is
-    // tagged as the engine's own, so the supervisor's filter does not stop it
-    // again.
-    let args = samepage::supervise::tag_args(nr, args);
-    // SAFETY: a plain system call with the program's own arguments, as the
-    // C library's wrapper would make it, plus the tag in bits the kernel
-    // ignores for it; errno is set on failure.
-    unsafe { libc::syscall(nr, args[0], args[1], args[2], args[3], args[4], args[5]) }
+    // SAFETY: a system call with the program's own arguments, as the C
+    // library's wrapper would make it (the tag goes in bits the kernel
+    // ignores for it); errno is set on failure, as the wrapper's.
+    unsafe { samepage::supervise::own_syscall(nr, args) }.map_or(-1, |r| r as c_long)
 }
 
 /// `madvise(2)`, with `MADV_MERGEABLE`/`MADV_UNMERGEABLE` served by samepage.
@@ -364,8 +360,9 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -
                 inside(|| take_back(a, b))
             }
         }
-        libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE if managed() => {
-            let parts = overlapping(a, b);
+        d if DISCARDING_ADVICE.contains(&d) && outside => {
+            let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+            let parts = if managed() { overlapping(a, b) } else { Vec::new() };
             if parts.is_empty() {
                 return raw(libc::SYS_madvise, [a, l, advice as usize, 0, 0, 0]) as c_int;
             }
@@ -411,17 +408,27 @@ fn discard_registered(a: usize, b: usize, advice: c_int) -> Result<(), c_int> {
     e.discard(a as *mut u8, b - a, how).map_err(|err| err.errno().unwrap_or(libc::EINVAL))
 }
 
-/// Takes registered memory in `[a, a + len)` back before a call that would
-/// unmap or change it; -1 with errno when that fails (nothing changed).
-fn before_change(a: usize, len: usize) -> c_int {
-    if !managed() || !a.is_multiple_of(PAGE) {
-        return 0;
+/// Makes `call`, a call of the program that unmaps, replaces or changes
+/// the memory of `ranges` (start, length), after taking back what is
+/// registered there; -1 with errno when that fails (nothing changed).
+/// `OPS` is held across both, so a sweep cannot register the range in
+/// between: the call is tagged ([`raw`]) and the supervisor's agent would
+/// not see it.
+fn changing(ranges: &[(usize, usize)], call: impl FnOnce() -> c_long) -> c_long {
+    if INSIDE.with(|i| i.get()) {
+        return call();
     }
-    let b = a.saturating_add(len.div_ceil(PAGE) * PAGE);
-    if overlapping(a, b).is_empty() {
-        return 0;
+    let _ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+    for &(a, len) in ranges {
+        if !managed() || !a.is_multiple_of(PAGE) {
+            continue;
+        }
+        let b = a.saturating_add(len.div_ceil(PAGE) * PAGE);
+        if !overlapping(a, b).is_empty() && inside(|| take_back_locked(a, b)) != 0 {
+            return -1;
+        }
     }
-    inside(|| take_back(a, b))
+    call()
 }
 
 /// `munmap(2)`, taking registered memory back first.
@@ -430,10 +437,7 @@ fn before_change(a: usize, len: usize) -> c_int {
 /// As `munmap(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
-    if before_change(addr as usize, len) != 0 {
-        return -1;
-    }
-    raw(libc::SYS_munmap, [addr as usize, len, 0, 0, 0, 0]) as c_int
+    changing(&[(addr as usize, len)], || raw(libc::SYS_munmap, [addr as usize, len, 0, 0, 0, 0])) as c_int
 }
 
 /// `mprotect(2)`, taking registered memory back first.
@@ -442,10 +446,7 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
 /// As `mprotect(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: usize, prot: c_int) -> c_int {
-    if before_change(addr as usize, len) != 0 {
-        return -1;
-    }
-    raw(libc::SYS_mprotect, [addr as usize, len, prot as usize, 0, 0, 0]) as c_int
+    changing(&[(addr as usize, len)], || raw(libc::SYS_mprotect, [addr as usize, len, prot as usize, 0, 0, 0])) as c_int
 }
 
 /// `mremap(2)`, taking registered memory back first. The C prototype is
@@ -463,15 +464,11 @@ pub unsafe extern "C" fn mremap(
     flags: c_int,
     new_addr: *mut c_void,
 ) -> *mut c_void {
-    if before_change(old as usize, old_len) != 0 {
-        return libc::MAP_FAILED;
-    }
     let fixed = flags & libc::MREMAP_FIXED != 0;
-    if fixed && before_change(new_addr as usize, new_len) != 0 {
-        return libc::MAP_FAILED;
-    }
     let to = if fixed { new_addr as usize } else { 0 };
-    raw(libc::SYS_mremap, [old as usize, old_len, new_len, flags as usize, to, 0]) as *mut c_void
+    let ranges = [(old as usize, old_len), (to, if fixed { new_len } else { 0 })];
+    // -1 on failure: MAP_FAILED.
+    changing(&ranges, || raw(libc::SYS_mremap, [old as usize, old_len, new_len, flags as usize, to, 0])) as *mut c_void
 }
 
 /// `mmap(2)`, taking registered memory back first when `MAP_FIXED`
@@ -488,11 +485,14 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     offset: libc::off_t,
 ) -> *mut c_void {
-    if flags & libc::MAP_FIXED != 0 && before_change(addr as usize, len) != 0 {
-        return libc::MAP_FAILED;
+    let call =
+        || raw(libc::SYS_mmap, [addr as usize, len, prot as usize, flags as usize, fd as usize, offset as usize]);
+    // A mapping at a free address touches nothing registered. -1 on failure: MAP_FAILED.
+    if flags & libc::MAP_FIXED != 0 {
+        changing(&[(addr as usize, len)], call) as *mut c_void
+    } else {
+        call() as *mut c_void
     }
-    raw(libc::SYS_mmap, [addr as usize, len, prot as usize, flags as usize, fd as usize, offset as usize])
-        as *mut c_void
 }
 
 // ---------------------------------------------------------------------------
@@ -733,7 +733,11 @@ fn set_merge_any(on: bool) -> Result<(), c_int> {
         engine().ok_or(libc::EAGAIN)?;
         MERGE_ANY.store(true, Ordering::Release);
         // The program's exec'd images inherit merge-any from the
-        // environment, as the kernel's flag survives exec.
+        // environment, as the kernel's flag survives exec. A thread of the
+        // program reading the environment (`getenv`) at this moment races
+        // with it, as with a `setenv` of its own: Rust's lock does not
+        // cover the C library's readers. Accepted: the prctl is made once,
+        // early, by the program itself.
         std::env::set_var(MERGE_ANY_ENV, "1");
         start_sweeper();
         Ok(())

@@ -11,7 +11,7 @@
 //! call fails with. Numbers are little-endian.
 
 pub use crate::sys::seccomp::{
-    install_filter, nr, own_syscall, set_own_tag, tag_args, Listener, Notification, OwnTag, OWN_TAG_ENV,
+    nr, own_syscall, set_own_tag, tag_args, Filter, Listener, Notification, OwnTag, DISCARDING_ADVICE, OWN_TAG_ENV,
 };
 use std::ops::Range;
 

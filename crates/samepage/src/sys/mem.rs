@@ -12,6 +12,10 @@
 //! spelled out; advice that never changes content is safe.
 
 use super::addr::{PageAddr, PageRange};
+// `own`: a mapping change of the engine's own. Under `samepage run`'s
+// seccomp filter it carries the run's tag and is not stopped (see
+// `super::seccomp`); elsewhere it is the plain system call.
+use super::seccomp::own_syscall as own;
 use super::{Op, SysError};
 use crate::PAGE_SIZE;
 use rustix::fd::AsRawFd;
@@ -100,17 +104,6 @@ fn own_remove(a: usize, b: usize) {
     while let Some(s) = own.range(first..b).next().map(|(s, _)| *s) {
         own.remove(&s);
     }
-}
-
-/// A mapping change of the engine's own: under `samepage run`'s seccomp
-/// filter it carries the run's tag and is not stopped (see
-/// [`super::seccomp`]); elsewhere it is the plain system call.
-///
-/// # Safety
-/// As system call `nr` with `args`.
-unsafe fn own(nr: i64, args: [usize; 6]) -> Result<usize, rustix::io::Errno> {
-    // SAFETY: guaranteed by the caller.
-    unsafe { super::seccomp::own_syscall(nr, args) }
 }
 
 /// Starts a thread of the engine, named `name` (`samepage-…`: the

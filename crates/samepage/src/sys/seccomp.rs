@@ -70,7 +70,11 @@ fn arg_low(i: u32) -> u32 {
     16 + 8 * i
 }
 
-const MADV_DONTNEED_LOCKED: u32 = 24;
+/// The `madvise` advice that discards memory (its pages read zeros
+/// afterwards, or may): the filter stops it, and the preload library
+/// discards registered memory through the engine.
+pub const DISCARDING_ADVICE: [i32; 4] =
+    [libc::MADV_DONTNEED, libc::MADV_FREE, libc::MADV_REMOVE, libc::MADV_DONTNEED_LOCKED];
 
 /// The system calls the filter notifies, by number (x86-64).
 pub mod nr {
@@ -244,8 +248,7 @@ fn program(tag: OwnTag) -> Vec<p::sock_filter> {
 
     a.here(madvise);
     a.stmt(LD_W_ABS, arg_low(2));
-    let discards = [libc::MADV_DONTNEED as u32, libc::MADV_FREE as u32, libc::MADV_REMOVE as u32, MADV_DONTNEED_LOCKED];
-    a.jeq_any(&discards, tagged, allow);
+    a.jeq_any(&DISCARDING_ADVICE.map(|m| m as u32), tagged, allow);
 
     // At most five arguments: the tag is the sixth.
     a.here(tagged);
@@ -268,16 +271,38 @@ fn program(tag: OwnTag) -> Vec<p::sock_filter> {
     a.finish()
 }
 
-/// Installs the filter on the calling thread (and so on everything it
-/// `exec`s and forks afterwards), letting calls tagged with `tag` through,
-/// and returns the listener.
-///
-/// Without `CAP_SYS_ADMIN` the kernel requires `no_new_privs`, which is set
-/// then (a set-user-ID program run afterwards gets no new privileges).
-/// Call it in the child about to `exec` the program, single-threaded.
-pub fn install_filter(tag: OwnTag) -> Result<OwnedFd, SysError> {
-    let mut filter = program(tag);
-    let prog = p::sock_fprog { len: filter.len() as u16, filter: filter.as_mut_ptr() };
+/// The supervisor's filter, letting calls tagged with one [`OwnTag`]
+/// through: built beforehand ([`Filter::new`] allocates), installed in the
+/// child about to `exec` the program ([`Filter::install`] does not: after
+/// `fork()` in a process with other threads, only async-signal-safe work
+/// is allowed, and `malloc` is not).
+#[derive(Debug, Clone)]
+pub struct Filter {
+    program: Vec<p::sock_filter>,
+}
+
+impl Filter {
+    /// The filter letting calls tagged with `tag` through.
+    pub fn new(tag: OwnTag) -> Filter {
+        Filter { program: program(tag) }
+    }
+
+    /// Installs the filter on the calling thread (and so on everything it
+    /// `exec`s and forks afterwards) and returns the listener. Allocates
+    /// nothing.
+    ///
+    /// Without `CAP_SYS_ADMIN` the kernel requires `no_new_privs`, which is
+    /// set then (a set-user-ID program run afterwards gets no new
+    /// privileges).
+    pub fn install(&self) -> Result<OwnedFd, SysError> {
+        install(&self.program)
+    }
+}
+
+fn install(filter: &[p::sock_filter]) -> Result<OwnedFd, SysError> {
+    // The kernel only reads the instructions (`struct sock_fprog` names
+    // them through a non-const pointer).
+    let prog = p::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
     let flags = p::SECCOMP_FILTER_FLAG_NEW_LISTENER as usize;
     let call = |prog: &p::sock_fprog| {
         // SAFETY: seccomp(SECCOMP_SET_MODE_FILTER, flags, &prog): `prog`
@@ -327,16 +352,16 @@ type Send<'a> = ioctl::Updater<'a, { opcode::read_write::<p::seccomp_notif_resp>
 type SetFlags = ioctl::Setter<{ opcode::write::<u64>(b'!', 4) }, u64>;
 
 impl Listener {
-    /// Wraps the fd [`install_filter`] returned (possibly received from
+    /// Wraps the fd [`Filter::install`] returned (possibly received from
     /// another process). Asks for synchronous wake-ups
     /// (`SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`, 6.6+: the answered thread runs
     /// on the listener's CPU, saving a migration); older kernels go without.
     pub fn new(fd: OwnedFd) -> Listener {
-        // SAFETY: SECCOMP_IOCTL_NOTIF_SET_FLAGS takes a u64 by pointer; the
-        // Setter holds the value for the call.
-        // SAFETY: the opcode is right for a u64 argument (above).
+        // SAFETY: the opcode is SECCOMP_IOCTL_NOTIF_SET_FLAGS, which takes a
+        // u64 by pointer: right for the Setter's u64.
         let req = unsafe { SetFlags::new(1) };
-        // SAFETY: as above; the request owns its value for the call.
+        // SAFETY: an ioctl on the listener fd; the request owns its value
+        // for the call.
         let _ = unsafe { ioctl::ioctl(&fd, req) };
         Listener { fd }
     }
@@ -406,7 +431,7 @@ mod tests {
         let tag = OwnTag::random();
         let (tx, rx) = std::sync::mpsc::channel();
         let filtered = std::thread::spawn(move || {
-            let listener = install_filter(tag).expect("seccomp filter");
+            let listener = Filter::new(tag).install().expect("seccomp filter");
             let prot = (libc::PROT_READ | libc::PROT_WRITE) as usize;
             let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as usize;
             // SAFETY: a fresh mapping where the kernel picks.

@@ -964,6 +964,7 @@ impl LinuxPageSpace {
         let page = |k: usize| intents[idx[k]].page.index;
         let addr = |i: u64| base.add_pages(i as usize);
         let span = PageRange::new(addr(page(0)), (page(idx.len() - 1) - page(0) + 1) as usize);
+        let Ok(scratch) = self.scratch_for(keep.contains(Keep::LOCKED)) else { return };
         // While pages are out, a forked child would inherit holes (reading
         // zeros, with no window to wait for): fork() waits for the window.
         let no_fork = super::forkguard::hold();
@@ -973,8 +974,14 @@ impl LinuxPageSpace {
             // program's own (EBUSY), as when a merge-any sweep registered
             // neighbouring mappings as one region. Then the halves on their
             // own, down to single pages; what still fails (or fails for
-            // another reason) stays Failed, nothing changed.
+            // another reason) stays Failed, nothing changed. The region's
+            // attributes are read again before its next merge: a VMA of the
+            // program's own userfaultfd (`um`/`uw`/`ui`) is then left out
+            // (`Exclusion::OtherUserfaultfd`), and is not tried again.
             drop(no_fork);
+            if e.errno == rustix::io::Errno::BUSY {
+                lock(&self.registry).stale.insert(region);
+            }
             if e.errno == rustix::io::Errno::BUSY && idx.len() > 1 {
                 let (low, high) = idx.split_at(idx.len() / 2);
                 self.move_window(region, base, keep, intents, low, results, busy);
@@ -985,7 +992,6 @@ impl LinuxPageSpace {
         let _no_fork = no_fork; // (dropped after the window)
         self.stats.windows += 1;
         let mut window = Window { uffd: &wuffd, range: span, open: true };
-        let Ok(scratch) = self.scratch_for(keep.contains(Keep::LOCKED)) else { return };
 
         // Out: each run of consecutive pages with one UFFDIO_MOVE.
         let mut at: Vec<Option<usize>> = vec![None; idx.len()];
