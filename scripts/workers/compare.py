@@ -11,10 +11,11 @@ Runs scripts/workers/workers.py three times on this machine, as root:
 Each reports the memory of the master and workers once it holds still (Pss,
 with samepage's pool counted in full: scripts/poolmem.py), and whether every
 worker's model stayed byte-exact. Saved = baseline memory - memory after;
-samepage's side also counts the daemon's own Pss (outside the pool), so its
-figure is net.
-CPU: ksmd's thread (utime+stime from /proc) against the daemon's plus the
-samepage threads inside the workers.
+samepage's side also counts, at the same moment, the daemon's and the
+supervisor's (`samepage run --merge-any` stays as the program's parent)
+memory, so its figure is net.
+CPU: ksmd's thread (utime+stime from /proc) against the daemon's, the
+supervisor's and the samepage threads inside the workers.
 
 Every /sys/kernel/mm/ksm setting touched is restored (run 2 then 0).
 Prints a table, then one JSON line.
@@ -117,17 +118,16 @@ def main():
                 break
             time.sleep(0.05)
         d0 = cpu_s(daemon.pid)
-        same = workers(a, ["--at-settle", f"{a.samepage} status --json --socket {sock}"],
+        same = workers(a, ["--count-parent", "--count-pid", str(daemon.pid), "--at-settle", f"{a.samepage} status --json --socket {sock}"],
                        prefix=[a.samepage, "run", "--merge-any", "--socket", sock, "--"])
         same["daemon_cpu_s"] = round(cpu_s(daemon.pid) - d0, 2)
-        pss, shmem = poolmem.rollup_kib(daemon.pid)
-        same["daemon_pss_mib"] = round((pss - shmem) / 1024, 1)
+        same["daemon_pss_mib"] = same["counted_pss_after_mib"][str(daemon.pid)]
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
 
     saved_k = base["memory_after_mib"] - kern["memory_after_mib"]
-    saved_s = base["memory_after_mib"] - same["memory_after_mib"] - same["daemon_pss_mib"]
+    saved_s = base["memory_after_mib"] - same["memory_after_mib"]
     cpu_k = kern["merger_cpu_s"]
     cpu_s_ = same["merger_cpu_s"] + same["daemon_cpu_s"]
     print(f"{a.workers} prefork Python workers, {a.mib} MiB model each, pages_to_scan {a.pages_to_scan}, "

@@ -14,6 +14,10 @@ among all of them) until it holds still (or --seconds pass), and prints one
 JSON line: memory before/after, time to settle, and whether every worker's
 model stayed byte-exact. Memory is Pss with samepage's pool counted in full
 (scripts/poolmem.py: merged pages not touched since are in no Pss).
+With --count-parent, the parent process (the supervisor of `samepage run
+--merge-any`, which lives as long as the program) is counted too: its memory
+with the others', and all its CPU with the merger's; --count-pid PID counts
+another process's memory (the samepage daemon's) with theirs.
 """
 import argparse, ctypes, hashlib, json, os, signal, sys, time
 
@@ -57,6 +61,17 @@ def merger_cpu_s(pid):
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_s(pid):
+    """CPU seconds of the whole process `pid` (every thread)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return 0.0
+    fields = st[st.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def worker(mib, ready_w, stop_r, result_w):
     m = model(mib)
     want = hashlib.sha256(m).hexdigest()
@@ -90,6 +105,10 @@ def main():
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--prctl", action="store_true")
+    ap.add_argument("--count-parent", action="store_true",
+                    help="count the parent process (samepage run's supervisor) in the memory and merger CPU")
+    ap.add_argument("--count-pid", type=int, action="append", default=[],
+                    help="count this process's memory too (e.g. the samepage daemon's)")
     ap.add_argument("--at-settle", metavar="CMD",
                     help="a shell command run once the workers' Pss settled (or at the end), with "
                          "$WORKER_PIDS set (the master's and the workers'); its output (JSON) is reported "
@@ -114,12 +133,14 @@ def main():
         os.read(ready_r, 1)
     t0 = time.monotonic()
     everyone = [os.getpid()] + pids
-    before = poolmem.memory_kib(everyone)[0]
+    parent = [os.getppid()] if a.count_parent else []
+    measured = everyone + parent + a.count_pid
+    before = poolmem.memory_kib(measured)[0]
     last, still, settled = before, 0, None
     samples = []
     while time.monotonic() - t0 < a.seconds:
         time.sleep(0.5)
-        now = poolmem.memory_kib(everyone)[0]
+        now = poolmem.memory_kib(measured)[0]
         samples.append([round(time.monotonic() - t0, 1), now])
         # Settled: 5 s without a change of more than 256 KiB, after at least
         # a tenth of the memory was freed (until then merging may not have
@@ -132,7 +153,9 @@ def main():
         else:
             still = 0
         last = now
-    after, pss_after, pool_pss_after, pools_after = poolmem.memory_kib(everyone)
+    after, pss_after, pool_pss_after, pools_after = poolmem.memory_kib(measured)
+    parent_pss_after = sum(poolmem.rollup_kib(p)[0] for p in parent)
+    counted_pss_after = {p: poolmem.rollup_kib(p)[0] for p in a.count_pid}
     at_settle = None
     if a.at_settle:
         import subprocess
@@ -143,7 +166,7 @@ def main():
             at_settle = json.loads(out.stdout)
         except ValueError:
             at_settle = {"error": out.stdout[-500:] + out.stderr[-500:]}
-    cpu = sum(merger_cpu_s(p) for p in everyone)
+    cpu = sum(merger_cpu_s(p) for p in everyone) + sum(process_cpu_s(p) for p in parent)
     # A few more rounds on merged memory, then stop.
     time.sleep(1.0)
     out = []
@@ -158,6 +181,8 @@ def main():
         "memory_before_mib": round(before / 1024, 1), "memory_after_mib": round(after / 1024, 1),
         "pss_after_mib": round(pss_after / 1024, 1), "pool_pss_after_mib": round(pool_pss_after / 1024, 1),
         "pools_after_mib": round(pools_after / 1024, 1),
+        "parent_pss_after_mib": round(parent_pss_after / 1024, 1) if parent else None,
+        "counted_pss_after_mib": {str(p): round(k / 1024, 1) for p, k in counted_pss_after.items()},
         "freed_mib": round((before - after) / 1024, 1),
         "settled_s": None if settled is None else round(settled, 1),
         "merger_cpu_s": round(cpu, 2),

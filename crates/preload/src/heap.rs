@@ -53,12 +53,142 @@ impl OomHandler for MapMore {
     }
 }
 
-/// The allocator of every Rust allocation in the library.
-#[global_allocator]
+/// The arenas' allocator (locked across `fork` by the library's atfork
+/// handlers).
 pub static HEAP: Talck<spin::Mutex<()>, MapMore> = Talc::new(MapMore).lock();
+
+/// A freed block at least this large gives its whole pages back to the
+/// kernel ([`Releasing`]).
+const RELEASE_MIN: usize = 64 << 10;
+
+/// The allocator of every Rust allocation in the library: [`HEAP`], giving
+/// freed memory back.
+///
+/// `talc` keeps what is freed for the next allocation, and never returns it
+/// to the kernel: an arena's pages, once written, stay in the process's
+/// memory. Most of what the engine allocates large lives for one batch
+/// (candidates, their checksums, replies: 100-280 KiB each at
+/// `pages_to_scan` 4000), so a process kept its busiest batch's peak in
+/// memory for good. Measured in three prefork Python workers
+/// (`scripts/workers/compare.py --workers 3 --mib 16`): 293-388 pages of
+/// each worker's arena present, against 0.7-1.0 MB allocated. That is memory
+/// merging was meant to save, in every process: so a freed block of
+/// [`RELEASE_MIN`] or more has its whole pages discarded (`MADV_DONTNEED`)
+/// before `talc` takes it back. `talc` keeps its bookkeeping of a free block
+/// at its two ends (a list node and the size at the bottom, the size again
+/// at the top), never inside, so the pages strictly inside stay untouched
+/// until the block is allocated again; they then read zeros, which an
+/// allocation may hold.
+pub struct Releasing;
+
+/// The first and past-the-last page addresses strictly inside the block
+/// `[ptr, ptr + size)`, keeping `talc`'s bottom bookkeeping out (a list node
+/// and a size: three words, rounded up to 64 bytes).
+fn whole_pages(ptr: usize, size: usize) -> (usize, usize) {
+    const PAGE: usize = 4096;
+    ((ptr + 64).next_multiple_of(PAGE), (ptr + size) / PAGE * PAGE)
+}
+
+// SAFETY: every call goes to `HEAP`, a `GlobalAlloc`, with the caller's
+// arguments; `dealloc` first discards pages of the block being freed, which
+// the caller gives up and nothing else uses yet.
+unsafe impl std::alloc::GlobalAlloc for Releasing {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { HEAP.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.size() >= RELEASE_MIN {
+            let (start, end) = whole_pages(ptr as usize, layout.size());
+            if start < end {
+                // SAFETY: pages inside the block being freed, in an arena of
+                // this heap (private anonymous memory no engine registers):
+                // nobody reads them again before `talc` hands them out anew,
+                // and `talc` keeps nothing there (see `Releasing`). Tagged as
+                // the engine's own call, so a supervisor lets it through.
+                // A failure only leaves the pages in memory.
+                let _ = unsafe {
+                    samepage::supervise::own_syscall(
+                        libc::SYS_madvise,
+                        [start, end - start, libc::MADV_DONTNEED as usize, 0, 0, 0],
+                    )
+                };
+            }
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { HEAP.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.size() < RELEASE_MIN {
+            // SAFETY: the caller's contract, passed on.
+            return unsafe { HEAP.realloc(ptr, layout, new_size) };
+        }
+        // A large block moves through `dealloc`, which gives its pages back
+        // (`talc`'s own move would keep them).
+        // SAFETY: the layout the caller's block had, with the new size,
+        // which the caller guarantees does not overflow when rounded.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: as `alloc`.
+        let new = unsafe { self.alloc(new_layout) };
+        if !new.is_null() {
+            // SAFETY: two distinct live blocks, each at least as long as the
+            // bytes copied; then the old block is freed with its layout.
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+            }
+            // SAFETY: the caller's block, with its layout, no longer used.
+            unsafe { self.dealloc(ptr, layout) };
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static RELEASING: Releasing = Releasing;
 
 /// The arenas, as `(start, end)`.
 pub fn chunks() -> Vec<(usize, usize)> {
     let n = COUNT.load(Ordering::Acquire);
     (0..n).map(|i| (STARTS[i].load(Ordering::Relaxed), ENDS[i].load(Ordering::Relaxed))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_pages;
+
+    #[test]
+    fn only_pages_strictly_inside_a_block_are_given_back() {
+        assert_eq!(whole_pages(0x10000, 0x10000), (0x11000, 0x20000));
+        assert_eq!(whole_pages(0x10fc0, 0x10000), (0x11000, 0x20000));
+        assert_eq!(whole_pages(0x10fc1, 0x10000), (0x12000, 0x20000));
+        assert_eq!(whole_pages(0x10010, 0x1ff0), (0x11000, 0x12000));
+        let (s, e) = whole_pages(0x10010, 0xff0);
+        assert!(s >= e, "no whole page inside: {s:#x}..{e:#x}");
+    }
+
+    /// Pages of `[addr, addr + pages * 4096)` present in this process's
+    /// memory, from `/proc/self/pagemap` (bit 63), read into `buf`.
+    fn present(f: &mut std::fs::File, addr: usize, buf: &mut [u8]) -> usize {
+        use std::io::{Read, Seek, SeekFrom};
+        f.seek(SeekFrom::Start((addr / 4096 * 8) as u64)).unwrap();
+        f.read_exact(buf).unwrap();
+        buf.chunks_exact(8).filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) >> 63 == 1).count()
+    }
+
+    #[test]
+    fn a_large_block_freed_leaves_the_process_memory() {
+        const PAGES: usize = 256;
+        let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let mut buf = vec![0u8; PAGES * 8];
+        let block = vec![1u8; PAGES * 4096];
+        let addr = block.as_ptr() as usize;
+        assert_eq!(present(&mut f, addr, &mut buf), PAGES, "written pages are present");
+        drop(block);
+        // The first page keeps talc's bookkeeping; other tests' threads may
+        // allocate a little of the block again meanwhile.
+        let left = present(&mut f, addr, &mut buf);
+        assert!(left <= 8, "{left} of {PAGES} pages still present after the block was freed");
+    }
 }
