@@ -73,3 +73,20 @@ def memory_kib(pids):
         shmem += s
     pools = pools_kib(pids)
     return pss - shmem + pools, pss, shmem, pools
+
+
+def library_pss_kib(pids, name="libsamepage_preload.so"):
+    """Pss (KiB) of the mappings of the file `name` (samepage's preload
+    library, loaded into every process `samepage run` starts) in these
+    processes, from /proc/PID/smaps. Processes with few mappings only (see
+    memory_kib on reading smaps while mappings change)."""
+    total = 0
+    for pid in pids:
+        inside = False
+        for line in _read(f"/proc/{pid}/smaps").splitlines():
+            head = line.split(None, 5)
+            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                inside = len(head) == 6 and head[5].strip().endswith(name)
+            elif inside and line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total

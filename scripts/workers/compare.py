@@ -13,7 +13,10 @@ with samepage's pool counted in full: scripts/poolmem.py), and whether every
 worker's model stayed byte-exact. Saved = baseline memory - memory after;
 samepage's side also counts, at the same moment, the daemon's and the
 supervisor's (`samepage run --merge-any` stays as the program's parent)
-memory, so its figure is net.
+memory, so its figure is net. Beside it: samepage's own memory (daemon,
+supervisor, and the engines in the processes: their heaps as `samepage
+status` reports their memory_bytes, and the preload library's code) and what merging itself freed (net saving + own memory),
+which is what `samepage estimate` predicts.
 CPU: ksmd's thread (utime+stime from /proc) against the daemon's, the
 supervisor's and the samepage threads inside the workers.
 
@@ -128,6 +131,18 @@ def main():
 
     saved_k = base["memory_after_mib"] - kern["memory_after_mib"]
     saved_s = base["memory_after_mib"] - same["memory_after_mib"]
+    # samepage's own memory, counted in saved_s: the daemon, the supervisor,
+    # and the engines inside the processes (each reports its heap's resident
+    # pages: `samepage status`'s memory_bytes; plus the preload library's
+    # own pages, its code). What merging itself freed is the net saving plus
+    # that.
+    try:
+        engines = sum(p["memory_bytes"] for part in same["at_settle"]["partitions"] for p in part["processes"]) / 2**20
+        engines += same["preload_library_pss_after_mib"]
+    except (KeyError, TypeError):
+        engines = None
+    own = None if engines is None else same["daemon_pss_mib"] + (same["parent_pss_after_mib"] or 0) + engines
+    merged_s = None if own is None else saved_s + own
     cpu_k = kern["merger_cpu_s"]
     cpu_s_ = same["merger_cpu_s"] + same["daemon_cpu_s"]
     print(f"{a.workers} prefork Python workers, {a.mib} MiB model each, pages_to_scan {a.pages_to_scan}, "
@@ -151,6 +166,10 @@ def main():
         for name, got in [("ksmd", saved_k), ("samepage", saved_s)]:
             print(f"samepage estimate said {est_mib:.1f} MiB freed; {name} freed {got:.1f} MiB "
                   f"({(got - est_mib) / est_mib * 100:+.1f}%)")
+    if est_mib and merged_s is not None:
+        print(f"samepage's merging freed {merged_s:.1f} MiB ({(merged_s - est_mib) / est_mib * 100:+.1f}% of the "
+              f"estimate); samepage's own memory {own:.1f} MiB (daemon {same['daemon_pss_mib']:.1f}, supervisor "
+              f"{same['parent_pss_after_mib'] or 0:.1f}, engines in the processes {engines:.1f})")
     k_sh = sharing(kern, lambda x: x["pages_sharing"])
     s_sh = sharing(same, lambda x: sum(p["pages_sharing"] for p in x["partitions"]))
     if est:
@@ -164,6 +183,9 @@ def main():
         r.pop("samples", None)
     print(json.dumps({"baseline": base, "ksmd": kern, "samepage": same, "saved_mib_ksmd": round(saved_k, 1),
                       "saved_mib_samepage": round(saved_s, 1),
+                      "samepage_own_mib": None if own is None else round(own, 1),
+                      "engines_mib": None if engines is None else round(engines, 1),
+                      "merging_freed_mib_samepage": None if merged_s is None else round(merged_s, 1),
                       "pages_sharing": {"estimate": est, "ksmd": k_sh, "samepage": s_sh},
                       "estimate_saved_mib": None if est_mib is None else round(est_mib, 1),
                       "ratio": None if ratio is None else round(ratio, 3)}))

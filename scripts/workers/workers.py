@@ -156,6 +156,7 @@ def main():
     after, pss_after, pool_pss_after, pools_after = poolmem.memory_kib(measured)
     parent_pss_after = sum(poolmem.rollup_kib(p)[0] for p in parent)
     counted_pss_after = {p: poolmem.rollup_kib(p)[0] for p in a.count_pid}
+    library_pss_after = poolmem.library_pss_kib(everyone)
     at_settle = None
     if a.at_settle:
         import subprocess
@@ -183,6 +184,7 @@ def main():
         "pools_after_mib": round(pools_after / 1024, 1),
         "parent_pss_after_mib": round(parent_pss_after / 1024, 1) if parent else None,
         "counted_pss_after_mib": {str(p): round(k / 1024, 1) for p, k in counted_pss_after.items()},
+        "preload_library_pss_after_mib": round(library_pss_after / 1024, 1),
         "freed_mib": round((before - after) / 1024, 1),
         "settled_s": None if settled is None else round(settled, 1),
         "merger_cpu_s": round(cpu, 2),

@@ -202,6 +202,7 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                         "ksm_mergeable": r.ksm_mergeable,
                         "cpu_seconds": r.cpu_ns as f64 / 1e9,
                         "full_scans": r.full_scans,
+                        "memory_bytes": r.memory_bytes,
                     })).collect::<Vec<_>>(),
                 });
                 for (name, value) in shown(&c) {
@@ -232,7 +233,7 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
         );
         for r in &p.processes {
             println!(
-                "  pid {}: ksm_rmap_items {} ksm_zero_pages {} ksm_merging_pages {} ksm_process_profit {} ksm_mergeable {} full_scans {}, scanner CPU {:.2} s",
+                "  pid {}: ksm_rmap_items {} ksm_zero_pages {} ksm_merging_pages {} ksm_process_profit {} ksm_mergeable {} full_scans {}, scanner CPU {:.2} s, engine memory {} KiB",
                 r.pid,
                 r.ksm_rmap_items,
                 r.ksm_zero_pages,
@@ -240,7 +241,8 @@ pub fn status(a: StatusArgs) -> Result<ExitCode> {
                 r.ksm_process_profit,
                 r.ksm_mergeable,
                 r.full_scans,
-                r.cpu_ns as f64 / 1e9
+                r.cpu_ns as f64 / 1e9,
+                r.memory_bytes / 1024
             );
         }
     }

@@ -259,7 +259,7 @@ const PARTITION_COUNTERS: [Figure<PartRead>; 4] = [
 ];
 
 /// A process's gauges, from its report.
-const PROCESS_GAUGES: [Figure<ProcessRead>; 4] = [
+const PROCESS_GAUGES: [Figure<ProcessRead>; 5] = [
     ("samepage_process_rmap_items", "rmap items of its pages (ksm_rmap_items)", None, |r| r.ksm_rmap_items),
     ("samepage_process_merging", "Its pages that map a stable page (ksm_merging_pages)", Some(Unit::Bytes), |r| {
         r.ksm_merging_pages * PAGE
@@ -268,6 +268,12 @@ const PROCESS_GAUGES: [Figure<ProcessRead>; 4] = [
         r.ksm_zero_pages * PAGE
     }),
     ("samepage_process_mergeable", "Memory it registered as mergeable", Some(Unit::Bytes), |r| r.ksm_mergeable * PAGE),
+    (
+        "samepage_process_engine_memory",
+        "Memory its samepage engines take in it (the preload library's heap, resident; else their metadata)",
+        Some(Unit::Bytes),
+        |r| r.memory_bytes,
+    ),
 ];
 
 /// CPU seconds of process `pid`'s threads named `samepage-*`, by thread

@@ -13,7 +13,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// The protocol's version; a client of another version is refused.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// The largest frame accepted (a batch of a few hundred thousand ops).
 pub const MAX_FRAME: usize = 64 << 20;
@@ -123,6 +123,9 @@ pub struct ProcessStatus {
     pub ksm_mergeable: u64,
     /// CPU its engine's scanner spent (ns).
     pub cpu_ns: u64,
+    /// Memory its engines take in it (bytes): the preload library's heap,
+    /// resident; else the engine's metadata (`set_own_memory_probe`).
+    pub memory_bytes: u64,
     /// Full scans its engine's scanner completed (`full_scans`).
     pub full_scans: u64,
     /// The last merge ordered through the daemon, once done.

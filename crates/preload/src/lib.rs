@@ -198,6 +198,8 @@ fn engine() -> Option<&'static Engine> {
         // The library's allocations come from its own heap (`heap`):
         // trimming the C library's would only touch the program's memory.
         samepage::set_heap_trim(false);
+        // What the engine costs this process: its heap, as far as resident.
+        samepage::set_own_memory_probe(|| samepage::resident_bytes(&heap::chunks()));
         let t = tunables_from_env().ok()?;
         let socket = std::env::var_os("SAMEPAGE_SOCKET")
             .map(std::path::PathBuf::from)

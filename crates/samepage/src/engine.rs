@@ -104,6 +104,20 @@ pub struct EngineInfo {
 /// how soon it follows the daemon's orders: new tunables, a merge now).
 const REPORT_EVERY: Duration = Duration::from_millis(200);
 
+/// How this process measures the memory its engines take ([`set_own_memory_probe`]).
+static OWN_MEMORY: std::sync::OnceLock<fn() -> u64> = std::sync::OnceLock::new();
+
+/// Sets how this process measures the memory its engines take (bytes), which
+/// each engine reports to the daemon as the process's `memory_bytes`: what
+/// merging costs the process, beside what it saves. The preload library,
+/// whose engine allocates from a heap of its own, counts that heap's
+/// resident pages. Without a probe an engine reports its metadata (rmap
+/// items and pool-slot tables), which lives among the program's own
+/// allocations. The first probe set stays.
+pub fn set_own_memory_probe(probe: fn() -> u64) {
+    let _ = OWN_MEMORY.set(probe);
+}
+
 /// How often an engine whose daemon went away tries its socket again.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
@@ -886,6 +900,7 @@ impl Shared {
                     full_scans: snap.counters.full_scans,
                     ksm_mergeable: st.regions.values().map(|(start, end)| ((end - start) / PAGE_SIZE) as u64).sum(),
                     merged_now: d.merged_now.get(),
+                    memory_bytes: OWN_MEMORY.get().map_or(snap.counters.metadata_bytes, |probe| probe()),
                     counters: Some(Box::new(snap.counters.clone())),
                     ..Default::default()
                 };

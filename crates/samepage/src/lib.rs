@@ -32,13 +32,15 @@ mod sys;
 #[allow(unsafe_code, reason = "typed entry points into `sys` whose contracts are the caller's")]
 pub mod testing;
 
-pub use engine::{Advice, DaemonLinkStatus, Engine, EngineInfo, Merged, MAX_REGIONS};
+pub use engine::{set_own_memory_probe, Advice, DaemonLinkStatus, Engine, EngineInfo, Merged, MAX_REGIONS};
 pub use error::Error;
 pub use region::Region;
 pub use samepage_core as core;
 pub use samepage_core::{Counters, Discard, Domain, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
 pub use sys::mapping::OutOfBounds;
-pub use sys::mem::{engine_mappings, maps_in, set_heap_trim, spawn_engine_thread, EngineMappingsHold, MapsLine};
+pub use sys::mem::{
+    engine_mappings, maps_in, resident_bytes, set_heap_trim, spawn_engine_thread, EngineMappingsHold, MapsLine,
+};
 pub use sys::space::SpaceStats;
 pub use sys::uffd::UffdMode;
 pub use sys::{SysError, HUGE_PAGE_SIZE};

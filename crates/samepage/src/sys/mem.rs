@@ -426,6 +426,29 @@ pub fn resident(range: PageRange) -> Result<bool, SysError> {
     Ok(vec.iter().all(|b| b & 1 == 1))
 }
 
+/// Bytes of `[start, end)` ranges resident in this process's memory
+/// (`mincore`, page by page; the ranges page-aligned and mapped). A range
+/// `mincore` refuses counts nothing.
+pub fn resident_bytes(ranges: &[(usize, usize)]) -> u64 {
+    let mut total = 0;
+    let mut vec = Vec::new();
+    for &(start, end) in ranges {
+        if start % PAGE_SIZE != 0 || end <= start {
+            continue;
+        }
+        let pages = (end - start).div_ceil(PAGE_SIZE);
+        vec.clear();
+        vec.resize(pages, 0u8);
+        // SAFETY: mincore only writes one byte per page of the range into
+        // `vec`, which has one per page; it reads no memory of the range.
+        let r = unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
+        if r == 0 {
+            total += vec.iter().filter(|b| *b & 1 == 1).count() as u64 * PAGE_SIZE as u64;
+        }
+    }
+    total
+}
+
 /// Whether [`trim_heap`] calls `malloc_trim` (see [`set_heap_trim`]).
 static TRIM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
