@@ -400,8 +400,17 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let mut region_steps = self.regions.len() + 1;
         while budget > 0 && region_steps > 0 {
             let (region, start) = self.cursor_or_new_scan(now_ms);
-            let (walk_end, sampled) = self.scan_chunk(space, region, (start, u64::MAX), budget, &mut report);
-            budget = budget.saturating_sub(sampled);
+            // `pages_to_scan` counts every present page the scan passes, a
+            // merged one included, as the kernel's `ksm_do_scan` does: a
+            // page still mapping its stable page costs no read here, but the
+            // page-table walk over it is work, and without counting it a
+            // batch over merged memory walked the whole space (every batch a
+            // full scan: 50 walks a second of each process at
+            // `sleep_millisecs` 20). So a chunk walks at most `budget` pages
+            // of address space.
+            let walk_to = start.saturating_add(budget as u64);
+            let (walk_end, walked) = self.scan_chunk(space, region, (start, walk_to), budget, &mut report);
+            budget = budget.saturating_sub(walked);
             if self.batch.len() >= SAMPLE_CHUNK {
                 self.flush(space, &mut report);
             }
@@ -503,7 +512,8 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
 
     /// One chunk of the walk: samples from `start` (up to `end`), forgets
     /// the pages found absent, visits the rest. Returns where the walk
-    /// stopped and how many pages were sampled.
+    /// stopped and how many present pages it passed: those sampled, and the
+    /// merged ones still mapping their stable page (never sampled).
     fn scan_chunk(
         &mut self,
         space: &mut impl PageSpace,
@@ -514,11 +524,11 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     ) -> (u64, usize) {
         let mut samples = std::mem::take(&mut self.samples);
         let walk_end = self.next_chunk(space, region, (start, end), budget, &mut samples);
-        self.forget_absent(region, start, walk_end, &samples);
+        let merged = self.forget_absent(region, start, walk_end, &samples);
         report.pages_scanned += self.visit_chunk(space, region, &samples);
-        let sampled = samples.len();
+        let walked = samples.len() + merged;
         self.samples = samples;
-        (walk_end, sampled)
+        (walk_end, walked)
     }
 
     /// Visits a chunk's samples: runs of small pages, and each huge page as
@@ -707,15 +717,21 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
     /// too and still merged, and so is a zero page the engine placed; any
     /// other rmap item for an absent page is dropped (the kernel frees rmap
     /// items of addresses that lost their page as its cursor passes them).
-    fn forget_absent(&mut self, region: RegionId, start: u64, end: u64, samples: &[Sample]) {
+    /// Returns how many merged pages still mapping their stable page the
+    /// range holds (not sampled: they cost no read).
+    fn forget_absent(&mut self, region: RegionId, start: u64, end: u64, samples: &[Sample]) -> usize {
         let mut present = samples.iter().map(|s| s.index).peekable();
         let mut gone = Vec::new();
+        let mut merged = 0;
         for (index, item) in self.regions.linked_in(region, start..end) {
             while present.peek().is_some_and(|&p| p < index) {
                 present.next();
             }
             if present.peek() == Some(&index) {
                 continue;
+            }
+            if matches!(item.link(), Link::Stable(_)) {
+                merged += 1;
             }
             if matches!(item.link(), Link::Seen | Link::Unstable) {
                 gone.push(index);
@@ -724,6 +740,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         for index in gone {
             self.regions.relink(PageRef { region, index }, RmapItem::default());
         }
+        merged
     }
 
     /// End of a full scan: the next batch starts over, which throws the

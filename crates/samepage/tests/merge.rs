@@ -206,3 +206,47 @@ fn merge_now_merges_the_range_asked_for_at_once() {
     let bad = engine.merge_now((base + 1) as *mut u8, PAGE).unwrap_err();
     assert_eq!(bad.errno(), Some(22), "{bad}");
 }
+
+/// `pages_to_scan` counts the merged pages a batch passes, as the kernel's
+/// `ksm_do_scan` counts every page it visits: with 4096 pages merged and
+/// `pages_to_scan` 256, a full scan takes 16 batches. (A page still mapping
+/// its stable page is never read, but it used to cost nothing against the
+/// budget either, so every batch over merged memory walked all of it: a full
+/// scan per batch, 50 a second at `sleep_millisecs` 20.)
+#[test]
+fn pages_to_scan_counts_merged_pages_as_the_kernel_does() {
+    let _g = serial();
+    let engine = Engine::new(fast(256, false)).unwrap();
+    let region = engine.alloc_region(4096 * PAGE).unwrap();
+    engine.set_run(Run::Stop).unwrap();
+    for i in 0..4096 {
+        region.write(i * PAGE, &content((i % 16) as u64)).unwrap();
+    }
+    engine.set_run(Run::Merge).unwrap();
+    let c = converge(&engine, 2);
+    assert_eq!(c.pages_shared + c.pages_sharing, 4096, "{c:?}");
+    let mut t = engine.tunables().unwrap();
+    t.pages_to_scan = 256;
+    t.sleep_millisecs = 1;
+    engine.set_tunables(t).unwrap();
+    // From a full scan's start, so that batches and full scans line up.
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "waited a minute for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    let f = engine.counters().unwrap().full_scans;
+    wait("a full scan", &|| engine.counters().unwrap().full_scans > f + 1);
+    let (b0, f0) = (engine.batches(), engine.counters().unwrap().full_scans);
+    wait("160 batches", &|| engine.batches() >= b0 + 160);
+    let (b1, f1) = (engine.batches(), engine.counters().unwrap().full_scans);
+    let (batches, scans) = (b1 - b0, f1 - f0);
+    assert!(
+        scans + 1 >= batches / 16 && scans <= batches / 16 + 1,
+        "{scans} full scans in {batches} batches of 256 pages over 4096 merged pages (16 batches each)"
+    );
+    let c = engine.counters().unwrap();
+    assert_eq!(c.pages_shared + c.pages_sharing, 4096, "still merged: {c:?}");
+}
