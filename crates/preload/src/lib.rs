@@ -702,22 +702,30 @@ fn sweep(e: &Engine) {
     }
 }
 
-/// Starts the sweeper of this process (once per process).
+/// Starts the sweeper of this process (once per process) on a thread of
+/// its own.
 fn start_sweeper() {
-    let me = pid();
-    if SWEEPER.swap(me, Ordering::AcqRel) == me {
-        return;
+    if claim_sweeper() {
+        let _ = samepage::spawn_engine_thread("samepage-sweep", sweep_loop);
     }
-    let _ = samepage::spawn_engine_thread("samepage-sweep", move || {
-        INSIDE.with(|i| i.set(true));
-        while pid() == me && MERGE_ANY.load(Ordering::Acquire) {
-            if let Some(e) = engine() {
-                sweep(e);
-            }
-            std::thread::sleep(SWEEP);
+}
+
+/// Whether the calling thread may become this process's sweeper (none runs).
+fn claim_sweeper() -> bool {
+    SWEEPER.swap(pid(), Ordering::AcqRel) != pid()
+}
+
+/// The sweeper: a sweep every [`SWEEP`] while merge-any lasts.
+fn sweep_loop() {
+    let me = pid();
+    INSIDE.with(|i| i.set(true));
+    while pid() == me && MERGE_ANY.load(Ordering::Acquire) {
+        if let Some(e) = engine() {
+            sweep(e);
         }
-        let _ = SWEEPER.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
-    });
+        std::thread::sleep(SWEEP);
+    }
+    let _ = SWEEPER.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
 }
 
 fn set_merge_any(on: bool) -> Result<(), c_int> {
@@ -856,8 +864,18 @@ fn start_in_background(delay: Duration, ranges: Vec<(usize, usize)>) {
                 let _ = register_parts(e, &parts);
             }
         }
-        if MERGE_ANY.load(Ordering::Acquire) {
-            start_sweeper();
+        // The starting thread stays on as the sweeper rather than ending:
+        // a thread that ends frees what the C library allocated for it
+        // (its TLS vector, allocated by the thread that made it: the
+        // program's, in the main malloc arena) at a moment of its own, which
+        // reorders the program's free lists. Measured: in about one run in
+        // three of scripts/workers/compare.py, one of three forked workers
+        // whose engine's start thread had ended held ~490 heap pages that
+        // differed from the other workers' in 6 bytes each (free-list links
+        // in the model's freed chunks), so they could never merge; under
+        // ksmd the three heaps are identical.
+        if MERGE_ANY.load(Ordering::Acquire) && claim_sweeper() {
+            sweep_loop();
         }
     });
 }
