@@ -398,6 +398,8 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let mut budget = self.tunables.pages_to_scan.max(1) as usize;
         // Bound the empty-region walking of one batch: a full pass at most.
         let mut region_steps = self.regions.len() + 1;
+        // Pages of address space the next chunk may walk (see below).
+        let mut span = budget as u64;
         while budget > 0 && region_steps > 0 {
             let (region, start) = self.cursor_or_new_scan(now_ms);
             // `pages_to_scan` counts every present page the scan passes, a
@@ -406,11 +408,14 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             // page-table walk over it is work, and without counting it a
             // batch over merged memory walked the whole space (every batch a
             // full scan: 50 walks a second of each process at
-            // `sleep_millisecs` 20). So a chunk walks at most `budget` pages
-            // of address space.
-            let walk_to = start.saturating_add(budget as u64);
+            // `sleep_millisecs` 20). So a chunk walks at most `span` pages of
+            // address space: the budget left, doubled after each chunk that
+            // found nothing present, so that a large hole (a guest's RAM not
+            // touched yet) costs a few walks, not one per `budget` pages.
+            let walk_to = start.saturating_add(span);
             let (walk_end, walked) = self.scan_chunk(space, region, (start, walk_to), budget, &mut report);
             budget = budget.saturating_sub(walked);
+            span = if walked == 0 { span.saturating_mul(2) } else { budget as u64 };
             if self.batch.len() >= SAMPLE_CHUNK {
                 self.flush(space, &mut report);
             }

@@ -250,3 +250,27 @@ fn pages_to_scan_counts_merged_pages_as_the_kernel_does() {
     let c = engine.counters().unwrap();
     assert_eq!(c.pages_shared + c.pages_sharing, 4096, "still merged: {c:?}");
 }
+
+/// Walking a large hole (a guest's RAM not touched yet) costs a few
+/// page-table walks per full scan: a chunk that finds nothing present doubles
+/// the next one's span, which `pages_to_scan` otherwise bounds.
+#[test]
+fn a_large_hole_costs_a_few_walks_per_full_scan() {
+    let _g = serial();
+    let engine = Engine::new(samepage::Tunables { pages_to_scan: 100, ..fast(256, false) }).unwrap();
+    let region = engine.alloc_region(1 << 30).unwrap();
+    let n = (1 << 30) / PAGE;
+    region.write((n - 2) * PAGE, &content(7)).unwrap();
+    region.write((n - 1) * PAGE, &content(7)).unwrap();
+    let c = converge(&engine, 2);
+    assert_eq!((c.pages_shared, c.pages_sharing), (1, 1), "{c:?}");
+    let (s0, f0) = (engine.space_stats().pagemap_scans, c.full_scans);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while engine.counters().unwrap().full_scans < f0 + 10 {
+        assert!(std::time::Instant::now() < deadline, "10 full scans in a minute");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let (s1, f1) = (engine.space_stats().pagemap_scans, engine.counters().unwrap().full_scans);
+    let walks = (s1 - s0) / (f1 - f0);
+    assert!(walks <= 40, "{walks} page-table walks per full scan of 1 GiB holding 2 pages");
+}
