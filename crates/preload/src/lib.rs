@@ -875,6 +875,9 @@ fn start_in_background(delay: Duration, ranges: Vec<(usize, usize)>) {
         // in the model's freed chunks), so they could never merge; under
         // ksmd the three heaps are identical.
         if MERGE_ANY.load(Ordering::Acquire) && claim_sweeper() {
+            // Named as the sweeper's own thread is (the metrics and the
+            // supervisor know the engine's threads by name).
+            let _ = rustix::thread::set_name(c"samepage-sweep");
             sweep_loop();
         }
     });
