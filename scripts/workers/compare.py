@@ -137,7 +137,10 @@ def main():
     # own pages, its code). What merging itself freed is the net saving plus
     # that.
     try:
-        engines = sum(p["memory_bytes"] for part in same["at_settle"]["partitions"] for p in part["processes"]) / 2**20
+        # The master's and workers' engines only (the processes --at-settle
+        # starts inherit the preload library too).
+        engines = sum(p["memory_bytes"] for part in same["at_settle"]["partitions"] for p in part["processes"]
+                      if p["pid"] in same["pids"]) / 2**20
         engines += same["preload_library_pss_after_mib"]
     except (KeyError, TypeError):
         engines = None

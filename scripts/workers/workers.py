@@ -178,7 +178,7 @@ def main():
     for p in pids:
         os.waitpid(p, 0)
     print(json.dumps({
-        "workers": a.workers, "mib_each": a.mib,
+        "workers": a.workers, "mib_each": a.mib, "pids": everyone,
         "memory_before_mib": round(before / 1024, 1), "memory_after_mib": round(after / 1024, 1),
         "pss_after_mib": round(pss_after / 1024, 1), "pool_pss_after_mib": round(pool_pss_after / 1024, 1),
         "pools_after_mib": round(pools_after / 1024, 1),

@@ -270,7 +270,7 @@ const PROCESS_GAUGES: [Figure<ProcessRead>; 5] = [
     ("samepage_process_mergeable", "Memory it registered as mergeable", Some(Unit::Bytes), |r| r.ksm_mergeable * PAGE),
     (
         "samepage_process_engine_memory",
-        "Memory its samepage engines take in it (the preload library's heap, resident; else their metadata)",
+        "Memory its samepage engines take in it (the preload library's heap pages resident, as RSS counts them; else their metadata)",
         Some(Unit::Bytes),
         |r| r.memory_bytes,
     ),

@@ -39,6 +39,10 @@ use std::ops::Range;
 /// Pages sampled, and merges collected, before they are processed.
 const SAMPLE_CHUNK: usize = 2048;
 
+/// The most address space one chunk of a batch's walk may cover, in
+/// `pages_to_scan`s (see `scan_batch_timed`).
+const MAX_SPAN_BUDGETS: u64 = 256;
+
 /// Slots a [`LocalPool`] made by [`Ksm::new`] holds: 2^28 pages (1 TiB).
 pub const DEFAULT_POOL_SLOTS: u64 = 1 << 28;
 
@@ -409,13 +413,23 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             // batch over merged memory walked the whole space (every batch a
             // full scan: 50 walks a second of each process at
             // `sleep_millisecs` 20). So a chunk walks at most `span` pages of
-            // address space: the budget left, doubled after each chunk that
-            // found nothing present, so that a large hole (a guest's RAM not
-            // touched yet) costs a few walks, not one per `budget` pages.
+            // address space: as much as should hold the budget left at the
+            // density of present pages the last chunk found, doubled after a
+            // chunk that found none, so that a large hole (a guest's RAM not
+            // touched yet) or sparse memory costs a few walks, not one per
+            // `budget` pages; at most `MAX_SPAN_BUDGETS` budgets, which bounds
+            // what one chunk past a hole may walk (and charge) at once.
             let walk_to = start.saturating_add(span);
             let (walk_end, walked) = self.scan_chunk(space, region, (start, walk_to), budget, &mut report);
             budget = budget.saturating_sub(walked);
-            span = if walked == 0 { span.saturating_mul(2) } else { budget as u64 };
+            let cap = (self.tunables.pages_to_scan.max(1) as u64).saturating_mul(MAX_SPAN_BUDGETS);
+            span = if walked == 0 {
+                span.saturating_mul(2)
+            } else {
+                let covered = walk_end.saturating_sub(start).max(1);
+                (covered.saturating_mul(budget as u64) / walked as u64).max(budget as u64)
+            }
+            .clamp(1, cap);
             if self.batch.len() >= SAMPLE_CHUNK {
                 self.flush(space, &mut report);
             }
@@ -424,6 +438,8 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
                 continue;
             }
             region_steps -= 1;
+            // Another region: nothing is known of its density yet.
+            span = budget as u64;
             match self.regions.next_after(region) {
                 Some(next) => self.cursor = Some((next, 0)),
                 None => {

@@ -123,8 +123,10 @@ pub struct ProcessStatus {
     pub ksm_mergeable: u64,
     /// CPU its engine's scanner spent (ns).
     pub cpu_ns: u64,
-    /// Memory its engines take in it (bytes): the preload library's heap,
-    /// resident; else the engine's metadata (`set_own_memory_probe`).
+    /// Memory its engines take in it (bytes): the preload library's heap
+    /// pages resident, as RSS counts them (a page still shared with the
+    /// parent since a fork counts in each process); else the engine's
+    /// metadata (`set_own_memory_probe`).
     pub memory_bytes: u64,
     /// Full scans its engine's scanner completed (`full_scans`).
     pub full_scans: u64,

@@ -44,6 +44,12 @@ impl OomHandler for MapMore {
             )
         }
         .map_err(|_| ())?;
+        // Small pages only: with transparent huge pages `always`, a first
+        // touch would fault in 2 MiB at once, `MADV_DONTNEED` of freed
+        // blocks would only split them, and khugepaged would collapse them
+        // back. A failure leaves the default.
+        // SAFETY: advice on the mapping just made; it changes no content.
+        let _ = unsafe { rustix::mm::madvise(p, size, rustix::mm::Advice::LinuxNoHugepage) };
         STARTS[n].store(p as usize, Ordering::Relaxed);
         ENDS[n].store(p as usize + size, Ordering::Relaxed);
         COUNT.store(n + 1, Ordering::Release);
@@ -102,18 +108,7 @@ unsafe impl std::alloc::GlobalAlloc for Releasing {
         if layout.size() >= RELEASE_MIN {
             let (start, end) = whole_pages(ptr as usize, layout.size());
             if start < end {
-                // SAFETY: pages inside the block being freed, in an arena of
-                // this heap (private anonymous memory no engine registers):
-                // nobody reads them again before `talc` hands them out anew,
-                // and `talc` keeps nothing there (see `Releasing`). Tagged as
-                // the engine's own call, so a supervisor lets it through.
-                // A failure only leaves the pages in memory.
-                let _ = unsafe {
-                    samepage::supervise::own_syscall(
-                        libc::SYS_madvise,
-                        [start, end - start, libc::MADV_DONTNEED as usize, 0, 0, 0],
-                    )
-                };
+                release(start, end);
             }
         }
         // SAFETY: the caller's contract, passed on.
@@ -125,8 +120,26 @@ unsafe impl std::alloc::GlobalAlloc for Releasing {
             // SAFETY: the caller's contract, passed on.
             return unsafe { HEAP.realloc(ptr, layout, new_size) };
         }
-        // A large block moves through `dealloc`, which gives its pages back
-        // (`talc`'s own move would keep them).
+        let Some(nn) = std::ptr::NonNull::new(ptr) else { return std::ptr::null_mut() };
+        if new_size > layout.size() {
+            // SAFETY: the caller's block and layout, growing.
+            if let Ok(grown) = unsafe { HEAP.lock().grow_in_place(nn, layout, new_size) } {
+                return grown.as_ptr();
+            }
+        } else {
+            // Shrinking in place: the whole pages of the tail given up go
+            // back first (past the new end, `talc`'s tag and the bookkeeping
+            // of the gap it leaves, as in `dealloc`).
+            let (start, end) = whole_pages(ptr as usize + new_size + 16, layout.size() - new_size - 16);
+            if layout.size() - new_size >= RELEASE_MIN && start < end {
+                release(start, end);
+            }
+            // SAFETY: the caller's block and layout, shrinking.
+            unsafe { HEAP.lock().shrink(nn, layout, new_size) };
+            return ptr;
+        }
+        // A large block that cannot grow in place moves through `dealloc`,
+        // which gives its pages back (`talc`'s own move would keep them).
         // SAFETY: the layout the caller's block had, with the new size,
         // which the caller guarantees does not overflow when rounded.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
@@ -143,6 +156,19 @@ unsafe impl std::alloc::GlobalAlloc for Releasing {
         }
         new
     }
+}
+
+/// Discards the pages `[start, end)` of a block being given up to `talc`.
+fn release(start: usize, end: usize) {
+    // SAFETY: pages inside a block being freed (or a shrunk block's tail),
+    // in an arena of this heap (private anonymous memory no engine
+    // registers): nobody reads them again before `talc` hands them out anew,
+    // and `talc` keeps nothing there (see `Releasing`). Tagged as the
+    // engine's own call, so a supervisor lets it through. A failure only
+    // leaves the pages in memory.
+    let _ = unsafe {
+        samepage::supervise::own_syscall(libc::SYS_madvise, [start, end - start, libc::MADV_DONTNEED as usize, 0, 0, 0])
+    };
 }
 
 #[global_allocator]
@@ -190,5 +216,21 @@ mod tests {
         // allocate a little of the block again meanwhile.
         let left = present(&mut f, addr, &mut buf);
         assert!(left <= 8, "{left} of {PAGES} pages still present after the block was freed");
+    }
+
+    #[test]
+    fn a_large_block_shrunk_in_place_gives_its_tail_back() {
+        const PAGES: usize = 256;
+        let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let mut buf = vec![0u8; PAGES * 8];
+        let mut block = vec![1u8; PAGES * 4096];
+        let addr = block.as_ptr() as usize;
+        assert_eq!(present(&mut f, addr, &mut buf), PAGES, "written pages are present");
+        block.truncate(4096);
+        block.shrink_to_fit();
+        assert_eq!(block.as_ptr() as usize, addr, "shrunk in place");
+        assert!(block.iter().all(|&b| b == 1), "the kept bytes are intact");
+        let left = present(&mut f, addr, &mut buf);
+        assert!(left <= 8, "{left} of {PAGES} pages still present after the block shrank to one page");
     }
 }

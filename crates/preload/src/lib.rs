@@ -719,13 +719,20 @@ fn claim_sweeper() -> bool {
 fn sweep_loop() {
     let me = pid();
     INSIDE.with(|i| i.set(true));
-    while pid() == me && MERGE_ANY.load(Ordering::Acquire) {
-        if let Some(e) = engine() {
-            sweep(e);
+    loop {
+        while pid() == me && MERGE_ANY.load(Ordering::Acquire) {
+            if let Some(e) = engine() {
+                sweep(e);
+            }
+            std::thread::sleep(SWEEP);
         }
-        std::thread::sleep(SWEEP);
+        let _ = SWEEPER.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
+        // Merge-any turned on again while this loop was leaving: its
+        // `start_sweeper` found this one still claimed, so this one stays.
+        if !(pid() == me && MERGE_ANY.load(Ordering::Acquire) && claim_sweeper()) {
+            break;
+        }
     }
-    let _ = SWEEPER.compare_exchange(me, 0, Ordering::AcqRel, Ordering::Relaxed);
 }
 
 fn set_merge_any(on: bool) -> Result<(), c_int> {
