@@ -398,6 +398,25 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    // Pool pages left: who still maps a pool (the daemon frees a
+    // partition's pool once no other process maps it), for the report.
+    let pool_mappers_left: Vec<String> = if (pool_bytes, slots_in_use) == (0, 0) {
+        Vec::new()
+    } else {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+                    .filter(|&pid| pid != std::process::id())
+                    .filter_map(|pid| {
+                        let inodes = pool_inodes(pid);
+                        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                        (!inodes.is_empty()).then(|| format!("{pid} {} {inodes:?}", comm.trim()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     drop(daemon);
     let _ = std::fs::remove_file(&socket);
     let sum = |k: &str| reports.iter().map(|r| r[k].as_u64().unwrap_or(0)).sum::<u64>();
@@ -420,6 +439,7 @@ pub fn run(o: &Options) -> Result<ExitCode> {
         "old_pools_held": held.len(),
         "pool_bytes_left": pool_bytes,
         "slots_in_use_left": slots_in_use,
+        "pool_mappers_left": pool_mappers_left,
         "errors": errors,
     });
     if o.json {
