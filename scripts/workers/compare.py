@@ -27,6 +27,7 @@ import argparse, json, os, signal, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import poolmem  # noqa: E402
+from workers import process_cpu_s as cpu_s  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -42,16 +43,6 @@ def ksm_get(name):
 def ksm_set(name, value):
     with open(f"{KSM}/{name}", "w") as f:
         f.write(str(value))
-
-
-def cpu_s(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-    except OSError:
-        return 0.0
-    fields = st[st.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ksmd_pid():

@@ -41,35 +41,31 @@ def model(mib):
     return bytearray(b"".join(parts))
 
 
+def stat_cpu_s(path):
+    """(comm, CPU seconds: utime + stime) from a /proc stat file, or None."""
+    try:
+        with open(path) as f:
+            st = f.read()
+    except OSError:
+        return None
+    fields = st[st.rindex(")") + 2:].split()
+    return st[st.index("(") + 1:st.rindex(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def merger_cpu_s(pid):
     """CPU seconds of samepage's threads (samepage-*) in process `pid`."""
-    total = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return 0.0
-    for t in tids:
-        try:
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        comm = st[st.index("(") + 1:st.rindex(")")]
-        if comm.startswith("samepage-"):
-            fields = st[st.rindex(")") + 2:].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    stats = (stat_cpu_s(f"/proc/{pid}/task/{t}/stat") for t in tids)
+    return sum(cpu for comm, cpu in filter(None, stats) if comm.startswith("samepage-"))
 
 
 def process_cpu_s(pid):
     """CPU seconds of the whole process `pid` (every thread)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            st = f.read()
-    except OSError:
-        return 0.0
-    fields = st[st.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    s = stat_cpu_s(f"/proc/{pid}/stat")
+    return s[1] if s else 0.0
 
 
 def worker(mib, ready_w, stop_r, result_w):

@@ -404,6 +404,7 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
         let mut region_steps = self.regions.len() + 1;
         // Pages of address space the next chunk may walk (see below).
         let mut span = budget as u64;
+        let max_span = (budget as u64).saturating_mul(MAX_SPAN_BUDGETS);
         while budget > 0 && region_steps > 0 {
             let (region, start) = self.cursor_or_new_scan(now_ms);
             // `pages_to_scan` counts every present page the scan passes, a
@@ -422,14 +423,13 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             let walk_to = start.saturating_add(span);
             let (walk_end, walked) = self.scan_chunk(space, region, (start, walk_to), budget, &mut report);
             budget = budget.saturating_sub(walked);
-            let cap = (self.tunables.pages_to_scan.max(1) as u64).saturating_mul(MAX_SPAN_BUDGETS);
             span = if walked == 0 {
                 span.saturating_mul(2)
             } else {
                 let covered = walk_end.saturating_sub(start).max(1);
                 (covered.saturating_mul(budget as u64) / walked as u64).max(budget as u64)
             }
-            .clamp(1, cap);
+            .clamp(1, max_span);
             if self.batch.len() >= SAMPLE_CHUNK {
                 self.flush(space, &mut report);
             }
@@ -751,11 +751,10 @@ impl<S: StableTree, U: UnstableTree, P: StablePool> Ksm<S, U, P> {
             if present.peek() == Some(&index) {
                 continue;
             }
-            if matches!(item.link(), Link::Stable(_)) {
-                merged += 1;
-            }
-            if matches!(item.link(), Link::Seen | Link::Unstable) {
-                gone.push(index);
+            match item.link() {
+                Link::Stable(_) => merged += 1,
+                Link::Seen | Link::Unstable => gone.push(index),
+                _ => {}
             }
         }
         for index in gone {

@@ -106,10 +106,7 @@ unsafe impl std::alloc::GlobalAlloc for Releasing {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if layout.size() >= RELEASE_MIN {
-            let (start, end) = whole_pages(ptr as usize, layout.size());
-            if start < end {
-                release(start, end);
-            }
+            release(whole_pages(ptr as usize, layout.size()));
         }
         // SAFETY: the caller's contract, passed on.
         unsafe { HEAP.dealloc(ptr, layout) }
@@ -130,9 +127,8 @@ unsafe impl std::alloc::GlobalAlloc for Releasing {
             // Shrinking in place: the whole pages of the tail given up go
             // back first (past the new end, `talc`'s tag and the bookkeeping
             // of the gap it leaves, as in `dealloc`).
-            let (start, end) = whole_pages(ptr as usize + new_size + 16, layout.size() - new_size - 16);
-            if layout.size() - new_size >= RELEASE_MIN && start < end {
-                release(start, end);
+            if layout.size() - new_size >= RELEASE_MIN {
+                release(whole_pages(ptr as usize + new_size + 16, layout.size() - new_size - 16));
             }
             // SAFETY: the caller's block and layout, shrinking.
             unsafe { HEAP.lock().shrink(nn, layout, new_size) };
@@ -158,17 +154,15 @@ unsafe impl std::alloc::GlobalAlloc for Releasing {
     }
 }
 
-/// Discards the pages `[start, end)` of a block being given up to `talc`.
-fn release(start: usize, end: usize) {
+/// Discards the pages `[start, end)` of a block being given up to `talc`
+/// (nothing if the block holds no whole page).
+fn release((start, end): (usize, usize)) {
     // SAFETY: pages inside a block being freed (or a shrunk block's tail),
     // in an arena of this heap (private anonymous memory no engine
     // registers): nobody reads them again before `talc` hands them out anew,
-    // and `talc` keeps nothing there (see `Releasing`). Tagged as the
-    // engine's own call, so a supervisor lets it through. A failure only
+    // and `talc` keeps nothing there (see `Releasing`). A failure only
     // leaves the pages in memory.
-    let _ = unsafe {
-        samepage::supervise::own_syscall(libc::SYS_madvise, [start, end - start, libc::MADV_DONTNEED as usize, 0, 0, 0])
-    };
+    let _ = unsafe { samepage::release_pages(start, end) };
 }
 
 #[global_allocator]

@@ -39,7 +39,8 @@ pub use samepage_core as core;
 pub use samepage_core::{Counters, Discard, Domain, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
 pub use sys::mapping::OutOfBounds;
 pub use sys::mem::{
-    engine_mappings, maps_in, resident_bytes, set_heap_trim, spawn_engine_thread, EngineMappingsHold, MapsLine,
+    engine_mappings, maps_in, release_pages, resident_bytes, set_heap_trim, spawn_engine_thread, EngineMappingsHold,
+    MapsLine,
 };
 pub use sys::space::SpaceStats;
 pub use sys::uffd::UffdMode;

@@ -54,7 +54,6 @@ impl PageRange {
     }
 
     /// `[addr, addr + len)` if both are page aligned and it does not wrap.
-    #[cfg(feature = "testing")]
     pub fn from_bytes(addr: usize, len: usize) -> Option<PageRange> {
         let start = PageAddr::new(addr)?;
         addr.checked_add(len)?;

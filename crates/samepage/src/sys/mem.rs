@@ -415,38 +415,59 @@ pub unsafe fn protect(range: PageRange, prot: rustix::mm::MprotectFlags) -> Resu
         .map(drop)
 }
 
-/// Whether every page of `range` is resident (`mincore`).
-pub fn resident(range: PageRange) -> Result<bool, SysError> {
-    let mut vec = vec![0u8; range.pages()];
-    // SAFETY: mincore writes one byte per page into `vec`, which has one per page.
+/// `[start, end)` as pages, if both are page-aligned and it holds one.
+fn page_range(start: usize, end: usize) -> Option<PageRange> {
+    PageRange::from_bytes(start, end.checked_sub(start).filter(|&len| len > 0)?)
+}
+
+/// `mincore` of `range`: one byte per page into `vec` (resized to fit),
+/// bit 0 set for a resident page.
+fn mincore(range: PageRange, vec: &mut Vec<u8>) -> Result<(), SysError> {
+    vec.clear();
+    vec.resize(range.pages(), 0);
+    // SAFETY: mincore writes one byte per page into `vec`, which has one per
+    // page; it reads no memory of the range.
     let r = unsafe { libc::mincore(c(range.start()), range.len_bytes(), vec.as_mut_ptr()) };
     if r != 0 {
         return Err(SysError::new("mincore", super::last_errno()));
     }
+    Ok(())
+}
+
+/// Whether every page of `range` is resident (`mincore`).
+pub fn resident(range: PageRange) -> Result<bool, SysError> {
+    let mut vec = Vec::new();
+    mincore(range, &mut vec)?;
     Ok(vec.iter().all(|b| b & 1 == 1))
 }
 
 /// Bytes of `[start, end)` ranges resident in this process's memory
-/// (`mincore`, page by page; the ranges page-aligned and mapped). A range
-/// `mincore` refuses counts nothing.
+/// (`mincore`; the ranges page-aligned and mapped). A range that is not, or
+/// that `mincore` refuses, counts nothing.
 pub fn resident_bytes(ranges: &[(usize, usize)]) -> u64 {
-    let mut total = 0;
     let mut vec = Vec::new();
-    for &(start, end) in ranges {
-        if start % PAGE_SIZE != 0 || end <= start {
-            continue;
-        }
-        let pages = (end - start).div_ceil(PAGE_SIZE);
-        vec.clear();
-        vec.resize(pages, 0u8);
-        // SAFETY: mincore only writes one byte per page of the range into
-        // `vec`, which has one per page; it reads no memory of the range.
-        let r = unsafe { libc::mincore(start as *mut libc::c_void, end - start, vec.as_mut_ptr()) };
-        if r == 0 {
+    let mut total = 0;
+    for range in ranges.iter().filter_map(|&(start, end)| page_range(start, end)) {
+        if mincore(range, &mut vec).is_ok() {
             total += vec.iter().filter(|b| *b & 1 == 1).count() as u64 * PAGE_SIZE as u64;
         }
     }
     total
+}
+
+/// Gives the whole pages of `[start, end)` back to the kernel
+/// (`MADV_DONTNEED`, as the engine's own call): for the preload library's
+/// heap, which frees blocks of its own arenas this way. Addresses that are
+/// not page-aligned, or a range holding no page, do nothing.
+///
+/// # Safety
+/// The range's content may be discarded: nothing reads it before writing.
+pub unsafe fn release_pages(start: usize, end: usize) -> Result<(), SysError> {
+    match page_range(start, end) {
+        // SAFETY: guaranteed by the caller.
+        Some(range) => unsafe { dont_need(range) },
+        None => Ok(()),
+    }
 }
 
 /// Whether [`trim_heap`] calls `malloc_trim` (see [`set_heap_trim`]).
