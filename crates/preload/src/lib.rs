@@ -797,20 +797,25 @@ type HeapGuard = lock_api::MutexGuard<'static, spin::Mutex<()>, talc::Talc<heap:
 
 thread_local! {
     /// The locks `before_fork` holds across `fork`.
-    #[allow(clippy::type_complexity, reason = "the three guards, in the order they are taken")]
+    #[allow(clippy::type_complexity, reason = "the four guards, in the order they are taken")]
     static FORKING: std::cell::RefCell<
-        Option<(std::sync::MutexGuard<'static, ()>, samepage::EngineMappingsHold, HeapGuard)>,
+        Option<(std::sync::MutexGuard<'static, ()>, samepage::ForkHold, samepage::EngineMappingsHold, HeapGuard)>,
     > = const { std::cell::RefCell::new(None) };
 }
 
 extern "C" fn before_fork() {
-    // In lock order: the library's operations (a sweep reads the engine's
-    // mappings under it), the engine's mappings (inserting allocates), the
-    // heap.
+    // In lock order: the library's operations (a sweep registers regions,
+    // taking the engine's state, under it); the engine's fork guard (its
+    // scanner takes it under the engine's state, and maps and allocates
+    // under it); the engine's mappings (inserting allocates); the heap.
+    // Taking the fork guard before the operations deadlocked: the fork
+    // waited for the operations a sweep held, the sweep for the engine's
+    // state the scanner held, the scanner for the guard.
     let ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+    let no_pages_out = samepage::ForkHold::take();
     let own = samepage::EngineMappingsHold::take();
     let heap = heap::HEAP.lock();
-    FORKING.with(|f| *f.borrow_mut() = Some((ops, own, heap)));
+    FORKING.with(|f| *f.borrow_mut() = Some((ops, no_pages_out, own, heap)));
 }
 
 extern "C" fn after_fork_parent() {
@@ -819,11 +824,11 @@ extern "C" fn after_fork_parent() {
 
 extern "C" fn after_fork_child() {
     FORKING.with(|f| {
-        if let Some((ops, mut own, heap)) = f.borrow_mut().take() {
+        if let Some((ops, no_pages_out, mut own, heap)) = f.borrow_mut().take() {
             // Forgetting frees: the heap first.
             drop(heap);
             own.forget_all();
-            drop((own, ops));
+            drop((own, no_pages_out, ops));
         }
     });
     if OWNER.load(Ordering::Acquire) == 0 && !MERGE_ANY.load(Ordering::Acquire) {
@@ -934,6 +939,8 @@ fn prot_of(perms: &str) -> rustix::mm::MprotectFlags {
 }
 
 extern "C" fn at_load() {
+    // `before_fork` takes the engine's fork guard in its own lock order.
+    samepage::ForkHold::in_own_handlers();
     // SAFETY: plain functions valid for the life of the process.
     unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
     // The engine's own mapping changes carry the run's tag past the filter.

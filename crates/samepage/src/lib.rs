@@ -37,6 +37,7 @@ pub use error::Error;
 pub use region::Region;
 pub use samepage_core as core;
 pub use samepage_core::{Counters, Discard, Domain, RegionCounters, RegionId, Run, Tunables, PAGE_SIZE};
+pub use sys::forkguard::ForkHold;
 pub use sys::mapping::OutOfBounds;
 pub use sys::mem::{
     engine_mappings, maps_in, release_pages, resident_bytes, set_heap_trim, spawn_engine_thread, EngineMappingsHold,

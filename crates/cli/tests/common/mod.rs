@@ -141,3 +141,85 @@ impl Drop for Ksmd {
         }
     }
 }
+
+/// `Command::output` with a time limit: a program that hangs (a deadlock
+/// in the engine, say) fails its test with what each of its threads waits
+/// for, instead of stalling the whole suite.
+pub trait OutputWithin {
+    /// Runs the command to its end, for at most `limit`. Past it, prints
+    /// every thread of the command's process group (its name, state and
+    /// kernel wait channel, and each thread's stack when `gdb` is there),
+    /// kills the group and panics.
+    fn output_within(&mut self, limit: Duration) -> std::process::Output;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> std::process::Output {
+        use std::io::Read;
+        use std::os::unix::process::CommandExt;
+        let mut child =
+            self.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = r.read_to_end(&mut v);
+                v
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().unwrap()));
+        let err = drain(Box::new(child.stderr.take().unwrap()));
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let group = child.id();
+                let threads = group_threads(group);
+                let _ = Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).status();
+                let _ = child.wait();
+                let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+                panic!("{self:?} still ran after {limit:?}; its threads:\n{threads}\nits stderr:\n{stderr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() }
+    }
+}
+
+/// Every thread of the processes in process group `group`: pid, name,
+/// state, wait channel; and the user stacks from `gdb` when it is installed.
+fn group_threads(group: u32) -> String {
+    let mut text = String::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return text };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the name's closing parenthesis: state, ppid, pgrp.
+        let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        if rest.get(2).and_then(|g| g.parse::<u32>().ok()) != Some(group) {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        text += &format!("process {pid}: {}\n", String::from_utf8_lossy(&cmd).replace('\0', " "));
+        for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default().trim().to_string();
+            let state = read("stat").rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next().map(String::from));
+            text += &format!(
+                "  thread {} {:?} state {} waits in {}\n",
+                t.file_name().to_string_lossy(),
+                read("comm"),
+                state.unwrap_or_default(),
+                read("wchan")
+            );
+        }
+        if let Ok(gdb) = Command::new("gdb")
+            .args(["-batch", "-p", &pid.to_string(), "-ex", "thread apply all bt 16"])
+            .stdin(Stdio::null())
+            .output()
+        {
+            text += &String::from_utf8_lossy(&gdb.stdout);
+        }
+    }
+    text
+}

@@ -10,11 +10,25 @@
 //! `fork()` wait for, and only when no descendant process maps the pool
 //! ([`descendants_map`], from `/proc`). A child that has `exec`ed or exited no
 //! longer counts.
+//!
+//! Lock order. The engine's scanner takes [`hold`] under its state lock, so
+//! a `fork()` must not wait for this guard while it holds a lock that some
+//! thread takes before the engine's state. The preload library's prepare
+//! handler takes its operations lock (a merge-any sweep registers regions,
+//! taking the engine's state, under it): it calls [`ForkHold::in_own_handlers`]
+//! at load and takes a [`ForkHold`] itself, after its operations lock and
+//! before the engine's mappings and its heap. Otherwise `pthread_atfork`'s
+//! order (prepare handlers run last registered first) would take this guard
+//! first, the order in which a fork, a sweep and a scan deadlocked.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
+
+/// Whether the caller's own `pthread_atfork` handlers take the guard
+/// ([`ForkHold::in_own_handlers`]): then this module's handlers stand aside.
+static CALLERS: AtomicBool = AtomicBool::new(false);
 
 fn acquire() {
     while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
@@ -27,11 +41,15 @@ fn release() {
 }
 
 extern "C" fn prepare() {
-    acquire();
+    if !CALLERS.load(Ordering::Acquire) {
+        acquire();
+    }
 }
 
 extern "C" fn after() {
-    release();
+    if !CALLERS.load(Ordering::Acquire) {
+        release();
+    }
 }
 
 /// Installs the `pthread_atfork` handlers (once per process).
@@ -54,6 +72,34 @@ pub fn hold() -> Hold {
 }
 
 impl Drop for Hold {
+    fn drop(&mut self) {
+        release();
+    }
+}
+
+/// The guard, held across a `fork()` by the caller's own `pthread_atfork`
+/// handlers, in the caller's lock order (see the module's documentation).
+#[derive(Debug)]
+pub struct ForkHold(());
+
+impl ForkHold {
+    /// Declares that the calling library's `pthread_atfork` prepare handler
+    /// takes a [`ForkHold`] and both its after handlers drop it: this
+    /// module's own handlers then do nothing. Call it before the first
+    /// engine starts (at load), never after a prepare handler ran.
+    pub fn in_own_handlers() {
+        CALLERS.store(true, Ordering::Release);
+    }
+
+    /// Takes the guard: the engine moves no page out and frees no pool slot
+    /// until it drops (in the parent after the fork, and in the child).
+    pub fn take() -> ForkHold {
+        acquire();
+        ForkHold(())
+    }
+}
+
+impl Drop for ForkHold {
     fn drop(&mut self) {
         release();
     }
