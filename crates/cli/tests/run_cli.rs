@@ -188,6 +188,33 @@ print(" ".join(map(str, out)))
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("0 -22 0"), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
+/// Forks while merging starts (`scripts/matrix/py_forks.py`): a Python
+/// program turns `PR_SET_MEMORY_MERGE` on and off again and again and forks
+/// children at once each time, while a thread breaks and restores pages;
+/// each child checks every byte. A fork then meets the engine's scanner,
+/// sweeper and breaker at work: with the fork guard taken before the
+/// preload's operations lock, the program hung within seconds (a fork
+/// waiting for a sweep, the sweep for the scanner, the scanner for the
+/// fork). It must end, with every byte as written.
+#[test]
+fn forks_while_merging_starts_end_and_keep_every_byte() {
+    let Some(py) = python() else {
+        eprintln!("skipped: no python3");
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/py_forks.py");
+    let out = samepage()
+        .args(["run", "--supervise", "--own", "--pages-to-scan", "10000", "--sleep-ms", "10", "--"])
+        .arg(&py)
+        .arg(&script)
+        .arg("3")
+        .output_within(Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok py-forks\n", "{stderr}");
+    assert!(!stderr.contains(" forks 0,"), "{stderr}");
+}
+
 /// The behaviour matrix: programs that do what real programs do, under
 /// `samepage run --merge-any` (every private anonymous mapping merges):
 /// malloc-heavy multithreaded C and Python, a fork/exec chain, the program's
