@@ -1,7 +1,13 @@
 //! `samepage torture` and `samepage bench`, short runs: no lost write, and
 //! the JSON a user scripts against.
 
+mod common;
+use common::OutputWithin;
 use std::process::Command;
+use std::time::Duration;
+
+/// Each run here takes seconds to a minute: past this it hangs.
+const LIMIT: Duration = Duration::from_secs(300);
 
 fn samepage() -> Command {
     Command::new(env!("CARGO_BIN_EXE_samepage"))
@@ -9,8 +15,9 @@ fn samepage() -> Command {
 
 #[test]
 fn torture_loses_nothing() {
-    let out =
-        samepage().args(["torture", "--seconds", "8", "--regions", "3", "--pages", "1024", "--json"]).output().unwrap();
+    let out = samepage()
+        .args(["torture", "--seconds", "8", "--regions", "3", "--pages", "1024", "--json"])
+        .output_within(LIMIT);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     });
@@ -38,8 +45,9 @@ fn torture_loses_nothing() {
 
 #[test]
 fn bench_samepage_only_reports_every_figure() {
-    let out =
-        samepage().args(["bench", "--samepage-only", "--workload", "mix", "--size", "16M", "--json"]).output().unwrap();
+    let out = samepage()
+        .args(["bench", "--samepage-only", "--workload", "mix", "--size", "16M", "--json"])
+        .output_within(LIMIT);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &v["samepage"];
@@ -69,8 +77,7 @@ fn bench_samepage_only_reports_every_figure() {
 fn torture_processes_loses_nothing_through_kills_and_a_daemon_restart() {
     let out = samepage()
         .args(["torture", "--processes", "3", "--seconds", "10", "--pages", "512", "--json"])
-        .output()
-        .unwrap();
+        .output_within(LIMIT);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
     });
