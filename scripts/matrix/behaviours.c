@@ -22,6 +22,12 @@
  *                                  KSM selftests do: the same program runs
  *                                  under ksmd or under `samepage run`; then
  *                                  a write to every 8th page (copy-on-write)
+ *   behaviours fork-at-start N     fork N children, one every 100 us from
+ *                                  the moment the program starts (while the
+ *                                  library makes its engine); each marks 64
+ *                                  duplicate pages MADV_MERGEABLE, checks
+ *                                  them and exits; a child that hangs hangs
+ *                                  the program
  *
  * Build: cc -O2 -pthread -o behaviours behaviours.c
  */
@@ -360,6 +366,31 @@ static int discard(size_t pages) {
 	return failed;
 }
 
+/* ---- fork-at-start ---- */
+static int fork_at_start(int n) {
+	pid_t pids[256];
+	if (n > 256) n = 256;
+	/* A fork every 100 us for the first n / 10 ms: some land while the
+	 * engine is being made. */
+	for (int i = 0; i < n; i++) {
+		pids[i] = fork();
+		if (pids[i] < 0) { perror("fork"); return 2; }
+		if (pids[i] == 0) {
+			unsigned char *d = dups(64);
+			if (madvise(d, 64 * PAGE, MADV_MERGEABLE)) { perror("madvise(MADV_MERGEABLE)"); _exit(2); }
+			check_dups(d, 64, "fork-at-start: child");
+			_exit(failed);
+		}
+		usleep(100);
+	}
+	for (int i = 0; i < n; i++) {
+		int st;
+		if (waitpid(pids[i], &st, 0) != pids[i] || !WIFEXITED(st) || WEXITSTATUS(st)) fail("fork-at-start: a child failed");
+	}
+	printf("ok fork-at-start %d\n", n);
+	return failed;
+}
+
 int main(int argc, char **argv) {
 	if (argc < 2) { fprintf(stderr, "usage: %s mt-malloc SECONDS | fork-exec DEPTH | uffd | seccomp | madvise PAGES | discard PAGES\n", argv[0]); return 2; }
 	if (!strcmp(argv[1], "mt-malloc")) return mt_malloc(argc > 2 ? atof(argv[2]) : 3);
@@ -367,6 +398,7 @@ int main(int argc, char **argv) {
 	if (!strcmp(argv[1], "uffd")) return uffd();
 	if (!strcmp(argv[1], "seccomp")) return own_seccomp();
 	if (!strcmp(argv[1], "madvise")) return mergeable(argc > 2 ? (size_t)atol(argv[2]) : 4096);
+	if (!strcmp(argv[1], "fork-at-start")) return fork_at_start(argc > 2 ? atoi(argv[2]) : 8);
 	if (!strcmp(argv[1], "discard")) return discard(argc > 2 ? (size_t)atol(argv[2]) : 4096);
 	fprintf(stderr, "unknown mode %s\n", argv[1]);
 	return 2;

@@ -797,25 +797,45 @@ type HeapGuard = lock_api::MutexGuard<'static, spin::Mutex<()>, talc::Talc<heap:
 
 thread_local! {
     /// The locks `before_fork` holds across `fork`.
-    #[allow(clippy::type_complexity, reason = "the four guards, in the order they are taken")]
-    static FORKING: std::cell::RefCell<
-        Option<(std::sync::MutexGuard<'static, ()>, samepage::ForkHold, samepage::EngineMappingsHold, HeapGuard)>,
-    > = const { std::cell::RefCell::new(None) };
+    static FORKING: std::cell::RefCell<Option<Forking>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Every lock of this library and of its engine that a thread may hold
+/// while another forks, held by the forking thread across `fork` (a lock
+/// held by another thread at the fork would stay held for ever in the
+/// child, where that thread does not exist). In the order they are taken.
+struct Forking {
+    /// Making the engine (it allocates and maps under it).
+    _making: std::sync::MutexGuard<'static, ()>,
+    /// The library's operations (a sweep registers regions, taking the
+    /// engine's state, under it).
+    _ops: std::sync::MutexGuard<'static, ()>,
+    /// The engine's fork guard: its scanner takes it under the engine's
+    /// state, and maps and allocates under it. Taking it before the
+    /// operations deadlocked: the fork waited for the operations a sweep
+    /// held, the sweep for the engine's state the scanner held, the scanner
+    /// for the guard.
+    _no_pages_out: samepage::ForkHold,
+    /// The engine's own mappings (inserting allocates).
+    own: samepage::EngineMappingsHold,
+    /// The registered ranges (a reader allocates its answer under it).
+    live: std::sync::RwLockWriteGuard<'static, BTreeMap<usize, (usize, RegionId)>>,
+    /// The engine handed out.
+    engine: std::sync::RwLockWriteGuard<'static, Option<&'static Engine>>,
+    /// The heap, last: everything above allocates.
+    heap: HeapGuard,
 }
 
 extern "C" fn before_fork() {
-    // In lock order: the library's operations (a sweep registers regions,
-    // taking the engine's state, under it); the engine's fork guard (its
-    // scanner takes it under the engine's state, and maps and allocates
-    // under it); the engine's mappings (inserting allocates); the heap.
-    // Taking the fork guard before the operations deadlocked: the fork
-    // waited for the operations a sweep held, the sweep for the engine's
-    // state the scanner held, the scanner for the guard.
+    let making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
     let no_pages_out = samepage::ForkHold::take();
     let own = samepage::EngineMappingsHold::take();
+    let live = LIVE.write().unwrap_or_else(|e| e.into_inner());
+    let engine = ENGINE.write().unwrap_or_else(|e| e.into_inner());
     let heap = heap::HEAP.lock();
-    FORKING.with(|f| *f.borrow_mut() = Some((ops, no_pages_out, own, heap)));
+    let forking = Forking { _making: making, _ops: ops, _no_pages_out: no_pages_out, own, live, engine, heap };
+    FORKING.with(|f| *f.borrow_mut() = Some(forking));
 }
 
 extern "C" fn after_fork_parent() {
@@ -823,14 +843,20 @@ extern "C" fn after_fork_parent() {
 }
 
 extern "C" fn after_fork_child() {
+    // The parent's registrations, forgotten here (this process gets an
+    // engine of its own) but registered again with it.
+    let mut inherited: Vec<(usize, usize)> = Vec::new();
     FORKING.with(|f| {
-        if let Some((ops, no_pages_out, mut own, heap)) = f.borrow_mut().take() {
+        if let Some(mut forking) = f.borrow_mut().take() {
             // Forgetting frees: the heap first.
-            drop(heap);
-            own.forget_all();
-            drop((own, no_pages_out, ops));
+            drop(forking.heap);
+            forking.own.forget_all();
+            inherited = forking.live.iter().map(|(s, (e, _))| (*s, *e)).collect();
+            forking.live.clear();
+            *forking.engine = None;
         }
     });
+    ANY.store(false, Ordering::Release);
     if OWNER.load(Ordering::Acquire) == 0 && !MERGE_ANY.load(Ordering::Acquire) {
         return;
     }
@@ -838,13 +864,6 @@ extern "C" fn after_fork_child() {
     // Alone in the child: the merged pages inherited become private copies
     // (no userfaultfd protects them here; a discard must read zeros).
     unmerge_inherited();
-    let inherited: Vec<(usize, usize)> = {
-        let mut live = LIVE.write().unwrap_or_else(|e| e.into_inner());
-        let v = live.iter().map(|(s, (e, _))| (*s, *e)).collect();
-        live.clear();
-        v
-    };
-    ANY.store(false, Ordering::Release);
     // The parent's agent connection is the parent's.
     let fd = AGENT_FD.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
@@ -852,7 +871,6 @@ extern "C" fn after_fork_child() {
         // here uses (the agent thread that owned it is not in the child).
         unsafe { libc::close(fd) };
     }
-    *ENGINE.write().unwrap_or_else(|e| e.into_inner()) = None;
     OWNER.store(0, Ordering::Release);
     INSIDE.with(|i| i.set(false));
     if inherited.is_empty() && !MERGE_ANY.load(Ordering::Acquire) {

@@ -131,10 +131,11 @@ pub fn descendants_map(identity: &str) -> bool {
 }
 
 fn children_of(pid: u32) -> Vec<u32> {
+    // Without the C library's malloc (`numbered_entries`): this runs under
+    // the fork guard.
     let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
-    for t in tasks.flatten() {
-        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+    for tid in samepage_daemon::procmaps::numbered_entries(&format!("/proc/{pid}/task")).unwrap_or_default() {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
             out.extend(s.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
         }
     }
