@@ -215,6 +215,37 @@ fn forks_while_merging_starts_end_and_keep_every_byte() {
     assert!(!stderr.contains(" forks 0,"), "{stderr}");
 }
 
+/// Prefork workers that fork in turn, merged across processes through a
+/// daemon (`scripts/matrix/prefork_forks.py`): the master's thread arena's
+/// heap header is identical in every worker, so it merges; `fork()` then
+/// locks the arena's mutex in it after the preload's prepare handler took
+/// its locks, and the copy-on-write breaker, which maps and allocates under
+/// those locks, could never serve that write. Every run hung before the
+/// sweep left arena header pages out. It must end, every byte as written.
+#[test]
+fn prefork_workers_that_fork_end_and_keep_every_byte() {
+    let Some(py) = python() else {
+        eprintln!("skipped: no python3");
+        return;
+    };
+    let socket = std::env::temp_dir().join(format!("samepage-prefork-forks-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let _daemon = common::spawn_daemon(&socket, &["--pages-to-scan", "10000", "--sleep-ms", "10"]);
+    common::wait_for("the daemon never listened", || samepage_daemon::client::Connection::status(&socket).ok());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/prefork_forks.py");
+    let out = samepage()
+        .args(["run", "--merge-any", "--socket"])
+        .arg(&socket)
+        .arg("--")
+        .arg(&py)
+        .arg(&script)
+        .args(["6", "3"])
+        .output_within(Duration::from_secs(90));
+    let _ = std::fs::remove_file(&socket);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok prefork-forks\n");
+}
+
 /// The behaviour matrix: programs that do what real programs do, under
 /// `samepage run --merge-any` (every private anonymous mapping merges):
 /// malloc-heavy multithreaded C and Python, a fork/exec chain, the program's

@@ -680,7 +680,16 @@ fn sweep(e: &Engine) {
             .is_some_and(|p| p.end == m.start && p.perms == "---p" && p.inode == 0 && p.end - p.start <= GUARD_MAX);
         let stack = m.path == "[stack]" || (guard_below && m.path.is_empty());
         if private_anon_rw(&m) && !stack && !m.path.starts_with("[anon:samepage") {
-            for (a, b) in outside(&skip, m.start, m.end) {
+            let heads = arena_heads(m.start, m.end);
+            let line_skip = if heads.is_empty() {
+                std::borrow::Cow::Borrowed(&skip)
+            } else {
+                let mut v: Vec<(usize, usize)> =
+                    skip.iter().copied().filter(|&(s, e)| s < m.end && m.start < e).chain(heads).collect();
+                v.sort_unstable();
+                std::borrow::Cow::Owned(v)
+            };
+            for (a, b) in outside(&line_skip, m.start, m.end) {
                 // Neighbouring mappings go in as one range (registering reads
                 // the attributes of its range once).
                 match parts.last_mut() {
@@ -700,6 +709,19 @@ fn sweep(e: &Engine) {
             }
         }
     }
+}
+
+/// The first page of every 64 MiB-aligned stretch of `[a, b)`: where the C
+/// library's malloc puts the header of a thread arena's heap (`heap_info`
+/// and the arena's `malloc_state`, its mutex included; `malloc/arena.c`,
+/// `new_heap` aligns each heap to `HEAP_MAX_SIZE`). A sweep leaves them
+/// out: `fork()` locks every arena's mutex after the library's prepare
+/// handler took its locks, and a merged header page would make that write
+/// wait for the copy-on-write breaker, which maps and allocates under
+/// those locks. One page in 16,384 of other memory is left out with them.
+fn arena_heads(a: usize, b: usize) -> Vec<(usize, usize)> {
+    const HEAP_MAX_SIZE: usize = 64 << 20;
+    (a.next_multiple_of(HEAP_MAX_SIZE)..b).step_by(HEAP_MAX_SIZE).map(|h| (h, h + PAGE)).collect()
 }
 
 /// Starts the sweeper of this process (once per process) on a thread of
@@ -795,9 +817,28 @@ pub unsafe extern "C" fn prctl(option: c_int, a2: usize, a3: usize, a4: usize, a
 /// The library's heap, locked.
 type HeapGuard = lock_api::MutexGuard<'static, spin::Mutex<()>, talc::Talc<heap::MapMore>>;
 
-thread_local! {
-    /// The locks `before_fork` holds across `fork`.
-    static FORKING: std::cell::RefCell<Option<Forking>> = const { std::cell::RefCell::new(None) };
+/// Where `before_fork` keeps the locks it holds across `fork`: a static,
+/// in this library's own data, which is never registered, so never merged.
+/// A thread-local would sit in the forking thread's TLS block, which a
+/// merge-any sweep may register (the main thread's is an anonymous mapping):
+/// merged, the first write to it after the locks are taken would wait for
+/// the copy-on-write breaker, which maps and allocates under locks held
+/// here.
+struct ForkingSlot(std::cell::UnsafeCell<Option<Forking>>);
+
+// SAFETY: only the thread inside `fork()` touches the slot, from its
+// prepare handler to its after handler (in the parent, or the child's only
+// thread); `MAKING`, taken first in `before_fork` and released only after
+// the slot is emptied, keeps any other fork out meanwhile.
+unsafe impl Sync for ForkingSlot {}
+
+static FORKING: ForkingSlot = ForkingSlot(std::cell::UnsafeCell::new(None));
+
+/// Empties [`FORKING`].
+fn forking_taken() -> Option<Forking> {
+    // SAFETY: called by the forking thread in its after handler (see
+    // `ForkingSlot`): no other thread touches the slot.
+    unsafe { (*FORKING.0.get()).take() }
 }
 
 /// Every lock of this library and of its engine that a thread may hold
@@ -835,27 +876,26 @@ extern "C" fn before_fork() {
     let engine = ENGINE.write().unwrap_or_else(|e| e.into_inner());
     let heap = heap::HEAP.lock();
     let forking = Forking { _making: making, _ops: ops, _no_pages_out: no_pages_out, own, live, engine, heap };
-    FORKING.with(|f| *f.borrow_mut() = Some(forking));
+    // SAFETY: the forking thread, holding `MAKING` (see `ForkingSlot`).
+    unsafe { *FORKING.0.get() = Some(forking) };
 }
 
 extern "C" fn after_fork_parent() {
-    FORKING.with(|f| drop(f.borrow_mut().take()));
+    drop(forking_taken());
 }
 
 extern "C" fn after_fork_child() {
     // The parent's registrations, forgotten here (this process gets an
     // engine of its own) but registered again with it.
     let mut inherited: Vec<(usize, usize)> = Vec::new();
-    FORKING.with(|f| {
-        if let Some(mut forking) = f.borrow_mut().take() {
-            // Forgetting frees: the heap first.
-            drop(forking.heap);
-            forking.own.forget_all();
-            inherited = forking.live.iter().map(|(s, (e, _))| (*s, *e)).collect();
-            forking.live.clear();
-            *forking.engine = None;
-        }
-    });
+    if let Some(mut forking) = forking_taken() {
+        // Forgetting frees: the heap first.
+        drop(forking.heap);
+        forking.own.forget_all();
+        inherited = forking.live.iter().map(|(s, (e, _))| (*s, *e)).collect();
+        forking.live.clear();
+        *forking.engine = None;
+    }
     ANY.store(false, Ordering::Release);
     if OWNER.load(Ordering::Acquire) == 0 && !MERGE_ANY.load(Ordering::Acquire) {
         return;
@@ -979,7 +1019,15 @@ static AT_LOAD: extern "C" fn() = at_load;
 
 #[cfg(test)]
 mod tests {
-    use super::outside;
+    use super::{arena_heads, outside, PAGE};
+
+    #[test]
+    fn arena_heads_are_the_first_page_of_each_64_mib() {
+        const M64: usize = 64 << 20;
+        assert_eq!(arena_heads(M64 - PAGE, 2 * M64 + 2 * PAGE), vec![(M64, M64 + PAGE), (2 * M64, 2 * M64 + PAGE)]);
+        assert_eq!(arena_heads(M64, M64 + PAGE), vec![(M64, M64 + PAGE)]);
+        assert!(arena_heads(M64 + PAGE, 2 * M64).is_empty());
+    }
 
     #[test]
     fn outside_cuts_the_engines_ranges_out_of_a_line() {
