@@ -22,6 +22,12 @@
  *                                  KSM selftests do: the same program runs
  *                                  under ksmd or under `samepage run`; then
  *                                  a write to every 8th page (copy-on-write)
+ *   behaviours fork-trim N         8 MiB of duplicates marked MADV_MERGEABLE;
+ *                                  a thread mallocs and frees 256 KiB blocks
+ *                                  from the main heap, which glibc trims
+ *                                  (brk) under its arena's lock, while the
+ *                                  main thread forks N children (each checks
+ *                                  the duplicates and exits)
  *   behaviours fork-at-start N     fork N children, one every 100 us from
  *                                  the moment the program starts (while the
  *                                  library makes its engine); each marks 64
@@ -366,6 +372,45 @@ static int discard(size_t pages) {
 	return failed;
 }
 
+/* ---- fork-trim ---- */
+#include <malloc.h>
+static volatile int trimming = 1;
+static void *trimmer(void *arg) {
+	(void)arg;
+	while (trimming) {
+		unsigned char *b = malloc(256 << 10);
+		if (!b) continue;
+		memset(b, 7, 256 << 10);
+		free(b); /* the top chunk above the threshold: systrim, brk shrinks */
+	}
+	return NULL;
+}
+
+static int fork_trim(int n) {
+	/* Blocks of 256 KiB from the heap (not mmap), trimmed at once. */
+	mallopt(M_MMAP_THRESHOLD, 1 << 20);
+	mallopt(M_TRIM_THRESHOLD, 64 << 10);
+	unsigned char *d = dups(2048);
+	if (madvise(d, 2048 * PAGE, MADV_MERGEABLE)) { perror("madvise(MADV_MERGEABLE)"); return 2; }
+	pthread_t t;
+	pthread_create(&t, NULL, trimmer, NULL);
+	for (int i = 0; i < n; i++) {
+		pid_t pid = fork();
+		if (pid < 0) { perror("fork"); return 2; }
+		if (pid == 0) {
+			check_dups(d, 2048, "fork-trim: child");
+			_exit(failed);
+		}
+		int st;
+		if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st)) fail("fork-trim: a child failed");
+	}
+	trimming = 0;
+	pthread_join(t, NULL);
+	check_dups(d, 2048, "fork-trim: after");
+	printf("ok fork-trim %d\n", n);
+	return failed;
+}
+
 /* ---- fork-at-start ---- */
 static int fork_at_start(int n) {
 	pid_t pids[256];
@@ -398,6 +443,7 @@ int main(int argc, char **argv) {
 	if (!strcmp(argv[1], "uffd")) return uffd();
 	if (!strcmp(argv[1], "seccomp")) return own_seccomp();
 	if (!strcmp(argv[1], "madvise")) return mergeable(argc > 2 ? (size_t)atol(argv[2]) : 4096);
+	if (!strcmp(argv[1], "fork-trim")) return fork_trim(argc > 2 ? atoi(argv[2]) : 200);
 	if (!strcmp(argv[1], "fork-at-start")) return fork_at_start(argc > 2 ? atoi(argv[2]) : 8);
 	if (!strcmp(argv[1], "discard")) return discard(argc > 2 ? (size_t)atol(argv[2]) : 4096);
 	fprintf(stderr, "unknown mode %s\n", argv[1]);

@@ -246,6 +246,27 @@ fn prefork_workers_that_fork_end_and_keep_every_byte() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok prefork-forks\n");
 }
 
+/// A fork while another thread trims its malloc heap (`behaviours
+/// fork-trim`, under `samepage run --supervise`, merging only what the
+/// program marks): the trimming thread holds its arena's lock while its
+/// hidden `madvise(MADV_DONTNEED)` waits for the preload library's agent,
+/// and `fork()` waits for that lock after the library's prepare handler took
+/// its locks. The agent answers calls on memory where nothing is registered
+/// without any lock (`snapshot` in the preload library); before, every run
+/// hung. It must end, every byte as written.
+#[test]
+fn a_fork_while_a_thread_trims_its_heap_ends() {
+    let (dir, exe) = build_behaviours("fork-trim");
+    let out = samepage()
+        .args(["run", "--supervise", "--own", "--"])
+        .arg(&exe)
+        .args(["fork-trim", "200"])
+        .output_within(Duration::from_secs(90));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok fork-trim 200\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The behaviour matrix: programs that do what real programs do, under
 /// `samepage run --merge-any` (every private anonymous mapping merges):
 /// malloc-heavy multithreaded C and Python, a fork/exec chain, the program's

@@ -157,6 +157,91 @@ fn overlapping(a: usize, b: usize) -> Vec<(usize, usize, RegionId)> {
     out
 }
 
+/// A copy of where [`LIVE`]'s ranges lie that the agent reads without any
+/// lock: neighbouring ranges joined, up to [`SNAPSHOT_RANGES`] of them (more
+/// are summed up by their bounds). Written under `LIVE`'s write lock after
+/// every change, read as a sequence lock.
+///
+/// Why: a stopped call the agent serves may come from inside the C
+/// library's malloc, holding an arena's lock (a thread arena's heap shrunk
+/// with `MADV_DONTNEED`, the main heap with `brk`). If another thread forks
+/// meanwhile, `fork()` waits for that arena's lock after the prepare handler
+/// took this library's locks ([`before_fork`]); serving the call behind
+/// them would never end. A call on memory nothing is registered in needs
+/// nothing of the library, so it is answered from here at once.
+/// (`behaviours fork-trim`: a thread trimming its arena while the main
+/// thread forks, under `samepage run --supervise`, hung 4 runs of 4.)
+mod snapshot {
+    use std::sync::atomic::{fence, AtomicUsize, Ordering};
+
+    /// How many ranges the snapshot keeps one by one.
+    pub const SNAPSHOT_RANGES: usize = 64;
+
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    /// How many of `RANGES` hold; `usize::MAX`: only `BOUNDS` does.
+    static LEN: AtomicUsize = AtomicUsize::new(0);
+    static RANGES: [[AtomicUsize; 2]; SNAPSHOT_RANGES] =
+        [const { [AtomicUsize::new(0), AtomicUsize::new(0)] }; SNAPSHOT_RANGES];
+    static BOUNDS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+    /// Publishes `ranges` (sorted, not overlapping). The caller holds
+    /// `LIVE`'s write lock, so writers never race.
+    pub fn publish(ranges: impl Iterator<Item = (usize, usize)>) {
+        let seq = SEQ.load(Ordering::Relaxed);
+        SEQ.store(seq.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        let (mut n, mut lo, mut hi) = (0usize, usize::MAX, 0usize);
+        let mut last: Option<(usize, usize)> = None;
+        let put = |(a, b): (usize, usize), n: &mut usize| {
+            if *n < SNAPSHOT_RANGES {
+                RANGES[*n][0].store(a, Ordering::Relaxed);
+                RANGES[*n][1].store(b, Ordering::Relaxed);
+            }
+            *n += 1;
+        };
+        for (a, b) in ranges {
+            lo = lo.min(a);
+            hi = hi.max(b);
+            match &mut last {
+                Some((_, end)) if *end == a => *end = b,
+                _ => {
+                    if let Some(r) = last.take() {
+                        put(r, &mut n);
+                    }
+                    last = Some((a, b));
+                }
+            }
+        }
+        if let Some(r) = last {
+            put(r, &mut n);
+        }
+        BOUNDS[0].store(lo, Ordering::Relaxed);
+        BOUNDS[1].store(hi, Ordering::Relaxed);
+        LEN.store(if n <= SNAPSHOT_RANGES { n } else { usize::MAX }, Ordering::Relaxed);
+        SEQ.store(seq.wrapping_add(2), Ordering::Release);
+    }
+
+    /// Whether `[a, b)` may meet a registered range: `false` only when the
+    /// snapshot says for sure that it does not.
+    pub fn may_meet(a: usize, b: usize) -> bool {
+        for _ in 0..100 {
+            let seq = SEQ.load(Ordering::Acquire);
+            if seq % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let meets = |r: &[AtomicUsize; 2]| r[0].load(Ordering::Relaxed) < b && a < r[1].load(Ordering::Relaxed);
+            let len = LEN.load(Ordering::Relaxed);
+            let answer = if len == usize::MAX { meets(&BOUNDS) } else { RANGES[..len].iter().any(meets) };
+            fence(Ordering::Acquire);
+            if SEQ.load(Ordering::Relaxed) == seq {
+                return answer;
+            }
+        }
+        true
+    }
+}
+
 fn tunables_from_env() -> Result<Tunables, c_int> {
     // `samepage run` merges as a running ksmd would.
     let mut t = Tunables { run: Run::Merge, ..Tunables::default() };
@@ -278,7 +363,9 @@ fn register_parts(e: &Engine, parts: &[(usize, usize)]) -> Result<(), c_int> {
             // mmap(MAP_FIXED) over it comes through (the register contract).
             let id =
                 unsafe { e.register(gs as *mut u8, ge - gs) }.map_err(|err| err.errno().unwrap_or(libc::EAGAIN))?;
-            LIVE.write().unwrap_or_else(|e| e.into_inner()).insert(gs, (ge, id));
+            let mut live = LIVE.write().unwrap_or_else(|e| e.into_inner());
+            live.insert(gs, (ge, id));
+            snapshot::publish(live.iter().map(|(s, (e, _))| (*s, *e)));
             ANY.store(true, Ordering::Release);
         }
     }
@@ -315,6 +402,7 @@ fn take_back_locked(a: usize, b: usize) -> Result<(), c_int> {
             live.insert(oe, (end, id));
         }
         left.insert(id, live.values().filter(|(_, r)| *r == id).count());
+        snapshot::publish(live.iter().map(|(s, (e, _))| (*s, *e)));
         ANY.store(!live.is_empty(), Ordering::Release);
     }
     // A region with nothing live left is unregistered (its id freed).
@@ -560,6 +648,9 @@ fn serve_stopped(req: &Request) -> i32 {
     let call = req.nr;
     let arg = |i: usize| req.args[i] as usize;
     let pages = |a: usize, len: usize| a.saturating_add(len.div_ceil(PAGE) * PAGE);
+    // Nothing registered there: nothing to do, and no lock to wait for
+    // (see `snapshot`).
+    let take_back = |a: usize, b: usize| if snapshot::may_meet(a, b) { take_back(a, b) } else { Ok(()) };
     let r = std::panic::catch_unwind(|| match call {
         nr::MUNMAP | nr::MPROTECT | nr::MMAP if arg(0).is_multiple_of(PAGE) => take_back(arg(0), pages(arg(0), arg(1))),
         nr::MREMAP if arg(0).is_multiple_of(PAGE) => {
@@ -578,7 +669,7 @@ fn serve_stopped(req: &Request) -> i32 {
                 _ => Ok(()),
             }
         }
-        nr::MADVISE if arg(0).is_multiple_of(PAGE) => {
+        nr::MADVISE if arg(0).is_multiple_of(PAGE) && snapshot::may_meet(arg(0), pages(arg(0), arg(1))) => {
             // The kernel then discards the rest of the range itself.
             for (os, oe, _) in overlapping(arg(0), pages(arg(0), arg(1))) {
                 discard_registered(os, oe, arg(2) as c_int)?;
@@ -894,6 +985,7 @@ extern "C" fn after_fork_child() {
         forking.own.forget_all();
         inherited = forking.live.iter().map(|(s, (e, _))| (*s, *e)).collect();
         forking.live.clear();
+        snapshot::publish(std::iter::empty());
         *forking.engine = None;
     }
     ANY.store(false, Ordering::Release);
@@ -1020,6 +1112,23 @@ static AT_LOAD: extern "C" fn() = at_load;
 #[cfg(test)]
 mod tests {
     use super::{arena_heads, outside, PAGE};
+
+    #[test]
+    fn the_snapshot_knows_where_nothing_is_registered() {
+        use super::snapshot::{may_meet, publish, SNAPSHOT_RANGES};
+        publish(std::iter::empty());
+        assert!(!may_meet(0, usize::MAX));
+        // Neighbours join; a gap between two ranges is free.
+        publish([(0x1000, 0x2000), (0x2000, 0x3000), (0x5000, 0x6000)].into_iter());
+        assert!(may_meet(0x2fff, 0x4000) && may_meet(0x5fff, 0x7000) && may_meet(0, 0x1001));
+        assert!(!may_meet(0x3000, 0x5000) && !may_meet(0, 0x1000) && !may_meet(0x6000, 0x9000));
+        // More ranges than it keeps: their bounds stand for them.
+        let many = (0..SNAPSHOT_RANGES + 1).map(|i| (0x10000 + i * 0x2000, 0x11000 + i * 0x2000));
+        publish(many);
+        assert!(may_meet(0x11000, 0x12000), "a gap inside the bounds may meet");
+        assert!(!may_meet(0, 0x10000));
+        publish(std::iter::empty());
+    }
 
     #[test]
     fn arena_heads_are_the_first_page_of_each_64_mib() {
