@@ -19,7 +19,7 @@
 
 use anyhow::{Context, Result};
 use rustix::event::{poll, PollFd, PollFlags};
-use samepage::supervise::{read_reply, Hello, Listener, Notification, Request};
+use samepage::supervise::{Answer, Hello, Listener, Notification, Request};
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -50,7 +50,8 @@ struct Pending {
 pub struct Tally {
     /// Calls passed to an agent first.
     pub forwarded: u64,
-    /// Calls the agent failed (the program saw the errno).
+    /// Calls the agent refused (the program saw the errno, or `brk` its
+    /// break unchanged).
     pub failed: u64,
     /// Calls made by the engine itself (its code or its threads), let through.
     pub engine: u64,
@@ -162,15 +163,24 @@ impl Supervisor {
         if !fill(&mut a.stream, &mut a.buf) {
             return false;
         }
-        while a.buf.len() >= 4 {
-            let errno = read_reply(&[a.buf[0], a.buf[1], a.buf[2], a.buf[3]]);
-            a.buf.drain(..4);
+        while a.buf.len() >= Answer::LEN {
+            let bytes: [u8; Answer::LEN] = a.buf[..Answer::LEN].try_into().expect("LEN bytes");
+            a.buf.drain(..Answer::LEN);
             if let Some(n) = a.queue.pop_front() {
-                if errno == 0 {
-                    let _ = listener.allow(n.id);
-                } else {
-                    tally.failed += 1;
-                    let _ = listener.fail(n.id, errno);
+                // An answer this supervisor cannot read lets the call run,
+                // as a dead agent's calls do.
+                match Answer::decode(&bytes).unwrap_or(Answer::Run) {
+                    Answer::Run => {
+                        let _ = listener.allow(n.id);
+                    }
+                    Answer::Fail(errno) => {
+                        tally.failed += 1;
+                        let _ = listener.fail(n.id, errno);
+                    }
+                    Answer::Return(v) => {
+                        tally.failed += 1;
+                        let _ = listener.skip(n.id, v);
+                    }
                 }
             }
             Self::send_first(a);

@@ -48,12 +48,14 @@
 
 mod heap;
 
-use samepage::supervise::{Hello, OwnTag, Request, AGENT_SOCKET_ENV, DISCARDING_ADVICE, MERGE_ANY_ENV, OWN_TAG_ENV};
+use samepage::supervise::{
+    Answer, Hello, OwnTag, Request, AGENT_SOCKET_ENV, DISCARDING_ADVICE, MERGE_ANY_ENV, OWN_TAG_ENV,
+};
 use samepage::{Discard, Domain, Engine, RegionId, Run, Tunables};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, c_long, c_void};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -634,8 +636,8 @@ fn agent(mut s: std::os::unix::net::UnixStream) {
     let mut wire = [0u8; Request::LEN];
     while s.read_exact(&mut wire).is_ok() {
         let req = Request::decode(&wire);
-        let errno = if is_inside(req.tid) { 0 } else { serve_stopped(&req) };
-        if s.write_all(&samepage::supervise::reply(errno)).is_err() {
+        let answer = if is_inside(req.tid) { Answer::Run } else { serve_stopped(&req) };
+        if s.write_all(&answer.encode()).is_err() {
             return;
         }
     }
@@ -643,44 +645,126 @@ fn agent(mut s: std::os::unix::net::UnixStream) {
 
 /// Takes back (or discards through the engine) what the stopped call
 /// `req` is about to change; 0, or the errno the call must fail with.
-fn serve_stopped(req: &Request) -> i32 {
+fn serve_stopped(req: &Request) -> Answer {
     use samepage::supervise::nr;
     let call = req.nr;
     let arg = |i: usize| req.args[i] as usize;
     let pages = |a: usize, len: usize| a.saturating_add(len.div_ceil(PAGE) * PAGE);
-    // Nothing registered there: nothing to do, and no lock to wait for
-    // (see `snapshot`).
-    let take_back = |a: usize, b: usize| if snapshot::may_meet(a, b) { take_back(a, b) } else { Ok(()) };
-    let r = std::panic::catch_unwind(|| match call {
-        nr::MUNMAP | nr::MPROTECT | nr::MMAP if arg(0).is_multiple_of(PAGE) => take_back(arg(0), pages(arg(0), arg(1))),
+    // What the call changes: at most two ranges, kept off the heap (see
+    // `ops_for_agent`).
+    let mut touched: [Option<(usize, usize)>; 2] = [None, None];
+    let mut brk_now = 0;
+    match call {
+        nr::MUNMAP | nr::MPROTECT | nr::MMAP | nr::MADVISE if arg(0).is_multiple_of(PAGE) => {
+            touched[0] = Some((arg(0), pages(arg(0), arg(1))));
+        }
         nr::MREMAP if arg(0).is_multiple_of(PAGE) => {
-            take_back(arg(0), pages(arg(0), arg(1)))?;
+            touched[0] = Some((arg(0), pages(arg(0), arg(1))));
             if arg(3) as c_int & libc::MREMAP_FIXED != 0 && arg(4).is_multiple_of(PAGE) {
-                take_back(arg(4), pages(arg(4), arg(2)))?;
+                touched[1] = Some((arg(4), pages(arg(4), arg(2))));
             }
-            Ok(())
         }
         nr::BRK if arg(0) != 0 => {
             // Shrinking the heap unmaps [new, current break) (brk(0) reads
             // the break; the agent's own calls run at once).
-            let now = raw(libc::SYS_brk, [0; 6]) as usize;
-            match arg(0).next_multiple_of(PAGE) {
-                new if new < now => take_back(new, now.next_multiple_of(PAGE)),
-                _ => Ok(()),
+            brk_now = raw(libc::SYS_brk, [0; 6]) as usize;
+            let new = arg(0).next_multiple_of(PAGE);
+            if new < brk_now {
+                touched[0] = Some((new, brk_now.next_multiple_of(PAGE)));
             }
-        }
-        nr::MADVISE if arg(0).is_multiple_of(PAGE) && snapshot::may_meet(arg(0), pages(arg(0), arg(1))) => {
-            // The kernel then discards the rest of the range itself.
-            for (os, oe, _) in overlapping(arg(0), pages(arg(0), arg(1))) {
-                discard_registered(os, oe, arg(2) as c_int)?;
-            }
-            Ok(())
         }
         // Unaligned: the kernel refuses it with EINVAL and changes nothing.
-        _ => Ok(()),
+        _ => {}
+    }
+    // Nothing registered there: nothing to do, and no lock to wait for
+    // (see `snapshot`).
+    if !touched.iter().flatten().any(|&(a, b)| snapshot::may_meet(a, b)) {
+        return Answer::Run;
+    }
+    // A refused trim (`MADV_DONTNEED`, `brk` shrinking) costs nothing but
+    // memory not given back yet; a refused `munmap` or `mremap` may leak a
+    // mapping: wait longer for those.
+    let patience = if matches!(call, nr::MADVISE | nr::BRK) { TRIM_PATIENCE } else { FORK_PATIENCE };
+    let Some(_ops) = ops_for_agent(patience) else {
+        // Refused as the kernel refuses it, nothing changed: glibc's trims
+        // (the calls that can hold up a fork) take that in their stride.
+        return match call {
+            nr::BRK => Answer::Return(brk_now as u64),
+            nr::MADVISE => Answer::Fail(libc::EAGAIN),
+            _ => Answer::Fail(libc::ENOMEM),
+        };
+    };
+    let r = std::panic::catch_unwind(|| {
+        for (a, b) in touched.into_iter().flatten() {
+            if call == nr::MADVISE {
+                // The kernel then discards the rest of the range itself.
+                for (os, oe, _) in overlapping(a, b) {
+                    discard_registered(os, oe, arg(2) as c_int)?;
+                }
+            } else {
+                take_back_locked(a, b)?;
+            }
+        }
+        Ok(())
     })
     .unwrap_or(Err(libc::EIO));
-    r.err().unwrap_or(0)
+    Answer::from_errno(r.err().unwrap_or(0))
+}
+
+/// How long the agent waits for the library's operations while a fork
+/// holds them, before it refuses the call it serves (see [`ops_for_agent`]):
+/// for a call whose refusal may leak a mapping, a fork of a very large
+/// process included.
+const FORK_PATIENCE: Duration = Duration::from_millis(500);
+/// The same for a trim (`MADV_DONTNEED`, `brk` shrinking), which a refusal
+/// costs nothing but memory given back later: the calls the C library makes
+/// under an arena's lock, which the fork then waits for.
+const TRIM_PATIENCE: Duration = Duration::from_millis(10);
+
+/// Set while `fork()` holds the library's locks: from the end of
+/// `before_fork` to the start of an after handler.
+static FORK_HOLDS: AtomicBool = AtomicBool::new(false);
+/// Counts the forks (`before_fork`), so the agent knows one it already
+/// gave up waiting for.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+/// The fork the agent gave up waiting for: while it holds on, the agent
+/// refuses at once (the thread whose calls it refuses may take the arena's
+/// lock again and again before the fork gets it: each refusal must be
+/// quick).
+static GAVE_UP_ON: AtomicU64 = AtomicU64::new(0);
+
+/// The library's operations lock, for the agent serving a stopped call on
+/// registered memory; `None` once a fork has held it for `patience`.
+///
+/// A thread inside the C library's malloc holds its arena's lock while its
+/// hidden trimming call (`brk`, `MADV_DONTNEED`) waits for this agent, and
+/// `fork()` takes every arena's lock after the prepare handler took this
+/// library's: waiting for the fork would never end. The agent waits
+/// without blocking (a blocked `lock` could not look at the fork), and
+/// refuses the call when the fork holds on: nothing changes, as when the
+/// kernel refuses it. (`behaviours fork-trim 200` under `samepage run
+/// --merge-any`, where the heaps are registered, hung every run before.)
+fn ops_for_agent(patience: Duration) -> Option<std::sync::MutexGuard<'static, ()>> {
+    let mut fork_seen: Option<std::time::Instant> = None;
+    loop {
+        match OPS.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        if FORK_HOLDS.load(Ordering::Acquire) {
+            let fork = FORKS.load(Ordering::Acquire);
+            if GAVE_UP_ON.load(Ordering::Relaxed) == fork
+                || fork_seen.get_or_insert_with(std::time::Instant::now).elapsed() >= patience
+            {
+                GAVE_UP_ON.store(fork, Ordering::Relaxed);
+                return None;
+            }
+        } else {
+            fork_seen = None;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -969,13 +1053,17 @@ extern "C" fn before_fork() {
     let forking = Forking { _making: making, _ops: ops, _no_pages_out: no_pages_out, own, live, engine, heap };
     // SAFETY: the forking thread, holding `MAKING` (see `ForkingSlot`).
     unsafe { *FORKING.0.get() = Some(forking) };
+    FORKS.fetch_add(1, Ordering::AcqRel);
+    FORK_HOLDS.store(true, Ordering::Release);
 }
 
 extern "C" fn after_fork_parent() {
+    FORK_HOLDS.store(false, Ordering::Release);
     drop(forking_taken());
 }
 
 extern "C" fn after_fork_child() {
+    FORK_HOLDS.store(false, Ordering::Release);
     // The parent's registrations, forgotten here (this process gets an
     // engine of its own) but registered again with it.
     let mut inherited: Vec<(usize, usize)> = Vec::new();

@@ -7,8 +7,8 @@
 //! The protocol, over a Unix stream socket (`$SAMEPAGE_AGENT_SOCKET`):
 //! the agent sends a [`Hello`] and waits for one ack byte; then, for each
 //! stopped call of its process, the supervisor sends a [`Request`] and the
-//! agent answers with [`reply`]: 0 to let the call run, or the errno the
-//! call fails with. Numbers are little-endian.
+//! agent answers with an [`Answer`]: let the call run, fail it with an
+//! errno, or return a value without running it. Numbers are little-endian.
 
 pub use crate::sys::seccomp::{
     nr, own_syscall, set_own_tag, tag_args, Filter, Listener, Notification, OwnTag, DISCARDING_ADVICE, OWN_TAG_ENV,
@@ -100,14 +100,55 @@ impl From<&Notification> for Request {
     }
 }
 
-/// The agent's answer to a [`Request`]: 0 lets the call run, else its errno.
-pub fn reply(errno: i32) -> [u8; 4] {
-    errno.to_le_bytes()
+/// The agent's answer to a [`Request`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The call runs as the program made it.
+    Run,
+    /// The call fails with this errno, changing nothing.
+    Fail(i32),
+    /// The call returns this value without running (`brk` refusing
+    /// returns the break unchanged).
+    Return(u64),
 }
 
-/// Reads an answer (see [`reply`]).
-pub fn read_reply(b: &[u8; 4]) -> i32 {
-    i32::from_le_bytes(*b)
+impl Answer {
+    /// Bytes on the wire: a kind (`u32`: 0 run, 1 fail, 2 return), then
+    /// the errno or value (`u64`).
+    pub const LEN: usize = 12;
+
+    /// `Run` for 0, else `Fail(errno)`.
+    pub fn from_errno(errno: i32) -> Answer {
+        if errno == 0 {
+            Answer::Run
+        } else {
+            Answer::Fail(errno)
+        }
+    }
+
+    /// The bytes on the wire.
+    pub fn encode(&self) -> [u8; Answer::LEN] {
+        let (kind, v): (u32, u64) = match *self {
+            Answer::Run => (0, 0),
+            Answer::Fail(errno) => (1, errno as u32 as u64),
+            Answer::Return(v) => (2, v),
+        };
+        let mut b = [0u8; Answer::LEN];
+        b[..4].copy_from_slice(&kind.to_le_bytes());
+        b[4..].copy_from_slice(&v.to_le_bytes());
+        b
+    }
+
+    /// Reads an answer; `None` for an unknown kind.
+    pub fn decode(b: &[u8; Answer::LEN]) -> Option<Answer> {
+        let v = u64_at(b, 4);
+        match u32_at(b, 0) {
+            0 => Some(Answer::Run),
+            1 => Some(Answer::Fail(v as u32 as i32)),
+            2 => Some(Answer::Return(v)),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +164,11 @@ mod tests {
         assert_eq!(Hello::decode(&bad), None);
         let r = Request { nr: nr::MREMAP, tid: 77, args: [1, 2, 3, u64::MAX, 5, 6] };
         assert_eq!(Request::decode(&r.encode()), r);
-        assert_eq!(read_reply(&reply(-12)), -12);
+        for a in [Answer::Run, Answer::Fail(12), Answer::Return(0x5555_0000_1000)] {
+            assert_eq!(Answer::decode(&a.encode()), Some(a));
+        }
+        let mut bad = Answer::Run.encode();
+        bad[0] = 9;
+        assert_eq!(Answer::decode(&bad), None);
     }
 }

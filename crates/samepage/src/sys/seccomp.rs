@@ -387,8 +387,8 @@ impl Listener {
         Ok(Notification { id: n.id, tid: n.pid, nr: n.data.nr, ip: n.data.instruction_pointer, args: n.data.args })
     }
 
-    fn answer(&self, id: u64, error: i32, flags: u32) -> Result<(), SysError> {
-        let mut r = p::seccomp_notif_resp { id, val: 0, error, flags };
+    fn answer(&self, id: u64, val: i64, error: i32, flags: u32) -> Result<(), SysError> {
+        let mut r = p::seccomp_notif_resp { id, val, error, flags };
         // SAFETY: SECCOMP_IOCTL_NOTIF_SEND = _IOWR('!', 1, struct
         // seccomp_notif_resp); the Updater points to our live struct.
         let req = unsafe { Send::new(&mut r) };
@@ -399,12 +399,18 @@ impl Listener {
     /// Lets the call run as the program made it. `ENOENT` when the caller
     /// died (or was interrupted by a signal) meanwhile.
     pub fn allow(&self, id: u64) -> Result<(), SysError> {
-        self.answer(id, 0, p::SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        self.answer(id, 0, 0, p::SECCOMP_USER_NOTIF_FLAG_CONTINUE)
     }
 
     /// Fails the call with `errno` without running it.
     pub fn fail(&self, id: u64, errno: i32) -> Result<(), SysError> {
-        self.answer(id, -errno.abs(), 0)
+        self.answer(id, 0, -errno.abs(), 0)
+    }
+
+    /// Returns `val` from the call without running it (as `brk` returns
+    /// the break it leaves unchanged when it refuses).
+    pub fn skip(&self, id: u64, val: u64) -> Result<(), SysError> {
+        self.answer(id, val as i64, 0, 0)
     }
 }
 
