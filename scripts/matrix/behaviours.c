@@ -24,10 +24,13 @@
  *                                  a write to every 8th page (copy-on-write)
  *   behaviours fork-trim N         8 MiB of duplicates marked MADV_MERGEABLE;
  *                                  a thread mallocs and frees 256 KiB blocks
- *                                  from the main heap, which glibc trims
- *                                  (brk) under its arena's lock, while the
- *                                  main thread forks N children (each checks
- *                                  the duplicates and exits)
+ *                                  from its own arena's heap, which glibc
+ *                                  trims (MADV_DONTNEED) under the arena's
+ *                                  lock, while the main thread forks N
+ *                                  children (each checks the duplicates and
+ *                                  exits)
+ *   behaviours fork-brk N          the same with one arena (M_ARENA_MAX 1):
+ *                                  the main heap, trimmed with brk
  *   behaviours fork-at-start N     fork N children, one every 100 us from
  *                                  the moment the program starts (while the
  *                                  library makes its engine); each marks 64
@@ -386,8 +389,10 @@ static void *trimmer(void *arg) {
 	return NULL;
 }
 
-static int fork_trim(int n) {
-	/* Blocks of 256 KiB from the heap (not mmap), trimmed at once. */
+static int fork_trim(int n, int brk) {
+	/* Blocks of 256 KiB from the heap (not mmap), trimmed at once; with
+	 * brk, every thread in the main arena. */
+	if (brk) mallopt(M_ARENA_MAX, 1);
 	mallopt(M_MMAP_THRESHOLD, 1 << 20);
 	mallopt(M_TRIM_THRESHOLD, 64 << 10);
 	unsigned char *d = dups(2048);
@@ -407,7 +412,7 @@ static int fork_trim(int n) {
 	trimming = 0;
 	pthread_join(t, NULL);
 	check_dups(d, 2048, "fork-trim: after");
-	printf("ok fork-trim %d\n", n);
+	printf("ok fork-%s %d\n", brk ? "brk" : "trim", n);
 	return failed;
 }
 
@@ -443,7 +448,8 @@ int main(int argc, char **argv) {
 	if (!strcmp(argv[1], "uffd")) return uffd();
 	if (!strcmp(argv[1], "seccomp")) return own_seccomp();
 	if (!strcmp(argv[1], "madvise")) return mergeable(argc > 2 ? (size_t)atol(argv[2]) : 4096);
-	if (!strcmp(argv[1], "fork-trim")) return fork_trim(argc > 2 ? atoi(argv[2]) : 200);
+	if (!strcmp(argv[1], "fork-trim")) return fork_trim(argc > 2 ? atoi(argv[2]) : 200, 0);
+	if (!strcmp(argv[1], "fork-brk")) return fork_trim(argc > 2 ? atoi(argv[2]) : 200, 1);
 	if (!strcmp(argv[1], "fork-at-start")) return fork_at_start(argc > 2 ? atoi(argv[2]) : 8);
 	if (!strcmp(argv[1], "discard")) return discard(argc > 2 ? (size_t)atol(argv[2]) : 4096);
 	fprintf(stderr, "unknown mode %s\n", argv[1]);

@@ -251,10 +251,13 @@ fn prefork_workers_that_fork_end_and_keep_every_byte() {
 /// program marks): the trimming thread holds its arena's lock while its
 /// hidden `madvise(MADV_DONTNEED)` waits for the preload library's agent,
 /// and `fork()` waits for that lock after the library's prepare handler took
-/// its locks. The agent answers calls on memory where nothing is registered
-/// without any lock (`snapshot` in the preload library); before, every run
-/// hung. It must end, every byte as written. (Under `--merge-any`, where the
-/// heap is registered, the behaviour matrix runs the same program.)
+/// its locks. While a fork holds them, the agent answers calls on memory
+/// where nothing is registered from a lock-free copy of the registrations
+/// (`snapshot` in the preload library). Every run hung once the prepare
+/// handler held the registered ranges (an intermediate step of this fix)
+/// and before the agent stopped blocking. It must end, every byte as
+/// written. (Under `--merge-any`, where the heap is registered, the
+/// behaviour matrix runs the same program.)
 #[test]
 fn a_fork_while_a_thread_trims_its_heap_ends() {
     let (dir, exe) = build_behaviours("fork-trim");
@@ -297,6 +300,9 @@ fn behaviour_matrix_under_merge_any_is_byte_exact() {
         // Forks while a thread trims its heap, which merge-any registers:
         // the agent refuses the trims a fork holds up (they hung every run).
         (vec![exe.clone().into(), "fork-trim".into(), "200".into()], 0),
+        // The same on the main heap, trimmed with `brk` (refused, the
+        // break comes back unchanged).
+        (vec![exe.clone().into(), "fork-brk".into(), "200".into()], 0),
     ];
     if let Some(py) = &py {
         cases.push((vec![py.clone().into(), py_script.into(), "2".into()], 0));

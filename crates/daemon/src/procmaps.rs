@@ -63,8 +63,10 @@ pub fn numbered_entries(dir: &str) -> Option<Vec<u32>> {
     let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()?;
     let mut entries = Dir::read_from(fd).ok()?;
     let mut out = Vec::new();
+    // An entry that cannot be read is skipped, as `read_dir(..).flatten()`
+    // skips it; the listing goes on.
     while let Some(entry) = entries.read() {
-        let entry = entry.ok()?;
+        let Ok(entry) = entry else { continue };
         if let Some(n) = std::str::from_utf8(entry.file_name().to_bytes()).ok().and_then(|n| n.parse().ok()) {
             out.push(n);
         }

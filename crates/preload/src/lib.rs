@@ -169,10 +169,11 @@ fn overlapping(a: usize, b: usize) -> Vec<(usize, usize, RegionId)> {
 /// with `MADV_DONTNEED`, the main heap with `brk`). If another thread forks
 /// meanwhile, `fork()` waits for that arena's lock after the prepare handler
 /// took this library's locks ([`before_fork`]); serving the call behind
-/// them would never end. A call on memory nothing is registered in needs
-/// nothing of the library, so it is answered from here at once.
-/// (`behaviours fork-trim`: a thread trimming its arena while the main
-/// thread forks, under `samepage run --supervise`, hung 4 runs of 4.)
+/// them would never end. While a fork holds the library's operations lock
+/// no registration changes, so this copy is exact, and a call on memory
+/// nothing is registered in is answered from it at once (see
+/// `ops_for_agent`). Otherwise the agent waits for the lock: a range being
+/// registered shows here only once registered.
 mod snapshot {
     use std::sync::atomic::{fence, AtomicUsize, Ordering};
 
@@ -653,7 +654,6 @@ fn serve_stopped(req: &Request) -> Answer {
     // What the call changes: at most two ranges, kept off the heap (see
     // `ops_for_agent`).
     let mut touched: [Option<(usize, usize)>; 2] = [None, None];
-    let mut brk_now = 0;
     match call {
         nr::MUNMAP | nr::MPROTECT | nr::MMAP | nr::MADVISE if arg(0).is_multiple_of(PAGE) => {
             touched[0] = Some((arg(0), pages(arg(0), arg(1))));
@@ -667,7 +667,7 @@ fn serve_stopped(req: &Request) -> Answer {
         nr::BRK if arg(0) != 0 => {
             // Shrinking the heap unmaps [new, current break) (brk(0) reads
             // the break; the agent's own calls run at once).
-            brk_now = raw(libc::SYS_brk, [0; 6]) as usize;
+            let brk_now = raw(libc::SYS_brk, [0; 6]) as usize;
             let new = arg(0).next_multiple_of(PAGE);
             if new < brk_now {
                 touched[0] = Some((new, brk_now.next_multiple_of(PAGE)));
@@ -676,23 +676,26 @@ fn serve_stopped(req: &Request) -> Answer {
         // Unaligned: the kernel refuses it with EINVAL and changes nothing.
         _ => {}
     }
-    // Nothing registered there: nothing to do, and no lock to wait for
-    // (see `snapshot`).
-    if !touched.iter().flatten().any(|&(a, b)| snapshot::may_meet(a, b)) {
+    if touched.iter().all(Option::is_none) {
         return Answer::Run;
     }
     // A refused trim (`MADV_DONTNEED`, `brk` shrinking) costs nothing but
     // memory not given back yet; a refused `munmap` or `mremap` may leak a
     // mapping: wait longer for those.
     let patience = if matches!(call, nr::MADVISE | nr::BRK) { TRIM_PATIENCE } else { FORK_PATIENCE };
-    let Some(_ops) = ops_for_agent(patience) else {
+    let _ops = match ops_for_agent(&touched, patience) {
+        ForAgent::Held(ops) => ops,
+        ForAgent::NothingThere => return Answer::Run,
         // Refused as the kernel refuses it, nothing changed: glibc's trims
         // (the calls that can hold up a fork) take that in their stride.
-        return match call {
-            nr::BRK => Answer::Return(brk_now as u64),
-            nr::MADVISE => Answer::Fail(libc::EAGAIN),
-            _ => Answer::Fail(libc::ENOMEM),
-        };
+        ForAgent::Refuse => {
+            return match call {
+                // The break as it is now (`brk` refusing returns it).
+                nr::BRK => Answer::Return(raw(libc::SYS_brk, [0; 6]) as u64),
+                nr::MADVISE => Answer::Fail(libc::EAGAIN),
+                _ => Answer::Fail(libc::ENOMEM),
+            };
+        }
     };
     let r = std::panic::catch_unwind(|| {
         for (a, b) in touched.into_iter().flatten() {
@@ -721,47 +724,57 @@ const FORK_PATIENCE: Duration = Duration::from_millis(500);
 /// under an arena's lock, which the fork then waits for.
 const TRIM_PATIENCE: Duration = Duration::from_millis(10);
 
-/// Set while `fork()` holds the library's locks: from the end of
-/// `before_fork` to the start of an after handler.
+/// Set while `fork()` holds the library's operations lock: from when
+/// `before_fork` took it to the start of an after handler. Meanwhile no
+/// registration changes, so the [`snapshot`] is exact.
 static FORK_HOLDS: AtomicBool = AtomicBool::new(false);
-/// Counts the forks (`before_fork`), so the agent knows one it already
-/// gave up waiting for.
-static FORKS: AtomicU64 = AtomicU64::new(0);
-/// The fork the agent gave up waiting for: while it holds on, the agent
-/// refuses at once (the thread whose calls it refuses may take the arena's
-/// lock again and again before the fork gets it: each refusal must be
-/// quick).
-static GAVE_UP_ON: AtomicU64 = AtomicU64::new(0);
+/// When the fork took it (monotonic clock, nanoseconds).
+static FORK_SINCE: AtomicU64 = AtomicU64::new(0);
 
-/// The library's operations lock, for the agent serving a stopped call on
-/// registered memory; `None` once a fork has held it for `patience`.
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
+}
+
+/// What the agent may do about a stopped call on `touched` memory.
+enum ForAgent {
+    /// The library's operations lock, held: serve the call.
+    Held(std::sync::MutexGuard<'static, ()>),
+    /// A fork holds the lock, and nothing is registered there: let it run.
+    NothingThere,
+    /// A fork has held the lock for the call's patience: refuse the call.
+    Refuse,
+}
+
+/// The library's operations lock, for the agent serving a stopped call
+/// that changes `touched`.
 ///
 /// A thread inside the C library's malloc holds its arena's lock while its
 /// hidden trimming call (`brk`, `MADV_DONTNEED`) waits for this agent, and
 /// `fork()` takes every arena's lock after the prepare handler took this
-/// library's: waiting for the fork would never end. The agent waits
-/// without blocking (a blocked `lock` could not look at the fork), and
-/// refuses the call when the fork holds on: nothing changes, as when the
-/// kernel refuses it. (`behaviours fork-trim 200` under `samepage run
-/// --merge-any`, where the heaps are registered, hung every run before.)
-fn ops_for_agent(patience: Duration) -> Option<std::sync::MutexGuard<'static, ()>> {
-    let mut fork_seen: Option<std::time::Instant> = None;
+/// library's: waiting for the fork would never end. So the agent waits
+/// without blocking (a blocked `lock` could not look at the fork). While a
+/// fork holds the lock, a call on memory where nothing is registered runs
+/// at once (`behaviours fork-trim 200` under `samepage run --supervise`
+/// hung every run before); one on registered memory is refused once the
+/// fork has held the lock for `patience`: nothing changes, as when the
+/// kernel refuses it (under `--merge-any`, where the heaps are registered,
+/// the same program hung every run before).
+fn ops_for_agent(touched: &[Option<(usize, usize)>], patience: Duration) -> ForAgent {
     loop {
         match OPS.try_lock() {
-            Ok(g) => return Some(g),
-            Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+            Ok(g) => return ForAgent::Held(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => return ForAgent::Held(e.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => {}
         }
         if FORK_HOLDS.load(Ordering::Acquire) {
-            let fork = FORKS.load(Ordering::Acquire);
-            if GAVE_UP_ON.load(Ordering::Relaxed) == fork
-                || fork_seen.get_or_insert_with(std::time::Instant::now).elapsed() >= patience
-            {
-                GAVE_UP_ON.store(fork, Ordering::Relaxed);
-                return None;
+            if !touched.iter().flatten().any(|&(a, b)| snapshot::may_meet(a, b)) {
+                return ForAgent::NothingThere;
             }
-        } else {
-            fork_seen = None;
+            let held = monotonic_ns().saturating_sub(FORK_SINCE.load(Ordering::Acquire));
+            if held >= patience.as_nanos() as u64 {
+                return ForAgent::Refuse;
+            }
         }
         std::thread::sleep(Duration::from_micros(50));
     }
@@ -1045,6 +1058,8 @@ struct Forking {
 extern "C" fn before_fork() {
     let making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let ops = OPS.lock().unwrap_or_else(|e| e.into_inner());
+    FORK_SINCE.store(monotonic_ns(), Ordering::Release);
+    FORK_HOLDS.store(true, Ordering::Release);
     let no_pages_out = samepage::ForkHold::take();
     let own = samepage::EngineMappingsHold::take();
     let live = LIVE.write().unwrap_or_else(|e| e.into_inner());
@@ -1053,8 +1068,6 @@ extern "C" fn before_fork() {
     let forking = Forking { _making: making, _ops: ops, _no_pages_out: no_pages_out, own, live, engine, heap };
     // SAFETY: the forking thread, holding `MAKING` (see `ForkingSlot`).
     unsafe { *FORKING.0.get() = Some(forking) };
-    FORKS.fetch_add(1, Ordering::AcqRel);
-    FORK_HOLDS.store(true, Ordering::Release);
 }
 
 extern "C" fn after_fork_parent() {

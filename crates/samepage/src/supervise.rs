@@ -44,7 +44,10 @@ pub struct Hello {
 impl Hello {
     /// Bytes on the wire.
     pub const LEN: usize = 24;
-    const MAGIC: [u8; 4] = *b"SPAG";
+    /// Names the protocol's version: "SPA2" since answers are [`Answer`]s
+    /// (12 bytes), so a supervisor and a preload library of different
+    /// versions refuse each other rather than fall out of step.
+    const MAGIC: [u8; 4] = *b"SPA2";
 
     /// The wire form.
     pub fn encode(&self) -> [u8; Self::LEN] {

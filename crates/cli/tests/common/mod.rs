@@ -213,8 +213,8 @@ fn group_threads(group: u32) -> String {
                 read("wchan")
             );
         }
-        if let Ok(gdb) = Command::new("gdb")
-            .args(["-batch", "-p", &pid.to_string(), "-ex", "thread apply all bt 16"])
+        if let Ok(gdb) = Command::new("timeout")
+            .args(["30", "gdb", "-batch", "-p", &pid.to_string(), "-ex", "thread apply all bt 16"])
             .stdin(Stdio::null())
             .output()
         {

@@ -54,6 +54,14 @@ extern "C" fn after() {
 
 /// Installs the `pthread_atfork` handlers (once per process).
 pub fn install() {
+    // The caller's handlers take the guard (their handlers would do
+    // nothing), and `pthread_atfork` must not be called here then: engines
+    // are made under a lock the caller's prepare handler takes, and before
+    // glibc 2.36 `pthread_atfork` waits for the lock `fork()` holds while
+    // the prepare handlers run.
+    if CALLERS.load(Ordering::Acquire) {
+        return;
+    }
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: the handlers are plain functions that only touch an atomic;
