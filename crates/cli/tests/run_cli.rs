@@ -90,6 +90,19 @@ fn python() -> Option<PathBuf> {
     ["/usr/bin/python3", "/usr/local/bin/python3"].iter().map(PathBuf::from).find(|p| p.exists())
 }
 
+/// Python, with the prefork comparison's turn held while the test runs:
+/// Python's code pages shared with the comparison's workers would lower
+/// their Pss (see `behaviour_matrix_under_merge_any_is_byte_exact`). `None`
+/// (the test skipped, said on stderr) without python3.
+fn python_in_turn() -> Option<(std::sync::MutexGuard<'static, ()>, PathBuf)> {
+    let turn = common::ksmd_turn();
+    let Some(py) = python() else {
+        eprintln!("skipped: no python3");
+        return None;
+    };
+    Some((turn, py))
+}
+
 /// Prefork Python workers under `--merge-any` and a daemon, beside the
 /// kernel's ksmd with `prctl(PR_SET_MEMORY_MERGE)` on the same workers
 /// (`scripts/workers/compare.py`): nothing marks memory, glibc and Python
@@ -103,16 +116,12 @@ fn python() -> Option<PathBuf> {
 /// 3 x 16 MiB (README).
 #[test]
 fn prefork_python_workers_merge_across_processes_and_the_estimate_matches_ksmd() {
-    let Some(py) = python() else {
-        eprintln!("skipped: no python3");
-        return;
-    };
+    let Some((_ksmd, py)) = python_in_turn() else { return };
     if !Path::new("/sys/kernel/mm/ksm/run").exists() || !rustix::process::geteuid().is_root() {
         eprintln!("skipped: needs root and the kernel's KSM");
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/workers/compare.py");
-    let _ksmd = common::ksmd_turn();
     let out = Command::new(py)
         .arg(script)
         .args(["--workers", "2", "--mib", "8", "--seconds", "40", "--samepage", env!("CARGO_BIN_EXE_samepage")])
@@ -150,13 +159,7 @@ fn prefork_python_workers_merge_across_processes_and_the_estimate_matches_ksmd()
 /// with EINVAL.
 #[test]
 fn prctl_memory_merge_behaves_as_the_kernels() {
-    // Python's code pages shared with the prefork comparison's workers
-    // would lower their Pss (see `behaviour_matrix_under_merge_any_is_byte_exact`).
-    let _turn = common::ksmd_turn();
-    let Some(py) = python() else {
-        eprintln!("skipped: no python3");
-        return;
-    };
+    let Some((_turn, py)) = python_in_turn() else { return };
     let code = r#"
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -201,13 +204,7 @@ print(" ".join(map(str, out)))
 /// fork). It must end, with every byte as written.
 #[test]
 fn forks_while_merging_starts_end_and_keep_every_byte() {
-    // Python's code pages shared with the prefork comparison's workers
-    // would lower their Pss (see `behaviour_matrix_under_merge_any_is_byte_exact`).
-    let _turn = common::ksmd_turn();
-    let Some(py) = python() else {
-        eprintln!("skipped: no python3");
-        return;
-    };
+    let Some((_turn, py)) = python_in_turn() else { return };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/matrix/py_forks.py");
     let out = samepage()
         .args(["run", "--supervise", "--own", "--pages-to-scan", "10000", "--sleep-ms", "10", "--"])
@@ -230,13 +227,7 @@ fn forks_while_merging_starts_end_and_keep_every_byte() {
 /// sweep left arena header pages out. It must end, every byte as written.
 #[test]
 fn prefork_workers_that_fork_end_and_keep_every_byte() {
-    // Python's code pages shared with the prefork comparison's workers
-    // would lower their Pss (see `behaviour_matrix_under_merge_any_is_byte_exact`).
-    let _turn = common::ksmd_turn();
-    let Some(py) = python() else {
-        eprintln!("skipped: no python3");
-        return;
-    };
+    let Some((_turn, py)) = python_in_turn() else { return };
     let socket = std::env::temp_dir().join(format!("samepage-prefork-forks-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
     let _daemon = common::spawn_daemon(&socket, &["--pages-to-scan", "10000", "--sleep-ms", "10"]);

@@ -645,7 +645,8 @@ fn agent(mut s: std::os::unix::net::UnixStream) {
 }
 
 /// Takes back (or discards through the engine) what the stopped call
-/// `req` is about to change; 0, or the errno the call must fail with.
+/// `req` is about to change, and says how the call goes on: it runs, or
+/// it is refused (see `ops_for_agent`).
 fn serve_stopped(req: &Request) -> Answer {
     use samepage::supervise::nr;
     let call = req.nr;
@@ -768,12 +769,18 @@ fn ops_for_agent(touched: &[Option<(usize, usize)>], patience: Duration) -> ForA
             Err(std::sync::TryLockError::WouldBlock) => {}
         }
         if FORK_HOLDS.load(Ordering::Acquire) {
-            if !touched.iter().flatten().any(|&(a, b)| snapshot::may_meet(a, b)) {
-                return ForAgent::NothingThere;
-            }
-            let held = monotonic_ns().saturating_sub(FORK_SINCE.load(Ordering::Acquire));
-            if held >= patience.as_nanos() as u64 {
-                return ForAgent::Refuse;
+            let since = FORK_SINCE.load(Ordering::Acquire);
+            let nothing_there = !touched.iter().flatten().any(|&(a, b)| snapshot::may_meet(a, b));
+            // What was read holds only if the same fork held the lock all
+            // along (a registration between two forks publishes late; a
+            // fork that ended is no reason to refuse).
+            if FORK_HOLDS.load(Ordering::Acquire) && FORK_SINCE.load(Ordering::Acquire) == since {
+                if nothing_there {
+                    return ForAgent::NothingThere;
+                }
+                if monotonic_ns().saturating_sub(since) >= patience.as_nanos() as u64 {
+                    return ForAgent::Refuse;
+                }
             }
         }
         std::thread::sleep(Duration::from_micros(50));
@@ -868,16 +875,8 @@ fn sweep(e: &Engine) {
             .is_some_and(|p| p.end == m.start && p.perms == "---p" && p.inode == 0 && p.end - p.start <= GUARD_MAX);
         let stack = m.path == "[stack]" || (guard_below && m.path.is_empty());
         if private_anon_rw(&m) && !stack && !m.path.starts_with("[anon:samepage") {
-            let heads = arena_heads(m.start, m.end);
-            let line_skip = if heads.is_empty() {
-                std::borrow::Cow::Borrowed(&skip)
-            } else {
-                let mut v: Vec<(usize, usize)> =
-                    skip.iter().copied().filter(|&(s, e)| s < m.end && m.start < e).chain(heads).collect();
-                v.sort_unstable();
-                std::borrow::Cow::Owned(v)
-            };
-            for (a, b) in outside(&line_skip, m.start, m.end) {
+            let pieces = outside(&skip, m.start, m.end).into_iter();
+            for (a, b) in pieces.flat_map(|(a, b)| outside(&arena_heads(a, b), a, b)) {
                 // Neighbouring mappings go in as one range (registering reads
                 // the attributes of its range once).
                 match parts.last_mut() {

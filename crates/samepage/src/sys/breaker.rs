@@ -100,24 +100,11 @@ impl Peeker {
 
     fn relist(&mut self) {
         self.files.clear();
-        // Not std::fs::read_dir: its opendir allocates from the C library's
-        // malloc, and this runs while the page space is held (see
-        // `mem::keep_thread_arena_out`). rustix's Dir reads with getdents
-        // into a buffer of ours.
-        let dir = rustix::fs::open(
-            "/proc/self/task",
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        );
-        if let Ok(mut tasks) = dir.and_then(rustix::fs::Dir::read_from) {
-            while let Some(Ok(t)) = tasks.read() {
-                let name = t.file_name().to_bytes();
-                if name.first().is_some_and(u8::is_ascii_digit) {
-                    let path = format!("/proc/self/task/{}/syscall", String::from_utf8_lossy(name));
-                    if let Ok(f) = std::fs::File::open(path) {
-                        self.files.push(f);
-                    }
-                }
+        // Without the C library's malloc (`numbered_entries`): this runs
+        // while the page space is held (see `mem::keep_thread_arena_out`).
+        for tid in samepage_daemon::procmaps::numbered_entries("/proc/self/task").unwrap_or_default() {
+            if let Ok(f) = std::fs::File::open(format!("/proc/self/task/{tid}/syscall")) {
+                self.files.push(f);
             }
         }
         self.listed = std::time::Instant::now();
